@@ -1,0 +1,45 @@
+# pi0 appliance: `make demo` and `make test` set themselves up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch comes first and pinned: 2.13.0 is the local CPU build; an open range would pull a CUDA build.
+TORCH := torch==2.13.0
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo test lint format clean
+
+help:
+	@echo "make demo   - set up, then run the main job on the built-in pi0-dummy preset"
+	@echo "make test   - set up, then run the test suite"
+	@echo "make lint   - ruff check and format check"
+	@echo "make setup  - create $(VENV) and install what the targets need (idempotent)"
+	@echo "make clean  - remove $(VENV) and build outputs"
+
+$(STAMP): pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "Python 3.10+ is required"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[export,runtime,dev]'
+	touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/pi0-export sample --preset pi0-dummy --prompt "transfer the cube"
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

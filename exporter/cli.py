@@ -1,0 +1,168 @@
+"""`pi0-export`: the host-side command line.
+
+pi0-export inspect (--checkpoint DIR | --preset NAME)     what a checkpoint holds, and what loading costs
+pi0-export sample  (--checkpoint DIR | --preset NAME)     run the PyTorch reference on an observation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from exporter.checkpoint import CheckpointError, LoadedPolicy, load_checkpoint
+from exporter.dims import PRESETS
+
+
+def log(message: str) -> None:
+    print(f"[pi0-export] {message}", file=sys.stderr, flush=True)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--checkpoint", type=Path, metavar="DIR", help="a LeRobot v0.3 or openpi pi0 checkpoint directory"
+    )
+    source.add_argument("--preset", choices=sorted(PRESETS), help="a random-weight pi0 with built-in dimensions")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the preset's weights and of the sample's inputs (default 0)"
+    )
+    openpi = parser.add_argument_group("openpi checkpoints only")
+    openpi.add_argument("--asset-id", help="which assets/<id>/norm_stats.json to use when there are several")
+    openpi.add_argument(
+        "--aloha", action="store_true", help="apply ALOHA's joint/gripper conventions (AlohaInputs adapt_to_pi)"
+    )
+
+
+def load_source(args: argparse.Namespace) -> LoadedPolicy:
+    start = time.perf_counter()
+    if args.preset:
+        from exporter.presets import build_preset
+
+        log(f"building preset {args.preset} (random weights, seed {args.seed}) ...")
+        policy = build_preset(args.preset, seed=args.seed)
+    else:
+        log(f"loading {args.checkpoint} ...")
+        options = {}
+        if args.asset_id is not None:
+            options["asset_id"] = args.asset_id
+        if args.aloha:
+            options["adapt_to_pi_aloha"] = True
+        policy = load_checkpoint(args.checkpoint, **options)
+    params = sum(p.numel() for p in policy.model.parameters())
+    log(
+        f"ready in {time.perf_counter() - start:.1f} s: {params / 1e6:.1f} M parameters, "
+        f"peak RSS {peak_rss_mib():.0f} MiB"
+    )
+    return policy
+
+
+def preset_tokenizer(directory: Path) -> Path:
+    from exporter.tokenizer_train import train_tokenizer
+
+    return train_tokenizer(directory / "tokenizer.model")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    policy = load_source(args)
+    weights_mib = sum(p.numel() * p.element_size() for p in policy.model.parameters()) / 2**20
+    print(
+        json.dumps(
+            {
+                "source": policy.source,
+                "dims": asdict(policy.model.dims),
+                "spec": policy.spec.to_dict(),
+                "weights_mib": round(weights_mib, 1),
+                "peak_rss_mib": round(peak_rss_mib(), 1),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from exporter.reference import ReferencePolicy
+    from runtime.tokenizer import PromptTokenizer
+
+    policy = load_source(args)
+    spec = policy.spec
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_path = args.tokenizer or (preset_tokenizer(Path(tmp)) if args.preset else None)
+        tokenizer = (
+            PromptTokenizer(tokenizer_path, spec.tokenizer_max_length, spec.prompt_style) if tokenizer_path else None
+        )
+    rng = np.random.default_rng(args.seed)
+    images = {
+        key: rng.integers(0, 256, size=shape, dtype=np.uint8)
+        for key, shape in zip(spec.camera_keys, spec.camera_shapes, strict=True)
+    }
+    state = np.zeros(spec.state_dim, dtype=np.float32)
+    reference = ReferencePolicy(policy, tokenizer)
+    if tokenizer is None:
+        log("no tokenizer (give --tokenizer PATH to PaliGemma's tokenizer.model): using a BOS-only prompt")
+        tokens = np.zeros((1, spec.tokenizer_max_length), dtype=np.int64)
+        tokens[0, 0] = 2
+        kwargs = {"tokens": tokens, "token_mask": tokens != 0}
+    else:
+        kwargs = {"prompt": args.prompt}
+    log(f"sampling: camera(s) {list(spec.camera_keys)}, {spec.num_steps} flow steps, prompt {args.prompt!r}")
+    start = time.perf_counter()
+    actions = reference.infer(images, state, seed=args.seed, **kwargs)[0]
+    log(f"action chunk {actions.shape} in {(time.perf_counter() - start) * 1e3:.0f} ms")
+    np.set_printoptions(precision=4, suppress=True, linewidth=160)
+    rows = min(args.rows, len(actions))
+    print(f"first {rows} of {len(actions)} actions ({spec.action_dim} dims each):")
+    print(actions[:rows])
+    if not np.isfinite(actions).all():
+        log("error: the action chunk is not finite")
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pi0-export",
+        description="Turn a pi0 checkpoint (LeRobot or openpi) into something a robot can run. Nothing is downloaded.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    inspect = commands.add_parser("inspect", help="print the inferred dimensions and data conventions of a checkpoint")
+    add_source_arguments(inspect)
+    inspect.set_defaults(func=cmd_inspect)
+
+    sample = commands.add_parser(
+        "sample", help="run the PyTorch reference once on a synthetic observation and print the action chunk"
+    )
+    add_source_arguments(sample)
+    sample.add_argument("--prompt", default="transfer the cube", help="task prompt (default: %(default)r)")
+    sample.add_argument(
+        "--tokenizer", type=Path, metavar="PATH", help="SentencePiece tokenizer.model (presets train their own)"
+    )
+    sample.add_argument("--rows", type=int, default=5, help="how many actions of the chunk to print (default 5)")
+    sample.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        log(f"error: {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Gemma decoder blocks as pi0 uses them (openpi's gemma.py; HF's GemmaDecoderLayer).
+
+RMSNorm scales by (1 + weight) with the variance in float32; GeGLU MLP with tanh GELU; RoPE on split
+halves with max wavelength 10 000 (real sin/cos, no complex numbers); multi-query attention (one
+key/value head) with logits, mask and softmax in float32. Parameter names follow HF.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exporter.dims import GemmaDims
+
+RMS_NORM_EPS = 1e-6
+ROPE_MAX_WAVELENGTH = 10_000
+BIG_NEG = -2.3819763e38  # the masked-logit value of big_vision / openpi
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_NORM_EPS)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [B, S, heads, D] at float positions [B, S]; rotates the two halves of D."""
+    half = x.shape[-1] // 2
+    exponents = (2.0 / x.shape[-1]) * torch.arange(half, dtype=torch.float32)
+    radians = positions[..., None, None].float() / ROPE_MAX_WAVELENGTH**exponents  # [B, S, 1, half]
+    sin, cos = torch.sin(radians), torch.cos(radians)
+    x1, x2 = x.float().split(half, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Multi-query attention: q [B, S, H, D], k and v [B, T, D], mask bool [B, S, T] -> [B, S, H*D]."""
+    b, s, h, d = q.shape
+    scores = (q.transpose(1, 2).float() @ k[:, None].float().transpose(-1, -2)) * d**-0.5  # [B, H, S, T]
+    scores = torch.where(mask[:, None], scores, BIG_NEG)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return (probs @ v[:, None]).transpose(1, 2).reshape(b, s, h * d)
+
+
+class GemmaAttention(nn.Module):
+    def __init__(self, dims: GemmaDims) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = dims.num_heads, dims.head_dim
+        self.q_proj = nn.Linear(dims.width, dims.num_heads * dims.head_dim, bias=False)
+        self.k_proj = nn.Linear(dims.width, dims.head_dim, bias=False)
+        self.v_proj = nn.Linear(dims.width, dims.head_dim, bias=False)
+        self.o_proj = nn.Linear(dims.num_heads * dims.head_dim, dims.width, bias=False)
+
+    def queries(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        b, s, _ = h.shape
+        return rope(self.q_proj(h).view(b, s, self.num_heads, self.head_dim), positions)
+
+    def keys_values(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Post-RoPE keys and values [B, S, D]: what the KV cache holds."""
+        k = rope(self.k_proj(h)[:, :, None], positions)[:, :, 0]
+        return k, self.v_proj(h)
+
+
+class GemmaMLP(nn.Module):
+    def __init__(self, dims: GemmaDims) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dims.width, dims.mlp_dim, bias=False)
+        self.up_proj = nn.Linear(dims.width, dims.mlp_dim, bias=False)
+        self.down_proj = nn.Linear(dims.mlp_dim, dims.width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class GemmaBlock(nn.Module):
+    def __init__(self, dims: GemmaDims) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(dims.width)
+        self.self_attn = GemmaAttention(dims)
+        self.post_attention_layernorm = RMSNorm(dims.width)
+        self.mlp = GemmaMLP(dims)
+
+    def keys_values(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.self_attn.keys_values(self.input_layernorm(x), positions)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        context: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One block over x [B, S, W]; `context` is (keys, values) of tokens attended to before x's own.
+
+        Returns the new x and x's own post-RoPE keys and values.
+        """
+        h = self.input_layernorm(x)
+        k, v = self.self_attn.keys_values(h, positions)
+        keys, values = (k, v) if context is None else (torch.cat([context[0], k], 1), torch.cat([context[1], v], 1))
+        x = x + self.self_attn.o_proj(attention(self.self_attn.queries(h, positions), keys, values, mask))
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+class GemmaStack(nn.Module):
+    """The blocks of one Gemma tower; the final norm only where its output is read (the expert)."""
+
+    def __init__(self, dims: GemmaDims, final_norm: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(GemmaBlock(dims) for _ in range(dims.depth))
+        self.norm = RMSNorm(dims.width) if final_norm else None

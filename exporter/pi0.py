@@ -1,0 +1,153 @@
+"""pi0: PaliGemma over the prefix, a Gemma action expert over the suffix, flow matching between them.
+
+The two towers attend jointly, layer by layer: the expert's block i attends to the prefix keys and
+values of the language model's block i, then to its own. The prefix (image tokens, then language
+tokens, bidirectional) never attends to the suffix, so it is computed once per observation:
+
+    prefix_kv(images, image_masks, tokens, token_mask) -> keys, values [depth, B, P, head_dim], prefix_mask
+    velocity(state, x_t, t, keys, values, prefix_mask) -> v_t               (num_steps times)
+
+These two methods are what the exporter traces into the VLM and action-expert graphs: static shapes,
+no data-dependent Python, no in-place cache. `sample` runs the Euler loop around them in PyTorch as
+the reference. Masks and positions are pi0's: `attention_mask_2d` is big_vision's make_attn_mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exporter.dims import Pi0Dims
+from exporter.gemma import GemmaStack
+from exporter.siglip import SiglipVision
+from runtime.transforms import euler_times
+
+TIME_MIN_PERIOD, TIME_MAX_PERIOD = 4e-3, 4.0
+
+
+def attention_mask_2d(pad_mask: torch.Tensor, ar_mask: torch.Tensor) -> torch.Tensor:
+    """[B, N] validity and [B, N] autoregressive markers -> [B, N, N] "query may attend key".
+
+    A token attends to valid tokens whose cumulative ar marker is <= its own: all zeros is full
+    (bidirectional) attention, all ones causal, and a 1 starts a new block that earlier tokens cannot see.
+    """
+    cumsum = torch.cumsum(ar_mask.to(torch.int32), dim=1)
+    causal = cumsum[:, None, :] <= cumsum[:, :, None]
+    return causal & pad_mask[:, None, :] & pad_mask[:, :, None]
+
+
+def time_embedding(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Sinusoidal embedding of the flow time t [B] -> [B, width]: sin first, periods 4e-3 .. 4."""
+    fraction = torch.linspace(0.0, 1.0, width // 2, dtype=torch.float64)
+    period = TIME_MIN_PERIOD * (TIME_MAX_PERIOD / TIME_MIN_PERIOD) ** fraction
+    angular_freq = (2.0 * math.pi / period).to(torch.float32)
+    phase = t.float()[:, None] * angular_freq[None]
+    return torch.cat([torch.sin(phase), torch.cos(phase)], dim=-1)
+
+
+class Pi0(nn.Module):
+    def __init__(self, dims: Pi0Dims) -> None:
+        super().__init__()
+        self.dims = dims
+        vis, lang, exp = dims.vision, dims.language, dims.expert
+        self.vision = SiglipVision(vis)
+        self.projector = nn.Linear(vis.width, lang.width)
+        self.embed_tokens = nn.Embedding(dims.vocab_size, lang.width)
+        self.llm = GemmaStack(lang, final_norm=False)
+        self.expert = GemmaStack(exp, final_norm=True)
+        self.state_proj = nn.Linear(dims.max_state_dim, exp.width)
+        self.action_in_proj = nn.Linear(dims.max_action_dim, exp.width)
+        self.action_time_mlp_in = nn.Linear(2 * exp.width, exp.width)
+        self.action_time_mlp_out = nn.Linear(exp.width, exp.width)
+        self.action_out_proj = nn.Linear(exp.width, dims.max_action_dim)
+
+    # --- prefix: the VLM graph --------------------------------------------------------------------
+
+    def embed_prefix(
+        self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, C, 3, H, W], image_masks [B, C], tokens and token_mask [B, L] -> embeddings, validity."""
+        b, cams = images.shape[:2]
+        n = self.dims.image_tokens
+        image_embs = self.projector(self.vision(images.flatten(0, 1))).reshape(b, cams * n, -1)
+        # Image tokens are not scaled: LeRobot divides them by sqrt(width) inside transformers'
+        # get_image_features and multiplies them back by sqrt(width) in embed_prefix.
+        lang_embs = self.embed_tokens(tokens) * math.sqrt(self.dims.language.width)
+        image_valid = image_masks[:, :, None].expand(b, cams, n).reshape(b, cams * n)
+        return torch.cat([image_embs, lang_embs], dim=1), torch.cat([image_valid, token_mask], dim=1)
+
+    def prefix_kv(
+        self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prefix's post-RoPE keys and values of every layer [depth, B, P, head_dim], and its validity [B, P]."""
+        x, prefix_mask = self.embed_prefix(images, image_masks, tokens, token_mask)
+        mask = attention_mask_2d(prefix_mask, torch.zeros_like(prefix_mask))
+        positions = torch.cumsum(prefix_mask.to(torch.float32), dim=1) - 1
+        keys, values = [], []
+        last = len(self.llm.layers) - 1
+        for i, layer in enumerate(self.llm.layers):
+            if i < last:
+                x, k, v = layer(x, positions, mask)
+            else:  # the prefix's own output is never read: its last block only needs keys and values
+                k, v = layer.keys_values(x, positions)
+            keys.append(k)
+            values.append(v)
+        return torch.stack(keys), torch.stack(values), prefix_mask
+
+    # --- suffix: the action-expert graph ----------------------------------------------------------
+
+    def embed_suffix(self, state: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """state [B, S], noisy actions x_t [B, H, A], time t [B] -> [B, 1 + H, width]: state token, then actions."""
+        state_emb = self.state_proj(state)[:, None]
+        action_emb = self.action_in_proj(x_t)
+        time_emb = time_embedding(t, action_emb.shape[-1])[:, None].expand_as(action_emb)
+        action_time = self.action_time_mlp_in(torch.cat([action_emb, time_emb], dim=-1))
+        action_time = self.action_time_mlp_out(F.silu(action_time))
+        return torch.cat([state_emb, action_time], dim=1)
+
+    def velocity(
+        self,
+        state: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        prefix_keys: torch.Tensor,
+        prefix_values: torch.Tensor,
+        prefix_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The flow's velocity v_t [B, H, A] at x_t, attending to the prefix cache."""
+        x = self.embed_suffix(state, x_t, t)
+        b, s = x.shape[:2]
+        # State token, then a new block for the actions: the state does not see the actions.
+        ar_mask = (torch.arange(s) < 2)[None].expand(b, s)
+        suffix_mask = attention_mask_2d(torch.ones(b, s, dtype=torch.bool), ar_mask)
+        mask = torch.cat([prefix_mask[:, None, :].expand(b, s, prefix_mask.shape[1]), suffix_mask], dim=2)
+        offset = prefix_mask.to(torch.float32).sum(dim=1, keepdim=True)
+        positions = offset + torch.arange(s, dtype=torch.float32)[None]
+        for i, layer in enumerate(self.expert.layers):
+            x, _, _ = layer(x, positions, mask, context=(prefix_keys[i], prefix_values[i]))
+        return self.action_out_proj(self.expert.norm(x[:, 1:]).float())
+
+    # --- the reference sampler --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(
+        self,
+        images: torch.Tensor,
+        image_masks: torch.Tensor,
+        tokens: torch.Tensor,
+        token_mask: torch.Tensor,
+        state: torch.Tensor,
+        noise: torch.Tensor,
+        num_steps: int,
+    ) -> torch.Tensor:
+        """Denoise `noise` [B, H, A] (x at t = 1) with num_steps Euler steps, dt = -1/num_steps."""
+        keys, values, prefix_mask = self.prefix_kv(images, image_masks, tokens, token_mask)
+        dt = -1.0 / num_steps
+        x = noise.float()
+        for t in euler_times(num_steps):
+            v = self.velocity(state, x, torch.full((x.shape[0],), float(t)), keys, values, prefix_mask)
+            x = x + dt * v
+        return x

@@ -1,0 +1,79 @@
+"""Observation -> network inputs, and network output -> actions, as the `PolicySpec` says.
+
+Both the daemon's engine and the exporter's PyTorch reference call these two functions; the only
+thing between them is the network (VLM once, action expert `num_steps` times).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime import transforms
+from runtime.spec import PolicySpec
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """A batch of one, shaped and typed as the network takes it."""
+
+    images: np.ndarray  # [1, slots, 3, H, W] float32 in [-1, 1]
+    image_masks: np.ndarray  # [1, slots] bool; false for empty camera slots
+    tokens: np.ndarray  # [1, L] int64
+    token_mask: np.ndarray  # [1, L] bool
+    state: np.ndarray  # [1, max_state_dim] float32, normalized and zero-padded
+
+
+def preprocess(
+    spec: PolicySpec,
+    images: Mapping[str, np.ndarray],
+    state: np.ndarray,
+    tokens: np.ndarray,
+    token_mask: np.ndarray,
+) -> ModelInputs:
+    """One observation (camera frames by key, raw robot state, tokenized prompt) -> `ModelInputs`."""
+    missing = [key for key in spec.camera_keys if key not in images]
+    if missing:
+        raise ValueError(f"missing camera image(s) {missing}; this policy takes {list(spec.camera_keys)}")
+    frames = [transforms.prepare_image(images[key], spec.image_size, spec.image_pad) for key in spec.camera_keys]
+    frames += [transforms.empty_camera_image(spec.image_size)] * spec.empty_cameras
+    masks = [True] * len(spec.camera_keys) + [False] * spec.empty_cameras
+
+    state = np.asarray(state, dtype=np.float32).reshape(-1)
+    if state.shape[0] != spec.state_dim:
+        raise ValueError(f"state has {state.shape[0]} values, this policy takes {spec.state_dim}")
+    if spec.adapt_to_pi_aloha:
+        state = transforms.aloha_decode_state(state)
+    if spec.state_norm is not None:
+        state = transforms.normalize(state, spec.state_norm)
+
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
+    token_mask = np.asarray(token_mask, dtype=bool).reshape(1, -1)
+    if tokens.shape != (1, spec.tokenizer_max_length) or token_mask.shape != tokens.shape:
+        raise ValueError(
+            f"tokens {tokens.shape} and mask {token_mask.shape} must both be (1, {spec.tokenizer_max_length})"
+        )
+    return ModelInputs(
+        images=np.stack(frames)[None],
+        image_masks=np.array([masks]),
+        tokens=tokens,
+        token_mask=token_mask,
+        state=transforms.pad_vector(state, spec.max_state_dim)[None],
+    )
+
+
+def postprocess(spec: PolicySpec, x: np.ndarray) -> np.ndarray:
+    """The sampler's final x ([1, chunk, max_action_dim], normalized) -> robot actions [1, chunk, action_dim]."""
+    actions = np.asarray(x, dtype=np.float32)[..., : spec.action_dim]
+    if spec.action_norm is not None:
+        actions = transforms.unnormalize(actions, spec.action_norm)
+    if spec.adapt_to_pi_aloha:
+        actions = transforms.aloha_encode_actions(actions)
+    return actions
+
+
+def initial_noise(spec: PolicySpec, rng: np.random.Generator) -> np.ndarray:
+    """x at t = 1: standard Gaussian [1, chunk, max_action_dim] (never zeros), from the caller's generator."""
+    return rng.standard_normal((1, spec.chunk_size, spec.max_action_dim), dtype=np.float32)

@@ -1,0 +1,195 @@
+"""The transforms around the pi0 network, in numpy, written once.
+
+The daemon calls them on every request and the exporter's PyTorch reference pipeline calls the very
+same functions, so "the daemon preprocesses like the reference" holds by construction. Each follows
+LeRobot v0.3.x (`lerobot/policies/pi0/modeling_pi0.py`) unless a comment says otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from runtime.spec import NormStats, PadMode
+
+# --- images -------------------------------------------------------------------------------------
+
+
+def to_chw(image: np.ndarray) -> np.ndarray:
+    """Accept one image as HxWx3 or 3xHxW (the layouts robot cameras and LeRobot use); return CHW."""
+    if image.ndim != 3 or 3 not in (image.shape[0], image.shape[-1]):
+        raise ValueError(f"expected an HxWx3 or 3xHxW image, got shape {image.shape}")
+    if image.shape[0] == 3:
+        return image
+    return image.transpose(2, 0, 1)
+
+
+def to_unit_float(image: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [0, 1]; float input is taken to be in [0, 1] already."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / np.float32(255.0)
+    if np.issubdtype(image.dtype, np.floating):
+        return image.astype(np.float32, copy=False)
+    raise ValueError(f"images must be uint8 or float in [0, 1], got {image.dtype}")
+
+
+@functools.lru_cache(maxsize=64)
+def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of PyTorch's bilinear resize (align_corners=False, no antialias)."""
+    scale = np.float32(in_size / out_size)
+    # PyTorch computes scale * (i + 0.5) - 0.5 in float32 as one fused multiply-add (a single
+    # rounding); float64 then one cast does the same. Two float32 roundings would move a source
+    # coordinate near 300 by up to 3e-5 px, i.e. pixel values by ~1e-5.
+    src = ((np.arange(out_size, dtype=np.float64) + 0.5) * np.float64(scale) - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0.0))
+    i0 = src.astype(np.int64)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    w1 = src - i0.astype(np.float32)
+    w0 = np.float32(1.0) - w1
+    return i0, i1, w0, w1
+
+
+def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize a float32 CHW image like `torch.nn.functional.interpolate(mode="bilinear")`."""
+    _, in_h, in_w = image.shape
+    if (in_h, in_w) == (height, width):
+        return image
+    y0, y1, wy0, wy1 = _bilinear_taps(in_h, height)
+    x0, x1, wx0, wx1 = _bilinear_taps(in_w, width)
+    top, bottom = image[:, y0, :], image[:, y1, :]
+    top = top[:, :, x0] * wx0 + top[:, :, x1] * wx1
+    bottom = bottom[:, :, x0] * wx0 + bottom[:, :, x1] * wx1
+    return top * wy0[:, None] + bottom * wy1[:, None]
+
+
+def resize_with_pad(image: np.ndarray, height: int, width: int, pad: PadMode) -> np.ndarray:
+    """Fit a [0, 1] CHW image into height x width keeping its aspect ratio, padding with 0 (black).
+
+    LeRobot v0.3 pads on the left and top ("left_top"); openpi pads both sides evenly ("center").
+    """
+    _, cur_h, cur_w = image.shape
+    ratio = max(cur_w / width, cur_h / height)
+    resized_h, resized_w = int(cur_h / ratio), int(cur_w / ratio)
+    resized = resize_bilinear(image, resized_h, resized_w)
+    pad_h, pad_w = max(0, height - resized_h), max(0, width - resized_w)
+    if pad == "left_top":
+        top, left = pad_h, pad_w
+    elif pad == "center":
+        top, left = pad_h // 2, pad_w // 2
+    else:
+        raise ValueError(f"unknown pad mode {pad!r}")
+    return np.pad(resized, ((0, 0), (top, pad_h - top), (left, pad_w - left)))
+
+
+def to_symmetric(image: np.ndarray) -> np.ndarray:
+    """[0, 1] -> [-1, 1], the range SigLIP takes."""
+    return image * np.float32(2.0) - np.float32(1.0)
+
+
+def prepare_image(image: np.ndarray, size: tuple[int, int], pad: PadMode) -> np.ndarray:
+    """One camera frame (uint8 or [0, 1] float, HWC or CHW) -> float32 3xHxW in [-1, 1]."""
+    chw = to_unit_float(to_chw(np.asarray(image)))
+    return to_symmetric(resize_with_pad(chw, size[0], size[1], pad))
+
+
+def empty_camera_image(size: tuple[int, int]) -> np.ndarray:
+    """The image LeRobot feeds for an empty camera slot: all -1 (its mask is false)."""
+    return np.full((3, size[0], size[1]), -1.0, dtype=np.float32)
+
+
+# --- vectors ------------------------------------------------------------------------------------
+
+
+def pad_vector(x: np.ndarray, dim: int) -> np.ndarray:
+    """Zero-pad the last axis to `dim` (state and actions are padded to the model's 32)."""
+    if x.shape[-1] > dim:
+        raise ValueError(f"vector of size {x.shape[-1]} does not fit in {dim}")
+    widths = [(0, 0)] * (x.ndim - 1) + [(0, dim - x.shape[-1])]
+    return np.pad(x.astype(np.float32, copy=False), widths)
+
+
+def normalize(x: np.ndarray, stats: NormStats) -> np.ndarray:
+    """MEAN_STD: (x - mean) / (std + eps); LeRobot's eps is 1e-8, openpi's 1e-6."""
+    n = x.shape[-1]
+    return ((x - stats.mean[:n]) / (stats.std[:n] + np.float32(stats.eps))).astype(np.float32)
+
+
+def unnormalize(x: np.ndarray, stats: NormStats) -> np.ndarray:
+    """Inverse of `normalize` (LeRobot multiplies by std alone; the eps is below float32's resolution)."""
+    n = x.shape[-1]
+    return (x * (stats.std[:n] + np.float32(stats.eps)) + stats.mean[:n]).astype(np.float32)
+
+
+# --- ALOHA conventions (LeRobot's adapt_to_pi_aloha) ---------------------------------------------
+# ALOHA reports grippers as linear positions and some joints with the opposite sign to the ones pi0
+# was pretrained with. Indices are for the 14-dim bimanual state: 6 joints + gripper, twice.
+
+ALOHA_FLIPPED_JOINTS = (1, 2, 8, 9)
+ALOHA_GRIPPERS = (6, 13)
+
+
+def _to_unit(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return (x - lo) / (hi - lo)
+
+
+def _from_unit(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return x * (hi - lo) + lo
+
+
+def aloha_gripper_to_angular(x: np.ndarray) -> np.ndarray:
+    """ALOHA's linear gripper position -> pi0's angular space, normalized to [0, 1]."""
+    # PUPPET_GRIPPER_POSITION_OPEN/CLOSED of the ALOHA code.
+    linear = _from_unit(x, 0.01844, 0.05800)
+    # Inverse of Interbotix's angular-to-linear transform (arm length 0.036, horn radius 0.022).
+    arm, horn = 0.036, 0.022
+    radians = np.arcsin(np.clip((horn**2 + linear**2 - arm**2) / (2 * horn * linear), -1.0, 1.0))
+    # 0.4 and 1.5 rad were measured on a real Trossen robot.
+    return _to_unit(radians, 0.4, 1.5)
+
+
+def aloha_gripper_from_angular(x: np.ndarray) -> np.ndarray:
+    """pi0's gripper value -> ALOHA's gripper joint range (PUPPET_GRIPPER_JOINT_OPEN/CLOSE)."""
+    return _to_unit(_from_unit(x, 0.4, 1.5), -0.6213, 1.4910)
+
+
+def aloha_gripper_from_angular_inv(x: np.ndarray) -> np.ndarray:
+    """Exact inverse of `aloha_gripper_from_angular` (LeRobot uses it for training targets)."""
+    return _to_unit(_from_unit(x, -0.6213, 1.4910), 0.4, 1.5)
+
+
+def _aloha_map(x: np.ndarray, gripper_fn) -> np.ndarray:
+    out = np.array(x, dtype=np.float32, copy=True)
+    out[..., list(ALOHA_FLIPPED_JOINTS)] *= -1
+    for i in ALOHA_GRIPPERS:
+        out[..., i] = gripper_fn(out[..., i])
+    return out
+
+
+def aloha_decode_state(state: np.ndarray) -> np.ndarray:
+    """ALOHA state -> pi0 state (before normalization)."""
+    return _aloha_map(state, aloha_gripper_to_angular)
+
+
+def aloha_encode_actions(actions: np.ndarray) -> np.ndarray:
+    """pi0 actions (after de-normalization) -> ALOHA commands."""
+    return _aloha_map(actions, aloha_gripper_from_angular)
+
+
+def aloha_encode_actions_inv(actions: np.ndarray) -> np.ndarray:
+    """ALOHA commands -> pi0 actions: the inverse of `aloha_encode_actions`."""
+    return _aloha_map(actions, aloha_gripper_from_angular_inv)
+
+
+# --- flow matching ------------------------------------------------------------------------------
+
+
+def euler_times(num_steps: int) -> list[np.float32]:
+    """The times pi0's sampler visits: t = 1, 1 + dt, ... down to dt, accumulated in float32 as
+    LeRobot does (`while time >= -dt / 2: ...; time += dt`), with dt = -1 / num_steps."""
+    dt = np.float32(-1.0 / num_steps)
+    t, times = np.float32(1.0), []
+    while t >= -dt / 2:
+        times.append(t)
+        t = np.float32(t + dt)
+    return times

@@ -1,0 +1,39 @@
+"""Shared test fixtures: the LeRobot golden checkpoints copied from ../shared/fixtures, and helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GOLDEN_CHECKPOINTS = ("lerobot-pi0-tiny", "lerobot-pi0-tiny-aloha-sim")
+
+
+class Golden:
+    """One fixture: its checkpoint directory and the inputs/outputs LeRobot computed for it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.checkpoint = FIXTURES / name / "checkpoint"
+        data = np.load(FIXTURES / name / "golden.npz", allow_pickle=False)
+        self.images = {k.split("::", 1)[1]: data[k][0] for k in data.files if k.startswith("image::")}
+        self.state = data["state"][0]
+        self.tokens = data["lang_tokens"]
+        self.token_mask = data["lang_masks"]
+        self.noise = data["noise"]
+        self.actions_fp32 = data["actions_fp32"]
+        self.actions_bf16 = data["actions_bf16"]
+
+
+@pytest.fixture(params=GOLDEN_CHECKPOINTS)
+def golden(request: pytest.FixtureRequest) -> Golden:
+    return Golden(request.param)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from exporter.tokenizer_train import train_tokenizer
+
+    return train_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.model")
