@@ -35,7 +35,10 @@ def new_layout_key(key: str) -> str:
     """LeRobot's own renaming to the transformers >= 4.52 layout (PI0Policy._transform_state_dict_keys)."""
     for old, new in (
         (".paligemma_with_expert.paligemma.language_model.lm_head", ".paligemma_with_expert.paligemma.lm_head"),
-        (".paligemma_with_expert.paligemma.language_model.model", ".paligemma_with_expert.paligemma.model.language_model"),
+        (
+            ".paligemma_with_expert.paligemma.language_model.model",
+            ".paligemma_with_expert.paligemma.model.language_model",
+        ),
         (".paligemma_with_expert.paligemma.vision_tower", ".paligemma_with_expert.paligemma.model.vision_tower"),
         (
             ".paligemma_with_expert.paligemma.multi_modal_projector",

@@ -1,0 +1,164 @@
+"""Checkpoint loading: inferred dimensions, both formats, round trips, errors, and memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import FIXTURES
+
+from exporter.checkpoint import CheckpointError, lerobot_key, load_checkpoint, save_lerobot
+from exporter.dims import GemmaDims, Pi0Dims, VisionDims
+from exporter.presets import build_preset
+from exporter.safetensors_io import write_safetensors
+
+
+def test_fixture_dims_match_its_readme() -> None:
+    dims = load_checkpoint(FIXTURES / "lerobot-pi0-tiny" / "checkpoint").model.dims
+    assert dims == Pi0Dims(
+        vision=VisionDims(width=32, depth=2, mlp_dim=128, num_heads=2, patch_size=14, image_size=224),
+        language=GemmaDims(width=64, depth=4, mlp_dim=128, num_heads=8, head_dim=16),
+        expert=GemmaDims(width=32, depth=4, mlp_dim=64, num_heads=8, head_dim=16),
+        vocab_size=320,
+    )
+
+
+def test_fixture_conventions() -> None:
+    spec = load_checkpoint(FIXTURES / "lerobot-pi0-tiny-aloha-sim" / "checkpoint").spec
+    assert spec.camera_keys == ("observation.images.top",) and spec.empty_cameras == 2
+    assert spec.adapt_to_pi_aloha and spec.image_pad == "left_top" and spec.prompt_style == "lerobot"
+    assert (spec.state_dim, spec.action_dim, spec.chunk_size, spec.num_steps) == (14, 14, 16, 10)
+    assert spec.state_norm is not None and spec.state_norm.eps == 1e-8
+
+
+@pytest.mark.parametrize("layout", ["old", "new"])
+def test_preset_round_trips_through_a_lerobot_checkpoint(tmp_path: Path, layout: str) -> None:
+    preset = build_preset("pi0-dummy", seed=5)
+    loaded = load_checkpoint(save_lerobot(preset, tmp_path, layout=layout))
+    assert loaded.spec == preset.spec and loaded.model.dims == preset.model.dims
+    ours, theirs = preset.model.state_dict(), loaded.model.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(theirs[name], ours[name], rtol=0, atol=0)
+
+
+def write_openpi(tmp_path: Path, preset, stats_len: int = 32) -> Path:
+    """A checkpoint as openpi's convert_jax_model_to_pytorch.py writes it (from our preset's weights)."""
+    tensors = {lerobot_key(name, "new").removeprefix("model."): t for name, t in preset.model.state_dict().items()}
+    write_safetensors(tmp_path / "model.safetensors", tensors)
+    (tmp_path / "config.json").write_text(json.dumps({"action_dim": 14, "action_horizon": 50, "precision": "float32"}))
+    rng = np.random.default_rng(0)
+    stats = {
+        key: {"mean": rng.normal(size=stats_len).tolist(), "std": rng.uniform(0.5, 2, stats_len).tolist()}
+        for key in ("state", "actions")
+    }
+    (tmp_path / "assets" / "trossen").mkdir(parents=True)
+    (tmp_path / "assets" / "trossen" / "norm_stats.json").write_text(json.dumps({"norm_stats": stats}))
+    return tmp_path
+
+
+def test_openpi_checkpoint(tmp_path: Path) -> None:
+    preset = build_preset("pi0-dummy", seed=6)
+    loaded = load_checkpoint(write_openpi(tmp_path, preset), adapt_to_pi_aloha=True)
+    assert loaded.source == "openpi"
+    spec = loaded.spec
+    assert spec.camera_keys == ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+    assert (spec.image_pad, spec.prompt_style, spec.tokenizer_max_length) == ("center", "openpi", 48)
+    assert spec.state_norm.eps == 1e-6 and spec.adapt_to_pi_aloha and spec.chunk_size == 50
+    for name, tensor in preset.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_openpi_asset_choice(tmp_path: Path) -> None:
+    write_openpi(tmp_path, build_preset("pi0-dummy"))
+    (tmp_path / "assets" / "other").mkdir()
+    (tmp_path / "assets" / "other" / "norm_stats.json").write_text(
+        (tmp_path / "assets" / "trossen" / "norm_stats.json").read_text()
+    )
+    with pytest.raises(CheckpointError, match=r"asset ids found: \['other', 'trossen'\]"):
+        load_checkpoint(tmp_path)
+    assert load_checkpoint(tmp_path, asset_id="other").source == "openpi"
+
+
+def test_unrecognized_directories_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="neither a LeRobot"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"type": "act"}))
+    with pytest.raises(CheckpointError, match="'act' policy, not pi0"):
+        load_checkpoint(tmp_path)
+
+
+def test_unknown_siglip_width_is_refused(tmp_path: Path) -> None:
+    preset = build_preset("pi0-dummy")
+    save_lerobot(preset, tmp_path)
+    path = tmp_path / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    key = "model.paligemma_with_expert.paligemma.vision_tower.vision_model.embeddings.patch_embedding.weight"
+    tensors[key] = torch.zeros(40, 3, 14, 14)
+    save_file(tensors, str(path))
+    with pytest.raises(CheckpointError, match="SigLIP width 40 is not in the ViT width table"):
+        load_checkpoint(tmp_path)
+
+
+# A model of ~250 MB: big enough that the loader's own memory shows above Python's and torch's, and
+# shaped like pi0 (many similar tensors, none a large share of the whole).
+MEDIUM = Pi0Dims(
+    vision=VisionDims(width=384, depth=4, mlp_dim=1536, num_heads=6),
+    language=GemmaDims(width=512, depth=8, mlp_dim=4096, num_heads=8, head_dim=64),
+    expert=GemmaDims(width=256, depth=8, mlp_dim=1024, num_heads=8, head_dim=64),
+    vocab_size=8192,
+)
+
+MEASURE_LOAD = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from exporter.checkpoint import load_checkpoint
+    from exporter.dims import PRESETS
+    from exporter.pi0 import Pi0
+
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    with torch.device("meta"):  # torch's one-time lazy set-up (~75 MB of code and tables), not the weights
+        Pi0(PRESETS["pi0-dummy"])
+    before = status("VmRSS:")
+    model = load_checkpoint(sys.argv[1]).model
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # touch every weight
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(json.dumps({"before": before, "peak": status("VmHWM:"), "weights": weights}))
+    """
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loading_holds_the_weights_once(tmp_path: Path, dtype: torch.dtype) -> None:
+    """Peak RSS growth while loading and reading every weight stays within 1.3x of the weights' size,
+    whether the file's dtype is used as is (memory-mapped) or converted (bf16 -> fp32, pages released)."""
+    from exporter.checkpoint import LoadedPolicy
+    from exporter.pi0 import Pi0
+    from exporter.presets import preset_spec
+
+    torch.manual_seed(0)
+    model = Pi0(MEDIUM).to(dtype)
+    save_lerobot(LoadedPolicy(model=model, spec=preset_spec(), source="test"), tmp_path)
+    del model
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE_LOAD, str(tmp_path)], capture_output=True, text=True, check=True, timeout=300
+    )
+    m = json.loads(out.stdout)
+    growth = m["peak"] - m["before"]
+    print(f"\n{dtype}: weights {m['weights'] / 2**20:.0f} MiB, peak RSS growth {growth / 2**20:.0f} MiB")
+    assert m["weights"] > 150 * 2**20
+    assert growth <= 1.3 * m["weights"], f"peak RSS grew {growth / m['weights']:.2f}x the weights"
