@@ -8,11 +8,12 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test lint format clean
+.PHONY: help setup demo test bench lint format clean
 
 help:
 	@echo "make demo   - set up, then run the main job on the built-in pi0-dummy preset"
 	@echo "make test   - set up, then run the test suite"
+	@echo "make bench  - run the benchmarks (minutes, ~15 GB RAM and disk) and rewrite docs/benchmarks.md"
 	@echo "make lint   - ruff check and format check"
 	@echo "make setup  - create $(VENV) and install what the targets need (idempotent)"
 	@echo "make clean  - remove $(VENV) and build outputs"
@@ -32,6 +33,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/run.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from exporter.checkpoint import CheckpointError, LoadedPolicy, load_checkpoint
 from exporter.dims import PRESETS
@@ -26,6 +27,16 @@ def log(message: str) -> None:
 
 
 def peak_rss_mib() -> float:
+    """This process's peak resident memory. Linux's VmHWM, not getrusage's ru_maxrss: the latter
+    carries the parent's high-water mark across fork and exec, so a child started by a big process
+    (a test runner) would report its parent's size."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -75,20 +86,29 @@ def preset_tokenizer(directory: Path) -> Path:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
     policy = load_source(args)
+    load_seconds = time.perf_counter() - start
+    # Reading every weight also pages in a memory-mapped checkpoint, so the peak RSS below is real.
+    start = time.perf_counter()
+    nonfinite = [name for name, p in policy.model.named_parameters() if not torch.isfinite(p).all()]
+    read_seconds = time.perf_counter() - start
     weights_mib = sum(p.numel() * p.element_size() for p in policy.model.parameters()) / 2**20
-    print(
-        json.dumps(
-            {
-                "source": policy.source,
-                "dims": asdict(policy.model.dims),
-                "spec": policy.spec.to_dict(),
-                "weights_mib": round(weights_mib, 1),
-                "peak_rss_mib": round(peak_rss_mib(), 1),
-            },
-            indent=2,
-        )
-    )
+    report = {
+        "source": policy.source,
+        "dims": asdict(policy.model.dims),
+        "spec": policy.spec.to_dict(),
+        "parameters": sum(p.numel() for p in policy.model.parameters()),
+        "weights_mib": round(weights_mib, 1),
+        "load_seconds": round(load_seconds, 2),
+        "read_all_seconds": round(read_seconds, 2),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "nonfinite_tensors": nonfinite,
+    }
+    print(json.dumps(report, indent=2))
+    if nonfinite:
+        log(f"error: {len(nonfinite)} tensor(s) hold NaN or inf, the first {nonfinite[0]}")
+        return 1
     return 0
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -119,27 +118,12 @@ MEDIUM = Pi0Dims(
     vocab_size=8192,
 )
 
-MEASURE_LOAD = textwrap.dedent(
-    """
-    import json, sys
-    import torch
-    from exporter.checkpoint import load_checkpoint
-    from exporter.dims import PRESETS
-    from exporter.pi0 import Pi0
 
-    def status(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    with torch.device("meta"):  # torch's one-time lazy set-up (~75 MB of code and tables), not the weights
-        Pi0(PRESETS["pi0-dummy"])
-    before = status("VmRSS:")
-    model = load_checkpoint(sys.argv[1]).model
-    assert all(torch.isfinite(p).all() for p in model.parameters())  # touch every weight
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(json.dumps({"before": before, "peak": status("VmHWM:"), "weights": weights}))
-    """
-)
+def inspect(checkpoint: Path) -> dict:
+    exe = Path(sys.executable).with_name("pi0-export")
+    out = subprocess.run([exe, "inspect", "--checkpoint", str(checkpoint)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -154,11 +138,10 @@ def test_loading_holds_the_weights_once(tmp_path: Path, dtype: torch.dtype) -> N
     model = Pi0(MEDIUM).to(dtype)
     save_lerobot(LoadedPolicy(model=model, spec=preset_spec(), source="test"), tmp_path)
     del model
-    out = subprocess.run(
-        [sys.executable, "-c", MEASURE_LOAD, str(tmp_path)], capture_output=True, text=True, check=True, timeout=300
-    )
-    m = json.loads(out.stdout)
-    growth = m["peak"] - m["before"]
-    print(f"\n{dtype}: weights {m['weights'] / 2**20:.0f} MiB, peak RSS growth {growth / 2**20:.0f} MiB")
-    assert m["weights"] > 150 * 2**20
-    assert growth <= 1.3 * m["weights"], f"peak RSS grew {growth / m['weights']:.2f}x the weights"
+    # The baseline is the same command on the 1 MB fixture: Python, torch and their lazy set-up.
+    baseline = inspect(FIXTURES / "lerobot-pi0-tiny" / "checkpoint")["peak_rss_mib"]
+    report = inspect(tmp_path)
+    growth, weights = report["peak_rss_mib"] - baseline, report["weights_mib"]
+    print(f"\n{dtype}: weights {weights:.0f} MiB, peak RSS growth {growth:.0f} MiB ({growth / weights:.2f}x)")
+    assert weights > 150
+    assert growth <= 1.3 * weights, f"peak RSS grew {growth / weights:.2f}x the weights"

@@ -1,0 +1,67 @@
+"""`make bench`: run every benchmark and rewrite docs/benchmarks.md with their tables.
+
+Benchmarks are not tests: they assert nothing about time and may take minutes and tens of GB.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import load_memory  # noqa: E402
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{model}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM, {platform.system()} {platform.machine()}"
+
+
+def table(rows: list[tuple[str, object]]) -> str:
+    return "\n".join(["| what | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+def main() -> None:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = load_memory.run()
+    sections = [
+        "# Benchmarks",
+        f"Written by `make bench` (`python benchmarks/run.py`) on {now}.\n\nMachine: {machine()}.",
+        "## Loading a full-size pi0 checkpoint (`benchmarks/load_memory.py`)",
+        "The `pi0` preset (random weights, real dimensions) written as a LeRobot float32 checkpoint, then "
+        "`pi0-export inspect --checkpoint` in a fresh process (loads it and reads every weight). Growth is "
+        "the peak RSS above the same command on the 1 MB fixture. Target: growth within 1.3x the weights.",
+        table(
+            [
+                ("parameters", f"{load['parameters']:,}"),
+                ("weights (float32)", f"{load['weights_mib'] / 1024:.2f} GiB"),
+                ("load time (map the file, build the model)", f"{load['load_seconds']:.1f} s"),
+                (
+                    "first read of every weight (file just written: page cache warm)",
+                    f"{load['read_all_seconds']:.1f} s",
+                ),
+                ("peak RSS", f"{load['peak_rss_mib'] / 1024:.2f} GiB"),
+                ("peak RSS growth / weights", f"{load['growth_over_weights']:.3f}x"),
+            ]
+        ),
+    ]
+    out = ROOT / "docs" / "benchmarks.md"
+    out.write_text("\n\n".join(sections) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
