@@ -3,10 +3,18 @@
 RMSNorm scales by (1 + weight) with the variance in float32; GeGLU MLP with tanh GELU; RoPE on split
 halves with max wavelength 10 000 (real sin/cos, no complex numbers); multi-query attention (one
 key/value head) with logits, mask and softmax in float32. Parameter names follow HF.
+
+Precision: the residual stream is always float32 and the matmuls run in the weights' dtype. Norms
+return the weights' dtype; each sub-layer's output is added back in float32. With float32 weights
+every cast is a no-op; with float16 weights these are the "fp32 islands" that keep Gemma's large
+residual activations (> 65 504) from overflowing.
 """
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,14 +34,21 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_NORM_EPS)
-        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+        return (normed * (1.0 + self.weight.float())).to(self.weight.dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def rope_timescales(head_dim: int) -> np.ndarray:
+    """max_wavelength ** (2i / D) for i < D/2, in float32 (a constant of the graph, not ops in it)."""
+    exponents = np.float32(2.0 / head_dim) * np.arange(head_dim // 2, dtype=np.float32)
+    return np.float32(ROPE_MAX_WAVELENGTH) ** exponents
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of x [B, S, heads, D] at float positions [B, S]; rotates the two halves of D."""
     half = x.shape[-1] // 2
-    exponents = (2.0 / x.shape[-1]) * torch.arange(half, dtype=torch.float32)
-    radians = positions[..., None, None].float() / ROPE_MAX_WAVELENGTH**exponents  # [B, S, 1, half]
+    timescales = torch.from_numpy(rope_timescales(x.shape[-1]))
+    radians = positions[..., None, None].float() / timescales  # [B, S, 1, half]
     sin, cos = torch.sin(radians), torch.cos(radians)
     x1, x2 = x.float().split(half, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
@@ -96,15 +111,16 @@ class GemmaBlock(nn.Module):
         mask: torch.Tensor,
         context: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One block over x [B, S, W]; `context` is (keys, values) of tokens attended to before x's own.
+        """One block over the float32 residual stream x [B, S, W]; `context` is (keys, values) of tokens
+        attended to before x's own.
 
         Returns the new x and x's own post-RoPE keys and values.
         """
         h = self.input_layernorm(x)
         k, v = self.self_attn.keys_values(h, positions)
         keys, values = (k, v) if context is None else (torch.cat([context[0], k], 1), torch.cat([context[1], v], 1))
-        x = x + self.self_attn.o_proj(attention(self.self_attn.queries(h, positions), keys, values, mask))
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn.o_proj(attention(self.self_attn.queries(h, positions), keys, values, mask)).float()
+        x = x + self.mlp(self.post_attention_layernorm(x)).float()
         return x, k, v
 
 

@@ -14,8 +14,10 @@ the reference. Masks and positions are pi0's: `attention_mask_2d` is big_vision'
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,12 +41,17 @@ def attention_mask_2d(pad_mask: torch.Tensor, ar_mask: torch.Tensor) -> torch.Te
     return causal & pad_mask[:, None, :] & pad_mask[:, :, None]
 
 
+@functools.lru_cache(maxsize=8)
+def time_frequencies(width: int) -> np.ndarray:
+    """2 pi / period for periods spaced geometrically from 4e-3 to 4, computed in float64 as LeRobot
+    does and stored as a float32 constant."""
+    period = TIME_MIN_PERIOD * (TIME_MAX_PERIOD / TIME_MIN_PERIOD) ** np.linspace(0.0, 1.0, width // 2)
+    return (2.0 * math.pi / period).astype(np.float32)
+
+
 def time_embedding(t: torch.Tensor, width: int) -> torch.Tensor:
     """Sinusoidal embedding of the flow time t [B] -> [B, width]: sin first, periods 4e-3 .. 4."""
-    fraction = torch.linspace(0.0, 1.0, width // 2, dtype=torch.float64)
-    period = TIME_MIN_PERIOD * (TIME_MAX_PERIOD / TIME_MIN_PERIOD) ** fraction
-    angular_freq = (2.0 * math.pi / period).to(torch.float32)
-    phase = t.float()[:, None] * angular_freq[None]
+    phase = t.float()[:, None] * torch.from_numpy(time_frequencies(width))[None]
     return torch.cat([torch.sin(phase), torch.cos(phase)], dim=-1)
 
 
@@ -69,15 +76,15 @@ class Pi0(nn.Module):
     def embed_prefix(
         self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """images [B, C, 3, H, W], image_masks [B, C], tokens and token_mask [B, L] -> embeddings, validity."""
+        """images [B, C, 3, H, W], image_masks [B, C], tokens and token_mask [B, L] -> float32 embeddings, validity."""
         b, cams = images.shape[:2]
         n = self.dims.image_tokens
         image_embs = self.projector(self.vision(images.flatten(0, 1))).reshape(b, cams * n, -1)
         # Image tokens are not scaled: LeRobot divides them by sqrt(width) inside transformers'
         # get_image_features and multiplies them back by sqrt(width) in embed_prefix.
-        lang_embs = self.embed_tokens(tokens) * math.sqrt(self.dims.language.width)
+        lang_embs = self.embed_tokens(tokens).float() * math.sqrt(self.dims.language.width)
         image_valid = image_masks[:, :, None].expand(b, cams, n).reshape(b, cams * n)
-        return torch.cat([image_embs, lang_embs], dim=1), torch.cat([image_valid, token_mask], dim=1)
+        return torch.cat([image_embs.float(), lang_embs], dim=1), torch.cat([image_valid, token_mask], dim=1)
 
     def prefix_kv(
         self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor
@@ -151,3 +158,20 @@ class Pi0(nn.Module):
             v = self.velocity(state, x, torch.full((x.shape[0],), float(t)), keys, values, prefix_mask)
             x = x + dt * v
         return x
+
+
+def to_precision_(model: Pi0, precision: str) -> Pi0:
+    """Put the model's weights in the export precision, in place, one tensor at a time.
+
+    fp16: the towers (vision, projector, embeddings, both Gemmas) go to float16, for the 310P's cube
+    units; the small suffix projections stay float32 (as LeRobot keeps them), and so do the norms,
+    softmax, RoPE and the residual stream, which the forward code computes in float32 whatever the
+    weights (see gemma.py). fp32: everything float32.
+    """
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"precision must be 'fp32' or 'fp16', not {precision!r}")
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    for tower in (model.vision, model.projector, model.embed_tokens, model.llm, model.expert):
+        for param in tower.parameters():
+            param.data = param.data.to(dtype)
+    return model

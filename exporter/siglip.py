@@ -3,6 +3,7 @@
 Patchify with a stride-14 convolution, add a learned position embedding, pre-LN transformer blocks
 (multi-head attention with biases, GELU-tanh MLP), a final LayerNorm. No pooling head: pi0 keeps
 all 256 tokens. Parameter names inside blocks follow HF so a checkpoint maps over by prefix.
+Precision as in gemma.py: float32 residual stream and LayerNorms, matmuls in the weights' dtype.
 """
 
 from __future__ import annotations
@@ -14,6 +15,14 @@ from torch import nn
 from exporter.dims import VisionDims
 
 LAYER_NORM_EPS = 1e-6
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the weights' dtype; returns the weights' dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        return F.layer_norm(x.float(), self.normalized_shape, w.float(), b.float(), self.eps).to(w.dtype)
 
 
 class SiglipAttention(nn.Module):
@@ -30,7 +39,7 @@ class SiglipAttention(nn.Module):
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
+        scores = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim**-0.5
         probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
         return self.out_proj((probs @ v).transpose(1, 2).reshape(b, n, w))
 
@@ -48,29 +57,30 @@ class SiglipMLP(nn.Module):
 class SiglipBlock(nn.Module):
     def __init__(self, dims: VisionDims) -> None:
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(dims.width, eps=LAYER_NORM_EPS)
+        self.layer_norm1 = LayerNorm(dims.width, eps=LAYER_NORM_EPS)
         self.self_attn = SiglipAttention(dims)
-        self.layer_norm2 = nn.LayerNorm(dims.width, eps=LAYER_NORM_EPS)
+        self.layer_norm2 = LayerNorm(dims.width, eps=LAYER_NORM_EPS)
         self.mlp = SiglipMLP(dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        x = x + self.self_attn(self.layer_norm1(x)).float()
+        return x + self.mlp(self.layer_norm2(x)).float()
 
 
 class SiglipVision(nn.Module):
-    """[N, 3, 224, 224] in [-1, 1] -> [N, 256, width]."""
+    """[N, 3, 224, 224] in [-1, 1] -> [N, 256, width] (in the weights' dtype)."""
 
     def __init__(self, dims: VisionDims) -> None:
         super().__init__()
         self.patch_embedding = nn.Conv2d(3, dims.width, kernel_size=dims.patch_size, stride=dims.patch_size)
         self.position_embedding = nn.Embedding(dims.num_patches, dims.width)
         self.layers = nn.ModuleList(SiglipBlock(dims) for _ in range(dims.depth))
-        self.post_layernorm = nn.LayerNorm(dims.width, eps=LAYER_NORM_EPS)
+        self.post_layernorm = LayerNorm(dims.width, eps=LAYER_NORM_EPS)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embedding(images).flatten(2).transpose(1, 2)
-        x = x + self.position_embedding.weight[None]
+        dtype = self.patch_embedding.weight.dtype
+        x = self.patch_embedding(images.to(dtype)).flatten(2).transpose(1, 2).float()
+        x = x + self.position_embedding.weight[None].float()
         for layer in self.layers:
             x = layer(x)
         return self.post_layernorm(x)

@@ -1,0 +1,134 @@
+"""Trace `Pi0.prefix_kv` and `Pi0.velocity` into the two ONNX graphs of a bundle.
+
+Opset 15, with torch's TorchScript-based exporter: every operator the graphs use is registered by
+ATC's ONNX parser at opset 15 in every CANN release we could check (elementwise operators stop at 15
+in older ones), and LayerNorm is written out (LayerNormalization needs opset 17). torch's newer
+dynamo exporter emits opset 18 only and cannot convert these graphs down.
+
+Graph contracts (batch 1, static shapes; names are what the manifest and the runtime use):
+  vlm:    images f32 [1, slots, 3, H, W] in [-1, 1], image_masks bool [1, slots],
+          tokens i32 [1, L], token_mask bool [1, L]
+          -> prefix_keys, prefix_values [depth, 1, P, head_dim] (the weights' dtype), prefix_mask bool [1, P]
+  expert: state f32 [1, max_state_dim] (normalized, padded), x_t f32 [1, chunk, max_action_dim],
+          t f32 [1], prefix_keys, prefix_values, prefix_mask
+          -> velocity f32 [1, chunk, max_action_dim]
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from exporter.pi0 import Pi0
+from runtime.spec import PolicySpec
+
+OPSET = 15
+VLM_INPUTS = ("images", "image_masks", "tokens", "token_mask")
+VLM_OUTPUTS = ("prefix_keys", "prefix_values", "prefix_mask")
+EXPERT_INPUTS = ("state", "x_t", "t", "prefix_keys", "prefix_values", "prefix_mask")
+EXPERT_OUTPUTS = ("velocity",)
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+class VLMGraph(nn.Module):
+    def __init__(self, model: Pi0) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, image_masks, tokens, token_mask):  # noqa: ANN001, ANN201
+        return self.model.prefix_kv(images, image_masks, tokens, token_mask)
+
+
+class ExpertGraph(nn.Module):
+    def __init__(self, model: Pi0) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, state, x_t, t, prefix_keys, prefix_values, prefix_mask):  # noqa: ANN001, ANN201
+        return self.model.velocity(state, x_t, t, prefix_keys, prefix_values, prefix_mask)
+
+
+def example_inputs(spec: PolicySpec, model: Pi0, seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic, realistic graph inputs: images in [-1, 1], empty slots masked, a few real
+    tokens, a normalized state and Gaussian noise. Used to trace and to validate."""
+    rng = np.random.default_rng(seed)
+    dims = model.dims
+    size = spec.image_size
+    slots = spec.num_camera_slots
+    images = rng.uniform(-1, 1, (1, slots, 3, *size)).astype(np.float32)
+    images[:, len(spec.camera_keys) :] = -1.0
+    real_tokens = min(spec.tokenizer_max_length, 7)
+    tokens = np.zeros((1, spec.tokenizer_max_length), dtype=np.int32)
+    tokens[0, 0] = 2  # BOS
+    tokens[0, 1:real_tokens] = rng.integers(4, dims.vocab_size, real_tokens - 1)
+    return {
+        "images": images,
+        "image_masks": np.array([[True] * len(spec.camera_keys) + [False] * spec.empty_cameras]),
+        "tokens": tokens,
+        "token_mask": np.arange(spec.tokenizer_max_length)[None] < real_tokens,
+        "state": rng.standard_normal((1, dims.max_state_dim)).astype(np.float32),
+        "noise": rng.standard_normal((1, spec.chunk_size, dims.max_action_dim)).astype(np.float32),
+    }
+
+
+def export_graph(
+    module: nn.Module, args: tuple[torch.Tensor, ...], inputs: tuple[str, ...], outputs: tuple[str, ...], path: Path
+) -> list[Path]:
+    """Export one graph; weights go to `<name>.data` beside it when the graph passes protobuf's 2 GB.
+    Returns the files written."""
+    tmp = path.with_suffix(".tmp.onnx")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            module,
+            args,
+            str(tmp),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=list(inputs),
+            output_names=list(outputs),
+            do_constant_folding=True,
+        )
+    model = onnx.load(str(tmp))
+    for leftover in [tmp, *tmp.parent.glob(tmp.name + "*")]:
+        leftover.unlink(missing_ok=True)
+    model = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < PROTOBUF_LIMIT else model
+    data = path.with_name(path.name + ".data")
+    large = sum(t.ByteSize() for t in model.graph.initializer) >= PROTOBUF_LIMIT
+    onnx.save(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True, location=data.name)
+    return [path, data] if large else [path]
+
+
+def graph_io(path: Path) -> dict[str, list[dict]]:
+    """Names, shapes and dtypes of a graph's inputs and outputs, as the manifest records them."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values) -> list[dict]:  # noqa: ANN001
+        return [
+            {
+                "name": v.name,
+                "shape": [d.dim_value for d in v.type.tensor_type.shape.dim],
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+            }
+            for v in values
+        ]
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def export_graphs(model: Pi0, spec: PolicySpec, out_dir: Path, seed: int = 0) -> dict[str, list[Path]]:
+    """Write vlm.onnx and expert.onnx for `model` (in the precision its weights are in)."""
+    x = {k: torch.from_numpy(v) for k, v in example_inputs(spec, model, seed).items()}
+    vlm_args = (x["images"], x["image_masks"], x["tokens"], x["token_mask"])
+    with torch.no_grad():
+        keys, values, prefix_mask = model.prefix_kv(*vlm_args)
+    expert_args = (x["state"], x["noise"], torch.ones(1), keys, values, prefix_mask)
+    return {
+        "vlm": export_graph(VLMGraph(model), vlm_args, VLM_INPUTS, VLM_OUTPUTS, out_dir / "vlm.onnx"),
+        "expert": export_graph(ExpertGraph(model), expert_args, EXPERT_INPUTS, EXPERT_OUTPUTS, out_dir / "expert.onnx"),
+    }
