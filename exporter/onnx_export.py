@@ -40,7 +40,7 @@ class VLMGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images, image_masks, tokens, token_mask):  # noqa: ANN001, ANN201
+    def forward(self, images, image_masks, tokens, token_mask):
         return self.model.prefix_kv(images, image_masks, tokens, token_mask)
 
 
@@ -49,7 +49,7 @@ class ExpertGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, state, x_t, t, prefix_keys, prefix_values, prefix_mask):  # noqa: ANN001, ANN201
+    def forward(self, state, x_t, t, prefix_keys, prefix_values, prefix_mask):
         return self.model.velocity(state, x_t, t, prefix_keys, prefix_values, prefix_mask)
 
 
@@ -108,7 +108,7 @@ def graph_io(path: Path) -> dict[str, list[dict]]:
     """Names, shapes and dtypes of a graph's inputs and outputs, as the manifest records them."""
     model = onnx.load(str(path), load_external_data=False)
 
-    def describe(values) -> list[dict]:  # noqa: ANN001
+    def describe(values) -> list[dict]:
         return [
             {
                 "name": v.name,
