@@ -40,6 +40,8 @@ bench: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	@# Device images often ship Python 3.10: check that the code at least parses there.
+	@if command -v python3.10 >/dev/null; then python3.10 -m compileall -q exporter runtime sim tests benchmarks; fi
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

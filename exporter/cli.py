@@ -151,6 +151,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from exporter.bundle import BundleOptions, build_bundle
+
+    policy = load_source(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = args.tokenizer or (preset_tokenizer(Path(tmp)) if args.preset else None)
+        options = BundleOptions(
+            precision=args.precision,
+            num_steps=args.num_steps,
+            tokenizer=tokenizer,
+            prompts=tuple(args.prompt or ()),
+            soc_version=args.soc_version,
+            atc_mode=args.atc,
+            validate=not args.no_validate,
+            seed=args.seed,
+        )
+        start = time.perf_counter()
+        build_bundle(policy, args.out, options, log=log)
+    log(f"done in {time.perf_counter() - start:.1f} s, peak RSS {peak_rss_mib():.0f} MiB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pi0-export",
@@ -172,6 +194,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--rows", type=int, default=5, help="how many actions of the chunk to print (default 5)")
     sample.set_defaults(func=cmd_sample)
+
+    bundle = commands.add_parser(
+        "bundle",
+        help="export the VLM and action-expert graphs, validate them, compile them with atc, write a bundle",
+        description="Export a pi0 policy into a self-describing bundle directory for pi0-runtime: vlm.onnx and "
+        "expert.onnx (opset 15), manifest.json (conventions, statistics, checksums), report.json (validation "
+        "against the float32 PyTorch model) and, where CANN's atc is installed, Ascend OM files.",
+    )
+    add_source_arguments(bundle)
+    bundle.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="BUNDLE",
+        help="bundle directory to create (must not exist or be empty)",
+    )
+    bundle.add_argument(
+        "--precision",
+        choices=["fp32", "fp16"],
+        default="fp32",
+        help="weights' precision in the graphs: fp16 for the 310P (norms, softmax, RoPE and residuals stay "
+        "fp32); default fp32",
+    )
+    bundle.add_argument(
+        "--num-steps", type=int, metavar="N", help="flow-matching steps (default: the checkpoint's, usually 10)"
+    )
+    bundle.add_argument(
+        "--tokenizer",
+        type=Path,
+        metavar="PATH",
+        help="SentencePiece tokenizer.model to ship in the bundle (presets ship their own)",
+    )
+    bundle.add_argument(
+        "--prompt",
+        nargs="+",
+        metavar="TEXT",
+        help="prompt(s) to pre-tokenize into the manifest, for clients that send no text",
+    )
+    bundle.add_argument(
+        "--soc-version", metavar="SOC", help="Ascend SoC for atc (default: from npu-smi, else Ascend310P1)"
+    )
+    bundle.add_argument(
+        "--atc",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="compile OM files with atc: auto = when atc is on PATH; without it, atc.sh holds the commands "
+        "(default auto)",
+    )
+    bundle.add_argument(
+        "--no-validate", action="store_true", help="skip validating the graphs against PyTorch (not recommended)"
+    )
+    bundle.set_defaults(func=cmd_bundle)
     return parser
 
 
@@ -179,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         log(f"error: {e}")
         return 2
 

@@ -16,7 +16,9 @@ Graph contracts (batch 1, static shapes; names are what the manifest and the run
 
 from __future__ import annotations
 
+import shutil
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,6 @@ VLM_INPUTS = ("images", "image_masks", "tokens", "token_mask")
 VLM_OUTPUTS = ("prefix_keys", "prefix_values", "prefix_mask")
 EXPERT_INPUTS = ("state", "x_t", "t", "prefix_keys", "prefix_values", "prefix_mask")
 EXPERT_OUTPUTS = ("velocity",)
-PROTOBUF_LIMIT = 2**31 - 1
 
 
 class VLMGraph(nn.Module):
@@ -40,7 +41,9 @@ class VLMGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images, image_masks, tokens, token_mask):
+    def forward(
+        self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.model.prefix_kv(images, image_masks, tokens, token_mask)
 
 
@@ -49,8 +52,9 @@ class ExpertGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, state, x_t, t, prefix_keys, prefix_values, prefix_mask):
-        return self.model.velocity(state, x_t, t, prefix_keys, prefix_values, prefix_mask)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """state, x_t, t, prefix_keys, prefix_values, prefix_mask -> velocity."""
+        return self.model.velocity(*inputs)
 
 
 def example_inputs(spec: PolicySpec, model: Pi0, seed: int = 0) -> dict[str, np.ndarray]:
@@ -79,36 +83,66 @@ def example_inputs(spec: PolicySpec, model: Pi0, seed: int = 0) -> dict[str, np.
 def export_graph(
     module: nn.Module, args: tuple[torch.Tensor, ...], inputs: tuple[str, ...], outputs: tuple[str, ...], path: Path
 ) -> list[Path]:
-    """Export one graph; weights go to `<name>.data` beside it when the graph passes protobuf's 2 GB.
-    Returns the files written."""
-    tmp = path.with_suffix(".tmp.onnx")
+    """Export one graph to `path`; its weights go to `<name>.data` beside it when they pass protobuf's
+    2 GB. Returns the files written."""
+    scratch = path.parent / f".{path.stem}-export"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    traced = scratch / path.name
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
             module,
             args,
-            str(tmp),
+            str(traced),
             dynamo=False,
             opset_version=OPSET,
             input_names=list(inputs),
             output_names=list(outputs),
             do_constant_folding=True,
         )
-    model = onnx.load(str(tmp))
-    for leftover in [tmp, *tmp.parent.glob(tmp.name + "*")]:
-        leftover.unlink(missing_ok=True)
-    model = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < PROTOBUF_LIMIT else model
-    data = path.with_name(path.name + ".data")
-    large = sum(t.ByteSize() for t in model.graph.initializer) >= PROTOBUF_LIMIT
-    onnx.save(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True, location=data.name)
-    return [path, data] if large else [path]
+    model = onnx.load(str(traced), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        # Over 2 GB, torch writes one file per tensor; gather them into one, streaming, so the
+        # weights are never held in memory a second time.
+        data = path.with_name(path.name + ".data")
+        _gather_external_data(model, scratch, data)
+        onnx.save(model, str(path))
+        written = [path, data]
+    else:
+        onnx.save(onnx.shape_inference.infer_shapes(model), str(path))
+        written = [path]
+    shutil.rmtree(scratch)
+    return written
+
+
+def _gather_external_data(model: onnx.ModelProto, source_dir: Path, data: Path, align: int = 4096) -> None:
+    """Copy every external tensor of `model` (files under `source_dir`) into the single file `data`,
+    page-aligned, and point the tensors at it."""
+    with open(data, "wb") as out:
+        for tensor in model.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            out.write(b"\0" * (-out.tell() % align))
+            offset = out.tell()
+            with open(source_dir / info["location"], "rb") as src:
+                src.seek(int(info.get("offset", 0)))
+                remaining = int(info["length"]) if "length" in info else None
+                while block := src.read(1 << 24 if remaining is None else min(1 << 24, remaining)):
+                    out.write(block)
+                    if remaining is not None:
+                        remaining -= len(block)
+            del tensor.external_data[:]
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(out.tell() - offset))):
+                tensor.external_data.add(key=key, value=value)
 
 
 def graph_io(path: Path) -> dict[str, list[dict]]:
     """Names, shapes and dtypes of a graph's inputs and outputs, as the manifest records them."""
     model = onnx.load(str(path), load_external_data=False)
 
-    def describe(values) -> list[dict]:
+    def describe(values: Iterable[onnx.ValueInfoProto]) -> list[dict]:
         return [
             {
                 "name": v.name,

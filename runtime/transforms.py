@@ -8,6 +8,7 @@ LeRobot v0.3.x (`lerobot/policies/pi0/modeling_pi0.py`) unless a comment says ot
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 
@@ -158,7 +159,7 @@ def aloha_gripper_from_angular_inv(x: np.ndarray) -> np.ndarray:
     return _to_unit(_from_unit(x, -0.6213, 1.4910), 0.4, 1.5)
 
 
-def _aloha_map(x: np.ndarray, gripper_fn) -> np.ndarray:
+def _aloha_map(x: np.ndarray, gripper_fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     out = np.array(x, dtype=np.float32, copy=True)
     out[..., list(ALOHA_FLIPPED_JOINTS)] *= -1
     for i in ALOHA_GRIPPERS:

@@ -37,3 +37,22 @@ def tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from exporter.tokenizer_train import train_tokenizer
 
     return train_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.model")
+
+
+STUBS = Path(__file__).parent / "stubs"
+
+
+@pytest.fixture
+def ascend_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Put the stand-ins for CANN's `atc` and the driver's `npu-smi` on PATH (see tests/stubs/)."""
+    import os
+    import sys
+
+    bin_dir = tmp_path / "ascend-bin"
+    bin_dir.mkdir()
+    for tool, script in (("atc", "atc.py"), ("npu-smi", "npu_smi.py")):
+        exe = bin_dir / tool
+        exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{STUBS / script}" "$@"\n')
+        exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return bin_dir

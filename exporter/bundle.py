@@ -1,0 +1,185 @@
+"""Write a bundle: the two graphs, the conventions around them, and the proof that they are right.
+
+Layout (documented in docs/bundle.md):
+    manifest.json      schema version, dims, policy conventions, prompt handling, graphs, sha256 of every file
+    vlm.onnx           (+ vlm.onnx.data when over 2 GB)
+    expert.onnx        (+ expert.onnx.data)
+    tokenizer.model    when a tokenizer was given (or the preset's own)
+    report.json        validation against the float32 PyTorch model
+    om/*.om, om/*.atc.log   when compiled with atc; otherwise atc.sh with the exact commands
+
+The bundle is assembled in `<out>.partial` and renamed into place only when everything passed, so a
+half-written or failing bundle never sits where the runtime looks. A failing one is kept as
+`<out>.failed` for inspection.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exporter import atc
+from exporter.checkpoint import LoadedPolicy
+from exporter.onnx_export import OPSET, example_inputs, export_graphs, graph_io
+from exporter.onnx_lint import lint
+from exporter.pi0 import to_precision_
+from exporter.validate import format_report, reference, validate
+from runtime.backends.onnxruntime import OnnxRuntimeBackend
+from runtime.bundle import MANIFEST, SCHEMA_VERSION, load_bundle, sha256_file
+from runtime.pipeline import ModelInputs
+from runtime.spec import PolicySpec
+from runtime.tokenizer import PromptTokenizer
+
+EXPORTER_VERSION = "0.1.0"
+
+
+class BundleBuildError(RuntimeError):
+    """The bundle could not be written, or it failed validation or lint."""
+
+
+@dataclass(frozen=True)
+class BundleOptions:
+    precision: str = "fp32"
+    num_steps: int | None = None
+    tokenizer: Path | None = None
+    prompts: tuple[str, ...] = ()
+    soc_version: str | None = None
+    atc_mode: str = "auto"  # auto | always | never
+    validate: bool = True
+    seed: int = 0
+
+
+def _prompt_section(spec: PolicySpec, options: BundleOptions, work: Path) -> dict:
+    section = {"style": spec.prompt_style, "max_length": spec.tokenizer_max_length, "tokenizer": None, "fixed": []}
+    if options.tokenizer is None:
+        if options.prompts:
+            raise BundleBuildError("--prompt needs a tokenizer (--tokenizer PATH) to tokenize it at export")
+        return section
+    shutil.copyfile(options.tokenizer, work / "tokenizer.model")
+    section["tokenizer"] = "tokenizer.model"
+    tokenizer = PromptTokenizer(work / "tokenizer.model", spec.tokenizer_max_length, spec.prompt_style)
+    for prompt in options.prompts:
+        tokens, mask = tokenizer(prompt)
+        section["fixed"].append({"text": prompt, "tokens": tokens[0].tolist(), "mask": mask[0].tolist()})
+    return section
+
+
+def _graph_section(work: Path, files: list[Path], om: Path | None) -> dict:
+    return {
+        "onnx": files[0].name,
+        "onnx_data": files[1].name if len(files) > 1 else None,
+        "om": None if om is None else om.relative_to(work).as_posix(),
+        **graph_io(files[0]),
+    }
+
+
+def build_bundle(
+    policy: LoadedPolicy, out: str | Path, options: BundleOptions, log: Callable[[str], None] = print
+) -> Path:
+    """Export `policy` into the bundle directory `out`. Casts `policy.model` in place to the precision."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BundleBuildError(f"{out} exists and is not an empty directory; choose another --out")
+    work = out.with_name(out.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    spec = replace(policy.spec, num_steps=options.num_steps or policy.spec.num_steps)
+    model = policy.model
+
+    log("[1/5] tracing inputs and the float32 reference ...")
+    x = example_inputs(spec, model, options.seed)
+    inputs = ModelInputs(x["images"], x["image_masks"], x["tokens"], x["token_mask"], x["state"])
+    ref = reference(model, inputs, x["noise"], spec.num_steps) if options.validate else None
+
+    log(f"[2/5] exporting vlm.onnx and expert.onnx ({options.precision}, opset {OPSET}) ...")
+    to_precision_(model, options.precision)
+    files = export_graphs(model, spec, work, options.seed)
+    for name, paths in files.items():
+        problems = lint(paths[0])
+        if problems:
+            raise BundleBuildError(f"{name}.onnx fails the ATC lint: " + "; ".join(problems))
+        log(f"      {name}.onnx: {sum(p.stat().st_size for p in paths) / 2**20:.1f} MiB, lint clean")
+
+    soc = options.soc_version or atc.detect_soc() or atc.DEFAULT_SOC
+    commands = {name: atc.atc_command(paths[0].name, f"om/{name}", soc) for name, paths in files.items()}
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "exporter": {
+            "version": EXPORTER_VERSION,
+            "torch": torch.__version__,
+            "opset": OPSET,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+        "source": policy.source,
+        "precision": options.precision,
+        "model": asdict(model.dims),
+        "policy": spec.to_dict(),
+        "prompt": _prompt_section(spec, options, work),
+        "atc": {"soc_version": soc, "compiled": False, "script": None},
+        "graphs": {name: _graph_section(work, paths, None) for name, paths in files.items()},
+        "validation": None,
+        "files": {},
+    }
+    _write_manifest(work, manifest)
+
+    if ref is not None:
+        log("[3/5] validating the graphs with onnxruntime against PyTorch ...")
+        del model  # the graphs are written; the reference outputs are all validation needs
+        report = validate(OnnxRuntimeBackend(load_bundle(work, verify=False)), ref, options.precision)
+        (work / "report.json").write_text(json.dumps(report, indent=2))
+        manifest["validation"] = "report.json"
+        log(format_report(report))
+        if not report["passed"]:
+            failed = out.with_name(out.name + ".failed")
+            shutil.rmtree(failed, ignore_errors=True)
+            _write_manifest(work, manifest)
+            work.rename(failed)
+            raise BundleBuildError(f"validation failed; the bundle is kept for inspection in {failed}")
+    else:
+        log("[3/5] validation skipped (--no-validate)")
+
+    use_atc = options.atc_mode == "always" or (options.atc_mode == "auto" and shutil.which("atc"))
+    if use_atc:
+        log(f"[4/5] compiling with atc for {soc} ...")
+        oms = atc.compile_graphs(work, commands, log)
+        for name, om in oms.items():
+            manifest["graphs"][name]["om"] = om.relative_to(work).as_posix()
+        manifest["atc"]["compiled"] = True
+    else:
+        script = atc.write_script(work, commands)
+        manifest["atc"]["script"] = script.name
+        log(
+            f"[4/5] atc not run ({'--atc never' if options.atc_mode == 'never' else 'not on PATH'}): "
+            f"the exact commands are in {out / script.name}"
+        )
+
+    log("[5/5] writing the manifest ...")
+    _write_manifest(work, manifest)
+    if out.exists():
+        out.rmdir()
+    work.rename(out)
+    log(f"bundle written to {out}")
+    return out
+
+
+def _write_manifest(work: Path, manifest: dict) -> None:
+    """Record the sha256 of every file in the bundle, then write manifest.json."""
+    manifest["files"] = {
+        path.relative_to(work).as_posix(): sha256_file(path)
+        for path in sorted(work.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")

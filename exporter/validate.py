@@ -1,0 +1,103 @@
+"""Validation: the exported graphs under onnxruntime against the float32 PyTorch model.
+
+Three comparisons on the same deterministic inputs, all in the normalized (network) space:
+- vlm: the prefix keys and values of every layer;
+- expert: one velocity at t = 1, fed the *reference* prefix cache, so its error is the expert's own;
+- end to end: the VLM graph once and the expert graph num_steps times in the Euler loop, against
+  the PyTorch sampler from the same noise.
+Thresholds apply end to end: fp32 max abs <= 1e-4; fp16 cosine >= 0.999 and mean abs <= 1e-2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from exporter.pi0 import Pi0
+from runtime.backends.onnxruntime import OnnxRuntimeBackend
+from runtime.engine import sample
+from runtime.pipeline import ModelInputs
+
+THRESHOLDS = {
+    "fp32": {"max_abs": 1e-4},
+    "fp16": {"cosine": 0.999, "mean_abs": 1e-2},
+}
+
+
+def compare(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
+    got, want = np.asarray(got, np.float64).ravel(), np.asarray(want, np.float64).ravel()
+    diff = np.abs(got - want)
+    norm = np.linalg.norm(got) * np.linalg.norm(want)
+    return {
+        "max_abs": float(diff.max()) if np.isfinite(diff).all() else float("inf"),
+        "mean_abs": float(diff.mean()) if np.isfinite(diff).all() else float("inf"),
+        "cosine": float(got @ want / norm) if norm > 0 and np.isfinite(norm) else float("nan"),
+    }
+
+
+@dataclass
+class Reference:
+    """What the float32 PyTorch model computes on the validation inputs."""
+
+    inputs: ModelInputs
+    noise: np.ndarray
+    num_steps: int
+    prefix_keys: np.ndarray
+    prefix_values: np.ndarray
+    velocity: np.ndarray
+    actions: np.ndarray  # normalized, padded: the sampler's x(t=0)
+
+
+def reference(model: Pi0, inputs: ModelInputs, noise: np.ndarray, num_steps: int) -> Reference:
+    """Run the float32 model once (before it is cast for export) and keep what validation needs."""
+    t = torch.from_numpy
+    args = (t(inputs.images), t(inputs.image_masks), t(inputs.tokens.astype(np.int64)), t(inputs.token_mask))
+    with torch.no_grad():
+        keys, values, prefix_mask = model.prefix_kv(*args)
+        velocity = model.velocity(t(inputs.state), t(noise), torch.ones(1), keys, values, prefix_mask)
+        actions = model.sample(*args, t(inputs.state), t(noise), num_steps)
+    return Reference(inputs, noise, num_steps, keys.numpy(), values.numpy(), velocity.numpy(), actions.numpy())
+
+
+def validate(backend: OnnxRuntimeBackend, ref: Reference, precision: str) -> dict:
+    """Compare the backend with the reference; the report says, per check, whether it passed."""
+    cache = backend.prefix(ref.inputs)
+    got = backend.cache_to_numpy(cache)
+    ref_cache = backend.prefix_from_numpy(ref.prefix_keys, ref.prefix_values, got["prefix_mask"])
+    velocity = backend.velocity(ref_cache, ref.inputs.state, ref.noise, np.ones(1, np.float32))
+    actions = sample(backend, ref.inputs, ref.noise, ref.num_steps)
+    results = {
+        "vlm": compare(
+            np.concatenate([got["prefix_keys"], got["prefix_values"]]),
+            np.concatenate([ref.prefix_keys, ref.prefix_values]),
+        ),
+        "expert": compare(velocity, ref.velocity),
+        "end_to_end": compare(actions, ref.actions),
+    }
+    thresholds = THRESHOLDS[precision]
+    e2e = results["end_to_end"]
+    failures = [
+        f"end-to-end {metric} {e2e[metric]:.3g} {'<' if metric == 'cosine' else '>'} {limit:g}"
+        for metric, limit in thresholds.items()
+        if not (e2e[metric] >= limit if metric == "cosine" else e2e[metric] <= limit)
+    ]
+    return {
+        "precision": precision,
+        "num_steps": ref.num_steps,
+        "space": "normalized actions (before de-normalization)",
+        "thresholds": thresholds,
+        "results": results,
+        "passed": not failures,
+        "failures": failures,
+    }
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'graph':<12} {'max abs':>10} {'mean abs':>10} {'cosine':>12}"]
+    for name, r in report["results"].items():
+        lines.append(f"{name:<12} {r['max_abs']:>10.3g} {r['mean_abs']:>10.3g} {r['cosine']:>12.8f}")
+    verdict = "passed" if report["passed"] else "FAILED: " + "; ".join(report["failures"])
+    lines.append(f"{report['precision']} thresholds {report['thresholds']}: {verdict}")
+    return "\n".join(lines)

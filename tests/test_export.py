@@ -1,0 +1,320 @@
+"""The exporter: graphs, fp16 islands, validation, the ATC lint and compile step, the bundle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import FIXTURES, GOLDEN_CHECKPOINTS, Golden
+from onnx import TensorProto, helper
+
+from exporter.bundle import BundleBuildError, BundleOptions, build_bundle
+from exporter.checkpoint import load_checkpoint
+from exporter.onnx_lint import lint
+from exporter.presets import build_preset
+from exporter.validate import compare
+from runtime.backends.onnxruntime import OnnxRuntimeBackend
+from runtime.bundle import BundleError, load_bundle
+from runtime.engine import sample
+from runtime.pipeline import postprocess, preprocess
+
+QUIET = {"log": lambda message: None}
+
+
+@pytest.fixture(scope="module", params=[(name, p) for name in GOLDEN_CHECKPOINTS for p in ("fp32", "fp16")], ids=str)
+def fixture_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    name, precision = request.param
+    out = tmp_path_factory.mktemp("bundles") / f"{name}-{precision}"
+    build_bundle(load_checkpoint(FIXTURES / name / "checkpoint"), out, BundleOptions(precision=precision), **QUIET)
+    return Golden(name), precision, out
+
+
+def run_bundle(bundle_dir: Path, golden: Golden) -> np.ndarray:
+    """The golden observation through the bundle alone: runtime transforms, onnxruntime graphs, Euler loop."""
+    bundle = load_bundle(bundle_dir)
+    inputs = preprocess(bundle.spec, golden.images, golden.state, golden.tokens, golden.token_mask)
+    x = sample(OnnxRuntimeBackend(bundle), inputs, golden.noise, bundle.spec.num_steps)
+    return postprocess(bundle.spec, x)
+
+
+def test_bundle_graphs_reproduce_lerobot(fixture_bundle) -> None:
+    golden, precision, out = fixture_bundle
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] and report["precision"] == precision
+    actions = run_bundle(out, golden)
+    m = compare(actions, golden.actions_fp32)
+    print(f"\n{golden.name} {precision} bundle vs LeRobot fp32: {m}")
+    if precision == "fp32":
+        assert m["max_abs"] <= 1e-4
+    else:
+        assert m["cosine"] >= 0.999 and m["mean_abs"] <= 1e-2
+
+
+def test_fp32_bundle_manifest(fixture_bundle) -> None:
+    golden, precision, out = fixture_bundle
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1 and manifest["exporter"]["opset"] == 15
+    assert manifest["precision"] == precision and manifest["source"] == "lerobot"
+    assert manifest["policy"]["camera_keys"][0] == "observation.images.top"
+    assert manifest["policy"]["state_norm"]["eps"] == 1e-8
+    vlm = manifest["graphs"]["vlm"]
+    names = [i["name"] for i in vlm["inputs"]]
+    assert names == ["images", "image_masks", "tokens", "token_mask"]
+    slots = 3 if golden.name.endswith("aloha-sim") else 2
+    assert vlm["inputs"][0]["shape"] == [1, slots, 3, 224, 224] and vlm["inputs"][0]["dtype"] == "float32"
+    kv_dtype = "float16" if precision == "fp16" else "float32"
+    assert vlm["outputs"][0] == {"name": "prefix_keys", "shape": [4, 1, slots * 256 + 12, 16], "dtype": kv_dtype}
+    assert manifest["graphs"]["expert"]["outputs"] == [{"name": "velocity", "shape": [1, 16, 32], "dtype": "float32"}]
+    assert set(manifest["files"]) == {"vlm.onnx", "expert.onnx", "report.json", "atc.sh"}
+    assert manifest["atc"] == {"soc_version": "Ascend310P1", "compiled": False, "script": "atc.sh"}
+
+
+def test_fp16_survives_activations_beyond_fp16_range(tmp_path: Path) -> None:
+    """Scale the token embeddings so the residual stream exceeds 65 504 (fp16's largest value): plain
+    fp16 cannot hold it; our fp16 export keeps the residual in fp32 and stays close to fp32."""
+    policy = build_preset("pi0-dummy", seed=1)
+    with torch.no_grad():
+        policy.model.embed_tokens.weight *= 3000
+    peak = []
+    hook = policy.model.llm.layers[1].register_forward_pre_hook(lambda m, args: peak.append(args[0].abs().max()))
+    build_bundle(policy, tmp_path / "bundle", BundleOptions(precision="fp16"), **QUIET)
+    hook.remove()
+    assert float(peak[0]) > float(np.finfo(np.float16).max)  # plain fp16 would hold inf here
+    report = json.loads((tmp_path / "bundle" / "report.json").read_text())
+    e2e = report["results"]["end_to_end"]
+    print(f"\nresidual peak {float(peak[0]):.0f}; fp16 bundle vs fp32: {e2e}")
+    assert report["passed"] and np.isfinite(e2e["max_abs"]) and e2e["cosine"] >= 0.999
+
+
+def test_failed_validation_exits_nonzero_and_keeps_the_evidence(tmp_path: Path, monkeypatch) -> None:
+    import exporter.validate as validate
+
+    monkeypatch.setitem(validate.THRESHOLDS, "fp32", {"max_abs": 0.0})
+    with pytest.raises(BundleBuildError, match="validation failed"):
+        build_bundle(build_preset("pi0-dummy"), tmp_path / "b", BundleOptions(), **QUIET)
+    assert not (tmp_path / "b").exists()
+    assert json.loads((tmp_path / "b.failed" / "report.json").read_text())["passed"] is False
+
+
+def _graph(op: str, dtype: int = TensorProto.FLOAT, dims=(1, 4), opset: int = 15) -> onnx.ModelProto:
+    node = (
+        helper.make_node(op, ["x", "x"], ["y"], equation="ij,ij->ij")
+        if op == "Einsum"
+        else helper.make_node(op, ["x", "x"], ["y"])
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", dtype, list(dims))],
+        [helper.make_tensor_value_info("y", dtype, list(dims))],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_lint() -> None:
+    assert lint(_graph("Add")) == []
+    assert any("Einsum" in p for p in lint(_graph("Einsum", opset=15)))
+    assert any("not in the checked list" in p for p in lint(_graph("Mod")))
+    assert any("bfloat16" in p for p in lint(_graph("Add", dtype=TensorProto.BFLOAT16)))
+    assert any("complex64" in p for p in lint(_graph("Add", dtype=TensorProto.COMPLEX64)))
+    assert any("dynamic shape" in p for p in lint(_graph("Add", dims=("batch", 4))))
+    assert any("opset 19" in p for p in lint(_graph("Add", opset=19)))
+    assert any("registered by ATC for opsets 8-15, not 18" in p for p in lint(_graph("Add", opset=18)))
+
+
+def test_atc_compiles_with_the_device_soc(tmp_path: Path, ascend_tools: Path, monkeypatch) -> None:
+    monkeypatch.setenv("STANDIN_NPU_CHIP", "310P3")
+    out = tmp_path / "bundle"
+    build_bundle(build_preset("pi0-dummy"), out, BundleOptions(atc_mode="auto"), **QUIET)
+    bundle = load_bundle(out)
+    manifest = bundle.manifest
+    assert manifest["atc"] == {"soc_version": "Ascend310P3", "compiled": True, "script": None}
+    for name in ("vlm", "expert"):
+        om = bundle.graphs[name].om
+        assert om == out / "om" / f"{name}.om" and om.read_text().startswith("ATC-STANDIN soc=Ascend310P3")
+        assert f"om/{name}.om" in manifest["files"] and f"om/{name}.atc.log" in manifest["files"]
+        assert "ATC run success" in (out / "om" / f"{name}.atc.log").read_text()
+
+
+def test_atc_failure_is_reported_with_its_log(tmp_path: Path, ascend_tools: Path, monkeypatch) -> None:
+    monkeypatch.setenv("STANDIN_NPU_CHIP", "310P3")
+    with pytest.raises(RuntimeError, match=r"atc failed on vlm .*vlm\.atc\.log"):
+        build_bundle(build_preset("pi0-dummy"), tmp_path / "b", BundleOptions(soc_version="Ascend310P1"), **QUIET)
+
+
+def test_without_atc_the_script_has_the_exact_commands(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert shutil.which("atc") is None
+    with pytest.raises(RuntimeError, match="atc is not on PATH"):
+        build_bundle(build_preset("pi0-dummy"), tmp_path / "a", BundleOptions(atc_mode="always"), **QUIET)
+    out = tmp_path / "b"
+    build_bundle(build_preset("pi0-dummy"), out, BundleOptions(soc_version="Ascend310P3"), **QUIET)
+    script = (out / "atc.sh").read_text()
+    assert "atc --model=vlm.onnx --framework=5 --output=om/vlm --soc_version=Ascend310P3" in script
+    assert "--precision_mode_v2=origin" in script and "expert.onnx" in script
+
+
+def test_the_script_runs_under_atc(tmp_path: Path, ascend_tools: Path) -> None:
+    out = tmp_path / "bundle"
+    build_bundle(build_preset("pi0-dummy"), out, BundleOptions(atc_mode="never"), **QUIET)
+    subprocess.run(["bash", str(out / "atc.sh")], check=True, capture_output=True)
+    assert (out / "om" / "vlm.om").is_file() and (out / "om" / "expert.om").is_file()
+
+
+def test_prompts_and_tokenizer_in_the_bundle(tmp_path: Path, tokenizer_path: Path) -> None:
+    out = tmp_path / "bundle"
+    options = BundleOptions(tokenizer=tokenizer_path, prompts=("transfer the cube", "insert the peg"))
+    build_bundle(build_preset("pi0-dummy"), out, options, **QUIET)
+    bundle = load_bundle(out)
+    fixed = bundle.manifest["prompt"]["fixed"]
+    assert [f["text"] for f in fixed] == ["transfer the cube", "insert the peg"]
+    assert fixed[0]["tokens"][0] == 2 and len(fixed[0]["tokens"]) == 48 and fixed[0]["mask"].count(True) > 2
+    assert bundle.tokenizer.read_bytes() == tokenizer_path.read_bytes()
+
+
+def test_an_existing_bundle_is_not_overwritten(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "keep.txt").write_text("mine")
+    with pytest.raises(BundleBuildError, match="not an empty directory"):
+        build_bundle(build_preset("pi0-dummy"), tmp_path / "b", BundleOptions(), **QUIET)
+    assert (tmp_path / "b" / "keep.txt").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def dummy_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dummy") / "bundle"
+    build_bundle(build_preset("pi0-dummy"), out, BundleOptions(), **QUIET)
+    return out
+
+
+def test_altered_file_is_refused_by_name(dummy_bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(dummy_bundle, copy)
+    data = bytearray((copy / "expert.onnx").read_bytes())
+    data[len(data) // 2] ^= 1
+    (copy / "expert.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"expert\.onnx does not match its sha256"):
+        load_bundle(copy)
+    (copy / "expert.onnx").unlink()
+    with pytest.raises(BundleError, match=r"expert\.onnx is missing"):
+        load_bundle(copy)
+
+
+@pytest.mark.parametrize("name", ["../outside.onnx", "/etc/passwd", "link.onnx"])
+def test_manifest_names_cannot_leave_the_bundle(dummy_bundle: Path, tmp_path: Path, name: str) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(dummy_bundle, copy)
+    (copy / "link.onnx").symlink_to(copy / "vlm.onnx")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"][name] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"not a plain path inside the bundle|symlink"):
+        load_bundle(copy)
+
+
+def test_schema_version_is_checked(dummy_bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(dummy_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="schema version 99"):
+        load_bundle(copy)
+
+
+def test_bundle_loads_without_torch(dummy_bundle: Path) -> None:
+    """The robot side reads a bundle with numpy and json only."""
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None\n"
+        "from runtime.bundle import load_bundle\n"
+        f"b = load_bundle({str(dummy_bundle)!r}); print(b.spec.chunk_size, sorted(b.graphs))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "50 ['expert', 'vlm']"
+
+
+def test_cli_bundle_help_and_run(tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("pi0-export")
+    help_text = subprocess.run([exe, "bundle", "--help"], capture_output=True, text=True, check=True).stdout
+    for option in (
+        "--checkpoint",
+        "--preset",
+        "--out",
+        "--precision",
+        "--num-steps",
+        "--tokenizer",
+        "--prompt",
+        "--soc-version",
+        "--atc",
+        "--no-validate",
+    ):
+        assert option in help_text
+    out = subprocess.run(
+        [
+            exe,
+            "bundle",
+            "--preset",
+            "pi0-dummy",
+            "--out",
+            str(tmp_path / "b"),
+            "--num-steps",
+            "4",
+            "--prompt",
+            "pick up the cube",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "end_to_end", "passed"):
+        assert step in out.stderr
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.spec.num_steps == 4 and bundle.manifest["prompt"]["tokenizer"] == "tokenizer.model"
+
+
+def test_external_weights_are_gathered_into_one_file(tmp_path: Path) -> None:
+    """Over 2 GB, torch writes one file per tensor; the exporter streams them into `<graph>.data`."""
+    from exporter.onnx_export import _gather_external_data
+
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((64, 64)).astype(np.float32) for _ in range(3)]
+    nodes, value = [], "x"
+    for i in range(3):
+        nodes.append(helper.make_node("MatMul", [value, f"w{i}"], [f"h{i}"]))
+        value = f"h{i}"
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info(value, TensorProto.FLOAT, [1, 64])],
+        initializer=[onnx.numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)],
+    )
+    split = tmp_path / "split"
+    split.mkdir()
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=8),
+        str(split / "g.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=False,
+        size_threshold=0,
+    )
+    assert len(list(split.iterdir())) == 4
+    model = onnx.load(str(split / "g.onnx"), load_external_data=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    _gather_external_data(model, split, out / "g.onnx.data")
+    onnx.save(model, str(out / "g.onnx"))
+    shutil.rmtree(split)
+    import onnxruntime as ort
+
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    got = ort.InferenceSession(str(out / "g.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ weights[0] @ weights[1] @ weights[2], rtol=1e-4)
+    assert sorted(p.name for p in out.iterdir()) == ["g.onnx", "g.onnx.data"]
