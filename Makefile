@@ -28,7 +28,13 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+DEMO := build/demo
+
+# The main job on the built-in default, as far as the steps built so far go: the pi0-dummy preset
+# exported to a validated bundle (graphs, manifest, report, atc.sh), and one action chunk.
 demo: setup
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(VENV)/bin/pi0-export bundle --preset pi0-dummy --out $(DEMO)/bundle --prompt "transfer the cube"
 	$(VENV)/bin/pi0-export sample --preset pi0-dummy --prompt "transfer the cube"
 
 test: setup

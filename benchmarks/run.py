@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import load_memory  # noqa: E402
+from benchmarks import export_full, load_memory  # noqa: E402
 
 
 def machine() -> str:
@@ -55,6 +55,29 @@ def main() -> None:
                 ),
                 ("peak RSS", f"{load['peak_rss_mib'] / 1024:.2f} GiB"),
                 ("peak RSS growth / weights", f"{load['growth_over_weights']:.3f}x"),
+            ]
+        ),
+    ]
+    export = export_full.run()
+    results = export["validation"]
+    sections += [
+        "## Exporting the full-size pi0 to an fp16 bundle (`benchmarks/export_full.py`)",
+        "`pi0-export bundle --preset pi0 --precision fp16` in a fresh process: build the random-weight "
+        "model, run the float32 reference, cast to fp16, export both graphs, validate them with onnxruntime "
+        "(CPU) against the float32 reference, write the bundle. Peak RSS is the process's own (VmHWM).",
+        table(
+            [
+                ("wall time", f"{export['wall_seconds'] / 60:.1f} min"),
+                ("peak RSS", f"{export['peak_rss_mib'] / 1024:.2f} GiB"),
+                *((f"`{name}`", f"{size / 2**30:.2f} GiB") for name, size in sorted(export["graph_bytes"].items())),
+                *(
+                    (
+                        f"validation {graph}",
+                        f"max abs {r['max_abs']:.3g}, mean abs {r['mean_abs']:.3g}, cosine {r['cosine']:.6f}",
+                    )
+                    for graph, r in results.items()
+                ),
+                ("validation passed", export["passed"]),
             ]
         ),
     ]
