@@ -83,7 +83,12 @@ def _graph_section(work: Path, files: list[Path], om: Path | None) -> dict:
 def build_bundle(
     policy: LoadedPolicy, out: str | Path, options: BundleOptions, log: Callable[[str], None] = print
 ) -> Path:
-    """Export `policy` into the bundle directory `out`. Casts `policy.model` in place to the precision."""
+    """Export `policy` into the bundle directory `out`.
+
+    Consumes the policy's model: it is cast in place to the export precision, and released
+    (`policy.model = None`) once the graphs are written, so that validation does not hold the PyTorch
+    model and the onnxruntime sessions at once (for the full pi0: 6 GB each in fp16).
+    """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BundleBuildError(f"{out} exists and is not an empty directory; choose another --out")
@@ -109,6 +114,8 @@ def build_bundle(
 
     soc = options.soc_version or atc.detect_soc() or atc.DEFAULT_SOC
     commands = {name: atc.atc_command(paths[0].name, f"om/{name}", soc) for name, paths in files.items()}
+    dims = model.dims
+    policy.model = model = None  # the graphs are written; the reference outputs are all validation needs
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "exporter": {
@@ -119,7 +126,7 @@ def build_bundle(
         },
         "source": policy.source,
         "precision": options.precision,
-        "model": asdict(model.dims),
+        "model": asdict(dims),
         "policy": spec.to_dict(),
         "prompt": _prompt_section(spec, options, work),
         "atc": {"soc_version": soc, "compiled": False, "script": None},
@@ -131,7 +138,6 @@ def build_bundle(
 
     if ref is not None:
         log("[3/5] validating the graphs with onnxruntime against PyTorch ...")
-        del model  # the graphs are written; the reference outputs are all validation needs
         report = validate(OnnxRuntimeBackend(load_bundle(work, verify=False)), ref, options.precision)
         (work / "report.json").write_text(json.dumps(report, indent=2))
         manifest["validation"] = "report.json"
