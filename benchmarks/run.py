@@ -69,11 +69,11 @@ def main() -> None:
             [
                 ("wall time", f"{export['wall_seconds'] / 60:.1f} min"),
                 ("peak RSS", f"{export['peak_rss_mib'] / 1024:.2f} GiB"),
-                *((f"`{name}`", f"{size / 2**30:.2f} GiB") for name, size in sorted(export["graph_bytes"].items())),
+                *((f"`{name}`", f"{size / 2**20:,.1f} MiB") for name, size in sorted(export["graph_bytes"].items())),
                 *(
                     (
                         f"validation {graph}",
-                        f"max abs {r['max_abs']:.3g}, mean abs {r['mean_abs']:.3g}, cosine {r['cosine']:.6f}",
+                        f"max abs {r['max_abs']:.3g}, mean abs {r['mean_abs']:.3g}, cosine {r['cosine']:.8f}",
                     )
                     for graph, r in results.items()
                 ),
