@@ -13,7 +13,6 @@ Flags, and why:
 
 from __future__ import annotations
 
-import re
 import shlex
 import shutil
 import subprocess
@@ -25,15 +24,6 @@ DEFAULT_SOC = "Ascend310P1"
 
 class AtcError(RuntimeError):
     """atc was needed and is missing, or it failed."""
-
-
-def detect_soc() -> str | None:
-    """The SoC name from `npu-smi info` (its Name column, e.g. 310P1 -> Ascend310P1), if installed."""
-    if shutil.which("npu-smi") is None:
-        return None
-    out = subprocess.run(["npu-smi", "info"], capture_output=True, text=True, timeout=30)
-    match = re.search(r"\b(310P\d|310B\d|910\w*)\b", out.stdout)
-    return f"Ascend{match.group(1)}" if match else None
 
 
 def atc_command(onnx_file: str, om_stem: str, soc_version: str) -> list[str]:

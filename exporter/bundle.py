@@ -33,6 +33,7 @@ from exporter.pi0 import to_precision_
 from exporter.validate import format_report, reference, validate
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.bundle import MANIFEST, SCHEMA_VERSION, load_bundle, sha256_file
+from runtime.npu import detect_soc
 from runtime.pipeline import ModelInputs
 from runtime.spec import PolicySpec
 from runtime.tokenizer import PromptTokenizer
@@ -112,7 +113,7 @@ def build_bundle(
             raise BundleBuildError(f"{name}.onnx fails the ATC lint: " + "; ".join(problems))
         log(f"      {name}.onnx: {sum(p.stat().st_size for p in paths) / 2**20:.1f} MiB, lint clean")
 
-    soc = options.soc_version or atc.detect_soc() or atc.DEFAULT_SOC
+    soc = options.soc_version or detect_soc() or atc.DEFAULT_SOC
     commands = {name: atc.atc_command(paths[0].name, f"om/{name}", soc) for name, paths in files.items()}
     dims = model.dims
     policy.model = model = None  # the graphs are written; the reference outputs are all validation needs

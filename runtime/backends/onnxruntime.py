@@ -1,4 +1,8 @@
-"""The onnxruntime backend: the bundle's ONNX graphs on onnxruntime's CPU (or another) provider."""
+"""The onnxruntime backend: the bundle's ONNX graphs on onnxruntime, CPU or CUDA when installed.
+
+The prefix cache is bound as device-resident OrtValues (IOBinding): the VLM writes it, every expert
+step reads it where it lies; only state, x_t and t go in and the velocity comes out per step.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,9 @@ import onnxruntime as ort
 from runtime.bundle import Bundle
 from runtime.pipeline import ModelInputs
 
+VLM_INPUTS = ("images", "image_masks", "tokens", "token_mask")
+PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
@@ -20,7 +27,10 @@ class OnnxRuntimeBackend:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3
-        providers = providers or ["CPUExecutionProvider"]
+        available = ort.get_available_providers()
+        providers = providers or [p for p in PREFERRED_PROVIDERS if p in available]
+        self.providers = providers
+        self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
         self.vlm = ort.InferenceSession(str(bundle.graphs["vlm"].onnx), options, providers=providers)
         self.expert = ort.InferenceSession(str(bundle.graphs["expert"].onnx), options, providers=providers)
         self.input_dtypes = {
@@ -32,21 +42,25 @@ class OnnxRuntimeBackend:
         return np.ascontiguousarray(value, dtype=self.input_dtypes[graph][name])
 
     def prefix(self, inputs: ModelInputs) -> list[Any]:
-        """Run the VLM; the returned OrtValues (prefix keys, values, mask) stay with onnxruntime."""
-        feeds = {
-            name: ort.OrtValue.ortvalue_from_numpy(self._cast("vlm", name, getattr(inputs, name)))
-            for name in ("images", "image_masks", "tokens", "token_mask")
-        }
-        return self.vlm.run_with_ort_values(self.cache_names, feeds)
+        """Run the VLM; its outputs (prefix keys, values, mask) stay where onnxruntime put them."""
+        binding = self.vlm.io_binding()
+        for name in VLM_INPUTS:
+            binding.bind_cpu_input(name, self._cast("vlm", name, getattr(inputs, name)))
+        for name in self.cache_names:
+            binding.bind_output(name, self.device)
+        self.vlm.run_with_iobinding(binding)
+        return binding.get_outputs()
 
     def velocity(self, cache: list[Any], state: np.ndarray, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
-        feeds = {
-            "state": ort.OrtValue.ortvalue_from_numpy(self._cast("expert", "state", state)),
-            "x_t": ort.OrtValue.ortvalue_from_numpy(self._cast("expert", "x_t", x_t)),
-            "t": ort.OrtValue.ortvalue_from_numpy(self._cast("expert", "t", t)),
-            **dict(zip(self.cache_names, cache, strict=True)),
-        }
-        return self.expert.run_with_ort_values(["velocity"], feeds)[0].numpy()
+        binding = self.expert.io_binding()
+        binding.bind_cpu_input("state", self._cast("expert", "state", state))
+        binding.bind_cpu_input("x_t", self._cast("expert", "x_t", x_t))
+        binding.bind_cpu_input("t", self._cast("expert", "t", t))
+        for name, value in zip(self.cache_names, cache, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("velocity", "cpu")
+        self.expert.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
     def cache_to_numpy(self, cache: list[Any]) -> dict[str, np.ndarray]:
         """For validation only: copy the prefix cache out."""
@@ -55,4 +69,7 @@ class OnnxRuntimeBackend:
     def prefix_from_numpy(self, keys: np.ndarray, values: np.ndarray, mask: np.ndarray) -> list[Any]:
         """For validation only: a prefix cache made from given arrays (e.g. the PyTorch model's)."""
         arrays = dict(zip(self.cache_names, (keys, values, mask), strict=True))
-        return [ort.OrtValue.ortvalue_from_numpy(self._cast("expert", n, a)) for n, a in arrays.items()]
+        return [ort.OrtValue.ortvalue_from_numpy(self._cast("expert", n, a), self.device) for n, a in arrays.items()]
+
+    def close(self) -> None:
+        self.vlm = self.expert = None

@@ -1,0 +1,38 @@
+"""sd_notify for a `Type=notify` service: systemd-python where installed, else the plain protocol
+(one datagram to the unix socket named by $NOTIFY_SOCKET; '@' means the abstract namespace)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+def notify(message: str) -> bool:
+    """Send e.g. "READY=1", "WATCHDOG=1", "STATUS=...", "STOPPING=1". False when not under systemd."""
+    try:
+        from systemd import daemon  # type: ignore[import-not-found]
+
+        return bool(daemon.notify(message))
+    except ImportError:
+        pass
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        except OSError:
+            return False
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec for this process (its advice for the ping period), or None."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 1e6 / 2

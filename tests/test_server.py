@@ -1,0 +1,362 @@
+"""The runtime daemon as systemd runs it: a real process, real ZeroMQ (ipc and tcp on loopback), a
+NOTIFY_SOCKET this test binds, and the client a controller imports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+from conftest import FIXTURES, Golden
+
+from exporter.bundle import BundleOptions, build_bundle
+from exporter.checkpoint import load_checkpoint
+from exporter.presets import build_preset
+from exporter.reference import ReferencePolicy
+from runtime import protocol
+from runtime.backends.onnxruntime import OnnxRuntimeBackend
+from runtime.bundle import load_bundle
+from runtime.client import BusyError, PolicyClient, PolicyError, ServerUnavailableError
+from runtime.engine import Engine, EngineError
+
+QUIET = {"log": lambda message: None}
+RUNTIME = Path(sys.executable).with_name("pi0-runtime")
+
+
+@pytest.fixture(scope="module")
+def golden_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("golden") / "bundle"
+    build_bundle(load_checkpoint(FIXTURES / "lerobot-pi0-tiny" / "checkpoint"), out, BundleOptions(), **QUIET)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dummy_bundle(tmp_path_factory: pytest.TempPathFactory, tokenizer_path: Path) -> Path:
+    out = tmp_path_factory.mktemp("dummy") / "bundle"
+    options = BundleOptions(tokenizer=tokenizer_path, prompts=("transfer the cube",))
+    build_bundle(build_preset("pi0-dummy"), out, options, **QUIET)
+    return out
+
+
+class Daemon:
+    """`pi0-runtime serve` in a subprocess, with a notify socket and its log in a file."""
+
+    def __init__(
+        self,
+        bundle: Path,
+        tmp: Path,
+        endpoint: str | None = None,
+        extra: tuple[str, ...] = (),
+        watchdog_usec: int = 200_000,
+    ):
+        self.endpoint = endpoint or f"ipc://{tmp}/pi0.sock"
+        self.notify_path = str(tmp / "notify.sock")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(self.notify_path)
+        self.notify.settimeout(0.2)
+        self.messages: list[str] = []
+        self.log_path = tmp / "daemon.log"
+        env = {**os.environ, "NOTIFY_SOCKET": self.notify_path, "WATCHDOG_USEC": str(watchdog_usec)}
+        with open(self.log_path, "w") as log_file:
+            self.process = subprocess.Popen(
+                [str(RUNTIME), "serve", "--bundle", str(bundle), "--endpoint", self.endpoint, *extra],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+
+    def read_notify(self, until: str | None = None, timeout: float = 60.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.messages.append(self.notify.recv(4096).decode())
+            except TimeoutError:
+                if self.process.poll() is not None:
+                    log = self.log_path.read_text()
+                    raise AssertionError(f"daemon exited {self.process.returncode}:\n{log}") from None
+                continue
+            if until is not None and until in self.messages[-1]:
+                return self.messages
+        if until is None:
+            return self.messages
+        raise AssertionError(f"no {until!r} in {timeout} s; got {self.messages}\n{self.log_path.read_text()}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=30)
+        self.notify.close()
+        return code
+
+
+@pytest.fixture
+def daemon(dummy_bundle: Path, tmp_path: Path):
+    d = Daemon(dummy_bundle, tmp_path)
+    d.read_notify(until="READY=1")
+    yield d
+    d.stop()
+
+
+def observation(spec, rng: np.random.Generator, layout: str = "hwc") -> dict:
+    obs = {}
+    for key, (_, h, w) in zip(spec.camera_keys, spec.camera_shapes, strict=True):
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        obs[key] = image if layout == "hwc" else image.transpose(2, 0, 1).copy()
+    obs["observation.state"] = rng.normal(size=spec.state_dim).astype(np.float32)
+    return obs
+
+
+def test_engine_matches_the_reference_and_lerobot(golden_bundle: Path) -> None:
+    golden = Golden("lerobot-pi0-tiny")
+    bundle = load_bundle(golden_bundle)
+    engine = Engine(bundle, OnnxRuntimeBackend(bundle))
+    actions, timing = engine.infer(
+        golden.images, golden.state, tokens=golden.tokens, token_mask=golden.token_mask, noise=golden.noise
+    )
+    assert np.abs(actions - golden.actions_fp32[0]).max() <= 1e-4
+    reference = ReferencePolicy(load_checkpoint(golden.checkpoint))
+    rng = np.random.default_rng(3)
+    images = {k: rng.integers(0, 256, (97, 131, 3), dtype=np.uint8) for k in bundle.spec.camera_keys}  # odd sizes
+    state = rng.normal(size=bundle.spec.state_dim).astype(np.float32)
+    ours, _ = engine.infer(images, state, tokens=golden.tokens, token_mask=golden.token_mask, seed=11)
+    theirs = reference.infer(
+        images,
+        state,
+        tokens=golden.tokens,
+        token_mask=golden.token_mask,
+        noise=np.random.default_rng(11).standard_normal((1, 16, 32), dtype=np.float32),
+    )
+    assert np.abs(ours - theirs[0]).max() <= 1e-4
+    assert set(timing) == {"preprocess_ms", "vlm_ms", "expert_ms", "expert_step_ms", "postprocess_ms", "total_ms"}
+
+
+def test_non_finite_output_is_an_error(tmp_path: Path) -> None:
+    policy = build_preset("pi0-dummy")
+    policy.model.action_out_proj.bias.data[0] = float("nan")
+    build_bundle(policy, tmp_path / "b", BundleOptions(validate=False), **QUIET)
+    bundle = load_bundle(tmp_path / "b")
+    engine = Engine(bundle, OnnxRuntimeBackend(bundle))
+    obs = observation(bundle.spec, np.random.default_rng(0))
+    with pytest.raises(EngineError, match="non-finite") as info:
+        engine.infer(
+            {k: v for k, v in obs.items() if k != "observation.state"},
+            obs["observation.state"],
+            tokens=np.array([[2] + [0] * 47]),
+            token_mask=np.array([[True] + [False] * 47]),
+        )
+    assert info.value.code == "bad_output"
+
+
+def test_ready_after_warm_up_then_watchdog_and_status(dummy_bundle: Path, tmp_path: Path) -> None:
+    d = Daemon(dummy_bundle, tmp_path)
+    try:
+        d.read_notify(until="READY=1")
+        assert "warm-up" in d.log_path.read_text(), "READY=1 came before the warm-up inference"
+        d.read_notify(timeout=1.0)
+        assert sum(m == "WATCHDOG=1" for m in d.messages) >= 3
+        assert any(m.startswith("STATUS=") for m in d.messages)
+    finally:
+        assert d.stop() == 0
+
+
+def test_serves_over_ipc_and_tcp(dummy_bundle: Path, golden_bundle: Path, tmp_path: Path) -> None:
+    golden = Golden("lerobot-pi0-tiny")
+    d = Daemon(golden_bundle, tmp_path, endpoint=f"tcp://127.0.0.1:{free_port()}")
+    try:
+        d.read_notify(until="READY=1")
+        with PolicyClient(d.endpoint, timeout_s=30) as client:
+            meta = client.metadata()
+            assert [c["key"] for c in meta["cameras"]] == list(golden.images)
+            obs = {
+                **golden.images,
+                "observation.state": golden.state,
+                "lang_tokens": golden.tokens,
+                "lang_masks": golden.token_mask,
+                "noise": golden.noise,
+            }
+            result = client.infer(obs)
+            assert np.abs(result["actions"] - golden.actions_fp32[0]).max() <= 1e-4
+            assert result["timing"]["total_ms"] > 0 and result["timing"]["queue_ms"] >= 0
+            assert client.stats()["counts"]["ok"] == 1
+    finally:
+        assert d.stop() == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_prompt_text_and_fixed_prompts(daemon: Daemon, dummy_bundle: Path) -> None:
+    spec = load_bundle(dummy_bundle).spec
+    rng = np.random.default_rng(1)
+    with PolicyClient(daemon.endpoint, timeout_s=30) as client:
+        fixed = client.infer({**observation(spec, rng), "prompt": "transfer the cube", "seed": 4})
+        typed = client.infer({**observation(spec, rng, layout="chw"), "prompt": "pick up the red block", "seed": 4})
+        assert fixed["actions"].shape == typed["actions"].shape == (50, 14)
+        again = client.infer({**observation(spec, np.random.default_rng(1)), "prompt": "transfer the cube", "seed": 4})
+        np.testing.assert_array_equal(again["actions"], fixed["actions"])
+
+
+BAD_REQUESTS = {
+    "missing camera": (lambda o: {k: v for k, v in o.items() if "images" not in k}, "bad_request", "missing"),
+    "extra camera": (
+        lambda o: {**o, "observation.images.wrist": o["observation.images.top"]},
+        "bad_request",
+        "unexpected",
+    ),
+    "float image": (
+        lambda o: {**o, "observation.images.top": o["observation.images.top"].astype(np.float32)},
+        "bad_request",
+        "expected uint8",
+    ),
+    "wrong image shape": (
+        lambda o: {**o, "observation.images.top": np.zeros((480, 640, 4), np.uint8)},
+        "bad_request",
+        "HxWx3 or 3xHxW",
+    ),
+    "NaN state": (lambda o: {**o, "observation.state": np.full(14, np.nan, np.float32)}, "bad_request", "NaN"),
+    "short state": (lambda o: {**o, "observation.state": np.zeros(3, np.float32)}, "bad_request", "14 floats"),
+    "bad noise": (lambda o: {**o, "noise": np.zeros((2, 2), np.float32)}, "bad_request", "noise must be"),
+    "no prompt": (lambda o: {k: v for k, v in o.items() if k != "prompt"}, "bad_request", "give a prompt"),
+    "unknown array": (lambda o: {**o, "observation.joy": np.zeros(1, np.float32)}, "bad_request", "unknown arrays"),
+    "huge frame": (
+        lambda o: {**o, "observation.images.top": np.zeros((protocol.MAX_FRAME_BYTES + 1,), np.uint8)},
+        "bad_request",
+        "exceeds",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_get_error_replies_and_the_next_is_served(daemon: Daemon, dummy_bundle: Path, case: str) -> None:
+    spec = load_bundle(dummy_bundle).spec
+    mutate, code, message = BAD_REQUESTS[case]
+    with PolicyClient(daemon.endpoint, timeout_s=30, retries=0) as client:
+        good = {**observation(spec, np.random.default_rng(2)), "prompt": "transfer the cube"}
+        with pytest.raises(PolicyError, match=message) as info:
+            client.infer(mutate(good))
+        assert info.value.code == code
+        assert client.infer(good)["actions"].shape == (50, 14)
+
+
+@pytest.mark.parametrize(
+    "frames,code",
+    [
+        ([b"\xc1"], "bad_request"),
+        ([protocol.wire.pack({"v": 99, "kind": "infer"})], "unsupported_version"),
+        ([protocol.wire.pack({"v": 1, "kind": "dance", "id": 7})], "unknown_kind"),
+        (
+            [
+                protocol.wire.pack(
+                    {"v": 1, "kind": "infer", "arrays": [{"name": "a", "dtype": "uint8", "shape": [9]}]}
+                ),
+                b"1",
+            ],
+            "bad_request",
+        ),
+    ],
+)
+def test_malformed_messages_get_error_replies(daemon: Daemon, frames: list[bytes], code: str) -> None:
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.endpoint)
+    sock.send_multipart(frames)
+    assert sock.poll(10_000)
+    header, _ = protocol.decode(sock.recv_multipart())
+    sock.close()
+    assert header["ok"] is False and header["error"]["code"] == code and header["error"]["message"]
+    with PolicyClient(daemon.endpoint, timeout_s=10) as client:
+        assert client.ping()
+
+
+def test_full_queue_answers_busy_and_loses_nothing(dummy_bundle: Path, tmp_path: Path) -> None:
+    config = tmp_path / "runtime.toml"
+    config.write_text("[runtime]\nqueue_size = 1\n")
+    d = Daemon(dummy_bundle, tmp_path, extra=("--config", str(config)))
+    try:
+        d.read_notify(until="READY=1")
+        spec = load_bundle(dummy_bundle).spec
+        obs = observation(spec, np.random.default_rng(0))
+        context = zmq.Context.instance()
+        sockets = []
+        for i in range(8):  # eight controllers at once, each with its own DEALER socket
+            s = context.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(d.endpoint)
+            s.send_multipart([b"", *protocol.encode({"kind": "infer", "prompt": "transfer the cube", "id": i}, obs)])
+            sockets.append(s)
+        outcomes = []
+        for s in sockets:
+            assert s.poll(30_000), "a request got no reply"
+            header, _ = protocol.decode(s.recv_multipart()[1:])
+            outcomes.append("ok" if header["ok"] else header["error"]["code"])
+            s.close()
+        assert len(outcomes) == 8 and set(outcomes) <= {"ok", "busy"}
+        assert "busy" in outcomes and "ok" in outcomes
+    finally:
+        assert d.stop() == 0
+
+
+def test_sigterm_delivers_the_reply_in_flight(dummy_bundle: Path, tmp_path: Path) -> None:
+    d = Daemon(dummy_bundle, tmp_path)
+    d.read_notify(until="READY=1")
+    spec = load_bundle(dummy_bundle).spec
+    result = {}
+
+    def call() -> None:
+        with PolicyClient(d.endpoint, timeout_s=30, retries=0) as client:
+            result["reply"] = client.infer(
+                {**observation(spec, np.random.default_rng(0)), "prompt": "transfer the cube"}
+            )
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    with PolicyClient(d.endpoint, timeout_s=10) as observer:  # wait until the server has taken the request
+        while observer.stats()["counts"].get("kind:infer", 0) < 1:
+            time.sleep(0.002)
+    d.process.send_signal(signal.SIGTERM)
+    caller.join(timeout=30)
+    assert result["reply"]["actions"].shape == (50, 14)
+    assert d.process.wait(timeout=30) == 0
+    d.read_notify(until="STOPPING=1", timeout=5)
+    assert "stopped" in d.log_path.read_text()
+
+
+def test_client_reconnects_to_a_daemon_that_starts_late(dummy_bundle: Path, tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/late.sock"
+    client = PolicyClient(endpoint, timeout_s=0.3, retries=1)
+    with pytest.raises(ServerUnavailableError):
+        client.ping()
+    d = Daemon(dummy_bundle, tmp_path, endpoint=endpoint)
+    try:
+        d.read_notify(until="READY=1")
+        client.timeout_ms = 10_000
+        assert client.ping()
+    finally:
+        client.close()
+        assert d.stop() == 0
+
+
+def test_client_needs_only_numpy_and_pyzmq() -> None:
+    code = (
+        "import sys\n"
+        "for m in ('msgpack', 'onnxruntime', 'sentencepiece', 'torch', 'onnx'): sys.modules[m] = None\n"
+        "from runtime.client import PolicyClient, PolicyError, BusyError\n"
+        "print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_busy_is_a_policy_error() -> None:
+    assert issubclass(BusyError, PolicyError)
