@@ -1,0 +1,151 @@
+"""The ACL backend against the pyACL stand-in (tests/stubs/acl.py): same actions as onnxruntime, the
+prefix cache never copied per step, everything freed in order."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FIXTURES, STUBS, Golden
+
+from exporter.bundle import BundleOptions, build_bundle
+from exporter.checkpoint import load_checkpoint
+from exporter.presets import build_preset
+from runtime.backends.onnxruntime import OnnxRuntimeBackend
+from runtime.bundle import load_bundle
+from runtime.engine import Engine
+
+QUIET = {"log": lambda message: None}
+
+
+@pytest.fixture
+def acl(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(STUBS))
+    sys.modules.pop("acl", None)
+    import acl as stand_in
+
+    stand_in.reset()
+    yield stand_in
+    sys.modules.pop("acl", None)
+
+
+@pytest.fixture
+def om_bundle(tmp_path: Path, ascend_tools: Path) -> Path:
+    out = tmp_path / "bundle"
+    build_bundle(build_preset("pi0-dummy"), out, BundleOptions(precision="fp16", atc_mode="always"), **QUIET)
+    return out
+
+
+def observation(spec, seed: int = 0) -> tuple[dict, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = {
+        k: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for k, (_, h, w) in zip(spec.camera_keys, spec.camera_shapes, strict=True)
+    }
+    return images, rng.normal(size=spec.state_dim).astype(np.float32)
+
+
+def tokens(spec) -> dict:
+    ids = np.zeros((1, spec.tokenizer_max_length), np.int64)
+    ids[0, :3] = [2, 40, 41]
+    return {"tokens": ids, "token_mask": ids != 0}
+
+
+def test_acl_gives_the_same_actions_as_onnxruntime(acl, om_bundle: Path) -> None:
+    from runtime.backends.acl import AclBackend
+
+    bundle = load_bundle(om_bundle)
+    images, state = observation(bundle.spec)
+    ours, _ = Engine(bundle, AclBackend(bundle)).infer(images, state, seed=5, **tokens(bundle.spec))
+    theirs, _ = Engine(bundle, OnnxRuntimeBackend(bundle)).infer(images, state, seed=5, **tokens(bundle.spec))
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_the_prefix_cache_stays_on_the_device(acl, om_bundle: Path) -> None:
+    from runtime.backends.acl import AclBackend
+
+    bundle = load_bundle(om_bundle)
+    engine = Engine(bundle, AclBackend(bundle))
+    images, state = observation(bundle.spec)
+    acl.COUNTS.clear()
+    engine.infer(images, state, seed=1, **tokens(bundle.spec))
+    steps = bundle.spec.num_steps
+    # Per inference: 4 VLM inputs and the state once; x_t and t per step; the velocity back per step.
+    assert acl.COUNTS["H2D"] == 4 + 1 + 2 * steps
+    assert acl.COUNTS["D2H"] == steps and acl.COUNTS["D2D"] == 0
+    assert acl.COUNTS["execute"] == 1 + steps and acl.COUNTS["malloc"] == 0
+    size = {
+        t["name"]: int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize
+        for g in bundle.graphs.values()
+        for t in g.inputs + g.outputs
+    }
+    vlm_in = sum(size[name] for name in ("images", "image_masks", "tokens", "token_mask"))
+    expected = vlm_in + size["state"] + steps * (size["x_t"] + size["t"])
+    assert acl.COUNTS["H2D_bytes"] == expected
+    # One copy of the cache alone would be more than everything that went in after the VLM's inputs.
+    assert size["prefix_keys"] + size["prefix_values"] > expected - vlm_in
+
+
+def test_close_frees_everything_in_order(acl, om_bundle: Path) -> None:
+    from runtime.backends.acl import AclBackend
+
+    bundle = load_bundle(om_bundle)
+    backend = AclBackend(bundle)
+    result = {}
+
+    def run() -> None:  # the server's engine runs in a worker thread: contexts are per thread
+        result["actions"] = Engine(bundle, backend).infer(*observation(bundle.spec), seed=0, **tokens(bundle.spec))[0]
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert np.isfinite(result["actions"]).all()
+    backend.close()
+    assert acl.LEAKS == []
+    assert acl.init() == 0 and acl.finalize() == 0  # a clean finalize happened: ACL can start over
+
+
+def test_leaks_are_caught_by_the_stand_in(acl) -> None:
+    assert acl.init() == 0 and acl.rt.set_device(0) == 0
+    _, ret = acl.rt.create_context(0)
+    ptr, ret = acl.rt.malloc(64, 0)
+    assert ret == 0 and acl.finalize() != 0 and "1 device allocations" in acl.LEAKS[0]
+    assert acl.rt.memcpy(ptr, 64, ptr, 64, 1) != 0, "H2D from a device pointer must be refused"
+
+
+def test_golden_fixture_through_acl(acl, tmp_path: Path, ascend_tools: Path) -> None:
+    from runtime.backends.acl import AclBackend
+
+    golden = Golden("lerobot-pi0-tiny-aloha-sim")
+    out = tmp_path / "bundle"
+    build_bundle(load_checkpoint(FIXTURES / golden.name / "checkpoint"), out, BundleOptions(atc_mode="always"), **QUIET)
+    bundle = load_bundle(out)
+    actions, _ = Engine(bundle, AclBackend(bundle)).infer(
+        golden.images, golden.state, tokens=golden.tokens, token_mask=golden.token_mask, noise=golden.noise
+    )
+    assert np.abs(actions - golden.actions_fp32[0]).max() <= 1e-4
+
+
+def test_daemon_serves_on_the_acl_backend(om_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_server import Daemon
+
+    from runtime.client import PolicyClient
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(STUBS), os.environ.get("PYTHONPATH", "")]))
+    d = Daemon(om_bundle, tmp_path, extra=("--backend", "acl"))
+    try:
+        d.read_notify(until="READY=1")
+        with PolicyClient(d.endpoint, timeout_s=30) as client:
+            assert client.metadata()["backend"] == "acl"
+            images, state = observation(load_bundle(om_bundle).spec)
+            result = client.infer(
+                {**images, "observation.state": state, "lang_tokens": tokens(load_bundle(om_bundle).spec)["tokens"]}
+            )
+            assert result["actions"].shape == (50, 14)
+    finally:
+        assert d.stop() == 0
+    assert "acl" in d.log_path.read_text()
