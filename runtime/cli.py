@@ -124,11 +124,31 @@ def cmd_infer(args: argparse.Namespace) -> int:
     engine = Engine(bundle, make_backend(bundle, args.backend))
     obs = read_observation(args.obs)
     noise = None if args.noise is None else np.load(args.noise, allow_pickle=False)
-    actions, timing = engine.infer(**obs, noise=noise, seed=args.seed)
+    trace: dict[str, np.ndarray] | None = {} if args.dump else None
+    actions, timing = engine.infer(**obs, noise=noise, seed=args.seed, trace=trace)
     np.save(args.out, actions)
+    if trace is not None:
+        args.dump.mkdir(parents=True, exist_ok=True)
+        for name, value in trace.items():
+            np.save(args.dump / f"{name}.npy", np.asarray(value))
+        log.info("%d stage tensors written to %s", len(trace), args.dump)
     log.info(
         "actions %s -> %s; %s", list(actions.shape), args.out, ", ".join(f"{k} {v:.1f}" for k, v in timing.items())
     )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from runtime import bench
+
+    bundle = load_bundle(args.bundle)
+    engine = Engine(bundle, make_backend(bundle, args.backend))
+    print(f"engine ({engine.backend.name}, {bundle.precision}), {args.n} requests, ms:")
+    print(bench.format_table(bench.bench_engine(engine, args.n)))
+    if args.through_server:
+        engine.backend.close()
+        print(f"through the server (PolicyClient over loopback TCP), {args.n} requests, ms:")
+        print(bench.format_table(bench.bench_server(bundle, args.n, args.backend)))
     return 0
 
 
@@ -195,7 +215,21 @@ def build_parser() -> argparse.ArgumentParser:
     noise.add_argument("--seed", type=int, help="seed of the Gaussian noise")
     infer.add_argument("--out", type=Path, required=True, metavar="ACTIONS.npy")
     infer.add_argument("--backend", choices=["auto", "acl", "onnxruntime"], default="auto")
+    infer.add_argument(
+        "--dump", type=Path, metavar="DIR", help="write every stage's tensors there as .npy (alignment work)"
+    )
     infer.set_defaults(func=cmd_infer)
+
+    bench = commands.add_parser(
+        "bench", help="latency breakdown (p50/p90/p99) of the engine, optionally through the server"
+    )
+    bench.add_argument("--bundle", type=Path, required=True)
+    bench.add_argument("--n", type=int, default=20, help="timed requests (default 20, after 2 warm-up ones)")
+    bench.add_argument("--backend", choices=["auto", "acl", "onnxruntime"], default="auto")
+    bench.add_argument(
+        "--through-server", action="store_true", help="also time PolicyClient round trips to a `serve` on loopback"
+    )
+    bench.set_defaults(func=cmd_bench)
 
     check = commands.add_parser("check", help="report backends, CANN, the NPU's SoC and whether a bundle fits")
     check.add_argument("--bundle", type=Path)

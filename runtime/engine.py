@@ -39,12 +39,18 @@ class EngineError(Exception):
         self.message = message
 
 
-def denoise(backend: Backend, cache: Any, state: np.ndarray, noise: np.ndarray, num_steps: int) -> np.ndarray:
-    """The Euler loop: x(t=1) = noise -> x(t=0), dt = -1/num_steps, the prefix cache left in the backend."""
+def denoise(
+    backend: Backend, cache: Any, state: np.ndarray, noise: np.ndarray, num_steps: int, trace: dict | None = None
+) -> np.ndarray:
+    """The Euler loop: x(t=1) = noise -> x(t=0), dt = -1/num_steps, the prefix cache left in the backend.
+    `trace`, when given, receives every step's x_t and v_t (for alignment work)."""
     dt = np.float32(-1.0 / num_steps)
     x = np.asarray(noise, dtype=np.float32)
-    for t in euler_times(num_steps):
-        x = x + dt * backend.velocity(cache, state, x, np.array([t], dtype=np.float32))
+    for i, t in enumerate(euler_times(num_steps)):
+        v = backend.velocity(cache, state, x, np.array([t], dtype=np.float32))
+        if trace is not None:
+            trace[f"step{i:02d}.t"], trace[f"step{i:02d}.x_t"], trace[f"step{i:02d}.v_t"] = np.float32(t), x, v
+        x = x + dt * v
     return x
 
 
@@ -145,8 +151,10 @@ class Engine:
         token_mask: np.ndarray | None = None,
         noise: np.ndarray | None = None,
         seed: int | None = None,
+        trace: dict[str, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, dict[str, float]]:
-        """-> actions [chunk, action_dim] in the robot's units, and a timing breakdown in ms."""
+        """-> actions [chunk, action_dim] in the robot's units, and a timing breakdown in ms.
+        `trace`, when given, receives every stage's tensors (network inputs, noise, each step, output)."""
         start = time.perf_counter()
         self.check_images(images)
         images = {k: v[0] if v.ndim == 4 else v for k, v in images.items()}
@@ -169,10 +177,13 @@ class Engine:
 
         cache = self.backend.prefix(inputs)
         t_vlm = time.perf_counter()
-        x = denoise(self.backend, cache, inputs.state, noise, self.spec.num_steps)
+        x = denoise(self.backend, cache, inputs.state, noise, self.spec.num_steps, trace)
         t_expert = time.perf_counter()
 
         actions = postprocess(self.spec, x)[0]
+        if trace is not None:
+            trace.update({f"input.{k}": v for k, v in vars(inputs).items()})
+            trace.update({"noise": noise, "x_final": x, "actions": actions})
         if not np.isfinite(actions).all():
             raise EngineError("bad_output", "the model produced non-finite actions; nothing is sent to the robot")
         end = time.perf_counter()

@@ -28,6 +28,7 @@ import zmq
 
 from runtime import protocol, systemd
 from runtime.engine import Engine, EngineError
+from runtime.stats import summarize
 
 log = logging.getLogger("pi0-runtime")
 
@@ -56,12 +57,8 @@ class Stats:
                 self.latencies[stage].append(timing[stage])
 
     def summary(self) -> dict[str, Any]:
-        percentiles = {}
-        for stage, values in self.latencies.items():
-            if values:
-                p50, p90, p99 = np.percentile(np.fromiter(values, float), [50, 90, 99])
-                percentiles[stage] = {"p50": p50, "p90": p90, "p99": p99, "n": len(values)}
-        return {"uptime_s": time.time() - self.started, "counts": dict(self.counts), "latency_ms": percentiles}
+        latency = {stage: summarize(values) for stage, values in self.latencies.items() if values}
+        return {"uptime_s": time.time() - self.started, "counts": dict(self.counts), "latency_ms": latency}
 
 
 def observation_from(header: dict[str, Any], arrays: dict[str, np.ndarray], camera_keys: tuple[str, ...]) -> dict:
@@ -217,11 +214,10 @@ class Server:
         return started is None or time.perf_counter() - started < self.config.hang_timeout_s
 
     def status_line(self) -> str:
-        total = self.stats.latencies["total_ms"]
+        total = summarize(self.stats.latencies["total_ms"])
         if not total:
             return "STATUS=serving, no requests yet"
-        p50, p99 = np.percentile(np.fromiter(total, float), [50, 99])
-        return f"STATUS=serving: {self.stats.counts['ok']} chunks, total p50 {p50:.1f} ms p99 {p99:.1f} ms"
+        return f"STATUS=serving: {self.stats.counts['ok']} chunks, total p50 {total['p50']:.1f} ms p99 {total['p99']:.1f} ms"
 
     def serve(self) -> int:
         router = self.context.socket(zmq.ROUTER)

@@ -360,3 +360,63 @@ def test_client_needs_only_numpy_and_pyzmq() -> None:
 
 def test_busy_is_a_policy_error() -> None:
     assert issubclass(BusyError, PolicyError)
+
+
+def test_infer_cli_with_dump(golden_bundle: Path, tmp_path: Path) -> None:
+    golden = Golden("lerobot-pi0-tiny")
+    obs = tmp_path / "obs.npz"
+    np.savez(
+        obs,
+        **{k: v[None] for k, v in golden.images.items()},
+        **{"observation.state": golden.state[None]},
+        lang_tokens=golden.tokens,
+        lang_masks=golden.token_mask,
+    )
+    np.save(tmp_path / "noise.npy", golden.noise)
+    out = subprocess.run(
+        [
+            str(RUNTIME),
+            "infer",
+            "--bundle",
+            str(golden_bundle),
+            "--obs",
+            str(obs),
+            "--noise",
+            str(tmp_path / "noise.npy"),
+            "--out",
+            str(tmp_path / "actions.npy"),
+            "--dump",
+            str(tmp_path / "dump"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    actions = np.load(tmp_path / "actions.npy")
+    assert np.abs(actions - golden.actions_fp32[0]).max() <= 1e-4
+    dumped = {p.stem for p in (tmp_path / "dump").iterdir()}
+    assert {"input.images", "input.state", "noise", "step00.x_t", "step09.v_t", "x_final", "actions"} <= dumped
+    np.testing.assert_array_equal(np.load(tmp_path / "dump" / "actions.npy"), actions)
+
+
+def test_check_reports_the_device_and_the_bundle(golden_bundle: Path, ascend_tools: Path) -> None:
+    out = subprocess.run(
+        [str(RUNTIME), "check", "--bundle", str(golden_bundle)], capture_output=True, text=True, check=True
+    )
+    import json
+
+    report = json.loads(out.stdout)
+    assert report["onnxruntime"] is True and report["npu_smi_soc"] == "Ascend310P1"
+    assert report["bundle"]["om_compiled"] is False and report["bundle"]["om_matches_device"] is True
+
+
+def test_bench_cli(dummy_bundle: Path) -> None:
+    out = subprocess.run(
+        [str(RUNTIME), "bench", "--bundle", str(dummy_bundle), "--n", "3", "--through-server"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    for row in ("vlm_ms", "expert_step_ms", "total_ms", "round_trip_ms", "service_overhead_ms"):
+        assert row in out.stdout

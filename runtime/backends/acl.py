@@ -58,10 +58,18 @@ class AclModel:
         self.data_buffers: list[Any] = []
         mdl = acl.mdl
         self.inputs = self._dataset(
-            io["inputs"], mdl.get_num_inputs(self.desc), mdl.get_input_size_by_index, mdl.get_input_name_by_index, shared_inputs
+            io["inputs"],
+            mdl.get_num_inputs(self.desc),
+            mdl.get_input_size_by_index,
+            mdl.get_input_name_by_index,
+            shared_inputs,
         )
         self.outputs = self._dataset(
-            io["outputs"], mdl.get_num_outputs(self.desc), mdl.get_output_size_by_index, mdl.get_output_name_by_index, {}
+            io["outputs"],
+            mdl.get_num_outputs(self.desc),
+            mdl.get_output_size_by_index,
+            mdl.get_output_name_by_index,
+            {},
         )
 
     def _dataset(
@@ -73,7 +81,9 @@ class AclModel:
         buffers = {}
         for index, spec in enumerate(specs):
             if name_of(self.desc, index) != spec["name"]:
-                raise AclError(f"OM tensor {index} is {name_of(self.desc, index)!r}, the manifest says {spec['name']!r}")
+                raise AclError(
+                    f"OM tensor {index} is {name_of(self.desc, index)!r}, the manifest says {spec['name']!r}"
+                )
             dtype, shape = np.dtype(spec["dtype"]), tuple(spec["shape"])
             size = size_of(self.desc, index)
             expected = int(np.prod(shape)) * dtype.itemsize
@@ -130,12 +140,16 @@ class AclBackend:
 
     def _to_device(self, buffer: DeviceBuffer, value: np.ndarray) -> None:
         host = np.ascontiguousarray(value, dtype=buffer.dtype).reshape(buffer.shape)
-        ret = self.acl.rt.memcpy(buffer.ptr, buffer.size, self.acl.util.numpy_to_ptr(host), host.nbytes, ACL_MEMCPY_HOST_TO_DEVICE)
+        ret = self.acl.rt.memcpy(
+            buffer.ptr, buffer.size, self.acl.util.numpy_to_ptr(host), host.nbytes, ACL_MEMCPY_HOST_TO_DEVICE
+        )
         _check(ret, f"acl.rt.memcpy(H2D {buffer.name})")
 
     def _to_host(self, buffer: DeviceBuffer) -> np.ndarray:
         host = np.empty(buffer.shape, dtype=buffer.dtype)
-        ret = self.acl.rt.memcpy(self.acl.util.numpy_to_ptr(host), host.nbytes, buffer.ptr, buffer.size, ACL_MEMCPY_DEVICE_TO_HOST)
+        ret = self.acl.rt.memcpy(
+            self.acl.util.numpy_to_ptr(host), host.nbytes, buffer.ptr, buffer.size, ACL_MEMCPY_DEVICE_TO_HOST
+        )
         _check(ret, f"acl.rt.memcpy(D2H {buffer.name})")
         return host
 

@@ -1,0 +1,101 @@
+"""`pi0-runtime bench`: latency of the engine, and of the whole service as a controller sees it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.bundle import Bundle
+from runtime.client import PolicyClient, ServerUnavailableError
+from runtime.engine import Engine
+from runtime.stats import summarize
+
+STAGES = ("preprocess_ms", "vlm_ms", "expert_ms", "expert_step_ms", "postprocess_ms", "total_ms")
+
+
+def synthetic_observation(bundle: Bundle, seed: int = 0) -> dict[str, Any]:
+    """Random camera frames at the bundle's trained sizes (HxWx3 uint8), a random state, BOS-only tokens."""
+    spec = bundle.spec
+    rng = np.random.default_rng(seed)
+    obs: dict[str, Any] = {
+        key: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for key, (_, h, w) in zip(spec.camera_keys, spec.camera_shapes, strict=True)
+    }
+    obs["observation.state"] = rng.normal(size=spec.state_dim).astype(np.float32)
+    tokens = np.zeros((1, spec.tokenizer_max_length), np.int64)
+    tokens[0, 0] = 2
+    obs["lang_tokens"], obs["lang_masks"] = tokens, tokens != 0
+    return obs
+
+
+def bench_engine(engine: Engine, n: int, warmup: int = 2) -> dict[str, dict[str, float]]:
+    obs = synthetic_observation(engine.bundle)
+    images = {k: v for k, v in obs.items() if k in engine.spec.camera_keys}
+    args = {"tokens": obs["lang_tokens"], "token_mask": obs["lang_masks"], "seed": 0}
+    timings = []
+    for i in range(warmup + n):
+        _, timing = engine.infer(images, obs["observation.state"], **args)
+        if i >= warmup:
+            timings.append(timing)
+    return {stage: summarize(t[stage] for t in timings) for stage in STAGES}
+
+
+def _free_tcp_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def bench_server(bundle: Bundle, n: int, backend: str = "auto", warmup: int = 2) -> dict[str, dict[str, float]]:
+    """Start `pi0-runtime serve` on loopback TCP, send n requests through PolicyClient, and report the
+    round trip and the service overhead (round trip minus the engine's own time) per request."""
+    endpoint = _free_tcp_endpoint()
+    exe = Path(sys.executable).with_name("pi0-runtime")
+    with tempfile.TemporaryFile("w+") as log:
+        server = subprocess.Popen(
+            [str(exe), "serve", "--bundle", str(bundle.root), "--endpoint", endpoint, "--backend", backend],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
+        )
+        try:
+            client = PolicyClient(endpoint, timeout_s=1.0, retries=0)
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    client.ping()
+                    break
+                except ServerUnavailableError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        log.seek(0)
+                        raise RuntimeError(f"the server did not come up:\n{log.read()}") from None
+            client.timeout_ms = 60_000
+            obs = synthetic_observation(bundle)
+            round_trips, overheads = [], []
+            for i in range(warmup + n):
+                start = time.perf_counter()
+                result = client.infer(obs)
+                elapsed = (time.perf_counter() - start) * 1e3
+                if i >= warmup:
+                    round_trips.append(elapsed)
+                    overheads.append(elapsed - result["timing"]["total_ms"])
+            client.close()
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    return {"round_trip_ms": summarize(round_trips), "service_overhead_ms": summarize(overheads)}
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    lines = [f"{'stage':<22} {'p50':>9} {'p90':>9} {'p99':>9}"]
+    for stage, s in results.items():
+        lines.append(f"{stage:<22} {s['p50']:>9.2f} {s['p90']:>9.2f} {s['p99']:>9.2f}")
+    return "\n".join(lines)
