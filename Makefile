@@ -11,7 +11,7 @@ TORCH := torch==2.13.0
 .PHONY: help setup demo test bench lint format clean
 
 help:
-	@echo "make demo   - set up, then run the main job on the built-in pi0-dummy preset"
+	@echo "make demo   - set up, then export the pi0-dummy preset, serve it and drive it through the client"
 	@echo "make test   - set up, then run the test suite"
 	@echo "make bench  - run the benchmarks (minutes, ~15 GB RAM and disk) and rewrite docs/benchmarks.md"
 	@echo "make lint   - ruff check and format check"
@@ -30,12 +30,13 @@ setup: $(STAMP)
 
 DEMO := build/demo
 
-# The main job on the built-in default, as far as the steps built so far go: the pi0-dummy preset
-# exported to a validated bundle (graphs, manifest, report, atc.sh), and one action chunk.
+# The main job on the built-in default, as far as the steps built so far go (the MuJoCo sim comes
+# with Step 4): the pi0-dummy preset exported to a validated bundle, then served by the daemon and
+# driven through the controller's client, with the latency breakdown of both.
 demo: setup
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(VENV)/bin/pi0-export bundle --preset pi0-dummy --out $(DEMO)/bundle --prompt "transfer the cube"
-	$(VENV)/bin/pi0-export sample --preset pi0-dummy --prompt "transfer the cube"
+	$(VENV)/bin/pi0-runtime bench --bundle $(DEMO)/bundle --n 10 --through-server
 
 test: setup
 	$(PY) -m pytest -q
