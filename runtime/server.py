@@ -157,7 +157,7 @@ class Server:
     def _handle(self, router: zmq.Socket, message: list[Any]) -> None:
         if len(message) < 3 or message[1].bytes != b"":
             self.stats.counts["bad_request"] += 1
-            log.warning("dropping a message without the REQ envelope (%d frames)", len(message))
+            log.warning("refused a message without the REQ envelope (%d frames)", len(message))
             if len(message) >= 1:
                 self._reply_now(
                     router,
