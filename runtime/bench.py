@@ -9,40 +9,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from runtime.bundle import Bundle
 from runtime.client import PolicyClient, ServerUnavailableError
 from runtime.engine import Engine
+from runtime.pipeline import synthetic_observation
+from runtime.server import observation_from
 from runtime.stats import summarize
 
 STAGES = ("preprocess_ms", "vlm_ms", "expert_ms", "expert_step_ms", "postprocess_ms", "total_ms")
 
 
-def synthetic_observation(bundle: Bundle, seed: int = 0) -> dict[str, Any]:
-    """Random camera frames at the bundle's trained sizes (HxWx3 uint8), a random state, BOS-only tokens."""
-    spec = bundle.spec
-    rng = np.random.default_rng(seed)
-    obs: dict[str, Any] = {
-        key: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        for key, (_, h, w) in zip(spec.camera_keys, spec.camera_shapes, strict=True)
-    }
-    obs["observation.state"] = rng.normal(size=spec.state_dim).astype(np.float32)
-    tokens = np.zeros((1, spec.tokenizer_max_length), np.int64)
-    tokens[0, 0] = 2
-    obs["lang_tokens"], obs["lang_masks"] = tokens, tokens != 0
-    return obs
-
-
 def bench_engine(engine: Engine, n: int, warmup: int = 2) -> dict[str, dict[str, float]]:
-    obs = synthetic_observation(engine.bundle)
-    images = {k: v for k, v in obs.items() if k in engine.spec.camera_keys}
-    args = {"tokens": obs["lang_tokens"], "token_mask": obs["lang_masks"], "seed": 0}
+    request = observation_from({"seed": 0}, synthetic_observation(engine.spec), engine.spec.camera_keys)
     timings = []
     for i in range(warmup + n):
-        _, timing = engine.infer(images, obs["observation.state"], **args)
+        _, timing = engine.infer(**request)
         if i >= warmup:
             timings.append(timing)
     return {stage: summarize(t[stage] for t in timings) for stage in STAGES}
@@ -78,7 +60,7 @@ def bench_server(bundle: Bundle, n: int, backend: str = "auto", warmup: int = 2)
                         log.seek(0)
                         raise RuntimeError(f"the server did not come up:\n{log.read()}") from None
             client.timeout_ms = 60_000
-            obs = synthetic_observation(bundle)
+            obs = synthetic_observation(bundle.spec)
             round_trips, overheads = [], []
             for i in range(warmup + n):
                 start = time.perf_counter()

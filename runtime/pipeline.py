@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -72,6 +73,21 @@ def postprocess(spec: PolicySpec, x: np.ndarray) -> np.ndarray:
     if spec.adapt_to_pi_aloha:
         actions = transforms.aloha_encode_actions(actions)
     return actions
+
+
+def synthetic_observation(spec: PolicySpec, seed: int = 0) -> dict[str, Any]:
+    """A request-shaped observation (LeRobot feature names): random frames at the cameras' trained
+    sizes (HxWx3 uint8), a random state, a BOS-only prompt. For warm-up and benchmarks."""
+    rng = np.random.default_rng(seed)
+    obs: dict[str, Any] = {
+        key: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for key, (_, h, w) in zip(spec.camera_keys, spec.camera_shapes, strict=True)
+    }
+    obs["observation.state"] = rng.normal(size=spec.state_dim).astype(np.float32)
+    tokens = np.zeros((1, spec.tokenizer_max_length), np.int64)
+    tokens[0, 0] = 2  # BOS
+    obs["lang_tokens"], obs["lang_masks"] = tokens, tokens != 0
+    return obs
 
 
 def initial_noise(spec: PolicySpec, rng: np.random.Generator) -> np.ndarray:

@@ -28,6 +28,7 @@ import zmq
 
 from runtime import protocol, systemd
 from runtime.engine import Engine, EngineError
+from runtime.pipeline import synthetic_observation
 from runtime.stats import summarize
 
 log = logging.getLogger("pi0-runtime")
@@ -141,14 +142,7 @@ class Server:
     def warm_up(self) -> dict[str, float]:
         """One inference on a synthetic observation, so the first real request is not the slow one."""
         spec = self.engine.spec
-        images = {
-            k: np.zeros((s[1], s[2], 3), np.uint8) for k, s in zip(spec.camera_keys, spec.camera_shapes, strict=True)
-        }
-        tokens = np.zeros((1, spec.tokenizer_max_length), np.int64)
-        tokens[0, 0] = 2
-        _, timing = self.engine.infer(
-            images, np.zeros(spec.state_dim, np.float32), tokens=tokens, token_mask=tokens != 0, seed=0
-        )
+        _, timing = self.engine.infer(**observation_from({"seed": 0}, synthetic_observation(spec), spec.camera_keys))
         return timing
 
     def _reply_now(self, router: zmq.Socket, identity: Any, frames: list[Any]) -> None:

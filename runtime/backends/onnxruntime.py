@@ -6,6 +6,7 @@ step reads it where it lies; only state, x_t and t go in and the velocity comes 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,14 @@ from runtime.pipeline import ModelInputs
 
 VLM_INPUTS = ("images", "image_masks", "tokens", "token_mask")
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+@dataclass
+class PrefixCache:
+    """One request's prefix cache (device-resident OrtValues) and the expert binding that reads it."""
+
+    values: list[Any]
+    binding: Any
 
 
 class OnnxRuntimeBackend:
@@ -44,7 +53,7 @@ class OnnxRuntimeBackend:
     def _cast(self, graph: str, name: str, value: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(value, dtype=self.input_dtypes[graph][name])
 
-    def prefix(self, inputs: ModelInputs) -> list[Any]:
+    def prefix(self, inputs: ModelInputs) -> PrefixCache:
         """Run the VLM; its outputs (prefix keys, values, mask) stay where onnxruntime put them."""
         binding = self.vlm.io_binding()
         for name in VLM_INPUTS:
@@ -52,27 +61,33 @@ class OnnxRuntimeBackend:
         for name in self.cache_names:
             binding.bind_output(name, self.device)
         self.vlm.run_with_iobinding(binding)
-        return binding.get_outputs()
+        return self._expert_binding(binding.get_outputs())
 
-    def velocity(self, cache: list[Any], state: np.ndarray, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+    def _expert_binding(self, cache: list[Any]) -> PrefixCache:
+        """Bind the cache to the expert once per request; each step then binds only state, x_t and t."""
         binding = self.expert.io_binding()
-        binding.bind_cpu_input("state", self._cast("expert", "state", state))
-        binding.bind_cpu_input("x_t", self._cast("expert", "x_t", x_t))
-        binding.bind_cpu_input("t", self._cast("expert", "t", t))
         for name, value in zip(self.cache_names, cache, strict=True):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("velocity", "cpu")
+        return PrefixCache(cache, binding)
+
+    def velocity(self, cache: PrefixCache, state: np.ndarray, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+        binding = cache.binding
+        binding.bind_cpu_input("state", self._cast("expert", "state", state))
+        binding.bind_cpu_input("x_t", self._cast("expert", "x_t", x_t))
+        binding.bind_cpu_input("t", self._cast("expert", "t", t))
         self.expert.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
-    def cache_to_numpy(self, cache: list[Any]) -> dict[str, np.ndarray]:
+    def cache_to_numpy(self, cache: PrefixCache) -> dict[str, np.ndarray]:
         """For validation only: copy the prefix cache out."""
-        return {name: value.numpy() for name, value in zip(self.cache_names, cache, strict=True)}
+        return {name: value.numpy() for name, value in zip(self.cache_names, cache.values, strict=True)}
 
-    def prefix_from_numpy(self, keys: np.ndarray, values: np.ndarray, mask: np.ndarray) -> list[Any]:
+    def prefix_from_numpy(self, keys: np.ndarray, values: np.ndarray, mask: np.ndarray) -> PrefixCache:
         """For validation only: a prefix cache made from given arrays (e.g. the PyTorch model's)."""
         arrays = dict(zip(self.cache_names, (keys, values, mask), strict=True))
-        return [ort.OrtValue.ortvalue_from_numpy(self._cast("expert", n, a), self.device) for n, a in arrays.items()]
+        cache = [ort.OrtValue.ortvalue_from_numpy(self._cast("expert", n, a), self.device) for n, a in arrays.items()]
+        return self._expert_binding(cache)
 
     def close(self) -> None:
         self.vlm = self.expert = None
