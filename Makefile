@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[export,runtime,dev]'
+	$(PY) -m pip install --quiet -e '.[export,runtime,sim,dev]'
 	touch $@
 
 setup: $(STAMP)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -18,65 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporter.checkpoint import CheckpointError, LoadedPolicy, load_checkpoint
-from exporter.dims import PRESETS
-
-
-def log(message: str) -> None:
-    print(f"[pi0-export] {message}", file=sys.stderr, flush=True)
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory. Linux's VmHWM, not getrusage's ru_maxrss: the latter
-    carries the parent's high-water mark across fork and exec, so a child started by a big process
-    (a test runner) would report its parent's size."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--checkpoint", type=Path, metavar="DIR", help="a LeRobot v0.3 or openpi pi0 checkpoint directory"
-    )
-    source.add_argument("--preset", choices=sorted(PRESETS), help="a random-weight pi0 with built-in dimensions")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the preset's weights and of the sample's inputs (default 0)"
-    )
-    openpi = parser.add_argument_group("openpi checkpoints only")
-    openpi.add_argument("--asset-id", help="which assets/<id>/norm_stats.json to use when there are several")
-    openpi.add_argument(
-        "--aloha", action="store_true", help="apply ALOHA's joint/gripper conventions (AlohaInputs adapt_to_pi)"
-    )
-
-
-def load_source(args: argparse.Namespace) -> LoadedPolicy:
-    start = time.perf_counter()
-    if args.preset:
-        from exporter.presets import build_preset
-
-        log(f"building preset {args.preset} (random weights, seed {args.seed}) ...")
-        policy = build_preset(args.preset, seed=args.seed)
-    else:
-        log(f"loading {args.checkpoint} ...")
-        options = {}
-        if args.asset_id is not None:
-            options["asset_id"] = args.asset_id
-        if args.aloha:
-            options["adapt_to_pi_aloha"] = True
-        policy = load_checkpoint(args.checkpoint, **options)
-    params = sum(p.numel() for p in policy.model.parameters())
-    log(
-        f"ready in {time.perf_counter() - start:.1f} s: {params / 1e6:.1f} M parameters, "
-        f"peak RSS {peak_rss_mib():.0f} MiB"
-    )
-    return policy
+from exporter.checkpoint import CheckpointError
+from exporter.source import add_source_arguments, load_source, log, peak_rss_mib
 
 
 def preset_tokenizer(directory: Path) -> Path:

@@ -2,12 +2,17 @@
 
 Their data conventions are those of ALOHA in simulation (gym-aloha): one 480x640 `top` camera and
 two empty slots, a 14-dim state and action, ALOHA's joint and gripper conventions, chunks of 50,
-10 flow steps. The statistics are the identity (mean 0, std 1): nothing was trained.
+10 flow steps. Nothing was trained, but the normalization statistics are real ones: those of the
+scripted oracle's transfer-cube demonstrations (`assets/aloha_sim_stats.json`, made by
+`pi0-sim record --episodes 10 --out D && pi0-sim stats D --out ...`), so the random network's actions
+land around the robot's working poses, as a fine-tuned checkpoint's would, and the sim stays stable.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import json
+from pathlib import Path
+
 import torch
 
 from exporter.checkpoint import LoadedPolicy
@@ -16,10 +21,11 @@ from exporter.pi0 import Pi0
 from runtime.spec import NormStats, PolicySpec
 
 ALOHA_DIM = 14
+ALOHA_SIM_STATS = Path(__file__).parent / "assets" / "aloha_sim_stats.json"
 
 
 def preset_spec(max_state_dim: int = 32, max_action_dim: int = 32) -> PolicySpec:
-    identity = NormStats(mean=np.zeros(ALOHA_DIM), std=np.ones(ALOHA_DIM), eps=1e-8)
+    stats = json.loads(ALOHA_SIM_STATS.read_text())
     return PolicySpec(
         camera_keys=("observation.images.top",),
         camera_shapes=((3, 480, 640),),
@@ -35,8 +41,8 @@ def preset_spec(max_state_dim: int = 32, max_action_dim: int = 32) -> PolicySpec
         tokenizer_max_length=48,
         prompt_style="lerobot",
         adapt_to_pi_aloha=True,
-        state_norm=identity,
-        action_norm=identity,
+        state_norm=NormStats.from_dict(stats["observation.state"]),
+        action_norm=NormStats.from_dict(stats["action"]),
     )
 
 

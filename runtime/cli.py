@@ -146,7 +146,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"engine ({engine.backend.name}, {bundle.precision}), {args.n} requests, ms:")
     print(bench.format_table(bench.bench_engine(engine, args.n)))
     if args.through_server:
-        engine.backend.close()
+        engine.close()
         print(f"through the server (PolicyClient over loopback TCP), {args.n} requests, ms:")
         print(bench.format_table(bench.bench_server(bundle, args.n, args.backend)))
     return 0

@@ -59,17 +59,59 @@ def sample(backend: Backend, inputs: ModelInputs, noise: np.ndarray, num_steps: 
     return denoise(backend, backend.prefix(inputs), inputs.state, noise, num_steps)
 
 
+class BundlePrompts:
+    """A bundle's prompt handling: its fixed prompts (tokenized at export), else its tokenizer, or
+    tokens given directly. Shared by the engine and by whatever must tokenize exactly as it does."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        self.length = bundle.spec.tokenizer_max_length
+        self.fixed = {
+            p["text"]: (np.array([p["tokens"]], dtype=np.int64), np.array([p["mask"]], dtype=bool))
+            for p in bundle.manifest["prompt"]["fixed"]
+        }
+        self._tokenizer = None
+
+    def __call__(
+        self, prompt: str | None, tokens: np.ndarray | None = None, token_mask: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """-> (tokens [1, L] int64, mask [1, L] bool), or EngineError('bad_request', what is accepted)."""
+        length = self.length
+        if tokens is not None:
+            tokens = np.asarray(tokens).reshape(1, -1)
+            mask = np.ones_like(tokens, dtype=bool) if token_mask is None else np.asarray(token_mask).reshape(1, -1)
+            if tokens.shape != (1, length) or mask.shape != (1, length) or not np.issubdtype(tokens.dtype, np.integer):
+                raise EngineError("bad_request", f"tokens and token_mask must be {length} integers and {length} bools")
+            if tokens.min() < 0 or tokens.max() >= self.bundle.manifest["model"]["vocab_size"]:
+                raise EngineError("bad_request", "token ids outside the model's vocabulary")
+            return tokens.astype(np.int64), mask.astype(bool)
+        if prompt is None:
+            raise EngineError("bad_request", "give a prompt (text) or tokens")
+        if prompt in self.fixed:
+            return self.fixed[prompt]
+        if self.bundle.tokenizer is None:
+            raise EngineError(
+                "bad_request", f"this bundle has no tokenizer; its prompts are {sorted(self.fixed)} or tokens"
+            )
+        if self._tokenizer is None:
+            from runtime.tokenizer import PromptTokenizer
+
+            self._tokenizer = PromptTokenizer(self.bundle.tokenizer, length, self.bundle.spec.prompt_style)
+        try:
+            return self._tokenizer(prompt)
+        except ValueError as e:
+            raise EngineError("bad_request", str(e)) from e
+
+
 class Engine:
     def __init__(self, bundle: Bundle, backend: Backend) -> None:
         self.bundle = bundle
         self.spec = bundle.spec
         self.backend = backend
-        prompt = bundle.manifest["prompt"]
-        self.fixed_prompts = {
-            p["text"]: (np.array([p["tokens"]], dtype=np.int64), np.array([p["mask"]], dtype=bool))
-            for p in prompt["fixed"]
-        }
-        self._tokenizer = None
+        self.prompts = BundlePrompts(bundle)
+
+    def close(self) -> None:
+        self.backend.close()
 
     def metadata(self) -> dict[str, Any]:
         """What a client needs to know to build requests."""
@@ -94,33 +136,6 @@ class Engine:
             "backend": self.backend.name,
             "source": self.bundle.manifest["source"],
         }
-
-    def tokenize(self, prompt: str | None, tokens: np.ndarray | None, token_mask: np.ndarray | None) -> tuple:
-        length = self.spec.tokenizer_max_length
-        if tokens is not None:
-            tokens = np.asarray(tokens).reshape(1, -1)
-            mask = np.ones_like(tokens, dtype=bool) if token_mask is None else np.asarray(token_mask).reshape(1, -1)
-            if tokens.shape != (1, length) or mask.shape != (1, length) or not np.issubdtype(tokens.dtype, np.integer):
-                raise EngineError("bad_request", f"tokens and token_mask must be {length} integers and {length} bools")
-            if tokens.min() < 0 or tokens.max() >= self.bundle.manifest["model"]["vocab_size"]:
-                raise EngineError("bad_request", "token ids outside the model's vocabulary")
-            return tokens.astype(np.int64), mask.astype(bool)
-        if prompt is None:
-            raise EngineError("bad_request", "give a prompt (text) or tokens")
-        if prompt in self.fixed_prompts:
-            return self.fixed_prompts[prompt]
-        if self.bundle.tokenizer is None:
-            raise EngineError(
-                "bad_request", f"this bundle has no tokenizer; its prompts are {sorted(self.fixed_prompts)} or tokens"
-            )
-        if self._tokenizer is None:
-            from runtime.tokenizer import PromptTokenizer
-
-            self._tokenizer = PromptTokenizer(self.bundle.tokenizer, length, self.spec.prompt_style)
-        try:
-            return self._tokenizer(prompt)
-        except ValueError as e:
-            raise EngineError("bad_request", str(e)) from e
 
     def check_images(self, images: Mapping[str, np.ndarray]) -> None:
         expected = set(self.spec.camera_keys)
@@ -165,7 +180,7 @@ class Engine:
             )
         if not np.isfinite(state).all():
             raise EngineError("bad_request", "state contains NaN or inf")
-        tokens, token_mask = self.tokenize(prompt, tokens, token_mask)
+        tokens, token_mask = self.prompts(prompt, tokens, token_mask)
         shape = (1, self.spec.chunk_size, self.spec.max_action_dim)
         if noise is None:
             noise = initial_noise(self.spec, np.random.default_rng(seed))

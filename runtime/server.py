@@ -21,13 +21,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import zmq
 
 from runtime import protocol, systemd
-from runtime.engine import Engine, EngineError
+from runtime.engine import EngineError
 from runtime.pipeline import synthetic_observation
 from runtime.stats import summarize
 
@@ -36,12 +36,27 @@ log = logging.getLogger("pi0-runtime")
 STAGES = ("queue_ms", "preprocess_ms", "vlm_ms", "expert_ms", "postprocess_ms", "total_ms")
 
 
+class ServedEngine(Protocol):
+    """What the server needs from what it serves: `runtime.engine.Engine`, or a stand-in with the same
+    surface (the sim's scripted oracle), so that a client cannot tell them apart."""
+
+    @property
+    def spec(self) -> Any: ...  # .camera_keys (and, for the warm-up, what `synthetic_observation` reads)
+
+    def metadata(self) -> dict[str, Any]: ...
+
+    def infer(self, images: Any, state: Any, **request: Any) -> tuple[np.ndarray, dict[str, float]]: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class ServerConfig:
     endpoint: str = "tcp://127.0.0.1:5555"
     queue_size: int = 4
     hang_timeout_s: float = 30.0
     status_interval_s: float = 5.0
+    warm_up: bool = True  # one synthetic inference before READY=1
 
 
 @dataclass
@@ -87,7 +102,7 @@ def observation_from(header: dict[str, Any], arrays: dict[str, np.ndarray], came
 
 
 class Server:
-    def __init__(self, engine_factory: Callable[[], Engine], config: ServerConfig) -> None:
+    def __init__(self, engine_factory: Callable[[], ServedEngine], config: ServerConfig) -> None:
         self.engine_factory = engine_factory
         self.engine = engine_factory()
         self.config = config
@@ -132,9 +147,9 @@ class Server:
 
     def _rebuild_engine(self) -> None:
         try:
-            self.engine.backend.close()
+            self.engine.close()
         except Exception:
-            log.exception("closing the failed backend")
+            log.exception("closing the failed engine")
         self.engine = self.engine_factory()
 
     # --- main thread -------------------------------------------------------------------------------
@@ -225,9 +240,12 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
 
-        log.info("warming up ...")
-        timing = self.warm_up()
-        log.info("ready on %s (warm-up %.1f ms)", self.config.endpoint, timing["total_ms"])
+        if self.config.warm_up:
+            log.info("warming up ...")
+            timing = self.warm_up()
+            log.info("ready on %s (warm-up %.1f ms)", self.config.endpoint, timing["total_ms"])
+        else:
+            log.info("ready on %s", self.config.endpoint)
         systemd.notify("READY=1")
         systemd.notify(self.status_line())
         ping_every = systemd.watchdog_interval()
@@ -281,6 +299,6 @@ class Server:
         worker.join()
         router.close()
         replies.close()
-        self.engine.backend.close()
+        self.engine.close()
         log.info("stopped")
         return 0

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+QUIET = {"log": lambda message: None}  # build_bundle's progress lines, silenced
 GOLDEN_CHECKPOINTS = ("lerobot-pi0-tiny", "lerobot-pi0-tiny-aloha-sim")
 
 
@@ -37,6 +38,18 @@ def tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from exporter.tokenizer_train import train_tokenizer
 
     return train_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def dummy_bundle(tmp_path_factory: pytest.TempPathFactory, tokenizer_path: Path) -> Path:
+    """The pi0-dummy preset as a validated fp32 bundle, with its tokenizer and one fixed prompt."""
+    from exporter.bundle import BundleOptions, build_bundle
+    from exporter.presets import build_preset
+
+    out = tmp_path_factory.mktemp("dummy") / "bundle"
+    options = BundleOptions(tokenizer=tokenizer_path, prompts=("transfer the cube",))
+    build_bundle(build_preset("pi0-dummy"), out, options, **QUIET)
+    return out
 
 
 STUBS = Path(__file__).parent / "stubs"

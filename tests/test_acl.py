@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, STUBS, Golden
+from conftest import FIXTURES, QUIET, STUBS, Golden
 
 from exporter.bundle import BundleOptions, build_bundle
 from exporter.checkpoint import load_checkpoint
@@ -18,8 +18,6 @@ from exporter.presets import build_preset
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.bundle import load_bundle
 from runtime.engine import Engine
-
-QUIET = {"log": lambda message: None}
 
 
 @pytest.fixture

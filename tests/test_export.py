@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import FIXTURES, GOLDEN_CHECKPOINTS, Golden
+from conftest import FIXTURES, GOLDEN_CHECKPOINTS, QUIET, Golden
 from onnx import TensorProto, helper
 
 from exporter.bundle import BundleBuildError, BundleOptions, build_bundle
@@ -24,8 +24,6 @@ from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.bundle import BundleError, load_bundle
 from runtime.engine import sample
 from runtime.pipeline import postprocess, preprocess
-
-QUIET = {"log": lambda message: None}
 
 
 @pytest.fixture(scope="module", params=[(name, p) for name in GOLDEN_CHECKPOINTS for p in ("fp32", "fp16")], ids=str)
@@ -185,13 +183,6 @@ def test_an_existing_bundle_is_not_overwritten(tmp_path: Path) -> None:
     with pytest.raises(BundleBuildError, match="not an empty directory"):
         build_bundle(build_preset("pi0-dummy"), tmp_path / "b", BundleOptions(), **QUIET)
     assert (tmp_path / "b" / "keep.txt").read_text() == "mine"
-
-
-@pytest.fixture(scope="module")
-def dummy_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dummy") / "bundle"
-    build_bundle(build_preset("pi0-dummy"), out, BundleOptions(), **QUIET)
-    return out
 
 
 def test_altered_file_is_refused_by_name(dummy_bundle: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from conftest import FIXTURES, Golden
+from conftest import FIXTURES, QUIET, Golden
 
 from exporter.bundle import BundleOptions, build_bundle
 from exporter.checkpoint import load_checkpoint
@@ -27,7 +27,6 @@ from runtime.bundle import load_bundle
 from runtime.client import BusyError, PolicyClient, PolicyError, ServerUnavailableError
 from runtime.engine import Engine, EngineError
 
-QUIET = {"log": lambda message: None}
 RUNTIME = Path(sys.executable).with_name("pi0-runtime")
 
 
@@ -35,14 +34,6 @@ RUNTIME = Path(sys.executable).with_name("pi0-runtime")
 def golden_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("golden") / "bundle"
     build_bundle(load_checkpoint(FIXTURES / "lerobot-pi0-tiny" / "checkpoint"), out, BundleOptions(), **QUIET)
-    return out
-
-
-@pytest.fixture(scope="module")
-def dummy_bundle(tmp_path_factory: pytest.TempPathFactory, tokenizer_path: Path) -> Path:
-    out = tmp_path_factory.mktemp("dummy") / "bundle"
-    options = BundleOptions(tokenizer=tokenizer_path, prompts=("transfer the cube",))
-    build_bundle(build_preset("pi0-dummy"), out, options, **QUIET)
     return out
 
 

@@ -1,0 +1,330 @@
+"""`pi0-sim`: gym-aloha in MuJoCo driven through the policy server's client.
+
+pi0-sim run --endpoint tcp://127.0.0.1:5555 --episodes 20 --report report.json
+pi0-sim run --bundle build/demo/bundle --max-steps 100        (starts and stops the daemon itself)
+pi0-sim oracle-serve --endpoint tcp://127.0.0.1:5556          (the scripted expert, same protocol)
+pi0-sim record --episodes 2 --out episodes/
+pi0-sim stats episodes/                                       (normalization statistics of recordings)
+pi0-sim parity --bundle B --checkpoint C --episode episodes/episode_000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from runtime.client import PolicyClient, PolicyError, ServerUnavailableError
+from sim.env import TASKS, SimError, make_env, task_named
+
+log = logging.getLogger("pi0-sim")
+DEFAULT_TASK = "AlohaTransferCube-v0"
+
+
+def write_json(path: Path | None, data: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        log.info("wrote %s", path)
+
+
+def check_policy(metadata: dict[str, Any]) -> list[str]:
+    """The camera keys the policy wants, after checking it speaks gym-aloha's state and action."""
+    for name in ("state_dim", "action_dim"):
+        if metadata.get(name) != 14:
+            raise SimError(f"the policy's {name} is {metadata.get(name)}; gym-aloha's ALOHA has 14")
+    return [camera["key"] for camera in metadata["cameras"]]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sim.daemon import PolicyService
+    from sim.harness import report, run_episode
+    from sim.video import EpisodeVideo
+
+    task = task_named(args.task)
+    prompt = args.prompt or task.prompt
+    with contextlib.ExitStack() as stack:
+        endpoint = args.endpoint
+        if args.bundle is not None:
+            log.info("starting the daemon on %s ...", args.bundle)
+            endpoint = stack.enter_context(PolicyService.daemon(args.bundle, args.backend)).endpoint
+        client = stack.enter_context(PolicyClient(endpoint, timeout_s=args.timeout))
+        metadata = client.metadata()
+        camera_keys = check_policy(metadata)
+        per_chunk = args.actions_per_chunk or metadata["chunk_size"]
+        if not 1 <= per_chunk <= metadata["chunk_size"]:
+            raise SimError(f"--actions-per-chunk {per_chunk}: the policy's chunks hold {metadata['chunk_size']}")
+        log.info(
+            "policy %s (%s); %s, %d actions per chunk",
+            metadata.get("source"),
+            metadata.get("backend"),
+            task.name,
+            per_chunk,
+        )
+        env = make_env(task, render_fix=not args.no_render_fix)
+        video = stack.enter_context(EpisodeVideo(args.video)) if args.video else None
+        results = []
+        for i, seed in enumerate(range(args.seed, args.seed + args.episodes)):
+            if video is not None:
+                video.new_episode(seed)
+            start = time.perf_counter()
+            result = run_episode(
+                env,
+                client,
+                seed=seed,
+                prompt=prompt,
+                camera_keys=camera_keys,
+                actions_per_chunk=per_chunk,
+                max_steps=args.max_steps,
+                on_step=video,
+            )
+            results.append(result)
+            latency = result.summary()["latency_ms"]
+            log.info(
+                "episode %d/%d (seed %d): %s, max reward %.0f, %d steps, %d requests, latency p50 %.1f ms, %.1f s",
+                i + 1,
+                args.episodes,
+                seed,
+                "success" if result.success else "no success",
+                result.max_reward,
+                result.steps,
+                result.requests,
+                latency["p50"],
+                time.perf_counter() - start,
+            )
+        env.close()
+        summary = report(
+            results,
+            task=task.name,
+            prompt=prompt,
+            endpoint=endpoint,
+            actions_per_chunk=per_chunk,
+            render_fix=not args.no_render_fix,
+            policy=metadata,
+        )
+    write_json(args.report, summary)
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("episodes", "policy")}, indent=2))
+    if args.min_success_rate is not None and summary["success_rate"] < args.min_success_rate:
+        log.error("success rate %.2f is below --min-success-rate %.2f", summary["success_rate"], args.min_success_rate)
+        return 1
+    return 0
+
+
+def cmd_oracle_serve(args: argparse.Namespace) -> int:
+    from runtime.server import Server, ServerConfig
+    from sim.oracle import TransferCubeOracle
+
+    if args.task != DEFAULT_TASK:
+        raise SimError(f"the scripted oracle exists for {DEFAULT_TASK} only")
+    make_env(task_named(args.task)).close()  # choose the GL backend and fail early if gym-aloha is missing
+    server = Server(
+        lambda: TransferCubeOracle(chunk_size=args.chunk_size),
+        ServerConfig(endpoint=args.endpoint, queue_size=args.queue_size, warm_up=False),
+    )
+    return server.serve()
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from sim.harness import LocalPolicy, run_episode
+    from sim.oracle import TransferCubeOracle
+    from sim.record import EpisodeRecorder
+
+    task = task_named(args.task)
+    prompt = args.prompt or task.prompt
+    env = make_env(task)
+    with contextlib.ExitStack() as stack:
+        if args.endpoint:
+            policy: Any = stack.enter_context(PolicyClient(args.endpoint, timeout_s=args.timeout))
+            source = f"server:{args.endpoint}"
+        else:
+            if task.name != DEFAULT_TASK:
+                raise SimError(
+                    f"the scripted oracle exists for {DEFAULT_TASK} only; give --endpoint to record a policy"
+                )
+            policy = LocalPolicy(TransferCubeOracle())
+            source = "oracle:transfer_cube"
+        metadata = policy.metadata()
+        camera_keys = check_policy(metadata)
+        per_chunk = args.actions_per_chunk or metadata["chunk_size"]
+        for i, seed in enumerate(range(args.seed, args.seed + args.episodes)):
+            recorder = EpisodeRecorder()
+            result = run_episode(
+                env,
+                policy,
+                seed=seed,
+                prompt=prompt,
+                camera_keys=camera_keys,
+                actions_per_chunk=per_chunk,
+                max_steps=args.max_steps,
+                on_step=recorder,
+            )
+            directory = recorder.save(
+                args.out / f"episode_{i:06d}", result, task=task.name, prompt=prompt, source=source
+            )
+            log.info(
+                "episode %d/%d (seed %d): %s, %d steps -> %s",
+                i + 1,
+                args.episodes,
+                seed,
+                "success" if result.success else "no success",
+                result.steps,
+                directory,
+            )
+    env.close()
+    return 0
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    from exporter.reference import ReferencePolicy
+    from exporter.source import load_source
+    from runtime.bundle import load_bundle
+    from runtime.engine import BundlePrompts
+    from sim.daemon import PolicyService
+    from sim.parity import open_loop_parity
+    from sim.record import load_episode
+
+    episode = load_episode(args.episode)
+    bundle = load_bundle(args.bundle)
+    reference = ReferencePolicy(load_source(args))
+    ours, theirs = bundle.spec.to_dict(), reference.spec.to_dict()
+    differ = sorted(k for k in ours if ours[k] != theirs.get(k))
+    if differ:
+        raise SimError(f"the bundle and the checkpoint disagree on {differ}: was the bundle exported from it?")
+
+    def progress(done: int, total: int, row: dict[str, float]) -> None:
+        if done == total or done % 10 == 0:
+            log.info("step %d/%d: max abs %.2e, cosine %.8f", done, total, row["max_abs"], row["cosine"])
+
+    with contextlib.ExitStack() as stack:
+        endpoint = args.endpoint or stack.enter_context(PolicyService.daemon(args.bundle, args.backend)).endpoint
+        client = stack.enter_context(PolicyClient(endpoint, timeout_s=args.timeout))
+        result = open_loop_parity(
+            episode,
+            reference,
+            BundlePrompts(bundle),
+            client,
+            precision=bundle.precision,
+            seed=args.noise_seed,
+            stride=args.stride,
+            max_steps=args.max_steps,
+            progress=progress,
+        )
+    result["bundle"] = str(args.bundle)
+    write_json(args.report, result)
+    print(
+        json.dumps(
+            {k: v for k, v in result.items() if k in ("steps_compared", "overall", "thresholds", "passed")}, indent=2
+        )
+    )
+    if not result["passed"]:
+        log.error("parity failed: %s outside %s", result["overall"], result["thresholds"])
+        return 1
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from sim.record import aloha_norm_stats, load_episode
+
+    directories = sorted(d for d in args.episodes.iterdir() if (d / "meta.json").is_file())
+    stats = aloha_norm_stats([load_episode(d) for d in directories])
+    write_json(args.out, stats)
+    if args.out is None:
+        print(json.dumps(stats, indent=2))
+    return 0
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", default=DEFAULT_TASK, choices=sorted(TASKS), help=f"default {DEFAULT_TASK}")
+    parser.add_argument("--prompt", help="the instruction sent with every request (default: the task's LeRobot prompt)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first episode; episode i uses seed + i")
+    parser.add_argument("--max-steps", type=int, help="stop an episode after this many steps (default: the env's 300)")
+    parser.add_argument(
+        "--actions-per-chunk", type=int, metavar="K", help="execute the first K actions of each chunk (default: all)"
+    )
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a reply before retrying")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pi0-sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="closed-loop episodes through a policy server; success rate and latency")
+    target = run.add_mutually_exclusive_group(required=True)
+    target.add_argument("--endpoint", help="a running server: the daemon or `pi0-sim oracle-serve`")
+    target.add_argument(
+        "--bundle", type=Path, help="start `pi0-runtime serve` on this bundle for the run, then stop it"
+    )
+    run.add_argument("--backend", help="the daemon's backend with --bundle (default: its own choice)")
+    add_task_arguments(run)
+    run.add_argument("--episodes", type=int, default=1, help="how many episodes (default 1)")
+    run.add_argument(
+        "--video", type=Path, metavar="OUT.mp4", help="write the episodes as seen, with step/reward/latency"
+    )
+    run.add_argument("--report", type=Path, metavar="REPORT.json", help="write the full report here")
+    run.add_argument("--min-success-rate", type=float, help="exit 1 when the success rate is below this")
+    run.add_argument(
+        "--no-render-fix", action="store_true", help="let gym-aloha render its three cameras per step (to measure)"
+    )
+    run.set_defaults(func=cmd_run)
+
+    oracle = commands.add_parser(
+        "oracle-serve", help="serve the scripted transfer-cube expert over the daemon's protocol"
+    )
+    oracle.add_argument(
+        "--endpoint", default="tcp://127.0.0.1:5555", help="where to bind (default tcp://127.0.0.1:5555)"
+    )
+    oracle.add_argument("--task", default=DEFAULT_TASK, choices=[DEFAULT_TASK])
+    oracle.add_argument("--chunk-size", type=int, default=50, help="actions per reply (default 50, as pi0)")
+    oracle.add_argument("--queue-size", type=int, default=4)
+    oracle.set_defaults(func=cmd_oracle_serve)
+
+    record = commands.add_parser("record", help="save scripted demonstrations (frames, states, actions, prompt)")
+    record.add_argument("--out", type=Path, required=True, help="directory for episode_000000/, episode_000001/, ...")
+    record.add_argument("--episodes", type=int, default=1)
+    record.add_argument("--endpoint", help="record a policy server's episodes instead of the in-process oracle")
+    add_task_arguments(record)
+    record.set_defaults(func=cmd_record)
+
+    stats = commands.add_parser(
+        "stats", help="normalization statistics of recorded episodes, in pi0's ALOHA space (state and action)"
+    )
+    stats.add_argument("episodes", type=Path, help="a directory written by `pi0-sim record`")
+    stats.add_argument("--out", type=Path, help="write the JSON here (default: print it)")
+    stats.set_defaults(func=cmd_stats)
+
+    parity = commands.add_parser("parity", help="a recorded episode through the PyTorch reference and the daemon")
+    parity.add_argument("--bundle", type=Path, required=True)
+    parity.add_argument("--episode", type=Path, required=True, help="a directory written by `pi0-sim record`")
+    parity.add_argument("--endpoint", help="a daemon already serving the bundle (default: start one)")
+    parity.add_argument("--backend", help="the daemon's backend when it is started here")
+    parity.add_argument("--noise-seed", type=int, default=0, help="seed of the noise both sides get (default 0)")
+    parity.add_argument("--stride", type=int, default=1, help="compare every Nth step (default 1)")
+    parity.add_argument("--max-steps", type=int, help="compare at most this many steps")
+    parity.add_argument("--timeout", type=float, default=60.0)
+    parity.add_argument("--report", type=Path, metavar="REPORT.json")
+    from exporter.source import add_source_arguments
+
+    add_source_arguments(parity)
+    parity.set_defaults(func=cmd_parity)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stdout)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SimError, PolicyError, ServerUnavailableError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""gym-aloha environments, headless, rendering only the camera the policy sees.
+
+gym-aloha's tasks render three 480x640 cameras (`top`, `angle`, `front_close`) on every step but
+return only `top`; `render_only_top` replaces the task's observation function with one that renders
+`top` alone (the per-step time with and without it is in docs/benchmarks.md).
+
+MuJoCo picks its OpenGL backend from `MUJOCO_GL` when it is first imported, so `select_gl_backend`
+must run before anything imports mujoco or dm_control: EGL (headless, GPU or Mesa) when it works,
+else OSMesa (software; `apt install libosmesa6`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+GL_BACKENDS = ("egl", "osmesa")
+_GL_PROBE = "import mujoco; c = mujoco.GLContext(16, 16); c.make_current(); c.free()"
+
+
+class SimError(Exception):
+    """The simulation cannot run as asked; the message says what to change."""
+
+
+def select_gl_backend() -> str:
+    """Set MUJOCO_GL (and PyOpenGL's platform) to the first backend that creates a context here."""
+    chosen = os.environ.get("MUJOCO_GL")
+    candidates = (chosen,) if chosen else GL_BACKENDS
+    for backend in candidates:
+        env = {**os.environ, "MUJOCO_GL": backend, "PYOPENGL_PLATFORM": backend}
+        probe = subprocess.run([sys.executable, "-c", _GL_PROBE], env=env, capture_output=True, text=True)
+        if probe.returncode == 0:
+            os.environ["MUJOCO_GL"] = os.environ["PYOPENGL_PLATFORM"] = backend
+            return backend
+    raise SimError(
+        f"no OpenGL backend for MuJoCo works here (tried {', '.join(candidates)}): install libegl1 "
+        "(EGL, with Mesa or a GPU driver) or libosmesa6 (software rendering)"
+    )
+
+
+def ensure_gl_backend() -> str:
+    """Call before the first import of mujoco or dm_control: keeps a MUJOCO_GL already set, else selects."""
+    return os.environ.get("MUJOCO_GL") or select_gl_backend()
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # gym-aloha's registered id, without the `gym_aloha/` namespace
+    internal: str  # gym-aloha's task name
+    prompt: str  # the instruction LeRobot's ALOHA-sim datasets carry for this task
+
+
+TASKS = {
+    task.name: task
+    for task in (
+        Task(
+            "AlohaTransferCube-v0",
+            "transfer_cube",
+            "Pick up the cube with the right arm and transfer it to the left arm.",
+        ),
+        Task("AlohaInsertion-v0", "insertion", "Insert the peg into the socket."),
+    )
+}
+CAMERAS = ("top",)  # what gym-aloha returns; the other cameras it renders are discarded
+STATE_DIM = 14
+FPS = 50
+
+
+def task_named(name: str) -> Task:
+    if name not in TASKS:
+        raise SimError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    return TASKS[name]
+
+
+def make_env(task: Task, render_fix: bool = True) -> Any:
+    """The gym-aloha environment (pixels + the 14-dim `agent_pos`, time limit 300 steps)."""
+    ensure_gl_backend()
+    import gym_aloha  # noqa: F401  (registers the environments)
+    import gymnasium as gym
+
+    env = gym.make(f"gym_aloha/{task.name}", obs_type="pixels_agent_pos")
+    if render_fix:
+        render_only_top(env)
+    return env
+
+
+def render_only_top(env: Any) -> None:
+    """Make the task render the `top` camera alone (the observation gym-aloha returns is unchanged)."""
+    aloha = env.unwrapped
+    task = aloha._env.task
+    height, width = aloha.observation_height, aloha.observation_width
+
+    def get_observation(physics: Any) -> dict[str, Any]:
+        return {
+            "qpos": task.get_qpos(physics),
+            "qvel": task.get_qvel(physics),
+            "env_state": task.get_env_state(physics),
+            "images": {"top": physics.render(height=height, width=width, camera_id="top")},
+        }
+
+    task.get_observation = get_observation
+
+
+def policy_request(obs: dict[str, Any], camera_keys: list[str], prompt: str | None) -> dict[str, Any]:
+    """A gym-aloha observation -> the request a policy server takes (LeRobot's feature names)."""
+    request: dict[str, Any] = {}
+    for key in camera_keys:
+        camera = key.removeprefix("observation.images.")
+        if camera not in obs["pixels"]:
+            raise SimError(f"the policy wants camera {key!r}; gym-aloha gives {sorted(obs['pixels'])}")
+        request[key] = obs["pixels"][camera]
+    request["observation.state"] = np.asarray(obs["agent_pos"], dtype=np.float32)
+    if prompt is not None:
+        request["prompt"] = prompt
+    return request

@@ -1,0 +1,116 @@
+"""Recorded episodes: what a policy saw and did, step by step (format in docs/sim.md).
+
+    DIR/episode_000000/meta.json   task, prompt, seed, fps, steps, success, max reward, source, array list
+    DIR/episode_000000/data.npz    observation.images.top  uint8   [T, 480, 640, 3]
+                                   observation.state       float32 [T, 14]
+                                   action                  float32 [T, 14]
+                                   reward                  float32 [T]
+
+Row t is the observation the action of step t was chosen from. Plain numeric arrays only: loaded
+with `allow_pickle=False`, nothing in a recording can execute.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime import transforms
+from runtime.spec import NormStats
+from sim.env import FPS, SimError
+from sim.harness import EpisodeResult, Step
+
+FORMAT = "pi0-sim-episode"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Episode:
+    meta: dict[str, Any]
+    images: dict[str, np.ndarray]  # by LeRobot feature name, [T, H, W, 3] uint8
+    states: np.ndarray  # [T, 14]
+    actions: np.ndarray  # [T, 14]
+    rewards: np.ndarray  # [T]
+
+    @property
+    def prompt(self) -> str:
+        return self.meta["prompt"]
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+
+class EpisodeRecorder:
+    """`on_step` callback for `run_episode` that keeps every step for `save`."""
+
+    def __init__(self) -> None:
+        self.steps: list[Step] = []
+
+    def __call__(self, step: Step) -> None:
+        self.steps.append(step)
+
+    def save(self, directory: Path, result: EpisodeResult, **meta: Any) -> Path:
+        if not self.steps:
+            raise SimError("nothing to save: the episode has no steps")
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays = {
+            "observation.images.top": np.stack([s.observation["pixels"]["top"] for s in self.steps]),
+            "observation.state": np.stack([s.observation["agent_pos"] for s in self.steps]).astype(np.float32),
+            "action": np.stack([s.action for s in self.steps]).astype(np.float32),
+            "reward": np.array([s.reward for s in self.steps], dtype=np.float32),
+        }
+        np.savez_compressed(directory / "data.npz", **arrays)
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            **meta,
+            "seed": result.seed,
+            "fps": FPS,
+            "steps": result.steps,
+            "success": result.success,
+            "max_reward": result.max_reward,
+            "arrays": {name: {"dtype": a.dtype.name, "shape": list(a.shape)} for name, a in arrays.items()},
+        }
+        (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return directory
+
+
+def load_episode(directory: Path) -> Episode:
+    meta_path, data_path = directory / "meta.json", directory / "data.npz"
+    if not meta_path.is_file() or not data_path.is_file():
+        raise SimError(f"{directory} is not a recorded episode: expected meta.json and data.npz in it")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise SimError(
+            f"{meta_path}: format {meta.get('format')!r} v{meta.get('version')}; expected {FORMAT!r} v{VERSION}"
+        )
+    with np.load(data_path, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    missing = {"observation.state", "action", "reward"} - set(arrays)
+    if missing:
+        raise SimError(f"{data_path} lacks {sorted(missing)}")
+    images = {k: v for k, v in arrays.items() if k.startswith("observation.images.")}
+    lengths = {len(a) for a in arrays.values()}
+    if len(lengths) != 1:
+        raise SimError(f"{data_path}: arrays of different lengths {sorted(lengths)}")
+    return Episode(meta, images, arrays["observation.state"], arrays["action"], arrays["reward"])
+
+
+def aloha_norm_stats(episodes: list[Episode], eps: float = 1e-8) -> dict[str, dict[str, Any]]:
+    """MEAN_STD statistics of recorded states and actions, in pi0's ALOHA space (states decoded,
+    actions through the inverse of the encoding), as LeRobot computes them for `adapt_to_pi_aloha`."""
+    if not episodes:
+        raise SimError("no episodes to compute statistics from")
+    states = transforms.aloha_decode_state(np.concatenate([e.states for e in episodes]))
+    actions = transforms.aloha_encode_actions_inv(np.concatenate([e.actions for e in episodes]))
+    return {
+        "observation.state": NormStats(states.mean(0), states.std(0), eps).to_dict(),
+        "action": NormStats(actions.mean(0), actions.std(0), eps).to_dict(),
+        "frames": len(states),
+        "seeds": [e.meta.get("seed") for e in episodes],
+        "recorded_from": sorted({str(e.meta.get("source")) for e in episodes}),
+    }

@@ -1,0 +1,255 @@
+"""The MuJoCo harness: real gym-aloha, real rendering (EGL, and OSMesa as the fallback), the real daemon
+and the scripted oracle behind the real server, driven through the client by `pi0-sim`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+from conftest import FIXTURES, QUIET
+
+from exporter.bundle import BundleOptions, build_bundle
+from exporter.checkpoint import load_checkpoint, save_lerobot
+from exporter.tokenizer_train import train_tokenizer
+from runtime import transforms
+from runtime.client import PolicyClient, PolicyError
+from sim import env as sim_env
+from sim.cli import main as pi0_sim
+from sim.daemon import PolicyService
+from sim.harness import LocalPolicy, run_episode
+from sim.oracle import PLAN_STEPS, TransferCubeOracle, camera_projection
+from sim.record import aloha_norm_stats, load_episode
+
+TRANSFER_CUBE = sim_env.TASKS["AlohaTransferCube-v0"]
+TOP = "observation.images.top"
+SHIPPED_WELD_SOLIMP = (0.25, 0.25, 0.001)  # gym-aloha's end-effector XML
+
+
+def box_pose(seed: int) -> np.ndarray:
+    from gym_aloha.utils import sample_box_pose
+
+    return sample_box_pose(seed)
+
+
+@pytest.fixture(scope="module")
+def env():
+    environment = sim_env.make_env(TRANSFER_CUBE)
+    yield environment
+    environment.close()
+
+
+@pytest.fixture(scope="module")
+def oracle(env) -> TransferCubeOracle:
+    return TransferCubeOracle()
+
+
+# --- rendering ---------------------------------------------------------------------------------------
+
+
+def test_render_fix_renders_one_camera_and_the_same_pixels(env) -> None:
+    plain = sim_env.make_env(TRANSFER_CUBE, render_fix=False)
+    frames, renders = [], []
+    for environment in (plain, env):
+        physics = environment.unwrapped._env.physics
+        calls = []
+        original = physics.render
+        physics.render = lambda *a, _calls=calls, _render=original, **k: (
+            _calls.append(k.get("camera_id")) or _render(*a, **k)
+        )
+        try:
+            obs, _ = environment.reset(seed=0)
+            calls.clear()
+            obs, *_ = environment.step(np.asarray(obs["agent_pos"]))
+        finally:
+            del physics.render
+        frames.append(obs["pixels"]["top"])
+        renders.append(calls)
+    plain.close()
+    assert renders == [["top", "angle", "front_close"], ["top"]]
+    np.testing.assert_array_equal(frames[0], frames[1])
+
+
+def test_osmesa_is_the_fallback_and_renders_the_scene(monkeypatch: pytest.MonkeyPatch, oracle) -> None:
+    monkeypatch.delenv("MUJOCO_GL", raising=False)
+    monkeypatch.delenv("PYOPENGL_PLATFORM", raising=False)
+    monkeypatch.setattr(sim_env, "GL_BACKENDS", ("no-such-backend", "osmesa"))
+    assert sim_env.select_gl_backend() == "osmesa"
+    monkeypatch.setattr(sim_env, "GL_BACKENDS", ("no-such-backend",))
+    monkeypatch.delenv("MUJOCO_GL")
+    with pytest.raises(sim_env.SimError, match="libosmesa6"):
+        sim_env.select_gl_backend()
+    # A frame rendered by OSMesa in a fresh process, where the oracle finds the cube as under EGL.
+    script = (
+        "import numpy as np, sys; from sim.env import TASKS, make_env; "
+        "obs, _ = make_env(TASKS['AlohaTransferCube-v0']).reset(seed=4); np.save(sys.argv[1], obs['pixels']['top'])"
+    )
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"osmesa-{os.getpid()}.npy"
+    env_vars = {**os.environ, "MUJOCO_GL": "osmesa", "PYOPENGL_PLATFORM": "osmesa"}
+    subprocess.run([sys.executable, "-c", script, str(out)], env=env_vars, check=True, capture_output=True)
+    frame = np.load(out)
+    out.unlink()
+    assert np.abs(oracle.find_cube(frame)[:2] - box_pose(4)[:2]).max() < 3e-3
+
+
+# --- the oracle's parts ------------------------------------------------------------------------------
+
+
+def test_camera_projection_matches_dm_control(oracle) -> None:
+    from dm_control import mujoco
+
+    want = mujoco.Camera(oracle._scene, height=480, width=640, camera_id="top").matrix
+    np.testing.assert_allclose(camera_projection(oracle._scene, "top", 480, 640), want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 5, 11])
+def test_cube_is_found_in_the_top_camera_within_3mm(env, oracle, seed: int) -> None:
+    obs, _ = env.reset(seed=seed)
+    found = oracle.find_cube(obs["pixels"]["top"])
+    assert np.abs(found[:2] - box_pose(seed)[:2]).max() < 3e-3
+    assert found[2] == box_pose(seed)[2]
+
+
+def test_the_stiff_weld_is_what_makes_the_plan_work(oracle) -> None:
+    stiff = oracle.plan(box_pose(7)[:3])
+    shipped = oracle.plan(box_pose(7)[:3], weld_solimp=SHIPPED_WELD_SOLIMP)
+    assert stiff.actions.shape == (PLAN_STEPS + 1, 14) and stiff.states.shape == (PLAN_STEPS + 2, 14)
+    assert stiff.rewards.max() == 4 and np.argmax(stiff.rewards == 4) < 300  # within gym-aloha's time limit
+    assert shipped.rewards.max() < 4
+
+
+def test_oracle_refuses_what_it_cannot_plan_from(oracle) -> None:
+    policy = LocalPolicy(TransferCubeOracle())
+    start = {TOP: np.zeros((480, 640, 3), np.uint8), "observation.state": oracle.start_state.astype(np.float32)}
+    with pytest.raises(Exception, match="no red cube"):
+        policy.infer(start)
+    moved = {**start, "observation.state": start["observation.state"] + 0.1}
+    with pytest.raises(Exception, match="start pose"):
+        policy.infer(moved)
+
+
+def test_oracle_follows_any_actions_per_chunk(env) -> None:
+    result = run_episode(
+        env, LocalPolicy(TransferCubeOracle()), seed=2, prompt=None, camera_keys=[TOP], actions_per_chunk=7
+    )
+    assert result.success and result.max_reward == 4 and result.requests == -(-result.steps // 7)
+
+
+# --- through the server, as a controller would -------------------------------------------------------
+
+
+def test_oracle_server_succeeds_through_the_harness(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    with PolicyService.oracle() as service:
+        code = pi0_sim(["run", "--endpoint", service.endpoint, "--seed", "3", "--report", str(report_path)])
+        with PolicyClient(service.endpoint) as client, pytest.raises(PolicyError, match="bad_request"):
+            client.infer({TOP: np.zeros((480, 640, 3), np.uint8), "observation.state": np.zeros(14, np.float32)})
+    assert code == 0 and service.exit_code == 0
+    report = json.loads(report_path.read_text())
+    assert report["successes"] == 1 and report["success_rate"] == 1.0 and report["errors"] == 0
+    episode = report["episodes"][0]
+    assert episode["seed"] == 3 and episode["success"] and episode["max_reward"] == 4 and episode["steps"] < 300
+    assert episode["requests"] == -(-episode["steps"] // 50) == report["latency_ms"]["n"]
+    assert report["policy"]["backend"] == "scripted-oracle"
+
+
+def test_pi0_daemon_drives_a_short_episode(dummy_bundle: Path, tmp_path: Path) -> None:
+    report_path, video = tmp_path / "report.json", tmp_path / "episode.mp4"
+    argv = ["run", "--bundle", str(dummy_bundle), "--max-steps", "20", "--actions-per-chunk", "10"]
+    assert pi0_sim([*argv, "--report", str(report_path), "--video", str(video)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["errors"] == 0 and report["successes"] == 0  # random weights
+    assert report["prompt"] == TRANSFER_CUBE.prompt and report["actions_per_chunk"] == 10
+    episode = report["episodes"][0]
+    assert episode["steps"] == 20 and episode["requests"] == 2 and episode["error"] is None
+    assert report["latency_ms"]["n"] == report["server_total_ms"]["n"] == 2
+    assert report["sim_step_ms"]["n"] == 20
+    assert report["policy"]["source"] == "preset:pi0-dummy" and report["policy"]["backend"] == "onnxruntime"
+    assert imageio.get_reader(video).count_frames() == 20
+
+
+def test_run_refuses_a_policy_for_another_robot(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """lerobot-pi0-tiny: a 7-dim arm with a wrist camera, not ALOHA."""
+    checkpoint = FIXTURES / "lerobot-pi0-tiny" / "checkpoint"
+    build_bundle(load_checkpoint(checkpoint), tmp_path / "bundle", BundleOptions(), **QUIET)
+    assert pi0_sim(["run", "--bundle", str(tmp_path / "bundle"), "--max-steps", "1"]) == 2
+    assert "state_dim is 7; gym-aloha's ALOHA has 14" in caplog.text
+
+
+# --- recordings and open-loop parity -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("episodes")
+    assert pi0_sim(["record", "--out", str(out), "--max-steps", "12", "--seed", "1", "--prompt", "transfer cube"]) == 0
+    return out / "episode_000000"
+
+
+def test_recording_format(recorded: Path) -> None:
+    episode = load_episode(recorded)
+    assert len(episode) == 12 and episode.prompt == "transfer cube"
+    assert episode.images[TOP].shape == (12, 480, 640, 3) and episode.images[TOP].dtype == np.uint8
+    assert episode.states.shape == episode.actions.shape == (12, 14) and episode.states.dtype == np.float32
+    assert episode.meta["seed"] == 1 and episode.meta["task"] == "AlohaTransferCube-v0" and episode.meta["steps"] == 12
+    assert episode.meta["source"] == "oracle:transfer_cube"
+    # The actions are the oracle's plan for the cube it finds in the first recorded frame, and the
+    # states are those its own replay passed through (the arms touch nothing in the first 12 steps).
+    oracle = TransferCubeOracle()
+    plan = oracle.plan(oracle.find_cube(episode.images[TOP][0]))
+    np.testing.assert_array_equal(episode.actions, plan.actions[:12])
+    np.testing.assert_allclose(episode.states, plan.states[:12], atol=1e-6)
+
+
+def test_norm_stats_of_recordings_normalize_them(recorded: Path) -> None:
+    episode = load_episode(recorded)
+    stats = aloha_norm_stats([episode])
+    states = transforms.aloha_decode_state(episode.states)
+    normalized = (states - np.array(stats["observation.state"]["mean"])) / (
+        np.array(stats["observation.state"]["std"]) + stats["observation.state"]["eps"]
+    )
+    moving = np.array(stats["observation.state"]["std"]) > 1e-6
+    np.testing.assert_allclose(normalized.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(normalized.std(0)[moving], 1, atol=1e-3)
+    assert stats["frames"] == 12 and stats["seeds"] == [1]
+
+
+@pytest.fixture(scope="module")
+def aloha_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The aloha-sim fixture (1 camera + 2 empty, ALOHA conventions) as an fp32 bundle whose tokenizer
+    fits its 320-token vocabulary."""
+    tmp = tmp_path_factory.mktemp("aloha")
+    tokenizer = train_tokenizer(tmp / "tokenizer.model", vocab_size=320)
+    checkpoint = FIXTURES / "lerobot-pi0-tiny-aloha-sim" / "checkpoint"
+    build_bundle(load_checkpoint(checkpoint), tmp / "bundle", BundleOptions(tokenizer=tokenizer), **QUIET)
+    return checkpoint, tmp / "bundle"
+
+
+def test_open_loop_parity_fp32_within_1e4(recorded: Path, aloha_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    checkpoint, bundle = aloha_bundle
+    report_path = tmp_path / "parity.json"
+    argv = ["parity", "--bundle", str(bundle), "--checkpoint", str(checkpoint), "--episode", str(recorded)]
+    assert pi0_sim([*argv, "--report", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["passed"] and report["steps_compared"] == 12 and len(report["per_step"]) == 12
+    assert report["overall"]["max_abs"] <= 1e-4 and report["overall"]["cosine"] > 0.999999
+    assert max(row["max_abs"] for row in report["per_step"]) == report["overall"]["max_abs"]
+
+
+def test_parity_catches_a_different_model(recorded: Path, aloha_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    checkpoint, bundle = aloha_bundle
+    policy = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        policy.model.action_out_proj.weight.mul_(1.01)  # a 1% different last layer
+    save_lerobot(policy, tmp_path / "altered")
+    argv = ["parity", "--bundle", str(bundle), "--checkpoint", str(tmp_path / "altered"), "--episode", str(recorded)]
+    assert pi0_sim(argv) == 1
+    # and a checkpoint of another shape is refused before anything runs
+    other = FIXTURES / "lerobot-pi0-tiny" / "checkpoint"
+    assert pi0_sim(["parity", "--bundle", str(bundle), "--checkpoint", str(other), "--episode", str(recorded)]) == 2
