@@ -6,12 +6,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # torch comes first and pinned: 2.13.0 is the local CPU build; an open range would pull a CUDA build.
 TORCH := torch==2.13.0
+SYSTEM_PACKAGES := libegl1 libgl1-mesa-dri libosmesa6
 
 .DEFAULT_GOAL := help
 .PHONY: help setup demo test bench lint format clean
 
 help:
-	@echo "make demo   - set up, then export the pi0-dummy preset, serve it and drive it through the client"
+	@echo "make demo   - set up, then export the pi0-dummy preset, serve it with the daemon and drive one sim episode"
 	@echo "make test   - set up, then run the test suite"
 	@echo "make bench  - run the benchmarks (minutes, ~15 GB RAM and disk) and rewrite docs/benchmarks.md"
 	@echo "make lint   - ruff check and format check"
@@ -24,19 +25,30 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[export,runtime,sim,dev]'
+	@# MuJoCo renders headless through EGL (libegl1 + Mesa) or, as the fallback, OSMesa (libosmesa6).
+	@if ldconfig -p | grep -q 'libEGL.so.1 ' && ldconfig -p | grep -q libOSMesa; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null \
+		|| { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; } \
+		|| echo "warning: could not install $(SYSTEM_PACKAGES); MuJoCo rendering may fail"; \
+	else echo "note: MuJoCo needs libegl1 or libosmesa6 to render: sudo apt-get install $(SYSTEM_PACKAGES)"; fi
 	touch $@
 
 setup: $(STAMP)
 
 DEMO := build/demo
 
-# The main job on the built-in default, as far as the steps built so far go (the MuJoCo sim comes
-# with Step 4): the pi0-dummy preset exported to a validated bundle, then served by the daemon and
-# driven through the controller's client, with the latency breakdown of both.
+DEMO_PROMPT := Pick up the cube with the right arm and transfer it to the left arm.
+
+# The main job on the built-in default: the pi0-dummy preset exported to a validated bundle; the
+# daemon started on it (supervised like systemd: READY=1, then SIGTERM and a clean exit); one short
+# gym-aloha transfer-cube episode driven through the controller's client; the report printed (a
+# random-weight pi0 does not succeed: the figures are the loop's, the video shows what it did).
 demo: setup
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(VENV)/bin/pi0-export bundle --preset pi0-dummy --out $(DEMO)/bundle --prompt "transfer the cube"
-	$(VENV)/bin/pi0-runtime bench --bundle $(DEMO)/bundle --n 10 --through-server
+	$(VENV)/bin/pi0-export bundle --preset pi0-dummy --out $(DEMO)/bundle --prompt "$(DEMO_PROMPT)"
+	$(VENV)/bin/pi0-sim run --bundle $(DEMO)/bundle --prompt "$(DEMO_PROMPT)" --max-steps 100 \
+		--report $(DEMO)/report.json --video $(DEMO)/episode.mp4
 
 test: setup
 	$(PY) -m pytest -q

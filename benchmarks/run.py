@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import export_full, load_memory, service  # noqa: E402
+from benchmarks import export_full, load_memory, service, sim_harness  # noqa: E402
 
 
 def machine() -> str:
@@ -32,6 +32,45 @@ def machine() -> str:
 
 def table(rows: list[tuple[str, object]]) -> str:
     return "\n".join(["| what | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+def sim_sections(sim: dict) -> list[str]:
+    oracle, render, parity = sim["oracle"], sim["render"], sim["parity"]
+    steps = [e["steps"] for e in oracle["episodes"]]
+    return [
+        "## The MuJoCo harness (`benchmarks/sim_harness.py`)",
+        "The scripted oracle (`pi0-sim oracle-serve`, the runtime's own server) driven by `pi0-sim run` over "
+        f"ZeroMQ ipc on gym-aloha transfer-cube, seeds 0..{len(steps) - 1}, whole chunks (50 actions) per "
+        "request, EGL rendering (Mesa, CPU). Target: at least 19 successes of 20.",
+        table(
+            [
+                ("successes", f"{oracle['successes']} / {len(steps)}"),
+                ("max reward per episode", ", ".join(f"{e['max_reward']:.0f}" for e in oracle["episodes"])),
+                ("steps to success (min / mean / max)", f"{min(steps)} / {sum(steps) / len(steps):.0f} / {max(steps)}"),
+                (
+                    "request round trip p50 / p99 (ms; the plan is made at the first)",
+                    f"{oracle['latency_ms']['p50']:.2f} / {oracle['latency_ms']['p99']:.1f}",
+                ),
+                ("errors", oracle["errors"]),
+            ]
+        ),
+        "gym-aloha's `env.step` (physics and rendering) per step, one oracle episode (seed 0), with the "
+        "render fix (only the `top` camera the policy sees) and as shipped (three 480x640 cameras).",
+        "| ms per step | p50 | p90 | p99 | steps |\n|---|---|---|---|---|\n"
+        + "\n".join(
+            f"| {name} | {v['p50']:.1f} | {v['p90']:.1f} | {v['p99']:.1f} | {v['n']} |" for name, v in render.items()
+        ),
+        "Open-loop parity (`pi0-sim parity`): one recorded oracle episode (seed 0), every step, through the "
+        "PyTorch reference and through the daemon serving a bundle of the `lerobot-pi0-tiny-aloha-sim` "
+        "fixture (1 camera + 2 empty slots, ALOHA conventions), same noise; action chunks in the robot's "
+        "units. Threshold: fp32 max abs <= 1e-4; fp16 cosine >= 0.999 and mean abs <= 1e-2.",
+        "| bundle | steps | max abs | mean abs | cosine | worst step cosine | passed |\n|---|---|---|---|---|---|---|\n"
+        + "\n".join(
+            f"| {precision} | {r['steps_compared']} | {r['overall']['max_abs']:.3g} | {r['overall']['mean_abs']:.3g} "
+            f"| {r['overall']['cosine']:.8f} | {r['overall']['cosine_worst_step']:.8f} | {r['passed']} |"
+            for precision, r in parity.items()
+        ),
+    ]
 
 
 def main() -> None:
@@ -94,6 +133,7 @@ def main() -> None:
             for name, v in [*svc["engine"].items(), *svc["server"].items()]
         ),
     ]
+    sections += sim_sections(sim_harness.run())
     out = ROOT / "docs" / "benchmarks.md"
     out.write_text("\n\n".join(sections) + "\n")
     print(f"wrote {out}")

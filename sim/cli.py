@@ -68,22 +68,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         env = make_env(task, render_fix=not args.no_render_fix)
         video = stack.enter_context(EpisodeVideo(args.video)) if args.video else None
-        results = []
+        results, aborted = [], None
         for i, seed in enumerate(range(args.seed, args.seed + args.episodes)):
             if video is not None:
                 video.new_episode(seed)
             start = time.perf_counter()
-            result = run_episode(
-                env,
-                client,
-                seed=seed,
-                prompt=prompt,
-                camera_keys=camera_keys,
-                actions_per_chunk=per_chunk,
-                max_steps=args.max_steps,
-                on_step=video,
-            )
+            try:
+                result = run_episode(
+                    env,
+                    client,
+                    seed=seed,
+                    prompt=prompt,
+                    camera_keys=camera_keys,
+                    actions_per_chunk=per_chunk,
+                    max_steps=args.max_steps,
+                    on_step=video,
+                )
+            except ServerUnavailableError as e:
+                aborted = f"episode {i + 1} (seed {seed}): {e}"
+                log.error("run aborted, %s", aborted)
+                break
             results.append(result)
+            if result.error:
+                log.warning("episode %d (seed %d) stopped early: %s", i + 1, seed, result.error)
             latency = result.summary()["latency_ms"]
             log.info(
                 "episode %d/%d (seed %d): %s, max reward %.0f, %d steps, %d requests, latency p50 %.1f ms, %.1f s",
@@ -94,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 result.max_reward,
                 result.steps,
                 result.requests,
-                latency["p50"],
+                latency.get("p50", float("nan")),
                 time.perf_counter() - start,
             )
         env.close()
@@ -106,9 +113,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             actions_per_chunk=per_chunk,
             render_fix=not args.no_render_fix,
             policy=metadata,
+            aborted=aborted,
         )
     write_json(args.report, summary)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("episodes", "policy")}, indent=2))
+    if aborted:
+        return 2
     if args.min_success_rate is not None and summary["success_rate"] < args.min_success_rate:
         log.error("success rate %.2f is below --min-success-rate %.2f", summary["success_rate"], args.min_success_rate)
         return 1

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from runtime.client import PolicyError
 from runtime.server import observation_from
 from runtime.stats import summarize
 from sim.env import STATE_DIM, SimError, policy_request
@@ -62,7 +63,7 @@ class EpisodeResult:
     latency_ms: list[float] = field(default_factory=list)  # client round trip per request
     server_ms: list[float] = field(default_factory=list)  # the server's own total per request
     sim_step_ms: list[float] = field(default_factory=list)
-    error: str | None = None  # the simulation could not go on (physics diverged under the actions)
+    error: str | None = None  # why the episode stopped early: an error reply, or the physics diverged
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -88,14 +89,19 @@ def run_episode(
     on_step: Callable[[Step], None] | None = None,
 ) -> EpisodeResult:
     """One episode from `env.reset(seed)` until success, the env's time limit or `max_steps`, or until
-    MuJoCo gives up on the physics (recorded in `error`; the policy's actions are never altered)."""
+    the policy answers with an error or MuJoCo gives up on the physics (both recorded in `error`; the
+    policy's actions are never altered). No reply at all (`ServerUnavailableError`) propagates."""
     from dm_control.rl.control import PhysicsError  # after make_env: importing MuJoCo fixes its GL backend
 
     obs, _ = env.reset(seed=seed)
     result = EpisodeResult(seed=seed, success=False, max_reward=0.0, steps=0, requests=0)
     while True:
         start = time.perf_counter()
-        reply = policy.infer(policy_request(obs, camera_keys, prompt))
+        try:
+            reply = policy.infer(policy_request(obs, camera_keys, prompt))
+        except PolicyError as e:  # the server refused or failed this request: the episode cannot go on
+            result.error = f"policy error at step {result.steps}: {e}"
+            return result
         latency = (time.perf_counter() - start) * 1e3
         result.requests += 1
         result.latency_ms.append(latency)

@@ -174,6 +174,16 @@ def test_pi0_daemon_drives_a_short_episode(dummy_bundle: Path, tmp_path: Path) -
     assert imageio.get_reader(video).count_frames() == 20
 
 
+def test_error_replies_end_episodes_not_the_run(dummy_bundle: Path, tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    too_long = "pick up the cube " * 20  # more tokens than the bundle's 48: every request is refused
+    argv = ["run", "--bundle", str(dummy_bundle), "--episodes", "2", "--prompt", too_long]
+    assert pi0_sim([*argv, "--report", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["errors"] == 2 and [e["seed"] for e in report["episodes"]] == [0, 1]
+    assert all(e["error"].startswith("policy error at step 0: bad_request") for e in report["episodes"])
+
+
 def test_run_refuses_a_policy_for_another_robot(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """lerobot-pi0-tiny: a 7-dim arm with a wrist camera, not ALOHA."""
     checkpoint = FIXTURES / "lerobot-pi0-tiny" / "checkpoint"
@@ -253,3 +263,30 @@ def test_parity_catches_a_different_model(recorded: Path, aloha_bundle: tuple[Pa
     # and a checkpoint of another shape is refused before anything runs
     other = FIXTURES / "lerobot-pi0-tiny" / "checkpoint"
     assert pi0_sim(["parity", "--bundle", str(bundle), "--checkpoint", str(other), "--episode", str(recorded)]) == 2
+
+
+def test_installed_command_explains_itself() -> None:
+    exe = Path(sys.executable).with_name("pi0-sim")
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    for command in ("run", "oracle-serve", "record", "stats", "parity"):
+        assert command in out.stdout
+    run = subprocess.run([str(exe), "run", "--help"], capture_output=True, text=True, timeout=120).stdout
+    for option in (
+        "--endpoint",
+        "--bundle",
+        "--task",
+        "--episodes",
+        "--seed",
+        "--actions-per-chunk",
+        "--video",
+        "--report",
+    ):
+        assert option in run
+    missing = subprocess.run(
+        [str(exe), "parity", "--bundle", "nowhere", "--preset", "pi0-dummy", "--episode", "nowhere"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 2 and "nowhere is not a recorded episode" in missing.stdout
