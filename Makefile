@@ -47,7 +47,7 @@ DEMO_PROMPT := Pick up the cube with the right arm and transfer it to the left a
 demo: setup
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(VENV)/bin/pi0-export bundle --preset pi0-dummy --out $(DEMO)/bundle --prompt "$(DEMO_PROMPT)"
-	$(VENV)/bin/pi0-sim run --bundle $(DEMO)/bundle --prompt "$(DEMO_PROMPT)" --max-steps 100 \
+	$(VENV)/bin/pi0-sim run --bundle $(DEMO)/bundle --prompt "$(DEMO_PROMPT)" --max-steps 100 --actions-per-chunk 10 \
 		--report $(DEMO)/report.json --video $(DEMO)/episode.mp4
 
 test: setup

@@ -33,12 +33,20 @@ def write_json(path: Path | None, data: dict[str, Any]) -> None:
         log.info("wrote %s", path)
 
 
-def check_policy(metadata: dict[str, Any]) -> list[str]:
-    """The camera keys the policy wants, after checking it speaks gym-aloha's state and action."""
+def episode_settings(args: argparse.Namespace, metadata: dict[str, Any], prompt: str) -> dict[str, Any]:
+    """`run_episode`'s settings from the command line, once the policy's metadata shows it is an ALOHA policy."""
     for name in ("state_dim", "action_dim"):
         if metadata.get(name) != 14:
             raise SimError(f"the policy's {name} is {metadata.get(name)}; gym-aloha's ALOHA has 14")
-    return [camera["key"] for camera in metadata["cameras"]]
+    per_chunk = args.actions_per_chunk or metadata["chunk_size"]
+    if not 1 <= per_chunk <= metadata["chunk_size"]:
+        raise SimError(f"--actions-per-chunk {per_chunk}: the policy's chunks hold {metadata['chunk_size']}")
+    return {
+        "prompt": prompt,
+        "camera_keys": [camera["key"] for camera in metadata["cameras"]],
+        "actions_per_chunk": per_chunk,
+        "max_steps": args.max_steps,
+    }
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -55,10 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             endpoint = stack.enter_context(PolicyService.daemon(args.bundle, args.backend)).endpoint
         client = stack.enter_context(PolicyClient(endpoint, timeout_s=args.timeout))
         metadata = client.metadata()
-        camera_keys = check_policy(metadata)
-        per_chunk = args.actions_per_chunk or metadata["chunk_size"]
-        if not 1 <= per_chunk <= metadata["chunk_size"]:
-            raise SimError(f"--actions-per-chunk {per_chunk}: the policy's chunks hold {metadata['chunk_size']}")
+        settings = episode_settings(args, metadata, prompt)
+        per_chunk = settings["actions_per_chunk"]
         log.info(
             "policy %s (%s); %s, %d actions per chunk",
             metadata.get("source"),
@@ -74,16 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 video.new_episode(seed)
             start = time.perf_counter()
             try:
-                result = run_episode(
-                    env,
-                    client,
-                    seed=seed,
-                    prompt=prompt,
-                    camera_keys=camera_keys,
-                    actions_per_chunk=per_chunk,
-                    max_steps=args.max_steps,
-                    on_step=video,
-                )
+                result = run_episode(env, client, seed=seed, on_step=video, **settings)
             except ServerUnavailableError as e:
                 aborted = f"episode {i + 1} (seed {seed}): {e}"
                 log.error("run aborted, %s", aborted)
@@ -158,21 +155,10 @@ def cmd_record(args: argparse.Namespace) -> int:
                 )
             policy = LocalPolicy(TransferCubeOracle())
             source = "oracle:transfer_cube"
-        metadata = policy.metadata()
-        camera_keys = check_policy(metadata)
-        per_chunk = args.actions_per_chunk or metadata["chunk_size"]
+        settings = episode_settings(args, policy.metadata(), prompt)
         for i, seed in enumerate(range(args.seed, args.seed + args.episodes)):
             recorder = EpisodeRecorder()
-            result = run_episode(
-                env,
-                policy,
-                seed=seed,
-                prompt=prompt,
-                camera_keys=camera_keys,
-                actions_per_chunk=per_chunk,
-                max_steps=args.max_steps,
-                on_step=recorder,
-            )
+            result = run_episode(env, policy, seed=seed, on_step=recorder, **settings)
             directory = recorder.save(
                 args.out / f"episode_{i:06d}", result, task=task.name, prompt=prompt, source=source
             )

@@ -137,6 +137,14 @@ def red_centroid(image: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 @dataclass(frozen=True)
+class OracleSpec:
+    """What the server reads from an engine's spec."""
+
+    camera_keys: tuple[str, ...]
+    chunk_size: int
+
+
+@dataclass(frozen=True)
 class Plan:
     actions: np.ndarray  # [PLAN_STEPS + 1, 14] joint actions
     states: np.ndarray  # [PLAN_STEPS + 2, 14]: states[k] is the state before actions[k], in the replay
@@ -158,7 +166,7 @@ class TransferCubeOracle:
         self._normalize_gripper = normalize_puppet_gripper_position
         scene = mujoco.Physics.from_xml_path(str(ASSETS_DIR / "bimanual_viperx_transfer_cube.xml"))
         scene.forward()
-        self._projection = {}  # by image size
+        self._projection: dict[tuple[int, int], np.ndarray] = {}  # by image size
         self._scene = scene
         start = np.asarray(START_ARM_POSE, dtype=float)
         self.start_state = np.concatenate(
@@ -287,9 +295,3 @@ class TransferCubeOracle:
 
     def close(self) -> None:
         pass
-
-
-@dataclass(frozen=True)
-class OracleSpec:
-    camera_keys: tuple[str, ...]
-    chunk_size: int

@@ -147,7 +147,8 @@ def test_oracle_follows_any_actions_per_chunk(env) -> None:
 def test_oracle_server_succeeds_through_the_harness(tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
     with PolicyService.oracle() as service:
-        code = pi0_sim(["run", "--endpoint", service.endpoint, "--seed", "3", "--report", str(report_path)])
+        argv = ["run", "--endpoint", service.endpoint, "--seed", "3", "--min-success-rate", "1"]
+        code = pi0_sim([*argv, "--report", str(report_path)])
         with PolicyClient(service.endpoint) as client, pytest.raises(PolicyError, match="bad_request"):
             client.infer({TOP: np.zeros((480, 640, 3), np.uint8), "observation.state": np.zeros(14, np.float32)})
     assert code == 0 and service.exit_code == 0
@@ -178,7 +179,7 @@ def test_error_replies_end_episodes_not_the_run(dummy_bundle: Path, tmp_path: Pa
     report_path = tmp_path / "report.json"
     too_long = "pick up the cube " * 20  # more tokens than the bundle's 48: every request is refused
     argv = ["run", "--bundle", str(dummy_bundle), "--episodes", "2", "--prompt", too_long]
-    assert pi0_sim([*argv, "--report", str(report_path)]) == 0
+    assert pi0_sim([*argv, "--report", str(report_path), "--min-success-rate", "0.5"]) == 1  # the gate fails
     report = json.loads(report_path.read_text())
     assert report["errors"] == 2 and [e["seed"] for e in report["episodes"]] == [0, 1]
     assert all(e["error"].startswith("policy error at step 0: bad_request") for e in report["episodes"])
