@@ -3,6 +3,9 @@
 pi0-runtime serve  --bundle B [--endpoint E] [--backend auto|acl|onnxruntime] [--config FILE]
 pi0-runtime infer  --bundle B --obs OBS.npz [--noise N.npy | --seed S] --out ACTIONS.npy
 pi0-runtime check  [--bundle B]     what this machine has (backends, CANN, SoC) and whether the bundle fits
+pi0-runtime install-bundle B        verify B, add it to the bundle store, switch `current`, restart the service
+pi0-runtime rollback                serve the previous bundle again
+pi0-runtime bundles                 what the store holds
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,8 @@ import numpy as np
 
 from runtime.bundle import Bundle, BundleError, load_bundle
 from runtime.engine import Engine, EngineError
-from runtime.npu import detect_soc
+from runtime.npu import cann_environment, detect_soc, environment_file, find_set_env
+from runtime.store import DEFAULT_STORE, BundleStore, StoreError
 
 log = logging.getLogger("pi0-runtime")
 
@@ -182,6 +187,69 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVICE = "pi0-runtime.service"
+
+
+def restart_service(unit: str) -> bool:
+    """`systemctl restart` (a Type=notify unit: it returns once the daemon sent READY=1, or failed)."""
+    if not Path("/run/systemd/system").is_dir():
+        log.warning("systemd is not running here: restart %s yourself to serve the new bundle", unit)
+        return True
+    result = subprocess.run(["systemctl", "restart", unit], capture_output=True, text=True)
+    if result.returncode != 0:
+        log.error("systemctl restart %s failed: %s", unit, result.stderr.strip())
+        return False
+    log.info("%s restarted and ready", unit)
+    return True
+
+
+def cmd_install_bundle(args: argparse.Namespace) -> int:
+    store = BundleStore(args.store)
+    log.info("verifying %s ...", args.bundle)
+    name = store.install(args.bundle)
+    log.info("installed %s as %s; `current` -> %s, `previous` -> %s", args.bundle, name, name, store.previous)
+    if args.no_restart or restart_service(args.service):
+        return 0
+    if store.previous is None:
+        log.error("the service does not start on %s and there is no previous bundle to go back to", name)
+        return 1
+    back = store.rollback()
+    log.error("the service does not start on %s: rolled back to %s", name, back)
+    restart_service(args.service)
+    return 1
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    store = BundleStore(args.store)
+    name = store.rollback()
+    log.info("`current` -> %s, `previous` -> %s", name, store.previous)
+    return 0 if args.no_restart or restart_service(args.service) else 1
+
+
+def cmd_bundles(args: argparse.Namespace) -> int:
+    for bundle in BundleStore(args.store).installed():
+        mark = "current " if bundle.current else "previous" if bundle.previous else "        "
+        print(f"{mark}  {bundle.name}  {bundle.precision:5s}  {bundle.source}")
+    return 0
+
+
+def cmd_cann_env(args: argparse.Namespace) -> int:
+    set_env = args.set_env or find_set_env()
+    if set_env is None:
+        log.warning("no CANN set_env.sh found; the service will run on the CPU backend until CANN is installed")
+        return 1
+    text = environment_file(cann_environment(set_env), set_env)
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    temporary = args.out.with_name(f".{args.out.name}.tmp")
+    temporary.write_text(text)
+    temporary.chmod(0o644)
+    os.replace(temporary, args.out)
+    log.info("wrote %s from %s", args.out, set_env)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pi0-runtime", description="Serve a pi0 bundle to robot controllers over ZeroMQ."
@@ -234,6 +302,42 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="report backends, CANN, the NPU's SoC and whether a bundle fits")
     check.add_argument("--bundle", type=Path)
     check.set_defaults(func=cmd_check)
+
+    def store_arguments(command: argparse.ArgumentParser, restarts: bool = True) -> None:
+        command.add_argument(
+            "--store", type=Path, default=DEFAULT_STORE, help=f"the bundle store (default {DEFAULT_STORE})"
+        )
+        if restarts:
+            command.add_argument("--service", default=SERVICE, help=f"the unit to restart (default {SERVICE})")
+            command.add_argument("--no-restart", action="store_true", help="switch the links only")
+
+    install = commands.add_parser(
+        "install-bundle",
+        help="verify a bundle, copy it into the store, switch `current` to it atomically, restart the service",
+        description="Nothing changes unless the bundle and its copy verify. If the service does not come up on "
+        "the new bundle, `current` goes back to the previous one. The previous bundle stays for `rollback`.",
+    )
+    install.add_argument("bundle", type=Path, help="an exported bundle directory")
+    store_arguments(install)
+    install.set_defaults(func=cmd_install_bundle)
+
+    rollback = commands.add_parser("rollback", help="serve the previous bundle again (swaps `current` and `previous`)")
+    store_arguments(rollback)
+    rollback.set_defaults(func=cmd_rollback)
+
+    cann = commands.add_parser(
+        "cann-env",
+        help="write CANN's environment (what its set_env.sh exports) as the service's EnvironmentFile",
+        description='Sources set_env.sh once, from a clean environment, and writes what it adds as KEY="value" '
+        "lines. The package runs it at install (to /etc/pi0-runtime/cann.env); rerun it after a CANN upgrade.",
+    )
+    cann.add_argument("--set-env", type=Path, help="CANN's set_env.sh (default: the first of the usual places)")
+    cann.add_argument("--out", type=Path, help="the file to write (default: print)")
+    cann.set_defaults(func=cmd_cann_env)
+
+    bundles = commands.add_parser("bundles", help="list the store: current, previous and older bundles")
+    store_arguments(bundles, restarts=False)
+    bundles.set_defaults(func=cmd_bundles)
     return parser
 
 
@@ -242,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (BundleError, EngineError, ValueError, FileNotFoundError) as e:
+    except (BundleError, EngineError, StoreError, ValueError, FileNotFoundError, PermissionError) as e:
         log.error("%s", e)
         return 2
 

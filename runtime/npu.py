@@ -1,10 +1,12 @@
-"""What the machine says about its Ascend NPU (used by the exporter's atc step and `pi0-runtime check`)."""
+"""What the machine says about its Ascend NPU and CANN (used by the exporter's atc step,
+`pi0-runtime check` and `pi0-runtime cann-env`)."""
 
 from __future__ import annotations
 
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 
 def detect_soc() -> str | None:
@@ -14,3 +16,37 @@ def detect_soc() -> str | None:
     out = subprocess.run(["npu-smi", "info"], capture_output=True, text=True, timeout=30)
     match = re.search(r"\b(310P\d|310B\d|910\w*)\b", out.stdout)
     return f"Ascend{match.group(1)}" if match else None
+
+
+# CANN's environment script, where its installers put it (toolkit on a workstation, nnrt/nnae on a device).
+SET_ENV_CANDIDATES = (
+    "/usr/local/Ascend/ascend-toolkit/set_env.sh",
+    "/usr/local/Ascend/nnrt/set_env.sh",
+    "/usr/local/Ascend/nnae/set_env.sh",
+)
+
+
+def find_set_env() -> Path | None:
+    return next((Path(p) for p in SET_ENV_CANDIDATES if Path(p).is_file()), None)
+
+
+def cann_environment(set_env: Path) -> dict[str, str]:
+    """What sourcing CANN's `set_env.sh` adds or changes, from a clean environment (no shell guesses at
+    service start: the result is written once, as a systemd EnvironmentFile)."""
+    clean = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/nonexistent"}
+    script = '. "$1" >/dev/null 2>&1 || exit 3; env -0'
+    result = subprocess.run(["bash", "-c", script, "bash", str(set_env)], env=clean, capture_output=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"sourcing {set_env} failed (exit {result.returncode})")
+    after = dict(item.split("=", 1) for item in result.stdout.decode().split("\0") if "=" in item)
+    ignored = {"PWD", "SHLVL", "_", "OLDPWD"}
+    return {k: v for k, v in sorted(after.items()) if k not in ignored and clean.get(k) != v}
+
+
+def environment_file(variables: dict[str, str], source: Path) -> str:
+    """systemd EnvironmentFile syntax: KEY="value", backslashes and quotes escaped."""
+    lines = [f"# CANN's environment, from {source} (written by `pi0-runtime cann-env`; rerun it after CANN upgrades)"]
+    for key, value in variables.items():
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        lines.append(f'{key}="{escaped}"')
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,177 @@
+"""What goes onto the device: the systemd unit (checked by systemd's own tools), the bundle store with
+its atomic switch and rollback (with a real daemon serving `current`), CANN's environment file."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FIXTURES, QUIET
+
+from exporter.bundle import BundleOptions, build_bundle
+from exporter.checkpoint import load_checkpoint
+from runtime.bundle import BundleError
+from runtime.client import PolicyClient
+from runtime.npu import cann_environment, environment_file
+from runtime.pipeline import synthetic_observation
+from runtime.store import BundleStore
+from sim.daemon import PolicyService
+
+ROOT = Path(__file__).resolve().parents[1]
+UNIT = ROOT / "appliance" / "systemd" / "pi0-runtime.service"
+RUNTIME = Path(sys.executable).with_name("pi0-runtime")
+
+
+def unit_for_this_machine(tmp_path: Path) -> Path:
+    """The unit with ExecStart pointing at this checkout's pi0-runtime (verify checks it is executable)."""
+    text = UNIT.read_text().replace("/opt/pi0-runtime/venv/bin/pi0-runtime", str(RUNTIME))
+    unit = tmp_path / UNIT.name
+    unit.write_text(text)
+    return unit
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit_for_this_machine(tmp_path))], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stderr == "" and result.stdout == "", result.stderr
+
+
+def test_unit_exposure_is_ok_or_better(tmp_path: Path) -> None:
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(unit_for_this_machine(tmp_path))],
+        capture_output=True,
+        text=True,
+    )
+    match = re.search(r"Overall exposure level for pi0-runtime.service: ([\d.]+) (\w+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 2.0 and match.group(2) in ("PERFECT", "SAFE", "OK")
+
+
+def test_unit_is_what_the_issue_asks_for() -> None:
+    text = UNIT.read_text()
+    for line in (
+        "Type=notify",
+        "Restart=on-failure",
+        "SupplementaryGroups=HwHiAiUser",
+        "DevicePolicy=closed",
+        "DeviceAllow=/dev/davinci_manager rw",
+        "DeviceAllow=/dev/devmm_svm rw",
+        "DeviceAllow=/dev/hisi_hdc rw",
+        "DeviceAllow=/dev/davinci0 rw",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "CapabilityBoundingSet=\n",
+        "ReadOnlyPaths=/var/lib/pi0-runtime/bundles",
+        "StateDirectory=pi0-runtime/state",
+        "RuntimeDirectory=pi0-runtime",
+        "EnvironmentFile=-/etc/pi0-runtime/cann.env",
+    ):
+        assert line in text
+    assert re.search(r"^WatchdogSec=\d+$", text, re.M) and re.search(r"^RestrictAddressFamilies=AF_UNIX", text, re.M)
+
+
+# --- the bundle store ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def second_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("second") / "bundle"
+    checkpoint = FIXTURES / "lerobot-pi0-tiny-aloha-sim" / "checkpoint"
+    build_bundle(load_checkpoint(checkpoint), out, BundleOptions(), **QUIET)
+    return out
+
+
+def corrupt_copy(bundle: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "corrupt"
+    shutil.copytree(bundle, copy)
+    data = bytearray((copy / "vlm.onnx").read_bytes())
+    data[len(data) // 3] ^= 0x40
+    (copy / "vlm.onnx").write_bytes(bytes(data))
+    return copy
+
+
+def serves(endpoint: str, spec_source: str) -> bool:
+    with PolicyClient(endpoint, timeout_s=30) as client:
+        return client.metadata()["source"] == spec_source
+
+
+def test_install_switch_rollback_and_a_corrupt_bundle(dummy_bundle: Path, second_bundle: Path, tmp_path: Path) -> None:
+    store = BundleStore(tmp_path / "bundles")
+    store.root.mkdir()
+    first = store.install(dummy_bundle)
+    assert store.current == first and store.previous is None
+    with PolicyService.daemon(store.root / "current") as daemon:  # the daemon serves the `current` link
+        second = store.install(second_bundle)
+        assert (store.current, store.previous) == (second, first)
+        before = {p.name for p in store.root.iterdir()}
+        with pytest.raises(BundleError, match=r"vlm\.onnx does not match its sha256"):
+            store.install(corrupt_copy(dummy_bundle, tmp_path))
+        assert {p.name for p in store.root.iterdir()} == before  # no partial copy, links untouched
+        assert (store.current, store.previous) == (second, first)
+        # The daemon started on the first bundle still serves it, whatever the links do meanwhile.
+        assert serves(daemon.endpoint, "preset:pi0-dummy")
+        with PolicyClient(daemon.endpoint) as client:
+            spec = {"prompt": "transfer the cube", **synthetic_observation_for(dummy_bundle)}
+            assert np.isfinite(client.infer(spec)["actions"]).all()
+    assert daemon.exit_code == 0
+    assert store.rollback() == first and (store.current, store.previous) == (first, second)
+    assert store.rollback() == second and (store.current, store.previous) == (second, first)
+    assert [b.name for b in store.installed()] == [first, second]
+    assert store.prune() == []
+
+
+def synthetic_observation_for(bundle: Path) -> dict:
+    from runtime.bundle import load_bundle
+
+    obs = synthetic_observation(load_bundle(bundle).spec)
+    return {k: v for k, v in obs.items() if not k.startswith("lang_")}
+
+
+def test_store_command_line(dummy_bundle: Path, second_bundle: Path, tmp_path: Path) -> None:
+    store = tmp_path / "bundles"
+    store.mkdir()
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(RUNTIME), *args, "--store", str(store)], capture_output=True, text=True)
+
+    assert run("rollback", "--no-restart").returncode == 2  # nothing to roll back to
+    assert run("install-bundle", str(dummy_bundle), "--no-restart").returncode == 0
+    refused = run("install-bundle", str(corrupt_copy(dummy_bundle, tmp_path)), "--no-restart")
+    assert refused.returncode == 2 and "vlm.onnx does not match its sha256" in refused.stdout
+    assert run("install-bundle", str(second_bundle), "--no-restart").returncode == 0
+    listing = {line.split()[0]: line for line in run("bundles").stdout.splitlines()}
+    assert set(listing) == {"current", "previous"} and "preset:pi0-dummy" in listing["previous"]
+    assert run("rollback", "--no-restart").returncode == 0
+    listing = {line.split()[0]: line for line in run("bundles").stdout.splitlines()}
+    assert "preset:pi0-dummy" in listing["current"] and "lerobot" in listing["previous"]
+
+
+# --- CANN's environment --------------------------------------------------------------------------------
+
+
+def test_cann_environment_file(tmp_path: Path) -> None:
+    set_env = tmp_path / "set_env.sh"
+    set_env.write_text(
+        "export ASCEND_TOOLKIT_HOME=/usr/local/Ascend/ascend-toolkit/latest\n"
+        "export LD_LIBRARY_PATH=${ASCEND_TOOLKIT_HOME}/lib64:${LD_LIBRARY_PATH}\n"
+        'export PATH=${ASCEND_TOOLKIT_HOME}/bin:$PATH\nexport ODD="a \\"quoted\\" value"\n'
+    )
+    variables = cann_environment(set_env)
+    assert variables["ASCEND_TOOLKIT_HOME"] == "/usr/local/Ascend/ascend-toolkit/latest"
+    assert variables["LD_LIBRARY_PATH"] == "/usr/local/Ascend/ascend-toolkit/latest/lib64:"
+    assert variables["PATH"].startswith("/usr/local/Ascend/ascend-toolkit/latest/bin:/usr/local/sbin:")
+    assert "HOME" not in variables and "PWD" not in variables
+    out = tmp_path / "cann.env"
+    result = subprocess.run(
+        [str(RUNTIME), "cann-env", "--set-env", str(set_env), "--out", str(out)], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and out.read_text() == environment_file(variables, set_env)
+    assert 'ODD="a \\"quoted\\" value"' in out.read_text()
