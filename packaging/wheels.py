@@ -1,0 +1,104 @@
+"""`make wheel`: the robot-side wheels, built from this checkout's `runtime/` package.
+
+    pi0-runtime   the daemon and its tools (`runtime/`): numpy, pyzmq, onnxruntime, sentencepiece;
+                  pyACL comes with CANN, not from PyPI.
+    pi0-client    what a robot controller imports: `runtime.client` with the protocol it speaks
+                  (`runtime/{client,protocol,wire}.py`); numpy and pyzmq only.
+
+Neither depends on torch. Both carry the project's version. The client wheel holds a subset of the
+`runtime` package: install one or the other on a machine, not both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIENT_MODULES = ("__init__.py", "client.py", "protocol.py", "wire.py")
+
+
+def project_version() -> str:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def pyproject(name: str, description: str, dependencies: list[str], scripts: dict[str, str]) -> str:
+    lines = [
+        "[build-system]",
+        'requires = ["setuptools>=64"]',
+        'build-backend = "setuptools.build_meta"',
+        "",
+        "[project]",
+        f'name = "{name}"',
+        f'version = "{project_version()}"',
+        f'description = "{description}"',
+        'requires-python = ">=3.10"',
+        "dependencies = [" + ", ".join(f'"{d}"' for d in dependencies) + "]",
+    ]
+    if scripts:
+        lines += ["", "[project.scripts]", *(f'{k} = "{v}"' for k, v in scripts.items())]
+    lines += ["", "[tool.setuptools.packages.find]", 'include = ["runtime*"]']
+    return "\n".join(lines) + "\n"
+
+
+def build(name: str, source: Path, out: Path) -> Path:
+    command = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(out)]
+    subprocess.run([*command, str(source)], check=True)
+    return next(out.glob(f"{name.replace('-', '_')}-{project_version()}-*.whl"))
+
+
+def build_wheels(out: Path) -> dict[str, Path]:
+    """Build both wheels into `out`; returns them by distribution name."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("pi0_*.whl"):
+        old.unlink()
+    wheels = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        runtime_src = Path(tmp) / "runtime-dist"
+        shutil.copytree(ROOT / "runtime", runtime_src / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
+        (runtime_src / "pyproject.toml").write_text(
+            pyproject(
+                "pi0-runtime",
+                "pi0 policy daemon for Ascend 310P (pyACL) or onnxruntime, served over ZeroMQ",
+                [
+                    "numpy>=1.24",
+                    "pyzmq>=25",
+                    "onnxruntime>=1.17",
+                    "sentencepiece>=0.2",
+                    "tomli>=2; python_version < '3.11'",
+                ],
+                {"pi0-runtime": "runtime.cli:main"},
+            )
+        )
+        wheels["pi0-runtime"] = build("pi0-runtime", runtime_src, out)
+
+        client_src = Path(tmp) / "client-dist"
+        (client_src / "runtime").mkdir(parents=True)
+        for module in CLIENT_MODULES:
+            shutil.copyfile(ROOT / "runtime" / module, client_src / "runtime" / module)
+        (client_src / "pyproject.toml").write_text(
+            pyproject(
+                "pi0-client", "Client for the pi0 policy daemon (numpy + pyzmq)", ["numpy>=1.24", "pyzmq>=25"], {}
+            )
+        )
+        wheels["pi0-client"] = build("pi0-client", client_src, out)
+    return wheels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "dist", help="where the wheels go (default dist/)")
+    for name, wheel in build_wheels(parser.parse_args().out).items():
+        print(f"{name}: {wheel}")
+
+
+if __name__ == "__main__":
+    main()
