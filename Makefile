@@ -6,16 +6,22 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # torch comes first and pinned: 2.13.0 is the local CPU build; an open range would pull a CUDA build.
 TORCH := torch==2.13.0
-SYSTEM_PACKAGES := libegl1 libgl1-mesa-dri libosmesa6
+# MuJoCo's headless rendering (EGL, OSMesa); building and checking the device package and image.
+SYSTEM_PACKAGES := libegl1 libgl1-mesa-dri libosmesa6 lintian debootstrap systemd-container
+ARCH ?= $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
+DEVICE_PYTHON ?= 3.11
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test bench lint format clean
+.PHONY: help setup demo test bench lint format clean wheel deb image
 
 help:
 	@echo "make demo   - set up, then export the pi0-dummy preset, serve it with the daemon and drive one sim episode"
 	@echo "make test   - set up, then run the test suite"
 	@echo "make bench  - run the benchmarks (minutes, ~15 GB RAM and disk) and rewrite docs/benchmarks.md"
 	@echo "make lint   - ruff check and format check"
+	@echo "make wheel  - the runtime and client wheels (no torch) in dist/"
+	@echo "make deb    - the device's Debian package in dist/ (ARCH=amd64|arm64, DEVICE_PYTHON=3.11)"
+	@echo "make image  - dist/image-ARCH/: the .deb, a rootfs overlay, a debootstrap rootfs, a manifest (root)"
 	@echo "make setup  - create $(VENV) and install what the targets need (idempotent)"
 	@echo "make clean  - remove $(VENV) and build outputs"
 
@@ -25,13 +31,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[export,runtime,sim,dev]'
-	@# MuJoCo renders headless through EGL (libegl1 + Mesa) or, as the fallback, OSMesa (libosmesa6).
-	@if ldconfig -p | grep -q 'libEGL.so.1 ' && ldconfig -p | grep -q libOSMesa; then :; \
+	@# MuJoCo renders headless through EGL (libegl1 + Mesa) or, as the fallback, OSMesa (libosmesa6);
+	@# the packaging tests run lintian, debootstrap and systemd-nspawn.
+	@if ldconfig -p | grep -q 'libEGL.so.1 ' && ldconfig -p | grep -q libOSMesa \
+		&& command -v lintian >/dev/null && command -v debootstrap >/dev/null && command -v systemd-nspawn >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null \
 		|| { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; } \
 		|| echo "warning: could not install $(SYSTEM_PACKAGES); MuJoCo rendering may fail"; \
-	else echo "note: MuJoCo needs libegl1 or libosmesa6 to render: sudo apt-get install $(SYSTEM_PACKAGES)"; fi
+	else echo "note: run as root or install them first: sudo apt-get install $(SYSTEM_PACKAGES)"; fi
 	touch $@
 
 setup: $(STAMP)
@@ -56,11 +64,20 @@ test: setup
 bench: setup
 	$(PY) benchmarks/run.py
 
+wheel: setup
+	$(PY) packaging/wheels.py --out dist
+
+deb: setup
+	$(PY) packaging/deb.py --arch $(ARCH) --python $(DEVICE_PYTHON) --out dist
+
+image: setup
+	$(PY) packaging/image.py --arch $(ARCH) --python $(DEVICE_PYTHON) --out dist/image-$(ARCH)
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	@# Device images often ship Python 3.10: check that the code at least parses there.
-	@if python3.10 --version >/dev/null 2>&1; then python3.10 -m compileall -q exporter runtime sim tests benchmarks; \
+	@if python3.10 --version >/dev/null 2>&1; then python3.10 -m compileall -q exporter runtime sim tests benchmarks packaging; \
 	else echo "python3.10 not found: skipped the 3.10 syntax check"; fi
 
 format: setup

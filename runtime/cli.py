@@ -205,16 +205,17 @@ def restart_service(unit: str) -> bool:
 
 def cmd_install_bundle(args: argparse.Namespace) -> int:
     store = BundleStore(args.store)
+    before = store.current, store.previous
     log.info("verifying %s ...", args.bundle)
     name = store.install(args.bundle)
     log.info("installed %s as %s; `current` -> %s, `previous` -> %s", args.bundle, name, name, store.previous)
     if args.no_restart or restart_service(args.service):
         return 0
-    if store.previous is None:
-        log.error("the service does not start on %s and there is no previous bundle to go back to", name)
+    store.undo_install(name, *before)
+    if before[0] is None:
+        log.error("the service does not start on %s, and there was no bundle before it; it was removed", name)
         return 1
-    back = store.rollback()
-    log.error("the service does not start on %s: rolled back to %s", name, back)
+    log.error("the service does not start on %s: it was removed and %s is current again", name, before[0])
     restart_service(args.service)
     return 1
 
@@ -315,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         "install-bundle",
         help="verify a bundle, copy it into the store, switch `current` to it atomically, restart the service",
         description="Nothing changes unless the bundle and its copy verify. If the service does not come up on "
-        "the new bundle, `current` goes back to the previous one. The previous bundle stays for `rollback`.",
+        "the new bundle, it is taken out again and the links are as before. The previous bundle stays for `rollback`.",
     )
     install.add_argument("bundle", type=Path, help="an exported bundle directory")
     store_arguments(install)

@@ -8,7 +8,8 @@
 `install` verifies the source bundle (every file against its sha256), copies it into a hidden
 directory of the store, verifies the copy, renames it into place and only then switches the links:
 each link is replaced with one `rename(2)`, so a reader sees the old target or the new one, never
-none. A bundle that fails verification changes nothing. `rollback` swaps `current` and `previous`.
+none. A bundle that fails verification changes nothing; one the service cannot start on is taken
+out again with `undo_install`. `rollback` swaps `current` and `previous`.
 Bundles that are neither current nor previous can be removed with `prune`.
 """
 
@@ -92,6 +93,12 @@ class BundleStore:
             self._point(PREVIOUS, old)
         self._point(CURRENT, name)
         return name
+
+    def undo_install(self, name: str, current: str | None, previous: str | None) -> None:
+        """Put the links back as they were before `install` of `name`, and remove it (it did not serve)."""
+        self._point(CURRENT, current)
+        self._point(PREVIOUS, previous)
+        shutil.rmtree(self.root / name, ignore_errors=True)
 
     def rollback(self) -> str:
         """Serve `previous` again; the bundle it replaces becomes `previous`."""

@@ -1,0 +1,312 @@
+"""`make wheel`, `make deb` and the device root filesystem: the wheels import without torch, the .deb
+passes dpkg-deb and lintian, and, installed by dpkg into a Debian made by debootstrap, the daemon runs
+from its installed path on the pi0-dummy bundle and answers the client.
+
+Needs root, debootstrap and lintian (the Makefile's set-up installs them) and Debian's mirror."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.bundle import load_bundle
+from runtime.client import PolicyClient
+from runtime.pipeline import synthetic_observation
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGING = ROOT / "packaging"
+CHROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive"}
+
+
+def packaging_module(name: str):
+    sys.path.insert(0, str(PACKAGING))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(PACKAGING))
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, str(PACKAGING / "deb.py"), "--arch", "amd64", "--out", str(out)], check=True)
+    subprocess.run([sys.executable, str(PACKAGING / "wheels.py"), "--out", str(out)], check=True)
+    return out
+
+
+def wheel(dist: Path, name: str) -> Path:
+    (path,) = dist.glob(f"{name}-*.whl")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "imports"),
+    [
+        ("pi0_client", "runtime.client"),
+        ("pi0_runtime", "runtime.cli, runtime.server, runtime.engine, runtime.store, runtime.backends.onnxruntime"),
+    ],
+)
+def test_wheels_work_without_torch(dist: Path, tmp_path: Path, name: str, imports: str) -> None:
+    path = wheel(dist, name)
+    with zipfile.ZipFile(path) as archive:
+        metadata = next(archive.read(n).decode() for n in archive.namelist() if n.endswith("METADATA"))
+        archive.extractall(tmp_path / "unpacked")
+        modules = sorted(n for n in archive.namelist() if n.startswith("runtime/"))
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist")]
+    assert requires and not any("torch" in line for line in requires)
+    if name == "pi0_client":
+        assert modules == ["runtime/__init__.py", "runtime/client.py", "runtime/protocol.py", "runtime/wire.py"]
+    # Import from the unpacked wheel alone (not this checkout) with torch made unimportable.
+    script = f"import sys; sys.modules['torch'] = None; import {imports}; import runtime; print(runtime.__file__)"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "unpacked")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(str(tmp_path / "unpacked"))
+
+
+def test_deb_passes_dpkg_deb_and_lintian(dist: Path) -> None:
+    (deb,) = dist.glob("pi0-runtime_*_amd64.deb")
+    info = subprocess.run(["dpkg-deb", "--info", str(deb)], capture_output=True, text=True, check=True).stdout
+    for field in ("Package: pi0-runtime", "Architecture: amd64", "Depends: python3 (>= 3.11), python3 (<< 3.12)"):
+        assert field in info
+    contents = subprocess.run(["dpkg-deb", "--contents", str(deb)], capture_output=True, text=True, check=True).stdout
+    for path in (
+        "./lib/systemd/system/pi0-runtime.service",
+        "./etc/pi0-runtime/runtime.toml",
+        "./usr/lib/sysusers.d/pi0-runtime.conf",
+        "./usr/lib/tmpfiles.d/pi0-runtime.conf",
+        "./usr/bin/pi0-runtime",
+        "./opt/pi0-runtime/wheels/pi0_runtime-",
+        "./opt/pi0-runtime/wheels/onnxruntime-",
+    ):
+        assert path in contents
+    assert "torch" not in contents
+    conffiles = subprocess.run(["dpkg-deb", "-I", str(deb), "conffiles"], capture_output=True, text=True, check=True)
+    assert conffiles.stdout.split() == ["/etc/pi0-runtime/runtime.toml"]
+    lint = subprocess.run(["lintian", "--fail-on", "error,warning", str(deb)], capture_output=True, text=True, cwd=dist)
+    assert lint.returncode == 0 and not [line for line in lint.stdout.splitlines() if line[:2] in ("E:", "W:")], (
+        lint.stdout + lint.stderr
+    )
+
+
+@pytest.fixture(scope="module")
+def chroot(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Debian bookworm made by debootstrap, with the package installed by dpkg (maintainer scripts ran)."""
+    image = packaging_module("image")
+    tree = tmp_path_factory.mktemp("chroot") / "rootfs"
+    assert image.debootstrap(tree, "amd64"), "this test needs an amd64 host"
+    (deb,) = dist.glob("pi0-runtime_*_amd64.deb")
+    (tree / "var" / "cache" / "pi0").mkdir(parents=True)
+    shutil.copyfile(deb, tree / "var" / "cache" / "pi0" / deb.name)
+    image.install_in_chroot(tree, f"/var/cache/pi0/{deb.name}")
+    return tree
+
+
+def test_package_installs_user_store_and_venv(chroot: Path) -> None:
+    assert (chroot / "opt/pi0-runtime/venv/bin/pi0-runtime").is_file()
+    passwd = (chroot / "etc/passwd").read_text()
+    assert "pi0-runtime:" in passwd and ":/usr/sbin/nologin" in passwd.split("pi0-runtime:", 1)[1].splitlines()[0]
+    assert "pi0-runtime" in next(
+        line for line in (chroot / "etc/group").read_text().splitlines() if line.startswith("HwHiAiUser:")
+    )
+    assert (chroot / "var/lib/pi0-runtime/bundles").is_dir()
+    assert (chroot / "etc/systemd/system/multi-user.target.wants/pi0-runtime.service").is_symlink()
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", f"--root={chroot}", "pi0-runtime.service"], capture_output=True, text=True
+    )
+    assert verify.returncode == 0 and verify.stderr == "", verify.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_installed_daemon_serves_the_dummy_bundle(chroot: Path, dummy_bundle: Path) -> None:
+    shutil.copytree(dummy_bundle, chroot / "tmp" / "bundle")
+    install = subprocess.run(
+        ["chroot", str(chroot), "/usr/bin/pi0-runtime", "install-bundle", "/tmp/bundle", "--no-restart"],
+        env=CHROOT_ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+    assert (chroot / "var/lib/pi0-runtime/bundles/current").is_symlink()
+
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(chroot / "run" / "pi0-notify.sock"))
+    (chroot / "run" / "pi0-notify.sock").chmod(0o666)  # the daemon runs as its own user; systemd's socket is open to it
+    notify.settimeout(120)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    # As the service runs it: the packaged ExecStart (config in /etc), as the pi0-runtime user.
+    daemon = subprocess.Popen(
+        [
+            "chroot",
+            "--userspec=pi0-runtime:pi0-runtime",
+            str(chroot),
+            "/opt/pi0-runtime/venv/bin/pi0-runtime",
+            "serve",
+            "--config",
+            "/etc/pi0-runtime/runtime.toml",
+            "--endpoint",
+            endpoint,
+        ],
+        env={**CHROOT_ENV, "NOTIFY_SOCKET": "/run/pi0-notify.sock", "HOME": "/nonexistent"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while b"READY=1" not in notify.recv(4096):
+            assert time.monotonic() < deadline and daemon.poll() is None
+        spec = load_bundle(dummy_bundle).spec
+        obs = {k: v for k, v in synthetic_observation(spec).items() if not k.startswith("lang_")}
+        with PolicyClient(endpoint, timeout_s=60) as client:
+            meta = client.metadata()
+            reply = client.infer({**obs, "prompt": "transfer the cube"})
+        assert meta["source"] == "preset:pi0-dummy" and meta["backend"] == "onnxruntime"
+        assert reply["actions"].shape == (spec.chunk_size, spec.action_dim) and np.isfinite(reply["actions"]).all()
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        out, _ = daemon.communicate(timeout=60)
+        notify.close()
+    assert daemon.returncode == 0, out
+    assert "/var/lib/pi0-runtime/bundles/current" in out and "stopped" in out
+
+
+class Booted:
+    """The rootfs booted by systemd-nspawn: real systemd as PID 1 (sharing this machine's network)."""
+
+    def __init__(self, tree: Path, log: Path) -> None:
+        command = ["systemd-nspawn", "-q", "--register=no", "--keep-unit", "--console=read-only", "-D", str(tree), "-b"]
+        with open(log, "w") as out:
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        self.log = log
+        deadline = time.monotonic() + 60
+        while True:
+            children = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout
+            if children.split():
+                self.leader = children.split()[0]
+                break
+            assert self.process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+
+    def run(self, *command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["nsenter", "-t", self.leader, "-a", *command], capture_output=True, text=True)
+
+    def show(self, unit: str, *properties: str) -> dict[str, str]:
+        out = self.run("systemctl", "show", unit, *(f"--property={p}" for p in properties)).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def wait_until_settled(self, unit: str, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.run("systemctl", "is-active", unit).stdout.strip()
+            if state in ("active", "failed", "inactive") and self.run(
+                "systemctl", "is-system-running"
+            ).stdout.strip() not in ("initializing", "starting", ""):
+                return state
+            time.sleep(0.5)
+        raise AssertionError(f"{unit} did not settle:\n{self.log.read_text()[-3000:]}")
+
+    def poweroff(self) -> None:
+        self.run("systemctl", "poweroff")
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def broken_but_consistent(bundle: Path, out: Path) -> Path:
+    """A bundle whose files match its manifest but whose VLM graph cannot be loaded."""
+    import hashlib
+    import json
+
+    shutil.copytree(bundle, out)
+    (out / "vlm.onnx").write_bytes(b"not an onnx graph")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"]["vlm.onnx"] = hashlib.sha256(b"not an onnx graph").hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+def test_service_under_real_systemd(chroot: Path, dummy_bundle: Path, tmp_path: Path) -> None:
+    """Boot the rootfs: the unit with all its hardening starts the daemon (Type=notify, watchdog), it
+    serves the client; install-bundle restarts it on a new bundle, rolls back from one that cannot
+    start, `rollback` works; `systemctl stop` ends it cleanly."""
+    from conftest import FIXTURES, QUIET
+
+    from exporter.bundle import BundleOptions, build_bundle
+    from exporter.checkpoint import load_checkpoint
+
+    port = free_port()
+    config = chroot / "etc/pi0-runtime/runtime.toml"
+    config.write_text(config.read_text().replace("tcp://127.0.0.1:5555", f"tcp://127.0.0.1:{port}"))
+    store = chroot / "var/lib/pi0-runtime/bundles"
+    if not (store / "current").exists():
+        shutil.copytree(dummy_bundle, chroot / "tmp" / "bundle", dirs_exist_ok=True)
+        subprocess.run(
+            ["chroot", str(chroot), "pi0-runtime", "install-bundle", "/tmp/bundle", "--no-restart"],
+            env=CHROOT_ENV,
+            check=True,
+        )
+    incoming = chroot / "root" / "incoming"  # not /tmp: nspawn mounts a fresh tmpfs there
+    build_bundle(
+        load_checkpoint(FIXTURES / "lerobot-pi0-tiny-aloha-sim" / "checkpoint"),
+        incoming / "second",
+        BundleOptions(),
+        **QUIET,
+    )
+    broken_but_consistent(dummy_bundle, incoming / "broken")
+    endpoint = f"tcp://127.0.0.1:{port}"
+
+    def source() -> str:
+        with PolicyClient(endpoint, timeout_s=30, retries=0) as client:
+            return client.metadata()["source"]
+
+    booted = Booted(chroot, tmp_path / "boot.log")
+    try:
+        assert booted.wait_until_settled("pi0-runtime.service") == "active", booted.run(
+            "journalctl", "-u", "pi0-runtime"
+        ).stdout
+        state = booted.show("pi0-runtime.service", "StatusText", "NRestarts", "User", "WatchdogUSec")
+        assert (
+            state["StatusText"].startswith("serving") and state["NRestarts"] == "0" and state["User"] == "pi0-runtime"
+        )
+        spec = load_bundle(dummy_bundle).spec
+        obs = {k: v for k, v in synthetic_observation(spec).items() if not k.startswith("lang_")}
+        with PolicyClient(endpoint, timeout_s=30) as client:
+            actions = client.infer({**obs, "prompt": "transfer the cube"})["actions"]
+        assert actions.shape == (spec.chunk_size, spec.action_dim) and np.isfinite(actions).all()
+        time.sleep(16)  # WatchdogSec=30: pings every 15 s
+        assert booted.show("pi0-runtime.service", "WatchdogTimestamp")["WatchdogTimestamp"]
+
+        installed = booted.run("pi0-runtime", "install-bundle", "/root/incoming/second")
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        assert "restarted and ready" in installed.stdout and source() == "lerobot"
+
+        failed = booted.run("pi0-runtime", "install-bundle", "/root/incoming/broken")
+        assert failed.returncode == 1 and "is current again" in failed.stdout, failed.stdout + failed.stderr
+        assert booted.run("systemctl", "is-active", "pi0-runtime").stdout.strip() == "active" and source() == "lerobot"
+
+        assert booted.run("pi0-runtime", "rollback").returncode == 0 and source() == "preset:pi0-dummy"
+
+        assert booted.run("systemctl", "stop", "pi0-runtime").returncode == 0
+        result = booted.show("pi0-runtime.service", "Result", "ExecMainStatus", "ActiveState")
+        assert result == {"Result": "success", "ExecMainStatus": "0", "ActiveState": "inactive"}
+        journal = booted.run("journalctl", "-u", "pi0-runtime", "--no-pager").stdout
+        assert "finishing the one in flight" in journal and "stopped" in journal
+    finally:
+        booted.poweroff()
