@@ -108,6 +108,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             atc_mode=args.atc,
             validate=not args.no_validate,
             seed=args.seed,
+            drop_empty_cameras=not args.keep_empty_cameras,
         )
         start = time.perf_counter()
         build_bundle(policy, args.out, options, log=log)
@@ -186,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bundle.add_argument(
         "--no-validate", action="store_true", help="skip validating the graphs against PyTorch (not recommended)"
+    )
+    bundle.add_argument(
+        "--keep-empty-cameras",
+        action="store_true",
+        help="keep the checkpoint's always-empty camera slots in the VLM graph (by default they are left out: "
+        "their tokens are masked, so the actions are the same at a fraction of the cost)",
     )
     bundle.set_defaults(func=cmd_bundle)
     return parser

@@ -6,11 +6,13 @@ Three comparisons on the same deterministic inputs, all in the normalized (netwo
 - end to end: the VLM graph once and the expert graph num_steps times in the Euler loop, against
   the PyTorch sampler from the same noise.
 Thresholds apply end to end: fp32 max abs <= 1e-4; fp16 cosine >= 0.999 and mean abs <= 1e-2.
+The reference always runs the model as the checkpoint defines it; graphs that leave out the
+always-empty camera slots are fed the same inputs without them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ from exporter.pi0 import Pi0
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.engine import sample
 from runtime.pipeline import ModelInputs
+from runtime.spec import PolicySpec
 
 THRESHOLDS = {
     "fp32": {"max_abs": 1e-4},
@@ -61,17 +64,34 @@ def reference(model: Pi0, inputs: ModelInputs, noise: np.ndarray, num_steps: int
     return Reference(inputs, noise, num_steps, keys.numpy(), values.numpy(), velocity.numpy(), actions.numpy())
 
 
-def validate(backend: OnnxRuntimeBackend, ref: Reference, precision: str) -> dict:
-    """Compare the backend with the reference; the report says, per check, whether it passed."""
-    cache = backend.prefix(ref.inputs)
+def graph_inputs(ref: Reference, spec: PolicySpec) -> tuple[ModelInputs, np.ndarray]:
+    """The reference's inputs as the graphs take them (camera slots beyond `spec.num_camera_slots` left
+    out), and the prefix positions those graphs keep, as indices into the reference's prefix."""
+    slots = spec.num_camera_slots
+    inputs = replace(ref.inputs, images=ref.inputs.images[:, :slots], image_masks=ref.inputs.image_masks[:, :slots])
+    full_slots = ref.inputs.images.shape[1]
+    tokens = ref.inputs.tokens.shape[1]
+    per_image = (ref.prefix_keys.shape[2] - tokens) // full_slots
+    kept = np.concatenate(
+        [np.arange(slots * per_image), np.arange(full_slots * per_image, full_slots * per_image + tokens)]
+    )
+    return inputs, kept
+
+
+def validate(backend: OnnxRuntimeBackend, ref: Reference, precision: str, spec: PolicySpec) -> dict:
+    """Compare the backend (graphs for `spec`) with the reference; the report says, per check, whether
+    it passed. Graphs without the empty camera slots are compared on the prefix positions they keep."""
+    inputs, kept = graph_inputs(ref, spec)
+    ref_keys, ref_values = ref.prefix_keys[:, :, kept], ref.prefix_values[:, :, kept]
+    cache = backend.prefix(inputs)
     got = backend.cache_to_numpy(cache)
-    ref_cache = backend.prefix_from_numpy(ref.prefix_keys, ref.prefix_values, got["prefix_mask"])
-    velocity = backend.velocity(ref_cache, ref.inputs.state, ref.noise, np.ones(1, np.float32))
-    actions = sample(backend, ref.inputs, ref.noise, ref.num_steps)
+    ref_cache = backend.prefix_from_numpy(ref_keys, ref_values, got["prefix_mask"])
+    velocity = backend.velocity(ref_cache, inputs.state, ref.noise, np.ones(1, np.float32))
+    actions = sample(backend, inputs, ref.noise, ref.num_steps)
     results = {
         "vlm": compare(
             np.concatenate([got["prefix_keys"], got["prefix_values"]]),
-            np.concatenate([ref.prefix_keys, ref.prefix_values]),
+            np.concatenate([ref_keys, ref_values]),
         ),
         "expert": compare(velocity, ref.velocity),
         "end_to_end": compare(actions, ref.actions),

@@ -55,6 +55,22 @@ def test_bundle_graphs_reproduce_lerobot(fixture_bundle) -> None:
         assert m["cosine"] >= 0.999 and m["mean_abs"] <= 1e-2
 
 
+def test_leaving_out_empty_cameras_changes_nothing_but_cost(tmp_path: Path) -> None:
+    """The aloha-sim fixture (2 always-empty slots) exported with and without them: same actions (and
+    both match LeRobot's, which ran with them: test_bundle_graphs_reproduce_lerobot)."""
+    golden = Golden("lerobot-pi0-tiny-aloha-sim")
+    outs = {}
+    for keep in (True, False):
+        out = tmp_path / f"keep-{keep}"
+        build_bundle(load_checkpoint(golden.checkpoint), out, BundleOptions(drop_empty_cameras=not keep), **QUIET)
+        outs[keep] = out
+    kept, dropped = (json.loads((outs[k] / "manifest.json").read_text())["graphs"]["vlm"] for k in (True, False))
+    assert kept["inputs"][0]["shape"][1] == 3 and dropped["inputs"][0]["shape"][1] == 1
+    assert kept["outputs"][0]["shape"][2] == 3 * 256 + 12 and dropped["outputs"][0]["shape"][2] == 256 + 12
+    m = compare(run_bundle(outs[False], golden), run_bundle(outs[True], golden))
+    assert m["max_abs"] <= 1e-5, m
+
+
 def test_fp32_bundle_manifest(fixture_bundle) -> None:
     golden, precision, out = fixture_bundle
     manifest = json.loads((out / "manifest.json").read_text())
@@ -65,7 +81,10 @@ def test_fp32_bundle_manifest(fixture_bundle) -> None:
     vlm = manifest["graphs"]["vlm"]
     names = [i["name"] for i in vlm["inputs"]]
     assert names == ["images", "image_masks", "tokens", "token_mask"]
-    slots = 3 if golden.name.endswith("aloha-sim") else 2
+    # aloha-sim: 1 camera + 2 always-empty slots, which the graphs leave out
+    slots = 1 if golden.name.endswith("aloha-sim") else 2
+    assert manifest["empty_cameras_dropped"] == (2 if golden.name.endswith("aloha-sim") else 0)
+    assert manifest["policy"]["empty_cameras"] == 0
     assert vlm["inputs"][0]["shape"] == [1, slots, 3, 224, 224] and vlm["inputs"][0]["dtype"] == "float32"
     kv_dtype = "float16" if precision == "fp16" else "float32"
     assert vlm["outputs"][0] == {"name": "prefix_keys", "shape": [4, 1, slots * 256 + 12, 16], "dtype": kv_dtype}
