@@ -54,7 +54,7 @@ DEMO_PROMPT := Pick up the cube with the right arm and transfer it to the left a
 # random-weight pi0 does not succeed: the figures are the loop's, the video shows what it did).
 demo: setup
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(VENV)/bin/pi0-export bundle --preset pi0-dummy --out $(DEMO)/bundle --prompt "$(DEMO_PROMPT)"
+	$(VENV)/bin/pi0-export bundle --preset pi0-dummy --out $(DEMO)/bundle --prompt "$(DEMO_PROMPT)" --fixed-prompts-only
 	$(VENV)/bin/pi0-sim run --bundle $(DEMO)/bundle --prompt "$(DEMO_PROMPT)" --max-steps 100 --actions-per-chunk 10 \
 		--report $(DEMO)/report.json --video $(DEMO)/episode.mp4
 

@@ -59,6 +59,9 @@ class BundleOptions:
     # of every attention and do not advance positions, so the actions are the same (validation checks
     # it against the model run with them) at a fraction of the cost.
     drop_empty_cameras: bool = True
+    # Serve the `prompts` only: ship no tokenizer, and size the language token budget to the longest
+    # of them (padding is masked, so the actions are the same; validation checks it).
+    fixed_prompts_only: bool = False
 
 
 def _prompt_section(spec: PolicySpec, options: BundleOptions, work: Path) -> dict:
@@ -67,13 +70,25 @@ def _prompt_section(spec: PolicySpec, options: BundleOptions, work: Path) -> dic
         if options.prompts:
             raise BundleBuildError("--prompt needs a tokenizer (--tokenizer PATH) to tokenize it at export")
         return section
-    shutil.copyfile(options.tokenizer, work / "tokenizer.model")
-    section["tokenizer"] = "tokenizer.model"
-    tokenizer = PromptTokenizer(work / "tokenizer.model", spec.tokenizer_max_length, spec.prompt_style)
+    tokenizer = PromptTokenizer(options.tokenizer, spec.tokenizer_max_length, spec.prompt_style)
+    if not options.fixed_prompts_only:
+        shutil.copyfile(options.tokenizer, work / "tokenizer.model")
+        section["tokenizer"] = "tokenizer.model"
     for prompt in options.prompts:
         tokens, mask = tokenizer(prompt)
         section["fixed"].append({"text": prompt, "tokens": tokens[0].tolist(), "mask": mask[0].tolist()})
     return section
+
+
+def token_budget(spec: PolicySpec, options: BundleOptions) -> int:
+    """The language tokens the graphs take: the checkpoint's budget, or with `fixed_prompts_only` the
+    longest fixed prompt's length."""
+    if not options.fixed_prompts_only:
+        return spec.tokenizer_max_length
+    if not options.prompts or options.tokenizer is None:
+        raise BundleBuildError("--fixed-prompts-only needs --prompt and a tokenizer to tokenize them at export")
+    tokenizer = PromptTokenizer(options.tokenizer, spec.tokenizer_max_length, spec.prompt_style)
+    return max(int(tokenizer(prompt)[1].sum()) for prompt in options.prompts)
 
 
 def _graph_section(work: Path, files: list[Path], om: Path | None) -> dict:
@@ -101,16 +116,24 @@ def build_bundle(
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     full_spec = replace(policy.spec, num_steps=options.num_steps or policy.spec.num_steps)
-    spec = replace(full_spec, empty_cameras=0) if options.drop_empty_cameras else full_spec
+    spec = replace(
+        full_spec,
+        empty_cameras=0 if options.drop_empty_cameras else full_spec.empty_cameras,
+        tokenizer_max_length=token_budget(full_spec, options),
+    )
     model = policy.model
 
     log("[1/5] tracing inputs and the float32 reference ...")
-    x = example_inputs(full_spec, model, options.seed)
+    x = example_inputs(full_spec, model, options.seed, real_tokens=min(spec.tokenizer_max_length, 7))
     inputs = ModelInputs(x["images"], x["image_masks"], x["tokens"], x["token_mask"], x["state"])
     # The reference is the model as the checkpoint defines it, empty camera slots included.
     ref = reference(model, inputs, x["noise"], full_spec.num_steps) if options.validate else None
     if full_spec.empty_cameras != spec.empty_cameras:
         log(f"      the graphs leave out the {full_spec.empty_cameras} always-empty camera slot(s)")
+    if full_spec.tokenizer_max_length != spec.tokenizer_max_length:
+        log(
+            f"      language budget {spec.tokenizer_max_length} tokens (the checkpoint's: {full_spec.tokenizer_max_length})"
+        )
 
     log(f"[2/5] exporting vlm.onnx and expert.onnx ({options.precision}, opset {OPSET}) ...")
     to_precision_(model, options.precision)
@@ -138,6 +161,7 @@ def build_bundle(
         "model": asdict(dims),
         "policy": spec.to_dict(),
         "empty_cameras_dropped": full_spec.empty_cameras - spec.empty_cameras,
+        "checkpoint_token_budget": full_spec.tokenizer_max_length,
         "prompt": _prompt_section(spec, options, work),
         "atc": {"soc_version": soc, "compiled": False, "script": None},
         "graphs": {name: _graph_section(work, paths, None) for name, paths in files.items()},

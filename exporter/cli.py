@@ -109,6 +109,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             validate=not args.no_validate,
             seed=args.seed,
             drop_empty_cameras=not args.keep_empty_cameras,
+            fixed_prompts_only=args.fixed_prompts_only,
         )
         start = time.perf_counter()
         build_bundle(policy, args.out, options, log=log)
@@ -187,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bundle.add_argument(
         "--no-validate", action="store_true", help="skip validating the graphs against PyTorch (not recommended)"
+    )
+    bundle.add_argument(
+        "--fixed-prompts-only",
+        action="store_true",
+        help="serve exactly the --prompt texts: ship no tokenizer and size the language token budget to the "
+        "longest of them (fewer prefix tokens, same actions)",
     )
     bundle.add_argument(
         "--keep-empty-cameras",

@@ -57,7 +57,7 @@ class ExpertGraph(nn.Module):
         return self.model.velocity(*inputs)
 
 
-def example_inputs(spec: PolicySpec, model: Pi0, seed: int = 0) -> dict[str, np.ndarray]:
+def example_inputs(spec: PolicySpec, model: Pi0, seed: int = 0, real_tokens: int = 7) -> dict[str, np.ndarray]:
     """Deterministic, realistic graph inputs: images in [-1, 1], empty slots masked, a few real
     tokens, a normalized state and Gaussian noise. Used to trace and to validate."""
     rng = np.random.default_rng(seed)
@@ -66,7 +66,7 @@ def example_inputs(spec: PolicySpec, model: Pi0, seed: int = 0) -> dict[str, np.
     slots = spec.num_camera_slots
     images = rng.uniform(-1, 1, (1, slots, 3, *size)).astype(np.float32)
     images[:, len(spec.camera_keys) :] = -1.0
-    real_tokens = min(spec.tokenizer_max_length, 7)
+    real_tokens = min(spec.tokenizer_max_length, real_tokens)
     tokens = np.zeros((1, spec.tokenizer_max_length), dtype=np.int32)
     tokens[0, 0] = 2  # BOS
     tokens[0, 1:real_tokens] = rng.integers(4, dims.vocab_size, real_tokens - 1)

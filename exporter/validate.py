@@ -65,17 +65,24 @@ def reference(model: Pi0, inputs: ModelInputs, noise: np.ndarray, num_steps: int
 
 
 def graph_inputs(ref: Reference, spec: PolicySpec) -> tuple[ModelInputs, np.ndarray]:
-    """The reference's inputs as the graphs take them (camera slots beyond `spec.num_camera_slots` left
-    out), and the prefix positions those graphs keep, as indices into the reference's prefix."""
-    slots = spec.num_camera_slots
-    inputs = replace(ref.inputs, images=ref.inputs.images[:, :slots], image_masks=ref.inputs.image_masks[:, :slots])
-    full_slots = ref.inputs.images.shape[1]
-    tokens = ref.inputs.tokens.shape[1]
-    per_image = (ref.prefix_keys.shape[2] - tokens) // full_slots
-    kept = np.concatenate(
-        [np.arange(slots * per_image), np.arange(full_slots * per_image, full_slots * per_image + tokens)]
+    """The reference's inputs as the graphs take them (camera slots beyond `spec.num_camera_slots` and
+    token positions beyond `spec.tokenizer_max_length` left out: all masked), and the prefix positions
+    those graphs keep, as indices into the reference's prefix."""
+    slots, length = spec.num_camera_slots, spec.tokenizer_max_length
+    full = ref.inputs
+    if full.token_mask[:, length:].any():
+        raise ValueError("the reference has real tokens beyond the graphs' token budget")
+    inputs = replace(
+        full,
+        images=full.images[:, :slots],
+        image_masks=full.image_masks[:, :slots],
+        tokens=full.tokens[:, :length],
+        token_mask=full.token_mask[:, :length],
     )
-    return inputs, kept
+    full_slots, full_length = full.images.shape[1], full.tokens.shape[1]
+    per_image = (ref.prefix_keys.shape[2] - full_length) // full_slots
+    language = full_slots * per_image + np.arange(length)
+    return inputs, np.concatenate([np.arange(slots * per_image), language])
 
 
 def validate(backend: OnnxRuntimeBackend, ref: Reference, precision: str, spec: PolicySpec) -> dict:
@@ -85,13 +92,14 @@ def validate(backend: OnnxRuntimeBackend, ref: Reference, precision: str, spec: 
     ref_keys, ref_values = ref.prefix_keys[:, :, kept], ref.prefix_values[:, :, kept]
     cache = backend.prefix(inputs)
     got = backend.cache_to_numpy(cache)
+    valid = np.asarray(got["prefix_mask"], dtype=bool).reshape(-1)
     ref_cache = backend.prefix_from_numpy(ref_keys, ref_values, got["prefix_mask"])
     velocity = backend.velocity(ref_cache, inputs.state, ref.noise, np.ones(1, np.float32))
     actions = sample(backend, inputs, ref.noise, ref.num_steps)
     results = {
-        "vlm": compare(
-            np.concatenate([got["prefix_keys"], got["prefix_values"]]),
-            np.concatenate([ref_keys, ref_values]),
+        "vlm": compare(  # at the valid positions: what a masked token holds is never read
+            np.concatenate([got["prefix_keys"], got["prefix_values"]])[:, :, valid],
+            np.concatenate([ref_keys, ref_values])[:, :, valid],
         ),
         "expert": compare(velocity, ref.velocity),
         "end_to_end": compare(actions, ref.actions),

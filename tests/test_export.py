@@ -71,6 +71,33 @@ def test_leaving_out_empty_cameras_changes_nothing_but_cost(tmp_path: Path) -> N
     assert m["max_abs"] <= 1e-5, m
 
 
+def test_fixed_prompts_only_sizes_the_token_budget(tmp_path: Path) -> None:
+    """A bundle serving one fixed prompt: no tokenizer shipped, a 4-token budget instead of 12, the
+    same actions as the full-budget bundle for that prompt; other prompts are refused."""
+    from exporter.tokenizer_train import train_tokenizer
+    from runtime.engine import BundlePrompts, EngineError
+
+    golden = Golden("lerobot-pi0-tiny-aloha-sim")
+    tokenizer = train_tokenizer(tmp_path / "tokenizer.model", vocab_size=320)
+    outs = {}
+    for only in (False, True):
+        options = BundleOptions(tokenizer=tokenizer, prompts=("pick",), fixed_prompts_only=only)
+        outs[only] = build_bundle(load_checkpoint(golden.checkpoint), tmp_path / f"only-{only}", options, **QUIET)
+    manifest = json.loads((outs[True] / "manifest.json").read_text())
+    assert manifest["policy"]["tokenizer_max_length"] == 4 and manifest["checkpoint_token_budget"] == 12
+    assert manifest["prompt"]["tokenizer"] is None and "tokenizer.model" not in manifest["files"]
+    assert manifest["graphs"]["vlm"]["outputs"][0]["shape"][2] == 256 + 4
+    actions = {}
+    for only, out in outs.items():
+        bundle = load_bundle(out)
+        tokens, mask = BundlePrompts(bundle)("pick")
+        inputs = preprocess(bundle.spec, golden.images, golden.state, tokens, mask)
+        actions[only] = postprocess(bundle.spec, sample(OnnxRuntimeBackend(bundle), inputs, golden.noise, 10))
+    assert compare(actions[True], actions[False])["max_abs"] <= 1e-5
+    with pytest.raises(EngineError, match="no tokenizer"):
+        BundlePrompts(load_bundle(outs[True]))("place")
+
+
 def test_fp32_bundle_manifest(fixture_bundle) -> None:
     golden, precision, out = fixture_bundle
     manifest = json.loads((out / "manifest.json").read_text())
