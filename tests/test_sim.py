@@ -165,10 +165,11 @@ def test_pi0_daemon_drives_a_short_episode(dummy_bundle: Path, tmp_path: Path) -
     argv = ["run", "--bundle", str(dummy_bundle), "--max-steps", "20", "--actions-per-chunk", "10"]
     assert pi0_sim([*argv, "--report", str(report_path), "--video", str(video)]) == 0
     report = json.loads(report_path.read_text())
-    assert report["errors"] == 0 and report["successes"] == 0  # random weights
-    assert report["prompt"] == TRANSFER_CUBE.prompt and report["actions_per_chunk"] == 10
     episode = report["episodes"][0]
-    assert episode["steps"] == 20 and episode["requests"] == 2 and episode["error"] is None
+    assert report["errors"] == 0 and episode["error"] is None, episode
+    assert report["successes"] == 0, episode  # random weights
+    assert report["prompt"] == TRANSFER_CUBE.prompt and report["actions_per_chunk"] == 10
+    assert episode["steps"] == 20 and episode["requests"] == 2, episode
     assert report["latency_ms"]["n"] == report["server_total_ms"]["n"] == 2
     assert report["sim_step_ms"]["n"] == 20
     assert report["policy"]["source"] == "preset:pi0-dummy" and report["policy"]["backend"] == "onnxruntime"
