@@ -13,6 +13,7 @@ import dataclasses
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -67,9 +68,9 @@ def gemm_peak_gflops(n: int = 2048, repeats: int = 20) -> dict[str, float]:
     return peaks
 
 
-def _timed(fn: object) -> float:
+def _timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
-    fn()  # type: ignore[operator]
+    fn()
     return time.perf_counter() - start
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,17 @@ class Bundle:
     @property
     def precision(self) -> str:
         return self.manifest["precision"]
+
+    @property
+    def checkpoint_spec(self) -> PolicySpec:
+        """The conventions of the checkpoint the bundle was exported from. `spec` is what the graphs
+        take: they may leave out its always-empty camera slots and shorten its token budget (both only
+        ever masked, so the actions are the same; docs/bundle.md)."""
+        return replace(
+            self.spec,
+            empty_cameras=self.spec.empty_cameras + self.manifest.get("empty_cameras_dropped", 0),
+            tokenizer_max_length=self.manifest.get("checkpoint_token_budget", self.spec.tokenizer_max_length),
+        )
 
     @property
     def tokenizer(self) -> Path | None:

@@ -89,9 +89,7 @@ class PolicyClient:
         """obs: arrays by LeRobot feature name (`observation.images.<camera>` uint8 HxWx3 or 3xHxW,
         `observation.state`; optionally `noise`, `lang_tokens`, `lang_masks`), plus `prompt` (str) and
         `seed` (int). Returns {"actions": [chunk, action_dim], "timing": {...}, "id": ...}."""
-        header = {k: v for k, v in obs.items() if k in ("prompt", "seed")}
-        arrays = {k: np.asarray(v) for k, v in obs.items() if k not in header}
-        reply, reply_arrays = self.request("infer", header, arrays)
+        reply, reply_arrays = self.request("infer", *protocol.split_observation(obs))
         return {"actions": reply_arrays["actions"], "timing": reply.get("timing", {}), "id": reply["id"]}
 
     def metadata(self) -> dict[str, Any]:

@@ -38,6 +38,15 @@ def _buffer(frame: Any) -> memoryview:
     return view if view.ndim == 1 and view.itemsize == 1 else view.cast("B")
 
 
+HEADER_FIELDS = ("prompt", "seed")  # what an observation carries in the header; everything else is an array
+
+
+def split_observation(obs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A client-side observation dict -> (header fields, arrays by name)."""
+    header = {k: v for k, v in obs.items() if k in HEADER_FIELDS}
+    return header, {k: np.asarray(v) for k, v in obs.items() if k not in HEADER_FIELDS}
+
+
 def encode(header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> list[Any]:
     """Header dict and named arrays -> frames for `socket.send_multipart(..., copy=False)`."""
     arrays = {name: np.ascontiguousarray(a) for name, a in (arrays or {}).items()}

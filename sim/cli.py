@@ -187,8 +187,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     episode = load_episode(args.episode)
     bundle = load_bundle(args.bundle)
     reference = ReferencePolicy(load_source(args))
-    ours, theirs = bundle.spec.to_dict(), reference.spec.to_dict()
-    theirs["empty_cameras"] -= bundle.manifest.get("empty_cameras_dropped", 0)  # left out of the graphs
+    ours, theirs = bundle.checkpoint_spec.to_dict(), reference.spec.to_dict()
     differ = sorted(k for k in ours if ours[k] != theirs.get(k))
     if differ:
         raise SimError(f"the bundle and the checkpoint disagree on {differ}: was the bundle exported from it?")

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from runtime import protocol
 from runtime.client import PolicyError
 from runtime.server import observation_from
 from runtime.stats import summarize
@@ -33,8 +34,7 @@ class LocalPolicy:
         self.engine = engine
 
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
-        header = {k: v for k, v in obs.items() if k in ("prompt", "seed")}
-        arrays = {k: np.asarray(v) for k, v in obs.items() if k not in header}
+        header, arrays = protocol.split_observation(obs)
         actions, timing = self.engine.infer(**observation_from(header, arrays, self.engine.spec.camera_keys))
         return {"actions": actions, "timing": timing}
 

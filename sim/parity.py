@@ -35,6 +35,9 @@ def open_loop_parity(
     """Per-step and overall max/mean abs diff and cosine of the action chunks; `passed` applies the
     bundle precision's end-to-end thresholds (fp32: max abs <= 1e-4)."""
     tokens, token_mask = prompts(episode.prompt)
+    # The bundle's budget may be shorter than the checkpoint's (fixed prompts): pad it back, masked.
+    pad = ((0, 0), (0, reference.spec.tokenizer_max_length - tokens.shape[1]))
+    tokens, token_mask = np.pad(tokens, pad), np.pad(token_mask, pad)
     indices = list(range(0, len(episode), stride))[:max_steps]
     rows, ours, theirs = [], [], []
     for i, t in enumerate(indices):

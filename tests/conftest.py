@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,35 @@ def dummy_bundle(tmp_path_factory: pytest.TempPathFactory, tokenizer_path: Path)
     options = BundleOptions(tokenizer=tokenizer_path, prompts=("transfer the cube",))
     build_bundle(build_preset("pi0-dummy"), out, options, **QUIET)
     return out
+
+
+@pytest.fixture(scope="session")
+def aloha_sim_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The lerobot-pi0-tiny-aloha-sim fixture as an fp32 bundle (no tokenizer: tokens come with requests)."""
+    from exporter.bundle import BundleOptions, build_bundle
+    from exporter.checkpoint import load_checkpoint
+
+    out = tmp_path_factory.mktemp("aloha-sim") / "bundle"
+    build_bundle(load_checkpoint(FIXTURES / "lerobot-pi0-tiny-aloha-sim" / "checkpoint"), out, BundleOptions(), **QUIET)
+    return out
+
+
+def altered_copy(bundle: Path, dest: Path, name: str = "vlm.onnx", at: float = 1 / 3, mask: int = 0x40) -> Path:
+    """A copy of `bundle` with one byte of file `name` flipped (its manifest left as it was)."""
+    shutil.copytree(bundle, dest)
+    data = bytearray((dest / name).read_bytes())
+    data[int(len(data) * at)] ^= mask
+    (dest / name).write_bytes(bytes(data))
+    return dest
+
+
+def observation_for(bundle: Path, prompt: str) -> dict:
+    """A synthetic request for `bundle` (frames, state) with a text prompt instead of tokens."""
+    from runtime.bundle import load_bundle
+    from runtime.pipeline import synthetic_observation
+
+    obs = synthetic_observation(load_bundle(bundle).spec)
+    return {**{k: v for k, v in obs.items() if not k.startswith("lang_")}, "prompt": prompt}
 
 
 STUBS = Path(__file__).parent / "stubs"

@@ -4,21 +4,17 @@ its atomic switch and rollback (with a real daemon serving `current`), CANN's en
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, QUIET
+from conftest import altered_copy, observation_for
 
-from exporter.bundle import BundleOptions, build_bundle
-from exporter.checkpoint import load_checkpoint
 from runtime.bundle import BundleError
 from runtime.client import PolicyClient
 from runtime.npu import cann_environment, environment_file
-from runtime.pipeline import synthetic_observation
 from runtime.store import BundleStore
 from sim.daemon import PolicyService
 
@@ -81,46 +77,30 @@ def test_unit_is_what_the_issue_asks_for() -> None:
 # --- the bundle store ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def second_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("second") / "bundle"
-    checkpoint = FIXTURES / "lerobot-pi0-tiny-aloha-sim" / "checkpoint"
-    build_bundle(load_checkpoint(checkpoint), out, BundleOptions(), **QUIET)
-    return out
-
-
-def corrupt_copy(bundle: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "corrupt"
-    shutil.copytree(bundle, copy)
-    data = bytearray((copy / "vlm.onnx").read_bytes())
-    data[len(data) // 3] ^= 0x40
-    (copy / "vlm.onnx").write_bytes(bytes(data))
-    return copy
-
-
 def serves(endpoint: str, spec_source: str) -> bool:
     with PolicyClient(endpoint, timeout_s=30) as client:
         return client.metadata()["source"] == spec_source
 
 
-def test_install_switch_rollback_and_a_corrupt_bundle(dummy_bundle: Path, second_bundle: Path, tmp_path: Path) -> None:
+def test_install_switch_rollback_and_a_corrupt_bundle(
+    dummy_bundle: Path, aloha_sim_bundle: Path, tmp_path: Path
+) -> None:
     store = BundleStore(tmp_path / "bundles")
     store.root.mkdir()
     first = store.install(dummy_bundle)
     assert store.current == first and store.previous is None
     with PolicyService.daemon(store.root / "current") as daemon:  # the daemon serves the `current` link
-        second = store.install(second_bundle)
+        second = store.install(aloha_sim_bundle)
         assert (store.current, store.previous) == (second, first)
         before = {p.name for p in store.root.iterdir()}
         with pytest.raises(BundleError, match=r"vlm\.onnx does not match its sha256"):
-            store.install(corrupt_copy(dummy_bundle, tmp_path))
+            store.install(altered_copy(dummy_bundle, tmp_path / "corrupt"))
         assert {p.name for p in store.root.iterdir()} == before  # no partial copy, links untouched
         assert (store.current, store.previous) == (second, first)
         # The daemon started on the first bundle still serves it, whatever the links do meanwhile.
         assert serves(daemon.endpoint, "preset:pi0-dummy")
         with PolicyClient(daemon.endpoint) as client:
-            spec = {"prompt": "transfer the cube", **synthetic_observation_for(dummy_bundle)}
-            assert np.isfinite(client.infer(spec)["actions"]).all()
+            assert np.isfinite(client.infer(observation_for(dummy_bundle, "transfer the cube"))["actions"]).all()
     assert daemon.exit_code == 0
     assert store.rollback() == first and (store.current, store.previous) == (first, second)
     assert store.rollback() == second and (store.current, store.previous) == (second, first)
@@ -128,14 +108,7 @@ def test_install_switch_rollback_and_a_corrupt_bundle(dummy_bundle: Path, second
     assert store.prune() == []
 
 
-def synthetic_observation_for(bundle: Path) -> dict:
-    from runtime.bundle import load_bundle
-
-    obs = synthetic_observation(load_bundle(bundle).spec)
-    return {k: v for k, v in obs.items() if not k.startswith("lang_")}
-
-
-def test_store_command_line(dummy_bundle: Path, second_bundle: Path, tmp_path: Path) -> None:
+def test_store_command_line(dummy_bundle: Path, aloha_sim_bundle: Path, tmp_path: Path) -> None:
     store = tmp_path / "bundles"
     store.mkdir()
 
@@ -144,9 +117,9 @@ def test_store_command_line(dummy_bundle: Path, second_bundle: Path, tmp_path: P
 
     assert run("rollback", "--no-restart").returncode == 2  # nothing to roll back to
     assert run("install-bundle", str(dummy_bundle), "--no-restart").returncode == 0
-    refused = run("install-bundle", str(corrupt_copy(dummy_bundle, tmp_path)), "--no-restart")
+    refused = run("install-bundle", str(altered_copy(dummy_bundle, tmp_path / "corrupt")), "--no-restart")
     assert refused.returncode == 2 and "vlm.onnx does not match its sha256" in refused.stdout
-    assert run("install-bundle", str(second_bundle), "--no-restart").returncode == 0
+    assert run("install-bundle", str(aloha_sim_bundle), "--no-restart").returncode == 0
     listing = {line.split()[0]: line for line in run("bundles").stdout.splitlines()}
     assert set(listing) == {"current", "previous"} and "preset:pi0-dummy" in listing["previous"]
     assert run("rollback", "--no-restart").returncode == 0

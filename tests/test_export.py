@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import FIXTURES, GOLDEN_CHECKPOINTS, QUIET, Golden
+from conftest import FIXTURES, GOLDEN_CHECKPOINTS, QUIET, Golden, altered_copy
 from onnx import TensorProto, helper
 
 from exporter.bundle import BundleBuildError, BundleOptions, build_bundle
@@ -232,11 +232,7 @@ def test_an_existing_bundle_is_not_overwritten(tmp_path: Path) -> None:
 
 
 def test_altered_file_is_refused_by_name(dummy_bundle: Path, tmp_path: Path) -> None:
-    copy = tmp_path / "copy"
-    shutil.copytree(dummy_bundle, copy)
-    data = bytearray((copy / "expert.onnx").read_bytes())
-    data[len(data) // 2] ^= 1
-    (copy / "expert.onnx").write_bytes(bytes(data))
+    copy = altered_copy(dummy_bundle, tmp_path / "copy", "expert.onnx", at=1 / 2, mask=1)
     with pytest.raises(BundleError, match=r"expert\.onnx does not match its sha256"):
         load_bundle(copy)
     (copy / "expert.onnx").unlink()

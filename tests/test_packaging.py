@@ -6,6 +6,8 @@ Needs root, debootstrap and lintian (the Makefile's set-up installs them) and De
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -18,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import observation_for
 
 from runtime.bundle import load_bundle
 from runtime.client import PolicyClient
-from runtime.pipeline import synthetic_observation
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGING = ROOT / "packaging"
@@ -133,7 +135,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_installed_daemon_serves_the_dummy_bundle(chroot: Path, dummy_bundle: Path) -> None:
+@pytest.fixture(scope="module")
+def chroot_serving(chroot: Path, dummy_bundle: Path) -> Path:
+    """The chroot with the dummy bundle installed by the packaged `pi0-runtime install-bundle`."""
     shutil.copytree(dummy_bundle, chroot / "tmp" / "bundle")
     install = subprocess.run(
         ["chroot", str(chroot), "/usr/bin/pi0-runtime", "install-bundle", "/tmp/bundle", "--no-restart"],
@@ -143,7 +147,11 @@ def test_installed_daemon_serves_the_dummy_bundle(chroot: Path, dummy_bundle: Pa
     )
     assert install.returncode == 0, install.stdout + install.stderr
     assert (chroot / "var/lib/pi0-runtime/bundles/current").is_symlink()
+    return chroot
 
+
+def test_installed_daemon_serves_the_dummy_bundle(chroot_serving: Path, dummy_bundle: Path) -> None:
+    chroot = chroot_serving
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(chroot / "run" / "pi0-notify.sock"))
     (chroot / "run" / "pi0-notify.sock").chmod(0o666)  # the daemon runs as its own user; systemd's socket is open to it
@@ -172,10 +180,9 @@ def test_installed_daemon_serves_the_dummy_bundle(chroot: Path, dummy_bundle: Pa
         while b"READY=1" not in notify.recv(4096):
             assert time.monotonic() < deadline and daemon.poll() is None
         spec = load_bundle(dummy_bundle).spec
-        obs = {k: v for k, v in synthetic_observation(spec).items() if not k.startswith("lang_")}
         with PolicyClient(endpoint, timeout_s=60) as client:
             meta = client.metadata()
-            reply = client.infer({**obs, "prompt": "transfer the cube"})
+            reply = client.infer(observation_for(dummy_bundle, "transfer the cube"))
         assert meta["source"] == "preset:pi0-dummy" and meta["backend"] == "onnxruntime"
         assert reply["actions"].shape == (spec.chunk_size, spec.action_dim) and np.isfinite(reply["actions"]).all()
     finally:
@@ -231,9 +238,6 @@ class Booted:
 
 def broken_but_consistent(bundle: Path, out: Path) -> Path:
     """A bundle whose files match its manifest but whose VLM graph cannot be loaded."""
-    import hashlib
-    import json
-
     shutil.copytree(bundle, out)
     (out / "vlm.onnx").write_bytes(b"not an onnx graph")
     manifest = json.loads((out / "manifest.json").read_text())
@@ -242,33 +246,18 @@ def broken_but_consistent(bundle: Path, out: Path) -> Path:
     return out
 
 
-def test_service_under_real_systemd(chroot: Path, dummy_bundle: Path, tmp_path: Path) -> None:
+def test_service_under_real_systemd(
+    chroot_serving: Path, dummy_bundle: Path, aloha_sim_bundle: Path, tmp_path: Path
+) -> None:
     """Boot the rootfs: the unit with all its hardening starts the daemon (Type=notify, watchdog), it
     serves the client; install-bundle restarts it on a new bundle, rolls back from one that cannot
     start, `rollback` works; `systemctl stop` ends it cleanly."""
-    from conftest import FIXTURES, QUIET
-
-    from exporter.bundle import BundleOptions, build_bundle
-    from exporter.checkpoint import load_checkpoint
-
+    chroot = chroot_serving
     port = free_port()
     config = chroot / "etc/pi0-runtime/runtime.toml"
     config.write_text(config.read_text().replace("tcp://127.0.0.1:5555", f"tcp://127.0.0.1:{port}"))
-    store = chroot / "var/lib/pi0-runtime/bundles"
-    if not (store / "current").exists():
-        shutil.copytree(dummy_bundle, chroot / "tmp" / "bundle", dirs_exist_ok=True)
-        subprocess.run(
-            ["chroot", str(chroot), "pi0-runtime", "install-bundle", "/tmp/bundle", "--no-restart"],
-            env=CHROOT_ENV,
-            check=True,
-        )
     incoming = chroot / "root" / "incoming"  # not /tmp: nspawn mounts a fresh tmpfs there
-    build_bundle(
-        load_checkpoint(FIXTURES / "lerobot-pi0-tiny-aloha-sim" / "checkpoint"),
-        incoming / "second",
-        BundleOptions(),
-        **QUIET,
-    )
+    shutil.copytree(aloha_sim_bundle, incoming / "second")
     broken_but_consistent(dummy_bundle, incoming / "broken")
     endpoint = f"tcp://127.0.0.1:{port}"
 
@@ -286,9 +275,8 @@ def test_service_under_real_systemd(chroot: Path, dummy_bundle: Path, tmp_path: 
             state["StatusText"].startswith("serving") and state["NRestarts"] == "0" and state["User"] == "pi0-runtime"
         )
         spec = load_bundle(dummy_bundle).spec
-        obs = {k: v for k, v in synthetic_observation(spec).items() if not k.startswith("lang_")}
         with PolicyClient(endpoint, timeout_s=30) as client:
-            actions = client.infer({**obs, "prompt": "transfer the cube"})["actions"]
+            actions = client.infer(observation_for(dummy_bundle, "transfer the cube"))["actions"]
         assert actions.shape == (spec.chunk_size, spec.action_dim) and np.isfinite(actions).all()
         time.sleep(16)  # WatchdogSec=30: pings every 15 s
         assert booted.show("pi0-runtime.service", "WatchdogTimestamp")["WatchdogTimestamp"]

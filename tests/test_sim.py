@@ -29,6 +29,7 @@ from sim.record import aloha_norm_stats, load_episode
 
 TRANSFER_CUBE = sim_env.TASKS["AlohaTransferCube-v0"]
 TOP = "observation.images.top"
+ALOHA_SIM = FIXTURES / "lerobot-pi0-tiny-aloha-sim" / "checkpoint"
 SHIPPED_WELD_SOLIMP = (0.25, 0.25, 0.001)  # gym-aloha's end-effector XML
 
 
@@ -200,13 +201,13 @@ def test_run_refuses_a_policy_for_another_robot(tmp_path: Path, caplog: pytest.L
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("episodes")
-    assert pi0_sim(["record", "--out", str(out), "--max-steps", "12", "--seed", "1", "--prompt", "transfer cube"]) == 0
+    assert pi0_sim(["record", "--out", str(out), "--max-steps", "12", "--seed", "1", "--prompt", "pick up"]) == 0
     return out / "episode_000000"
 
 
 def test_recording_format(recorded: Path) -> None:
     episode = load_episode(recorded)
-    assert len(episode) == 12 and episode.prompt == "transfer cube"
+    assert len(episode) == 12 and episode.prompt == "pick up"
     assert episode.images[TOP].shape == (12, 480, 640, 3) and episode.images[TOP].dtype == np.uint8
     assert episode.states.shape == episode.actions.shape == (12, 14) and episode.states.dtype == np.float32
     assert episode.meta["seed"] == 1 and episode.meta["task"] == "AlohaTransferCube-v0" and episode.meta["steps"] == 12
@@ -233,20 +234,30 @@ def test_norm_stats_of_recordings_normalize_them(recorded: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def aloha_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The aloha-sim fixture (1 camera + 2 empty, ALOHA conventions) as an fp32 bundle whose tokenizer
-    fits its 320-token vocabulary."""
+def aloha_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The aloha-sim fixture (1 camera + 2 empty, ALOHA conventions) as fp32 bundles with a tokenizer
+    that fits its 320-token vocabulary: one shipping it (the daemon tokenizes the prompt), one serving
+    the recorded prompt only (its 12-token budget cut to that prompt's)."""
     tmp = tmp_path_factory.mktemp("aloha")
     tokenizer = train_tokenizer(tmp / "tokenizer.model", vocab_size=320)
-    checkpoint = FIXTURES / "lerobot-pi0-tiny-aloha-sim" / "checkpoint"
-    build_bundle(load_checkpoint(checkpoint), tmp / "bundle", BundleOptions(tokenizer=tokenizer), **QUIET)
-    return checkpoint, tmp / "bundle"
+    bundles = {}
+    for name, options in (
+        ("tokenizer", BundleOptions(tokenizer=tokenizer)),
+        ("fixed prompt", BundleOptions(tokenizer=tokenizer, prompts=("pick up",), fixed_prompts_only=True)),
+    ):
+        bundles[name] = build_bundle(load_checkpoint(ALOHA_SIM), tmp / name.replace(" ", "-"), options, **QUIET)
+    return bundles
 
 
-def test_open_loop_parity_fp32_within_1e4(recorded: Path, aloha_bundle: tuple[Path, Path], tmp_path: Path) -> None:
-    checkpoint, bundle = aloha_bundle
+@pytest.mark.parametrize("kind", ["tokenizer", "fixed prompt"])
+def test_open_loop_parity_fp32_within_1e4(
+    recorded: Path, aloha_bundles: dict[str, Path], kind: str, tmp_path: Path
+) -> None:
+    bundle = aloha_bundles[kind]
+    if kind == "fixed prompt":  # the graphs take fewer tokens than the reference: parity pads them back
+        assert json.loads((bundle / "manifest.json").read_text())["policy"]["tokenizer_max_length"] < 12
     report_path = tmp_path / "parity.json"
-    argv = ["parity", "--bundle", str(bundle), "--checkpoint", str(checkpoint), "--episode", str(recorded)]
+    argv = ["parity", "--bundle", str(bundle), "--checkpoint", str(ALOHA_SIM), "--episode", str(recorded)]
     assert pi0_sim([*argv, "--report", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
     assert report["passed"] and report["steps_compared"] == 12 and len(report["per_step"]) == 12
@@ -254,8 +265,8 @@ def test_open_loop_parity_fp32_within_1e4(recorded: Path, aloha_bundle: tuple[Pa
     assert max(row["max_abs"] for row in report["per_step"]) == report["overall"]["max_abs"]
 
 
-def test_parity_catches_a_different_model(recorded: Path, aloha_bundle: tuple[Path, Path], tmp_path: Path) -> None:
-    checkpoint, bundle = aloha_bundle
+def test_parity_catches_a_different_model(recorded: Path, aloha_bundles: dict[str, Path], tmp_path: Path) -> None:
+    checkpoint, bundle = ALOHA_SIM, aloha_bundles["tokenizer"]
     policy = load_checkpoint(checkpoint)
     with torch.no_grad():
         policy.model.action_out_proj.weight.mul_(1.01)  # a 1% different last layer
