@@ -12,12 +12,12 @@ ARCH ?= $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
 DEVICE_PYTHON ?= 3.11
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test bench lint format clean wheel deb image
+.PHONY: help setup demo test bench lerobot-venv lint format clean wheel deb image
 
 help:
 	@echo "make demo   - set up, then export the pi0-dummy preset, serve it with the daemon and drive one sim episode"
 	@echo "make test   - set up, then run the test suite"
-	@echo "make bench  - run the benchmarks (minutes, ~15 GB RAM and disk) and rewrite docs/benchmarks.md"
+	@echo "make bench  - run the benchmarks (~30 min, ~15 GB RAM, ~20 GB disk with LeRobot's own venv) and rewrite docs/benchmarks.md"
 	@echo "make lint   - ruff check and format check"
 	@echo "make wheel  - the runtime and client wheels (no torch) in dist/"
 	@echo "make deb    - the device's Debian package in dist/ (ARCH=amd64|arm64, DEVICE_PYTHON=3.11)"
@@ -61,7 +61,19 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-bench: setup
+LEROBOT_VENV := build/lerobot-venv
+
+# LeRobot 0.3.3 for the side-by-side benchmark, apart from our venv (its pins conflict with ours).
+$(LEROBOT_VENV)/.stamp: benchmarks/lerobot-requirements.txt
+	$(PYTHON) -m venv $(LEROBOT_VENV)
+	$(LEROBOT_VENV)/bin/pip install -q -r benchmarks/lerobot-requirements.txt
+	$(LEROBOT_VENV)/bin/pip install -q --no-deps lerobot==0.3.3
+	$(LEROBOT_VENV)/bin/python -c "import lerobot.policies.pi0.modeling_pi0"
+	touch $@
+
+lerobot-venv: $(LEROBOT_VENV)/.stamp
+
+bench: setup lerobot-venv
 	$(PY) benchmarks/run.py
 
 wheel: setup

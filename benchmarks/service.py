@@ -1,20 +1,113 @@
 """The service's own cost: a controller's round trip minus the engine's time, for three 480x640
-cameras on loopback TCP (target: under 1 ms at p50), and the engine breakdown for pi0-dummy."""
+cameras on loopback TCP (target: under 1 ms at p50), and the engine breakdown for pi0-dummy.
+
+Also the transport's floor on this machine: a bare ZeroMQ REQ -> ROUTER round trip of the same frames
+to an echo process that answers at once, with the same pause between requests as the engine's time
+(after an idle pause, waking the threads and moving 2.7 MB through cold caches costs more than
+back to back). No server design that moves the frames over a socket can beat that floor."""
 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
+import os
 import tempfile
+import time
+import tracemalloc
 from pathlib import Path
+
+import numpy as np
+import zmq
 
 from exporter.bundle import BundleOptions, build_bundle
 from exporter.presets import build_preset
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.bench import bench_engine, bench_server
-from runtime.bundle import load_bundle
+from runtime.bundle import Bundle, load_bundle
 from runtime.engine import Engine
+from runtime.pipeline import preprocess, synthetic_observation
+from runtime.protocol import decode, encode, split_observation
+from runtime.server import observation_from
+from runtime.stats import summarize
 
 CAMERAS = ("observation.images.cam_high", "observation.images.cam_left_wrist", "observation.images.cam_right_wrist")
+
+
+def _echo(endpoint: str) -> None:
+    socket = zmq.Context().socket(zmq.ROUTER)
+    socket.bind(endpoint)
+    while True:
+        identity, _, *_ = socket.recv_multipart(copy=False)
+        socket.send_multipart([identity, b"", b"r" * 400])  # about an action chunk's reply
+
+
+def transport_floor(frames: list, endpoint: str, pause_s: float, n: int) -> dict[str, float]:
+    echo = multiprocessing.get_context("spawn").Process(target=_echo, args=(endpoint,), daemon=True)
+    echo.start()
+    try:
+        socket = zmq.Context.instance().socket(zmq.REQ)
+        socket.connect(endpoint)
+        round_trips = []
+        for i in range(n + 2):
+            time.sleep(pause_s)
+            start = time.perf_counter()
+            socket.send_multipart(frames, copy=False)
+            socket.recv_multipart()
+            if i >= 2:
+                round_trips.append((time.perf_counter() - start) * 1e3)
+        socket.close(linger=0)
+    finally:
+        echo.kill()
+    return summarize(round_trips)
+
+
+def copy_ledger(bundle: Bundle) -> dict[str, int]:
+    """Bytes moved per inference, counted on what the code does with one synthetic 3-camera request:
+    the frames on the wire; what decoding copies (0 when every array is a view of its frame); the peak
+    of what preprocessing allocates (tracemalloc) and what it hands the VLM; what the ACL backend copies
+    host<->device (from the graphs' input/output sizes, as tests/test_acl.py counts them through the
+    stand-in), where the prefix KV cache stays put."""
+    spec = bundle.spec
+    frames = encode(*split_observation(synthetic_observation(spec)))
+    header, arrays = decode(frames)
+    copied_by_decode = sum(a.nbytes for a in arrays.values() if a.flags.owndata)
+    request = observation_from(header, arrays, spec.camera_keys)
+    tracemalloc.start()
+    inputs = preprocess(
+        spec,
+        {k: v[0] if v.ndim == 4 else v for k, v in request["images"].items()},
+        request["state"],
+        np.zeros((1, spec.tokenizer_max_length), np.int64),  # the prompt's tokens: their values do not matter here
+        np.ones((1, spec.tokenizer_max_length), bool),
+    )
+    _, preprocess_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    size = {
+        t["name"]: int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize
+        for g in bundle.graphs.values()
+        for t in g.inputs + g.outputs
+    }
+    steps = spec.num_steps
+    return {
+        "request_on_the_wire": sum(memoryview(f).nbytes for f in frames),
+        "copied_by_decode": copied_by_decode,
+        "preprocess_peak_allocation": preprocess_peak,
+        "vlm_inputs": sum(a.nbytes for a in vars(inputs).values()),
+        "host_to_device": sum(size[n] for n in ("images", "image_masks", "tokens", "token_mask", "state"))
+        + steps * (size["x_t"] + size["t"]),
+        "device_to_host": steps * size["velocity"],
+        "kv_cache": size["prefix_keys"] + size["prefix_values"],
+        "kv_cache_copies_per_step": 0,
+    }
+
+
+def thread_sweep(bundle: Bundle, n: int) -> dict[int, dict[str, float]]:
+    """Engine total over onnxruntime intra-op thread counts: fewer than the cores, as many, twice as many."""
+    cores = os.cpu_count() or 1
+    return {
+        threads: bench_engine(Engine(bundle, OnnxRuntimeBackend(bundle, threads=threads)), n)["total_ms"]
+        for threads in sorted({1, cores, 2 * cores})
+    }
 
 
 def run(n: int = 50) -> dict:
@@ -28,7 +121,23 @@ def run(n: int = 50) -> dict:
         bundle = load_bundle(out)
         engine = bench_engine(Engine(bundle, OnnxRuntimeBackend(bundle)), n)
         server = bench_server(bundle, n, backend="onnxruntime")
-    return {"n": n, "engine": engine, "server": server}
+        threads = thread_sweep(bundle, n // 2)
+        copies = copy_ledger(bundle)
+        frames = encode(*split_observation(synthetic_observation(bundle.spec)))
+        with tempfile.TemporaryDirectory() as sockets:
+            floor = {
+                f"{name}, {pause:.0f} ms pause": transport_floor(frames, endpoint, pause / 1e3, n)
+                for pause in (0, engine["total_ms"]["p50"])
+                for name, endpoint in (("tcp", "tcp://127.0.0.1:5581"), ("ipc", f"ipc://{sockets}/floor"))
+            }
+    return {
+        "n": n,
+        "engine": engine,
+        "server": server,
+        "threads": threads,
+        "copies": copies,
+        "transport_floor": floor,
+    }
 
 
 if __name__ == "__main__":

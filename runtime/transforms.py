@@ -52,20 +52,29 @@ def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray,
 
 
 def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize a float32 CHW image like `torch.nn.functional.interpolate(mode="bilinear")`."""
+    """Resize a CHW image (uint8, or float in [0, 1]) to float32 [0, 1] like
+    `torch.nn.functional.interpolate(mode="bilinear")` on the float image.
+
+    The four taps are gathered before the conversion to float: a camera frame is converted only where
+    it is sampled (a third of a 480x640 frame for 224x224), with the same values, since gathering
+    commutes with the elementwise conversion.
+    """
     _, in_h, in_w = image.shape
     if (in_h, in_w) == (height, width):
-        return image
+        return to_unit_float(image)
     y0, y1, wy0, wy1 = _bilinear_taps(in_h, height)
     x0, x1, wx0, wx1 = _bilinear_taps(in_w, width)
-    top, bottom = image[:, y0, :], image[:, y1, :]
-    top = top[:, :, x0] * wx0 + top[:, :, x1] * wx1
-    bottom = bottom[:, :, x0] * wx0 + bottom[:, :, x1] * wx1
+
+    def blend_columns(rows: np.ndarray) -> np.ndarray:
+        return to_unit_float(rows[:, :, x0]) * wx0 + to_unit_float(rows[:, :, x1]) * wx1
+
+    top, bottom = blend_columns(image[:, y0, :]), blend_columns(image[:, y1, :])
     return top * wy0[:, None] + bottom * wy1[:, None]
 
 
 def resize_with_pad(image: np.ndarray, height: int, width: int, pad: PadMode) -> np.ndarray:
-    """Fit a [0, 1] CHW image into height x width keeping its aspect ratio, padding with 0 (black).
+    """Fit a CHW image (uint8, or float in [0, 1]) into height x width keeping its aspect ratio, as
+    float32 [0, 1], padding with 0 (black).
 
     LeRobot v0.3 pads on the left and top ("left_top"); openpi pads both sides evenly ("center").
     """
@@ -90,8 +99,7 @@ def to_symmetric(image: np.ndarray) -> np.ndarray:
 
 def prepare_image(image: np.ndarray, size: tuple[int, int], pad: PadMode) -> np.ndarray:
     """One camera frame (uint8 or [0, 1] float, HWC or CHW) -> float32 3xHxW in [-1, 1]."""
-    chw = to_unit_float(to_chw(np.asarray(image)))
-    return to_symmetric(resize_with_pad(chw, size[0], size[1], pad))
+    return to_symmetric(resize_with_pad(to_chw(np.asarray(image)), size[0], size[1], pad))
 
 
 def empty_camera_image(size: tuple[int, int]) -> np.ndarray:
