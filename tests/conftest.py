@@ -85,17 +85,22 @@ def observation_for(bundle: Path, prompt: str) -> dict:
 STUBS = Path(__file__).parent / "stubs"
 
 
-@pytest.fixture
-def ascend_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Put the stand-ins for CANN's `atc` and the driver's `npu-smi` on PATH (see tests/stubs/)."""
+def ascend_tools_path(bin_dir: Path) -> str:
+    """Write the stand-ins for CANN's `atc` and the driver's `npu-smi` into `bin_dir` (see tests/stubs/);
+    returns PATH with `bin_dir` first."""
     import os
     import sys
 
-    bin_dir = tmp_path / "ascend-bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     for tool, script in (("atc", "atc.py"), ("npu-smi", "npu_smi.py")):
         exe = bin_dir / tool
         exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{STUBS / script}" "$@"\n')
         exe.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    return bin_dir
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+
+
+@pytest.fixture
+def ascend_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The stand-ins for `atc` and `npu-smi` on PATH for one test."""
+    monkeypatch.setenv("PATH", ascend_tools_path(tmp_path / "ascend-bin"))
+    return tmp_path / "ascend-bin"

@@ -104,7 +104,7 @@ def test_close_frees_everything_in_order(acl, om_bundle: Path) -> None:
     assert np.isfinite(result["actions"]).all()
     backend.close()
     assert acl.LEAKS == []
-    assert acl.init() == 0 and acl.finalize() == 0  # a clean finalize happened: ACL can start over
+    assert acl.finalize() == 0  # nothing left allocated: finalize (which the backend leaves to exit) succeeds
 
 
 def test_leaks_are_caught_by_the_stand_in(acl) -> None:

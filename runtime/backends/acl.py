@@ -1,10 +1,11 @@
 """The Ascend backend: the bundle's OM graphs through pyACL (`import acl`, shipped with CANN).
 
-Set-up once: acl.init, device, context, stream; each model loaded with its description read; every
+Set-up: acl.init once per process (ACL allows no second init, so a rebuilt backend after a device
+error reuses it; acl.finalize runs at exit), then device, context, stream; each model loaded with its description read; every
 input and output buffer allocated on the device once, with its dataset. Per request: the VLM's
 inputs copied host->device, the VLM run; its prefix keys/values/mask *output buffers are the expert's
 input buffers* (the same device pointers in both datasets), so the cache never leaves the device.
-Per step only x_t and t go host->device and the velocity comes back. close() frees in reverse order.
+Per step only x_t and t go host->device and the velocity comes back. close() frees in reverse order and resets the device.
 
 Never run on a real 310P so far: it is tested against the stand-in `tests/stubs/acl.py`, which
 enforces the API's contract and computes through onnxruntime.
@@ -12,6 +13,9 @@ enforces the API's contract and computes through onnxruntime.
 
 from __future__ import annotations
 
+import atexit
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +33,20 @@ CACHE = ("prefix_keys", "prefix_values", "prefix_mask")
 
 class AclError(RuntimeError):
     pass
+
+
+_init_lock = threading.Lock()
+_initialized: weakref.WeakSet = weakref.WeakSet()  # the acl module(s) this process has initialized
+
+
+def _init_once(acl: Any) -> None:
+    """acl.init for the process; acl.finalize registered for its exit (not in a destructor: CANN warns
+    that destructors run in an unknown order at exit)."""
+    with _init_lock:
+        if acl not in _initialized:
+            _check(acl.init(), "acl.init")
+            atexit.register(acl.finalize)
+            _initialized.add(acl)
 
 
 def _check(ret: int, call: str) -> None:
@@ -126,7 +144,7 @@ class AclBackend:
 
         self.acl = acl
         self.device_id = device_id
-        _check(acl.init(), "acl.init")
+        _init_once(acl)
         _check(acl.rt.set_device(device_id), "acl.rt.set_device")
         self.context, ret = acl.rt.create_context(device_id)
         _check(ret, "acl.rt.create_context")
@@ -181,4 +199,3 @@ class AclBackend:
         _check(acl.rt.destroy_stream(self.stream), "acl.rt.destroy_stream")
         _check(acl.rt.destroy_context(self.context), "acl.rt.destroy_context")
         _check(acl.rt.reset_device(self.device_id), "acl.rt.reset_device")
-        _check(acl.finalize(), "acl.finalize")

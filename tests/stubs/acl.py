@@ -8,6 +8,9 @@ holding exactly the model's tensors, each buffer big enough; frees of live point
 refuses (and records the leak) while anything is still allocated. `COUNTS` counts host<->device copies
 and executions, for tests.
 
+Faults, for the reliability tests: `PI0_ACL_STAND_IN_FAULT=error:N` makes the execute after N successful
+ones return a device error (once); `hang:N` makes it block forever, as a wedged device would.
+
 Models: an "OM file" here is what tests/stubs/atc.py writes; it names the ONNX graph it was compiled
 from (and its sha256), which is run with onnxruntime.
 """
@@ -18,6 +21,7 @@ import collections
 import ctypes
 import hashlib
 import itertools
+import os
 import re
 import threading
 from pathlib import Path
@@ -34,6 +38,7 @@ ERROR_INVALID_FILE = 100003
 ERROR_CONTEXT_NOT_SET = 107002
 ERROR_RESOURCE_LEAK = 107100
 ERROR_MODEL_INPUT = 148046
+ERROR_RT_AICORE_EXCEPTION = 507015  # a fault on the device during execution
 
 COUNTS: collections.Counter = collections.Counter()
 LEAKS: list[str] = []
@@ -42,6 +47,7 @@ LEAKS: list[str] = []
 class _State:
     def __init__(self) -> None:
         self.initialized = False
+        self.finalized = False  # ACL allows one init per process
         self.devices: set[int] = set()
         self.contexts: dict[int, int] = {}
         self.streams: set[int] = set()
@@ -78,7 +84,7 @@ def _current_context() -> int | None:
 
 
 def init(config_path: str | None = None) -> int:
-    if _S.initialized:
+    if _S.initialized or _S.finalized:
         return ERROR_REPEAT_INITIALIZE
     _S.initialized = True
     return SUCCESS
@@ -105,6 +111,7 @@ def finalize() -> int:
         LEAKS.extend(leaks)
         return ERROR_RESOURCE_LEAK
     _S.initialized = False
+    _S.finalized = True
     return SUCCESS
 
 
@@ -321,9 +328,21 @@ def _add_dataset_buffer(dataset: int, data_buffer: int) -> tuple[int, int]:
     return dataset, SUCCESS
 
 
+def _injected_fault() -> int:
+    kind, _, after = os.environ.get("PI0_ACL_STAND_IN_FAULT", "").partition(":")
+    if not kind or COUNTS["execute"] != int(after) or COUNTS["faults"]:
+        return SUCCESS
+    COUNTS["faults"] += 1
+    if kind == "hang":
+        threading.Event().wait()
+    return ERROR_RT_AICORE_EXCEPTION
+
+
 def _execute(model_id: int, inputs: int, outputs: int) -> int:
     if _current_context() is None:
         return ERROR_CONTEXT_NOT_SET
+    if (fault := _injected_fault()) != SUCCESS:
+        return fault
     if model_id not in _S.models or inputs not in _S.datasets or outputs not in _S.datasets:
         return ERROR_INVALID_PARAM
     session = _S.models[model_id]

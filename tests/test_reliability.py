@@ -1,0 +1,147 @@
+"""Faults, each against the real daemon: a device error mid-request, a wedged device, a bundle altered
+after export, the daemon frozen or restarted under a connected client. Device faults are injected by
+the pyACL stand-in (`PI0_ACL_STAND_IN_FAULT`, tests/stubs/acl.py); everything else is real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import QUIET, STUBS, altered_copy, ascend_tools_path, observation_for
+from test_server import RUNTIME, Daemon
+
+from exporter.bundle import BundleOptions, build_bundle
+from exporter.presets import build_preset
+from runtime.bundle import load_bundle
+from runtime.client import PolicyClient, PolicyError, ServerUnavailableError
+
+PROMPT = "transfer the cube"
+
+
+@pytest.fixture(scope="module")
+def om_bundle(tmp_path_factory: pytest.TempPathFactory, tokenizer_path: Path) -> Path:
+    """pi0-dummy compiled by the `atc` stand-in (as tests/test_acl.py's, but built once for the module)."""
+    out = tmp_path_factory.mktemp("om") / "bundle"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PATH", ascend_tools_path(tmp_path_factory.mktemp("ascend-bin")))
+        build_bundle(
+            build_preset("pi0-dummy"),
+            out,
+            BundleOptions(precision="fp16", atc_mode="always", tokenizer=tokenizer_path),
+            **QUIET,
+        )
+    return out
+
+
+def acl_daemon(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, **config: object) -> Daemon:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(STUBS), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PI0_ACL_STAND_IN_FAULT", fault)
+    config_file = tmp_path / "runtime.toml"
+    config_file.write_text("".join(f"{k} = {v!r}\n" for k, v in config.items()))
+    return Daemon(bundle, tmp_path, extra=("--backend", "acl", "--config", str(config_file)))
+
+
+def executes_per_request(bundle: Path) -> int:
+    return 1 + load_bundle(bundle).spec.num_steps  # the VLM, then the expert per step
+
+
+def test_device_error_is_answered_then_the_engine_is_rebuilt(
+    om_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    per_request = executes_per_request(om_bundle)
+    # The warm-up runs one request's executes; the fault hits the first real request's third step.
+    daemon = acl_daemon(om_bundle, tmp_path, monkeypatch, f"error:{per_request + 3}")
+    try:
+        daemon.read_notify(until="READY=1")
+        obs = observation_for(om_bundle, PROMPT)
+        with PolicyClient(daemon.endpoint, timeout_s=30) as client:
+            with pytest.raises(PolicyError) as failed:
+                client.infer({**obs, "seed": 1})
+            assert failed.value.code == "internal" and "507015" in failed.value.message
+            served = client.infer({**obs, "seed": 1})["actions"]
+            again = client.infer({**obs, "seed": 1})["actions"]
+            assert np.isfinite(served).all() and np.array_equal(served, again)
+            assert client.stats()["counts"]["internal"] == 1
+    finally:
+        assert daemon.stop() == 0
+    log = daemon.log_path.read_text()
+    assert "rebuilding the engine" in log
+
+
+def test_wedged_device_stops_the_watchdog(om_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    per_request = executes_per_request(om_bundle)
+    daemon = acl_daemon(om_bundle, tmp_path, monkeypatch, f"hang:{per_request + 2}", hang_timeout_s=1.0)
+    try:
+        daemon.read_notify(until="READY=1")
+        daemon.read_notify(until="WATCHDOG=1", timeout=5)  # pinging while healthy (every 0.1 s)
+        client = PolicyClient(daemon.endpoint, timeout_s=0.5, retries=0)
+        with pytest.raises(ServerUnavailableError):
+            client.infer({**observation_for(om_bundle, PROMPT), "seed": 1})
+        client.close()
+        time.sleep(1.5)  # past hang_timeout_s: the pings must have stopped
+        daemon.read_notify(timeout=0.5)  # drain what was sent before
+        assert "WATCHDOG=1" in daemon.messages, "it pinged before the hang"
+        daemon.messages.clear()
+        daemon.read_notify(timeout=2.0)
+        assert daemon.process.poll() is None, "the daemon must not exit by itself: systemd's watchdog acts"
+        assert "WATCHDOG=1" not in daemon.messages, daemon.messages
+    finally:
+        daemon.process.kill()
+        daemon.process.wait(timeout=30)
+        daemon.notify.close()
+
+
+def test_bundle_altered_after_export_is_refused_at_start(dummy_bundle: Path, tmp_path: Path) -> None:
+    bundle = altered_copy(dummy_bundle, tmp_path / "altered", "expert.onnx", at=1 / 2, mask=1)
+    result = subprocess.run(
+        [str(RUNTIME), "serve", "--bundle", str(bundle), "--endpoint", f"ipc://{tmp_path}/s"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "expert.onnx does not match its sha256" in result.stdout + result.stderr
+
+
+def test_frozen_daemon_cannot_deliver_a_stale_reply(dummy_bundle: Path, tmp_path: Path) -> None:
+    """A request abandoned on timeout is answered later into a closed socket, never as the next one's reply."""
+    daemon = Daemon(dummy_bundle, tmp_path)
+    try:
+        daemon.read_notify(until="READY=1")
+        obs = observation_for(dummy_bundle, PROMPT)
+        client = PolicyClient(daemon.endpoint, timeout_s=0.5, retries=0)
+        expected = {seed: client.infer({**obs, "seed": seed})["actions"] for seed in (1, 2)}
+        daemon.process.send_signal(signal.SIGSTOP)
+        with pytest.raises(ServerUnavailableError):
+            client.infer({**obs, "seed": 1})  # abandoned: the daemon is frozen
+        daemon.process.send_signal(signal.SIGCONT)  # it will now answer that request, too late
+        client.timeout_ms = 30_000
+        second = client.infer({**obs, "seed": 2})
+        assert np.array_equal(second["actions"], expected[2])
+        assert np.array_equal(client.infer({**obs, "seed": 1})["actions"], expected[1])
+        client.close()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_client_reconnects_to_a_restarted_daemon(dummy_bundle: Path, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    first = Daemon(dummy_bundle, tmp_path / "a")
+    endpoint = first.endpoint
+    first.read_notify(until="READY=1")
+    obs = observation_for(dummy_bundle, PROMPT)
+    with PolicyClient(endpoint, timeout_s=2.0, retries=30) as client:
+        before = client.infer({**obs, "seed": 3})["actions"]
+        assert first.stop() == 0
+        (tmp_path / "b").mkdir()
+        second = Daemon(dummy_bundle, tmp_path / "b", endpoint=endpoint)
+        try:
+            after = client.infer({**obs, "seed": 3})  # lazy pirate: retried until the new daemon answers
+            assert np.array_equal(after["actions"], before)
+        finally:
+            assert second.stop() == 0
