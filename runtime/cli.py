@@ -24,6 +24,7 @@ import numpy as np
 
 from runtime.bundle import Bundle, BundleError, load_bundle
 from runtime.engine import Engine, EngineError
+from runtime.limits import ActionLimits
 from runtime.npu import cann_environment, detect_soc, environment_file, find_set_env
 from runtime.store import DEFAULT_STORE, BundleStore, StoreError
 
@@ -36,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "threads": 0,
     "queue_size": 4,
     "hang_timeout_s": 30.0,
+    "limits": {},  # the [limits] table: joint_min, joint_max, max_step (one per action dimension), clamp
 }
 
 
@@ -49,7 +51,10 @@ def load_config(path: Path | None) -> dict[str, Any]:
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
     data = tomllib.loads(Path(path).read_text())
+    limits = data.pop("limits", None)
     data = data.get("runtime", data)
+    if limits is not None:
+        data = {**data, "limits": limits}
     unknown = set(data) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(DEFAULTS)}")
@@ -97,7 +102,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return Engine(bundle, make_backend(bundle, config["backend"], config["threads"]))
 
     server_config = ServerConfig(
-        endpoint=config["endpoint"], queue_size=config["queue_size"], hang_timeout_s=config["hang_timeout_s"]
+        endpoint=config["endpoint"],
+        queue_size=config["queue_size"],
+        hang_timeout_s=config["hang_timeout_s"],
+        limits=ActionLimits.from_config(config["limits"], bundle.spec.action_dim),
     )
     server = Server(engine_factory, server_config)
     log.info(

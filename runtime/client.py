@@ -88,9 +88,13 @@ class PolicyClient:
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
         """obs: arrays by LeRobot feature name (`observation.images.<camera>` uint8 HxWx3 or 3xHxW,
         `observation.state`; optionally `noise`, `lang_tokens`, `lang_masks`), plus `prompt` (str) and
-        `seed` (int). Returns {"actions": [chunk, action_dim], "timing": {...}, "id": ...}."""
+        `seed` (int). Returns {"actions": [chunk, action_dim], "timing": {...}, "id": ...}, and "limits"
+        when the daemon checks action limits: {"violations": n, "first": [...], "clamped": bool}."""
         reply, reply_arrays = self.request("infer", *protocol.split_observation(obs))
-        return {"actions": reply_arrays["actions"], "timing": reply.get("timing", {}), "id": reply["id"]}
+        result = {"actions": reply_arrays["actions"], "timing": reply.get("timing", {}), "id": reply["id"]}
+        if "limits" in reply:
+            result["limits"] = reply["limits"]
+        return result
 
     def metadata(self) -> dict[str, Any]:
         return self.request("metadata")[0]["metadata"]

@@ -28,6 +28,7 @@ import zmq
 
 from runtime import protocol, systemd
 from runtime.engine import EngineError
+from runtime.limits import ActionLimits
 from runtime.pipeline import synthetic_observation
 from runtime.stats import summarize
 
@@ -57,6 +58,7 @@ class ServerConfig:
     hang_timeout_s: float = 30.0
     status_interval_s: float = 5.0
     warm_up: bool = True  # one synthetic inference before READY=1
+    limits: ActionLimits = field(default_factory=ActionLimits)
 
 
 @dataclass
@@ -140,10 +142,23 @@ class Server:
             log.exception("request %s failed in the backend; rebuilding the engine", request_id)
             self._rebuild_engine()
             return protocol.encode(protocol.error_header(request_id, "internal", f"backend error: {e}"))
+        reply = {"id": request_id, "ok": True, "kind": "infer", "timing": timing}
+        if self.config.limits.active:
+            actions, reply["limits"] = self.config.limits.apply(actions)
+            if reply["limits"]["violations"]:
+                self.stats.counts["limit_violations"] += 1
+                first = reply["limits"]["first"][0]
+                log.warning(
+                    "request %s: %d action limit violation(s)%s, first %s",
+                    request_id,
+                    reply["limits"]["violations"],
+                    " clamped" if reply["limits"]["clamped"] else "",
+                    first,
+                )
         timing["queue_ms"] = (time.perf_counter() - received) * 1e3 - timing["total_ms"]
         self.stats.counts["ok"] += 1
         self.stats.record(timing)
-        return protocol.encode({"id": request_id, "ok": True, "kind": "infer", "timing": timing}, {"actions": actions})
+        return protocol.encode(reply, {"actions": actions})
 
     def _rebuild_engine(self) -> None:
         try:

@@ -19,6 +19,7 @@ from exporter.bundle import BundleOptions, build_bundle
 from exporter.presets import build_preset
 from runtime.bundle import load_bundle
 from runtime.client import PolicyClient, PolicyError, ServerUnavailableError
+from runtime.limits import ActionLimits, LimitsConfigError
 
 PROMPT = "transfer the cube"
 
@@ -145,3 +146,88 @@ def test_client_reconnects_to_a_restarted_daemon(dummy_bundle: Path, tmp_path: P
             assert np.array_equal(after["actions"], before)
         finally:
             assert second.stop() == 0
+
+
+# --- action limits ---------------------------------------------------------------------------------
+
+
+def test_limits_report_without_changing_unless_clamp_is_asked() -> None:
+    actions = np.array([[0.0, 0.0], [0.5, 2.0], [0.6, -3.0]], dtype=np.float32)
+    config = {"joint_min": [-1.0, -1.0], "joint_max": [1.0, 1.0], "max_step": [0.4, 10.0]}
+    reported, report = ActionLimits.from_config(config, 2).apply(actions)
+    assert reported is actions and report["clamped"] is False
+    kinds = sorted((v["kind"], v["step"], v["joint"]) for v in report["first"])
+    assert kinds == [("joint_max", 1, 1), ("joint_min", 2, 1), ("max_step", 1, 0)]
+    assert report["violations"] == 3
+
+    clamped, report = ActionLimits.from_config({**config, "clamp": True}, 2).apply(actions)
+    assert report["clamped"] is True and report["violations"] == 3
+    assert np.array_equal(actions[2], np.float32([0.6, -3.0])), "the engine's array is left alone"
+    assert (clamped >= -1).all() and (clamped <= 1).all()
+    assert np.abs(np.diff(clamped, axis=0)).max(axis=0)[0] <= 0.4 + 1e-6
+
+
+def test_limits_within_bounds_report_nothing() -> None:
+    actions = np.zeros((4, 3), np.float32)
+    _, report = ActionLimits.from_config({"joint_min": [-1] * 3, "joint_max": [1] * 3}, 3).apply(actions)
+    assert report == {"violations": 0, "first": [], "clamped": False}
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"joint_max": [1.0]}, "must be 3 finite numbers"),
+        ({"joint_min": [0, 0, 2], "joint_max": [1, 1, 1]}, "must not exceed"),
+        ({"max_step": [0, 1, 1]}, "must be positive"),
+        ({"clamp": "yes"}, "true or false"),
+        ({"max_speed": [1, 1, 1]}, "unknown"),
+    ],
+)
+def test_bad_limits_are_refused(config: dict, message: str) -> None:
+    with pytest.raises(LimitsConfigError, match=message):
+        ActionLimits.from_config(config, 3)
+
+
+def test_daemon_reports_and_clamps_limits(dummy_bundle: Path, tmp_path: Path) -> None:
+    spec = load_bundle(dummy_bundle).spec
+    obs = {**observation_for(dummy_bundle, PROMPT), "seed": 5}
+    with PolicyClient(f"ipc://{tmp_path}/free.sock") as client:
+        free_daemon = Daemon(dummy_bundle, tmp_path, endpoint=client.endpoint)
+        try:
+            free_daemon.read_notify(until="READY=1")
+            free = client.infer(obs)
+        finally:
+            assert free_daemon.stop() == 0
+    assert "limits" not in free
+    ceiling = float(np.median(free["actions"]))  # half of the actions are above it
+    results = {}
+    for clamp in (False, True):
+        run_dir = tmp_path / f"clamp-{clamp}"
+        run_dir.mkdir()
+        (run_dir / "runtime.toml").write_text(
+            f"[limits]\njoint_max = {[ceiling] * spec.action_dim}\nclamp = {str(clamp).lower()}\n"
+        )
+        daemon = Daemon(dummy_bundle, run_dir, extra=("--config", str(run_dir / "runtime.toml")))
+        try:
+            daemon.read_notify(until="READY=1")
+            with PolicyClient(daemon.endpoint) as client:
+                results[clamp] = client.infer(obs)
+        finally:
+            assert daemon.stop() == 0
+        assert "action limit violation" in daemon.log_path.read_text()
+    above = int((free["actions"] > ceiling).sum())
+    assert results[False]["limits"]["violations"] == above > 0
+    assert np.array_equal(results[False]["actions"], free["actions"]), "reported, never silently changed"
+    assert results[True]["limits"]["clamped"] is True
+    assert np.array_equal(results[True]["actions"], np.minimum(free["actions"], ceiling))
+
+
+def test_limits_that_do_not_fit_the_policy_stop_the_start(dummy_bundle: Path, tmp_path: Path) -> None:
+    (tmp_path / "runtime.toml").write_text("[limits]\njoint_max = [1.0, 2.0]\n")
+    result = subprocess.run(
+        [str(RUNTIME), "serve", "--bundle", str(dummy_bundle), "--config", str(tmp_path / "runtime.toml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0 and "joint_max must be" in result.stdout + result.stderr
