@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.auth import AuthConfigError, CurveConfig, check_exposure, generate_keys
 from runtime.bundle import Bundle, BundleError, load_bundle
 from runtime.engine import Engine, EngineError
 from runtime.limits import ActionLimits
@@ -37,7 +38,11 @@ DEFAULTS: dict[str, Any] = {
     "threads": 0,
     "queue_size": 4,
     "hang_timeout_s": 30.0,
-    "limits": {},  # the [limits] table: joint_min, joint_max, max_step (one per action dimension), clamp
+    "limits": {},
+    # CURVE (see runtime/auth.py): the daemon's secret key file and a directory of allowed client keys.
+    "curve_server_key": None,
+    "curve_allowed_clients": None,
+    "allow_insecure_network": False,  # the [limits] table: joint_min, joint_max, max_step (one per action dimension), clamp
 }
 
 
@@ -95,6 +100,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config[key] = getattr(args, key)
     if config["bundle"] is None:
         raise ValueError("no bundle: give --bundle or set `bundle` in the config file")
+    curve = None
+    if config["curve_server_key"] or config["curve_allowed_clients"]:
+        if not (config["curve_server_key"] and config["curve_allowed_clients"]):
+            raise AuthConfigError("CURVE needs both curve_server_key and curve_allowed_clients")
+        curve = CurveConfig(Path(config["curve_server_key"]), Path(config["curve_allowed_clients"]))
+    check_exposure(config["endpoint"], curve, config["allow_insecure_network"])
     log.info("loading bundle %s ...", config["bundle"])
     bundle = load_bundle(config["bundle"])
 
@@ -106,6 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         queue_size=config["queue_size"],
         hang_timeout_s=config["hang_timeout_s"],
         limits=ActionLimits.from_config(config["limits"], bundle.spec.action_dim),
+        curve=curve,
     )
     server = Server(engine_factory, server_config)
     log.info(
@@ -242,6 +254,12 @@ def cmd_bundles(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    public, secret = generate_keys(args.dir, args.name)
+    print(f"public key {public} (give it to the other side), secret key {secret} (keep it here, mode 0600)")
+    return 0
+
+
 def cmd_cann_env(args: argparse.Namespace) -> int:
     set_env = args.set_env or find_set_env()
     if set_env is None:
@@ -343,6 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
     cann.add_argument("--set-env", type=Path, help="CANN's set_env.sh (default: the first of the usual places)")
     cann.add_argument("--out", type=Path, help="the file to write (default: print)")
     cann.set_defaults(func=cmd_cann_env)
+
+    keygen = commands.add_parser(
+        "keygen",
+        help="make a CURVE key pair (NAME.key public, NAME.key_secret secret) for the daemon or a controller",
+        description="The daemon's pair goes in curve_server_key (the .key_secret file); each controller's "
+        "public NAME.key goes into the curve_allowed_clients directory; controllers get the daemon's public "
+        "key. Existing files are never overwritten.",
+    )
+    keygen.add_argument("name", help="file name stem, e.g. the host's name")
+    keygen.add_argument("--dir", type=Path, default=Path("."), help="where to write the files (default: here)")
+    keygen.set_defaults(func=cmd_keygen)
 
     bundles = commands.add_parser("bundles", help="list the store: current, previous and older bundles")
     store_arguments(bundles, restarts=False)

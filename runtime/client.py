@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+import zmq.auth
 
 from runtime import protocol
 
@@ -40,9 +41,26 @@ class ServerUnavailableError(TimeoutError):
 
 class PolicyClient:
     def __init__(
-        self, endpoint: str, timeout_s: float = 10.0, retries: int = 2, context: zmq.Context | None = None
+        self,
+        endpoint: str,
+        timeout_s: float = 10.0,
+        retries: int = 2,
+        context: zmq.Context | None = None,
+        server_key: str | None = None,
+        client_key: str | None = None,
     ) -> None:
+        """`server_key` (the daemon's public NAME.key file) and `client_key` (this controller's
+        NAME.key_secret file, whose public half is on the daemon's allow-list) turn on CURVE."""
         self.endpoint = endpoint
+        self.curve: tuple[bytes, bytes, bytes] | None = None
+        if server_key or client_key:
+            if not (server_key and client_key):
+                raise ValueError("CURVE needs both server_key and client_key")
+            server_public, _ = zmq.auth.load_certificate(server_key)
+            client_public, client_secret = zmq.auth.load_certificate(client_key)
+            if client_secret is None:
+                raise ValueError(f"{client_key} holds no secret key (give the .key_secret file)")
+            self.curve = (server_public, client_public, client_secret)
         self.timeout_ms = int(timeout_s * 1000)
         self.retries = retries
         self.context = context or zmq.Context.instance()
@@ -51,6 +69,8 @@ class PolicyClient:
     def _connect(self) -> zmq.Socket:
         sock = self.context.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self.curve
         sock.connect(self.endpoint)
         return sock
 

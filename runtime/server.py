@@ -27,6 +27,7 @@ import numpy as np
 import zmq
 
 from runtime import protocol, systemd
+from runtime.auth import CurveConfig
 from runtime.engine import EngineError
 from runtime.limits import ActionLimits
 from runtime.pipeline import synthetic_observation
@@ -59,6 +60,7 @@ class ServerConfig:
     status_interval_s: float = 5.0
     warm_up: bool = True  # one synthetic inference before READY=1
     limits: ActionLimits = field(default_factory=ActionLimits)
+    curve: CurveConfig | None = None  # for network endpoints: only allow-listed client keys are served
 
 
 @dataclass
@@ -247,6 +249,7 @@ class Server:
     def serve(self) -> int:
         router = self.context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 2000)
+        authenticator = self.config.curve.secure(self.context, router) if self.config.curve else None
         router.bind(self.config.endpoint)
         replies = self.context.socket(zmq.PAIR)
         replies.bind("inproc://replies")
@@ -283,7 +286,10 @@ class Server:
                 last_status = now
             if self.stopping.is_set():
                 break
-        return self._stop(router, replies, worker)
+        code = self._stop(router, replies, worker)
+        if authenticator is not None:
+            authenticator.stop()
+        return code
 
     def _stop(self, router: zmq.Socket, replies: zmq.Socket, worker: threading.Thread) -> int:
         systemd.notify("STOPPING=1")

@@ -23,8 +23,10 @@ def notify(message: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         try:
             sock.connect(address)
-            sock.sendall(message.encode())
-        except OSError:
+            # Never wait: the serving loop sends these, and a reader that falls behind (a full socket)
+            # must not stall it. systemd reads at once; a dropped ping only makes the next one count.
+            sock.send(message.encode(), socket.MSG_DONTWAIT)
+        except OSError:  # BlockingIOError included
             return False
     return True
 

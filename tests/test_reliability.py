@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -95,6 +96,19 @@ def test_wedged_device_stops_the_watchdog(om_bundle: Path, tmp_path: Path, monke
         daemon.process.kill()
         daemon.process.wait(timeout=30)
         daemon.notify.close()
+
+
+def test_a_notify_socket_nobody_reads_does_not_stall_the_daemon(dummy_bundle: Path, tmp_path: Path) -> None:
+    """Unix datagram sockets hold 10 messages here (net.unix.max_dgram_qlen): a blocking sd_notify
+    would stop the serving loop once the pings filled it."""
+    daemon = Daemon(dummy_bundle, tmp_path, watchdog_usec=20_000)  # a ping every 10 ms, never read
+    try:
+        daemon.read_notify(until="READY=1")
+        time.sleep(1.0)
+        with PolicyClient(daemon.endpoint, timeout_s=5, retries=0) as client:
+            assert np.isfinite(client.infer({**observation_for(dummy_bundle, PROMPT), "seed": 1})["actions"]).all()
+    finally:
+        assert daemon.stop() == 0
 
 
 def test_bundle_altered_after_export_is_refused_at_start(dummy_bundle: Path, tmp_path: Path) -> None:
@@ -231,3 +245,67 @@ def test_limits_that_do_not_fit_the_policy_stop_the_start(dummy_bundle: Path, tm
         timeout=120,
     )
     assert result.returncode != 0 and "joint_max must be" in result.stdout + result.stderr
+
+
+# --- who may connect --------------------------------------------------------------------------------
+
+
+def free_tcp_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def keygen(directory: Path, name: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(RUNTIME), "keygen", name, "--dir", str(directory)], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_keygen_writes_a_private_pair_and_never_overwrites(tmp_path: Path) -> None:
+    assert keygen(tmp_path, "robot").returncode == 0
+    assert (tmp_path / "robot.key_secret").stat().st_mode & 0o777 == 0o600
+    assert "secret-key" not in (tmp_path / "robot.key").read_text()
+    before = (tmp_path / "robot.key_secret").read_bytes()
+    again = keygen(tmp_path, "robot")
+    assert again.returncode != 0 and "not overwriting" in again.stdout + again.stderr
+    assert (tmp_path / "robot.key_secret").read_bytes() == before
+
+
+def test_curve_serves_allowed_keys_only(dummy_bundle: Path, tmp_path: Path) -> None:
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    allowed.mkdir()
+    for name in ("daemon", "controller", "stranger"):
+        assert keygen(keys, name).returncode == 0
+    (allowed / "controller.key").write_bytes((keys / "controller.key").read_bytes())
+    config = tmp_path / "runtime.toml"
+    config.write_text(f'curve_server_key = "{keys / "daemon.key_secret"}"\ncurve_allowed_clients = "{allowed}"\n')
+    endpoint = free_tcp_endpoint()
+    daemon = Daemon(dummy_bundle, tmp_path, endpoint=endpoint, extra=("--config", str(config)))
+    obs = {**observation_for(dummy_bundle, PROMPT), "seed": 1}
+    try:
+        daemon.read_notify(until="READY=1")
+        for client_key in (keys / "stranger.key_secret", None):
+            curve = {"server_key": str(keys / "daemon.key"), "client_key": str(client_key)} if client_key else {}
+            with (
+                PolicyClient(endpoint, timeout_s=1.0, retries=0, **curve) as outsider,
+                pytest.raises(ServerUnavailableError),
+            ):
+                outsider.infer(obs)
+        known = {"server_key": str(keys / "daemon.key"), "client_key": str(keys / "controller.key_secret")}
+        with PolicyClient(endpoint, timeout_s=5, retries=0, **known) as controller:
+            assert np.isfinite(controller.infer(obs)["actions"]).all()
+            assert controller.stats()["counts"].get("kind:infer") == 1, "the outsiders' requests never arrived"
+    finally:
+        assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://0.0.0.0:5599", "tcp://*:5599"])
+def test_network_endpoint_without_curve_is_refused(dummy_bundle: Path, endpoint: str) -> None:
+    result = subprocess.run(
+        [str(RUNTIME), "serve", "--bundle", str(dummy_bundle), "--endpoint", endpoint],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0 and "reachable from the network" in result.stdout + result.stderr
