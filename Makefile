@@ -12,11 +12,13 @@ ARCH ?= $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
 DEVICE_PYTHON ?= 3.11
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test bench lerobot-venv lint format clean wheel deb image
+.PHONY: help setup demo test bench fuzz load lerobot-venv lint format clean wheel deb image
 
 help:
 	@echo "make demo   - set up, then export the pi0-dummy preset, serve it with the daemon and drive one sim episode"
 	@echo "make test   - set up, then run the test suite"
+	@echo "make fuzz   - the long protocol fuzz run (100,000 messages; minutes)"
+	@echo "make load   - 16 clients x 500 requests, then 10,000 requests for RSS, on the pi0-dummy daemon"
 	@echo "make bench  - run the benchmarks (~30 min, ~15 GB RAM, ~20 GB disk with LeRobot's own venv) and rewrite docs/benchmarks.md"
 	@echo "make lint   - ruff check and format check"
 	@echo "make wheel  - the runtime and client wheels (no torch) in dist/"
@@ -60,6 +62,15 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The long fuzz run: 25,000 generated messages per strategy, four strategies (100,000 in all) plus deep
+# nesting, through the server's request handling with the real engine (`make test` runs 300 each).
+fuzz: setup
+	PI0_FUZZ_EXAMPLES=25000 $(PY) -m pytest -q -s -p no:cacheprovider tests/test_fuzz.py
+
+# 16 clients x 500 requests on the pi0-dummy daemon (every reply counted), then 10,000 more for RSS.
+load: setup
+	$(PY) benchmarks/load.py
 
 LEROBOT_VENV := build/lerobot-venv
 

@@ -1,0 +1,77 @@
+"""Load on the daemon (`make load`): concurrent clients against `pi0-runtime serve` on the pi0-dummy
+bundle, counting every reply (actions, `busy`, other errors) so that a lost request shows, with the
+latency of each kind and the daemon's RSS before and after.
+
+Clients as `runtime.bench.bench_load` runs them (`busy` -> wait 5 ms, send the next; no reply in 60 s
+-> lost). The daemon runs with its default queue (4 waiting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from runtime.bench import bench_load
+from runtime.client import PolicyClient
+from runtime.pipeline import synthetic_observation
+
+PROMPT = "transfer the cube"
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def run(clients: int = 16, requests: int = 500, soak: int = 10_000) -> dict:
+    exe = Path(sys.executable).parent
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle, endpoint = Path(tmp) / "bundle", f"ipc://{tmp}/policy.sock"
+        subprocess.run(
+            [exe / "pi0-export", "bundle", "--preset", "pi0-dummy", "--out", bundle, "--prompt", PROMPT],
+            check=True,
+            capture_output=True,
+        )
+        log = open(Path(tmp) / "daemon.log", "w")  # noqa: SIM115 - closed below, after the daemon
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        daemon = subprocess.Popen(
+            [exe / "pi0-runtime", "serve", "--bundle", bundle, "--endpoint", endpoint],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        try:
+            from runtime.bundle import load_bundle
+
+            obs = {
+                k: v for k, v in synthetic_observation(load_bundle(bundle).spec).items() if not k.startswith("lang_")
+            }
+            obs["prompt"] = PROMPT
+            with PolicyClient(endpoint, timeout_s=2, retries=60) as probe:
+                probe.ping()
+            rss = {"start": rss_mib(daemon.pid)}
+            load = bench_load(endpoint, obs, clients, requests)
+            rss["after_load"] = rss_mib(daemon.pid)
+            soak_run = bench_load(endpoint, obs, 2, soak // 2)  # two clients: the engine is always busy
+            rss["after_soak"] = rss_mib(daemon.pid)
+        finally:
+            daemon.terminate()
+            code = daemon.wait(timeout=60)
+            log.close()
+    return {"load": load, "soak": soak_run, "rss_mib": rss, "daemon_exit": code}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=500, help="per client")
+    parser.add_argument("--soak", type=int, default=10_000, help="requests of the RSS run")
+    args = parser.parse_args()
+    print(json.dumps(run(args.clients, args.requests, args.soak), indent=2))
