@@ -98,9 +98,12 @@ def _array(spec: Any, buffer: memoryview) -> tuple[str, np.ndarray]:
     valid_shape = isinstance(shape, list) and len(shape) <= MAX_NDIM
     if not valid_shape or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape):
         raise ProtocolError("bad_request", f"array {name!r}: shape must be a list of at most {MAX_NDIM} sizes >= 0")
-    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    if nbytes > MAX_FRAME_BYTES:
-        raise ProtocolError("bad_request", f"array {name!r} of {nbytes} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+    # The bound ignores zero dimensions: a shape with one is 0 bytes whatever the others are, but numpy
+    # still refuses non-zero dimensions that multiply past its limit (found by the fuzzer).
+    itemsize = np.dtype(dtype).itemsize
+    if math.prod(max(d, 1) for d in shape) * itemsize > MAX_FRAME_BYTES:
+        raise ProtocolError("bad_request", f"array {name!r} of shape {shape} exceeds the {MAX_FRAME_BYTES}-byte limit")
+    nbytes = math.prod(shape) * itemsize
     if nbytes != len(buffer):
         raise ProtocolError("bad_request", f"array {name!r}: {dtype}{shape} is {nbytes} bytes, its frame {len(buffer)}")
     return name, np.frombuffer(buffer, dtype=dtype).reshape(shape)

@@ -202,6 +202,12 @@ class Server:
             log.warning("refused a request (%s): %s", e.code, e.message)
             self._reply_now(router, identity, protocol.encode(protocol.error_header(None, e.code, e.message)))
             return
+        except Exception as e:  # a decoder bug must cost one reply, not the serving loop
+            self.stats.counts["internal"] += 1
+            log.exception("could not decode a request")
+            message = f"could not decode the request: {type(e).__name__}"
+            self._reply_now(router, identity, protocol.encode(protocol.error_header(None, "internal", message)))
+            return
         request_id, kind = header.get("id"), header.get("kind")
         self.stats.counts[f"kind:{kind}"] += 1
         if kind == "ping":

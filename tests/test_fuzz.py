@@ -40,7 +40,7 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
     database=None,
 )
-CODES = {"bad_request", "unsupported_version", "unknown_kind", "busy", "bad_output", "internal"}
+CODES = {"bad_request", "unsupported_version", "unknown_kind", "busy", "bad_output"}
 TALLY: Counter = Counter()
 PROMPT = "transfer the cube"  # the dummy bundle's tokenizer takes any text; this one is in its budget
 
@@ -74,13 +74,19 @@ def answer(server: Server, frames: list[bytes]) -> list[Any]:
     return router.sent[0][2:]
 
 
+def decode_peak_allocation(frames: list[bytes]) -> int:
+    tracemalloc.start()
+    try:
+        with contextlib.suppress(protocol.ProtocolError):
+            protocol.decode(frames)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def check(server: Server, frames: list[bytes]) -> None:
     size = sum(len(f) for f in frames)
-    tracemalloc.start()
-    with contextlib.suppress(protocol.ProtocolError):
-        protocol.decode(frames)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    peak = min(decode_peak_allocation(frames) for _ in range(2))  # the smaller: not a one-time import
     assert peak <= size + 256 * 1024, f"decoding {size} bytes allocated {peak}"
 
     start = time.perf_counter()

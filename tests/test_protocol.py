@@ -147,3 +147,12 @@ def test_declared_size_is_checked_before_any_allocation() -> None:
     with pytest.raises(protocol.ProtocolError, match="exceeds"):
         protocol.decode(frames_with({"arrays": [{"name": "a", "dtype": "float64", "shape": shape}]}, b""))
     assert math.prod(shape) * 8 > 2**60
+
+
+def test_a_zero_dimension_does_not_hide_a_huge_shape() -> None:
+    """Found by the fuzzer: [0, 13001, 13004, 13007, 4194294] is 0 bytes, yet numpy refuses to shape it."""
+    spec = {"name": "a", "dtype": "uint8", "shape": [0, 13001, 13004, 13007, 4194294]}
+    with pytest.raises(protocol.ProtocolError, match="exceeds"):
+        protocol.decode(frames_with({"arrays": [spec]}, b""))
+    empty = {"name": "a", "dtype": "uint8", "shape": [0, 480, 640]}
+    assert protocol.decode(frames_with({"arrays": [empty]}, b""))[1]["a"].shape == (0, 480, 640)
