@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from runtime import transforms
 from runtime.bundle import Bundle
 from runtime.pipeline import ModelInputs, initial_noise, postprocess, preprocess
 from runtime.transforms import euler_times
@@ -155,6 +156,11 @@ class Engine:
                     f"camera {key}: expected uint8 HxWx3 or 3xHxW (sides up to {MAX_IMAGE_SIDE}), "
                     f"got {image.dtype} {list(image.shape)}",
                 )
+            height, width = shape[1:] if shape[0] == 3 else shape[:2]
+            try:
+                transforms.fitted_size(height, width, *self.spec.image_size)
+            except ValueError as e:
+                raise EngineError("bad_request", f"camera {key}: {e}") from e
 
     def infer(
         self,

@@ -72,6 +72,16 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return top * wy0[:, None] + bottom * wy1[:, None]
 
 
+def fitted_size(cur_h: int, cur_w: int, height: int, width: int) -> tuple[int, int]:
+    """The size a cur_h x cur_w image is resized to inside height x width, keeping its aspect ratio
+    (LeRobot's and openpi's arithmetic). An image so thin that a side would round to 0 is refused."""
+    ratio = max(cur_w / width, cur_h / height)
+    resized_h, resized_w = int(cur_h / ratio), int(cur_w / ratio)
+    if min(resized_h, resized_w) < 1:
+        raise ValueError(f"a {cur_h}x{cur_w} image fits {height}x{width} as {resized_h}x{resized_w}: too thin")
+    return resized_h, resized_w
+
+
 def resize_with_pad(image: np.ndarray, height: int, width: int, pad: PadMode) -> np.ndarray:
     """Fit a CHW image (uint8, or float in [0, 1]) into height x width keeping its aspect ratio, as
     float32 [0, 1], padding with 0 (black).
@@ -79,8 +89,7 @@ def resize_with_pad(image: np.ndarray, height: int, width: int, pad: PadMode) ->
     LeRobot v0.3 pads on the left and top ("left_top"); openpi pads both sides evenly ("center").
     """
     _, cur_h, cur_w = image.shape
-    ratio = max(cur_w / width, cur_h / height)
-    resized_h, resized_w = int(cur_h / ratio), int(cur_w / ratio)
+    resized_h, resized_w = fitted_size(cur_h, cur_w, height, width)
     resized = resize_bilinear(image, resized_h, resized_w)
     pad_h, pad_w = max(0, height - resized_h), max(0, width - resized_w)
     if pad == "left_top":

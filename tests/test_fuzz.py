@@ -171,7 +171,7 @@ def _payload(length: int, fill: Any, dtype: Any) -> bytes:
 
 
 MUTATIONS = (
-    "none", "state_nan", "state_inf", "state_int", "state_shape", "image_dtype", "image_shape", "image_huge",
+    "none", "state_nan", "state_inf", "state_int", "state_shape", "image_dtype", "image_shape", "image_huge", "image_thin",
     "bytes_short", "bytes_long", "missing_state", "missing_image", "extra_array", "duplicate_array",
     "noise_shape", "noise_nan", "tokens_shape", "prompt_type", "prompt_long", "seed_type", "seed_negative",
     "unknown_field", "wrong_kind",
@@ -206,6 +206,9 @@ def mutated_requests(draw: st.DrawFn, spec: Any) -> list[bytes]:
         arrays[camera] = np.zeros(shape, dtype=np.uint8)
     elif mutation == "image_huge":
         arrays[camera] = np.zeros((1, 5000, 3), dtype=np.uint8)
+    elif mutation == "image_thin":
+        thin = (draw(st.integers(1, 4)), draw(st.integers(500, 1000)), 3)
+        arrays[camera] = np.zeros(thin if draw(st.booleans()) else (thin[1], thin[0], 3), dtype=np.uint8)
     elif mutation == "missing_state":
         del arrays["observation.state"]
     elif mutation == "missing_image":
