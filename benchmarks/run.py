@@ -6,6 +6,7 @@ Benchmarks are not tests: they assert nothing about time and may take minutes an
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -229,14 +230,8 @@ def ascend_sections(estimate: dict) -> list[str]:
     ]
 
 
-def main() -> None:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    svc = service.run()  # first: latency is what a busy page cache (after the 14 GB runs) disturbs most
-    peak = fraction_of_peak.run()  # next, for the same reason
-    load = load_memory.run()
-    sections = [
-        "# Benchmarks",
-        f"Written by `make bench` (`python benchmarks/run.py`) on {now}.\n\nMachine: {machine()}.",
+def load_memory_sections(load: dict) -> list[str]:
+    return [
         "## Loading a full-size pi0 checkpoint (`benchmarks/load_memory.py`)",
         "The `pi0` preset (random weights, real dimensions) written as a LeRobot float32 checkpoint, then "
         "`pi0-export inspect --checkpoint` in a fresh process (loads it and reads every weight). Growth is "
@@ -255,9 +250,11 @@ def main() -> None:
             ]
         ),
     ]
-    export = export_full.run()
+
+
+def export_sections(export: dict) -> list[str]:
     results = export["validation"]
-    sections += [
+    return [
         "## Exporting the full-size pi0 to an fp16 bundle (`benchmarks/export_full.py`)",
         "`pi0-export bundle --preset pi0 --precision fp16` in a fresh process: build the random-weight "
         "model, run the float32 reference, cast to fp16, export both graphs, validate them with onnxruntime "
@@ -287,11 +284,53 @@ def main() -> None:
             ]
         ),
     ]
-    sections += service_sections(svc)
-    sections += peak_sections(peak)
-    sections += side_by_side_sections(lerobot_side_by_side.run())
-    sections += ascend_sections(ascend_estimate.run())
-    sections += sim_sections(sim_harness.run())
+
+
+# In the order they run: latency first (a page cache busy after the 14 GB runs disturbs it most).
+BENCHMARKS = {
+    "service": (service.run, service_sections),
+    "fraction_of_peak": (fraction_of_peak.run, peak_sections),
+    "load_memory": (load_memory.run, load_memory_sections),
+    "export_full": (lambda: {k: v for k, v in export_full.run().items() if k != "log"}, export_sections),
+    "lerobot_side_by_side": (lerobot_side_by_side.run, side_by_side_sections),
+    "ascend_estimate": (ascend_estimate.run, ascend_sections),
+    "sim_harness": (sim_harness.run, sim_sections),
+}
+RESULTS = ROOT / "build" / "bench"
+
+
+def _plain(value: object) -> object:
+    """numpy scalars and arrays as JSON numbers and lists."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in a benchmark result")
+
+
+def main() -> None:
+    """Run the benchmarks named on the command line (all when none), keep each one's result as JSON in
+    build/bench/, and rewrite docs/benchmarks.md from the results of all of them (each dated)."""
+    chosen = sys.argv[1:] or list(BENCHMARKS)
+    unknown = set(chosen) - set(BENCHMARKS)
+    if unknown:
+        raise SystemExit(f"unknown benchmarks {sorted(unknown)}; choose from {list(BENCHMARKS)}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name in chosen:
+        print(f"[bench] {name} ...", flush=True)
+        result = BENCHMARKS[name][0]()
+        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        (RESULTS / f"{name}.json").write_text(json.dumps({"when": when, "result": result}, indent=1, default=_plain))
+    sections = [
+        "# Benchmarks",
+        f"Written by `make bench` (`python benchmarks/run.py [NAME ...]`).\n\nMachine: {machine()}.",
+    ]
+    for name, (_, render) in BENCHMARKS.items():
+        path = RESULTS / f"{name}.json"
+        if not path.exists():
+            sections.append(f"## {name}\n\nNot run yet: `python benchmarks/run.py {name}`.")
+            continue
+        saved = json.loads(path.read_text())
+        rendered = render(saved["result"])
+        sections += [rendered[0], f"_Run {saved['when']}._", *rendered[1:]]
     out = ROOT / "docs" / "benchmarks.md"
     out.write_text("\n\n".join(sections) + "\n")
     print(f"wrote {out}")

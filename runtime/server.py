@@ -112,7 +112,9 @@ class Server:
         self.config = config
         self.stats = Stats()
         self.requests: queue.Queue = queue.Queue(maxsize=config.queue_size)
-        self.stopping = threading.Event()
+        # A plain flag, not a threading.Event: the signal handler sets it, and a handler that takes a
+        # lock deadlocks when a second signal lands while the first holds it (seen: SIGTERMs in a burst).
+        self.stopping = False
         self.busy_since: float | None = None  # when the worker took its current request
         self.context = zmq.Context.instance()
 
@@ -227,7 +229,7 @@ class Server:
             self._reply_now(
                 router, identity, protocol.encode(protocol.error_header(request_id, "unknown_kind", message))
             )
-        elif self.stopping.is_set():
+        elif self.stopping:
             self._reply_now(
                 router,
                 identity,
@@ -241,6 +243,9 @@ class Server:
                 self.stats.counts["busy"] += 1
                 message = f"{self.config.queue_size} requests are already waiting; retry later"
                 self._reply_now(router, identity, protocol.encode(protocol.error_header(request_id, "busy", message)))
+
+    def _request_stop(self, *_: object) -> None:
+        self.stopping = True
 
     def healthy(self) -> bool:
         started = self.busy_since
@@ -262,7 +267,7 @@ class Server:
         worker = threading.Thread(target=self._work, name="engine", daemon=True)
         worker.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stopping.set())
+            signal.signal(sig, self._request_stop)
 
         if self.config.warm_up:
             log.info("warming up ...")
@@ -281,7 +286,7 @@ class Server:
             events = dict(poller.poll(timeout=100))
             if replies in events:
                 router.send_multipart(replies.recv_multipart())
-            if router in events and not self.stopping.is_set():
+            if router in events and not self.stopping:
                 self._handle(router, router.recv_multipart(copy=False))
             now = time.monotonic()
             if ping_every and now - last_ping >= ping_every and self.healthy():
@@ -290,7 +295,7 @@ class Server:
             if now - last_status >= self.config.status_interval_s:
                 systemd.notify(self.status_line())
                 last_status = now
-            if self.stopping.is_set():
+            if self.stopping:
                 break
         code = self._stop(router, replies, worker)
         if authenticator is not None:

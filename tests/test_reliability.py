@@ -4,6 +4,7 @@ the pyACL stand-in (`PI0_ACL_STAND_IN_FAULT`, tests/stubs/acl.py); everything el
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -360,3 +361,22 @@ def test_no_pickle_anywhere() -> None:
                         if not (isinstance(flag, ast.Constant) and flag.value is False):
                             offences.append(f"{where} calls np.load without allow_pickle=False")
     assert offences == []
+
+
+def test_a_burst_of_sigterms_still_stops_cleanly(dummy_bundle: Path, tmp_path: Path) -> None:
+    """The stop handler once took a lock (threading.Event.set): a SIGTERM landing while an earlier one's
+    handler held it deadlocked the daemon. SIGTERMs sent without pause until it exits."""
+    daemon = Daemon(dummy_bundle, tmp_path)
+    daemon.read_notify(until="READY=1")
+    deadline = time.monotonic() + 20
+    while daemon.process.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon.process.pid, signal.SIGTERM)
+    stopped_by_itself = daemon.process.poll() is not None
+    daemon.process.kill()  # only if it hung
+    code = daemon.process.wait(timeout=30)
+    daemon.notify.close()
+    assert stopped_by_itself, f"hung on a burst of SIGTERMs:\n{daemon.log_path.read_text()}"
+    # Python restores the default handler as it exits: a SIGTERM landing after that ends it with -15,
+    # but only once it has stopped serving.
+    assert code in (0, -signal.SIGTERM) and "INFO stopped" in daemon.log_path.read_text()
