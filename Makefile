@@ -19,7 +19,7 @@ help:
 	@echo "make test   - set up, then run the test suite"
 	@echo "make fuzz   - the long protocol fuzz run (100,000 messages; minutes)"
 	@echo "make load   - 16 clients x 500 requests, then 10,000 requests for RSS, on the pi0-dummy daemon"
-	@echo "make bench  - run the benchmarks (~30 min, ~15 GB RAM, ~20 GB disk with LeRobot's own venv) and rewrite docs/benchmarks.md"
+	@echo "make bench  - run the benchmarks (~20 min, ~15 GB RAM, ~20 GB disk with LeRobot's own venv) and rewrite docs/benchmarks.md"
 	@echo "make lint   - ruff check and format check"
 	@echo "make wheel  - the runtime and client wheels (no torch) in dist/"
 	@echo "make deb    - the device's Debian package in dist/ (ARCH=amd64|arm64, DEVICE_PYTHON=3.11)"
