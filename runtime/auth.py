@@ -26,8 +26,9 @@ class AuthConfigError(ValueError):
     """Keys or endpoint settings that would leave the daemon open, or cannot be read."""
 
 
-def generate_keys(directory: Path, name: str) -> tuple[Path, Path]:
-    """-> (public, secret) certificate files; the secret one readable by its owner only."""
+def generate_keys(directory: Path, name: str, group: str | None = None) -> tuple[Path, Path]:
+    """-> (public, secret) certificate files; the secret one readable by its owner only, or also by
+    `group` (mode 0640: the daemon's key, written by root, read by the service's group)."""
     directory.mkdir(parents=True, exist_ok=True)
     public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
     for path in (public, secret):
@@ -40,6 +41,17 @@ def generate_keys(directory: Path, name: str) -> tuple[Path, Path]:
         os.umask(old_umask)
     public.chmod(0o644)
     secret.chmod(0o600)
+    if group is not None:
+        import grp
+
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            secret.unlink()
+            public.unlink()
+            raise AuthConfigError(f"no group {group!r} on this machine") from None
+        os.chown(secret, -1, gid)
+        secret.chmod(0o640)
     return public, secret
 
 

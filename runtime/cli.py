@@ -255,7 +255,7 @@ def cmd_bundles(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    public, secret = generate_keys(args.dir, args.name)
+    public, secret = generate_keys(args.dir, args.name, args.group)
     print(f"public key {public} (give it to the other side), secret key {secret} (keep it here, mode 0600)")
     return 0
 
@@ -371,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keygen.add_argument("name", help="file name stem, e.g. the host's name")
     keygen.add_argument("--dir", type=Path, default=Path("."), help="where to write the files (default: here)")
+    keygen.add_argument(
+        "--group",
+        help="let this group read the secret key (mode 0640), e.g. pi0-runtime for the daemon's own pair",
+    )
     keygen.set_defaults(func=cmd_keygen)
 
     bundles = commands.add_parser("bundles", help="list the store: current, previous and older bundles")

@@ -258,9 +258,9 @@ def free_tcp_endpoint() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def keygen(directory: Path, name: str) -> subprocess.CompletedProcess:
+def keygen(directory: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(RUNTIME), "keygen", name, "--dir", str(directory)], capture_output=True, text=True, timeout=60
+        [str(RUNTIME), "keygen", name, "--dir", str(directory), *extra], capture_output=True, text=True, timeout=60
     )
 
 
@@ -272,6 +272,18 @@ def test_keygen_writes_a_private_pair_and_never_overwrites(tmp_path: Path) -> No
     again = keygen(tmp_path, "robot")
     assert again.returncode != 0 and "not overwriting" in again.stdout + again.stderr
     assert (tmp_path / "robot.key_secret").read_bytes() == before
+
+
+def test_keygen_can_let_the_service_group_read_the_secret(tmp_path: Path) -> None:
+    import grp
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    assert keygen(tmp_path, "daemon", "--group", group).returncode == 0
+    secret = (tmp_path / "daemon.key_secret").stat()
+    assert secret.st_mode & 0o777 == 0o640 and secret.st_gid == os.getgid()
+    missing = keygen(tmp_path, "other", "--group", "no-such-group-here")
+    assert missing.returncode != 0 and "no group" in missing.stdout + missing.stderr
+    assert not list(tmp_path.glob("other.*")), "nothing left behind"
 
 
 def test_curve_serves_allowed_keys_only(dummy_bundle: Path, tmp_path: Path) -> None:
