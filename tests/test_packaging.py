@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zmq.auth as zmq_auth
 from conftest import observation_for
 
 from runtime.bundle import load_bundle
-from runtime.client import PolicyClient
+from runtime.client import PolicyClient, ServerUnavailableError
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGING = ROOT / "packaging"
@@ -290,6 +291,29 @@ def test_service_under_real_systemd(
         assert booted.run("systemctl", "is-active", "pi0-runtime").stdout.strip() == "active" and source() == "lerobot"
 
         assert booted.run("pi0-runtime", "rollback").returncode == 0 and source() == "preset:pi0-dummy"
+
+        # CURVE inside the hardened unit, on a non-loopback bind: the daemon's pair made on the box (its
+        # secret readable by the service's group), a controller's public key on the allow-list.
+        curve = "/etc/pi0-runtime/curve"
+        made = booted.run("pi0-runtime", "keygen", "daemon", "--dir", curve, "--group", "pi0-runtime")
+        assert made.returncode == 0, made.stdout + made.stderr
+        (chroot / curve.lstrip("/") / "clients").mkdir()
+        zmq_auth.create_certificates(str(tmp_path), "controller")
+        shutil.copy(tmp_path / "controller.key", chroot / curve.lstrip("/") / "clients")
+        config.write_text(
+            config.read_text().replace(endpoint, f"tcp://0.0.0.0:{port}")
+            + f'curve_server_key = "{curve}/daemon.key_secret"\ncurve_allowed_clients = "{curve}/clients"\n'
+        )
+        restarted = booted.run("systemctl", "restart", "pi0-runtime")
+        assert restarted.returncode == 0, booted.run("journalctl", "-u", "pi0-runtime", "--no-pager").stdout[-3000:]
+        keys = {
+            "server_key": str(chroot / curve.lstrip("/") / "daemon.key"),
+            "client_key": str(tmp_path / "controller.key_secret"),
+        }
+        with PolicyClient(endpoint, timeout_s=30, **keys) as client:
+            assert client.metadata()["source"] == "preset:pi0-dummy"
+        with PolicyClient(endpoint, timeout_s=2, retries=0) as outsider, pytest.raises(ServerUnavailableError):
+            outsider.ping()
 
         assert booted.run("systemctl", "stop", "pi0-runtime").returncode == 0
         result = booted.show("pi0-runtime.service", "Result", "ExecMainStatus", "ActiveState")
