@@ -52,6 +52,7 @@ def run(workdir: str | None = None) -> dict:
 
 def serve(bundle_dir: str, n: int = 3) -> dict:
     """The engine on a bundle, in this (fresh) process: load time, stages over n requests, peak RSS."""
+    from exporter.source import peak_rss_mib
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
     from runtime.bench import bench_engine
     from runtime.bundle import load_bundle
@@ -62,9 +63,7 @@ def serve(bundle_dir: str, n: int = 3) -> dict:
     engine = Engine(bundle, OnnxRuntimeBackend(bundle))
     load_seconds = time.perf_counter() - start
     timing = bench_engine(engine, n, warmup=1)
-    status = Path("/proc/self/status").read_text()
-    peak_kib = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
-    return {"load_seconds": load_seconds, "timing": timing, "peak_rss_mib": peak_kib / 1024, "n": n}
+    return {"load_seconds": load_seconds, "timing": timing, "peak_rss_mib": peak_rss_mib(), "n": n}
 
 
 if __name__ == "__main__":

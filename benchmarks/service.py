@@ -82,11 +82,7 @@ def copy_ledger(bundle: Bundle) -> dict[str, int]:
     )
     _, preprocess_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    size = {
-        t["name"]: int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize
-        for g in bundle.graphs.values()
-        for t in g.inputs + g.outputs
-    }
+    size = bundle.tensor_bytes
     steps = spec.num_steps
     return {
         "request_on_the_wire": sum(memoryview(f).nbytes for f in frames),

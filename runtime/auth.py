@@ -83,23 +83,26 @@ def is_network_endpoint(endpoint: str) -> bool:
 
 @dataclass(frozen=True)
 class CurveConfig:
-    server_secret_key: Path
+    public_key: bytes
+    secret_key: bytes
     allowed_clients: Path  # a directory of NAME.key public certificates
 
-    def __post_init__(self) -> None:
-        load_keys(self.server_secret_key, secret=True)
-        if not self.allowed_clients.is_dir():
-            raise AuthConfigError(f"client allow-list directory not found: {self.allowed_clients}")
-        if not list(self.allowed_clients.glob("*.key")):
-            raise AuthConfigError(f"{self.allowed_clients} holds no client public keys (*.key): nobody could connect")
+    @classmethod
+    def from_files(cls, server_secret_key: Path, allowed_clients: Path) -> CurveConfig:
+        """Read and check the keys at start, so a daemon that cannot use them never comes up."""
+        public_key, secret_key = load_keys(server_secret_key, secret=True)
+        if not allowed_clients.is_dir():
+            raise AuthConfigError(f"client allow-list directory not found: {allowed_clients}")
+        if not list(allowed_clients.glob("*.key")):
+            raise AuthConfigError(f"{allowed_clients} holds no client public keys (*.key): nobody could connect")
+        return cls(public_key, secret_key, allowed_clients)
 
     def secure(self, context: zmq.Context, server: zmq.Socket) -> ThreadAuthenticator:
         """Start the authenticator and make `server` a CURVE server; call before bind."""
         authenticator = ThreadAuthenticator(context)
         authenticator.start()
         authenticator.configure_curve(domain="*", location=str(self.allowed_clients))
-        public_key, secret_key = load_keys(self.server_secret_key, secret=True)
-        server.curve_publickey, server.curve_secretkey = public_key, secret_key
+        server.curve_publickey, server.curve_secretkey = self.public_key, self.secret_key
         server.curve_server = True
         return authenticator
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from runtime.spec import PolicySpec
 
@@ -63,6 +66,15 @@ class Bundle:
     @property
     def precision(self) -> str:
         return self.manifest["precision"]
+
+    @property
+    def tensor_bytes(self) -> dict[str, int]:
+        """Bytes of every graph input and output, by name (as the graphs declare them: static shapes)."""
+        return {
+            t["name"]: math.prod(t["shape"]) * np.dtype(t["dtype"]).itemsize
+            for g in self.graphs.values()
+            for t in g.inputs + g.outputs
+        }
 
     @property
     def checkpoint_spec(self) -> PolicySpec:

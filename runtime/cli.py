@@ -38,11 +38,11 @@ DEFAULTS: dict[str, Any] = {
     "threads": 0,
     "queue_size": 4,
     "hang_timeout_s": 30.0,
-    "limits": {},
+    "limits": {},  # the [limits] table: joint_min, joint_max, max_step (one per action dimension), clamp
     # CURVE (see runtime/auth.py): the daemon's secret key file and a directory of allowed client keys.
     "curve_server_key": None,
     "curve_allowed_clients": None,
-    "allow_insecure_network": False,  # the [limits] table: joint_min, joint_max, max_step (one per action dimension), clamp
+    "allow_insecure_network": False,
 }
 
 
@@ -104,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config["curve_server_key"] or config["curve_allowed_clients"]:
         if not (config["curve_server_key"] and config["curve_allowed_clients"]):
             raise AuthConfigError("CURVE needs both curve_server_key and curve_allowed_clients")
-        curve = CurveConfig(Path(config["curve_server_key"]), Path(config["curve_allowed_clients"]))
+        curve = CurveConfig.from_files(Path(config["curve_server_key"]), Path(config["curve_allowed_clients"]))
     check_exposure(config["endpoint"], curve, config["allow_insecure_network"])
     log.info("loading bundle %s ...", config["bundle"])
     bundle = load_bundle(config["bundle"])
@@ -256,7 +256,8 @@ def cmd_bundles(args: argparse.Namespace) -> int:
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     public, secret = generate_keys(args.dir, args.name, args.group)
-    print(f"public key {public} (give it to the other side), secret key {secret} (keep it here, mode 0600)")
+    mode = oct(secret.stat().st_mode & 0o777)[2:]
+    print(f"public key {public} (give it to the other side), secret key {secret} (keep it here, mode {mode})")
     return 0
 
 

@@ -56,6 +56,7 @@ class PolicyClient:
         if server_key or client_key:
             if not (server_key and client_key):
                 raise ValueError("CURVE needs both server_key and client_key")
+            # pyzmq's reader, not runtime.auth's: the controller's wheel carries only client, protocol, wire.
             server_public, _ = zmq.auth.load_certificate(server_key)
             client_public, client_secret = zmq.auth.load_certificate(client_key)
             if client_secret is None:

@@ -156,7 +156,7 @@ class Engine:
                     f"camera {key}: expected uint8 HxWx3 or 3xHxW (sides up to {MAX_IMAGE_SIDE}), "
                     f"got {image.dtype} {list(image.shape)}",
                 )
-            height, width = shape[1:] if shape[0] == 3 else shape[:2]
+            _, height, width = transforms.to_chw(image.reshape(shape)).shape
             try:
                 transforms.fitted_size(height, width, *self.spec.image_size)
             except ValueError as e:

@@ -76,11 +76,7 @@ def test_the_prefix_cache_stays_on_the_device(acl, om_bundle: Path) -> None:
     assert acl.COUNTS["H2D"] == 4 + 1 + 2 * steps
     assert acl.COUNTS["D2H"] == steps and acl.COUNTS["D2D"] == 0
     assert acl.COUNTS["execute"] == 1 + steps and acl.COUNTS["malloc"] == 0
-    size = {
-        t["name"]: int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize
-        for g in bundle.graphs.values()
-        for t in g.inputs + g.outputs
-    }
+    size = bundle.tensor_bytes
     vlm_in = sum(size[name] for name in ("images", "image_masks", "tokens", "token_mask"))
     expected = vlm_in + size["state"] + steps * (size["x_t"] + size["t"])
     assert acl.COUNTS["H2D_bytes"] == expected

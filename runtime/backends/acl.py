@@ -1,11 +1,12 @@
 """The Ascend backend: the bundle's OM graphs through pyACL (`import acl`, shipped with CANN).
 
-Set-up: acl.init once per process (ACL allows no second init, so a rebuilt backend after a device
-error reuses it; acl.finalize runs at exit), then device, context, stream; each model loaded with its description read; every
-input and output buffer allocated on the device once, with its dataset. Per request: the VLM's
-inputs copied host->device, the VLM run; its prefix keys/values/mask *output buffers are the expert's
-input buffers* (the same device pointers in both datasets), so the cache never leaves the device.
-Per step only x_t and t go host->device and the velocity comes back. close() frees in reverse order and resets the device.
+Set-up: acl.init once per process (ACL allows no second init, so a backend rebuilt after a device
+error reuses it; acl.finalize runs at exit), then device, context, stream; each model loaded with its
+description read; every input and output buffer allocated on the device once, with its dataset. Per
+request: the VLM's inputs copied host->device, the VLM run; its prefix keys/values/mask *output
+buffers are the expert's input buffers* (the same device pointers in both datasets), so the cache
+never leaves the device. Per step only x_t and t go host->device and the velocity comes back.
+close() frees in reverse order and resets the device.
 
 Never run on a real 310P so far: it is tested against the stand-in `tests/stubs/acl.py`, which
 enforces the API's contract and computes through onnxruntime.
