@@ -75,6 +75,52 @@ def run() -> dict:
     }
 
 
+# --- docs/benchmarks.md ---------------------------------------------------------------------------
+
+
+def sections(estimate: dict) -> list[str]:
+    peaks = estimate["peaks"]
+    rows = []
+    for name, e in (("empty slots left out", estimate["aloha_sim_empty_slots_dropped"]),
+                    ("empty slots kept", estimate["aloha_sim_empty_slots_kept"])):  # fmt: skip
+        for graph in ("vlm", "expert"):
+            rows.append(
+                f"| {name} ({e['prefix_tokens']} prefix tokens) | {graph}{' x10 steps' if graph == 'expert' else ''} "
+                f"| {e['flops'][graph] / 1e12:.2f} | {e['bytes'][graph] / 1e9:.2f} | {e['compute_ms'][graph]:.1f} "
+                f"| {e['memory_ms'][graph]:.1f} | {e['floor_ms'][graph]:.1f} |"
+            )
+    dropped, kept = estimate["aloha_sim_empty_slots_dropped"], estimate["aloha_sim_empty_slots_kept"]
+    params = dropped["parameters"]
+    return [
+        "## A 310P estimate for the real pi0 (`benchmarks/ascend_estimate.py`; arithmetic, never run on a 310P)",
+        f"One 310P chip as published for the Atlas 300I Pro: {peaks['fp16_tflops']:.0f} TFLOPS fp16, "
+        f"{peaks['gb_per_s']:.1f} GB/s. pi0 at its real dimensions ({params['vision'] / 1e6:.0f} M vision + projector, "
+        f"{params['language'] / 1e6:.0f} M language layers, {params['embedding'] / 1e6:.0f} M token embedding of which "
+        f"only the prompt's rows are read, {params['expert'] / 1e6:.0f} M expert), fp16 weights, ALOHA-sim "
+        "conventions (1 camera + 2 empty slots, 48 language tokens), chunk 50, 10 steps. FLOPs as in the "
+        "fraction-of-peak section; bytes = the weights each graph reads once per run, plus the prefix KV cache "
+        "the expert reads at each step. The floor of each graph is the larger of its compute time and its "
+        "memory time at the peaks.",
+        "| bundle | graph | TFLOP | GB read | compute ms | memory ms | floor ms |\n|---|---|---|---|---|---|---|\n"
+        + "\n".join(rows),
+        f"Floor per chunk: **{dropped['floor_total_ms']:.0f} ms** with the empty slots left out, "
+        f"{kept['floor_total_ms']:.0f} ms with them kept. The expert is memory-bound (each of the 10 steps reads "
+        f"its {params['expert'] * 2 / 1e9:.2f} GB of fp16 weights for 51 tokens), the VLM becomes compute-bound "
+        "when the empty slots are kept (3 x 256 image tokens). What the design does about it:\n"
+        f"- KV cache resident on the device: the expert reads the {dropped['kv_cache_bytes'] / 2**20:.1f} MiB cache "
+        "where the VLM wrote it (no copy; `tests/test_acl.py::test_the_prefix_cache_stays_on_the_device` counts "
+        "the bytes); a host round trip per step would move "
+        f"{dropped['kv_round_trip_per_chunk_bytes'] / 2**20:.0f} MiB per chunk over PCIe instead.\n"
+        "- Empty slots left out: the VLM's FLOPs fall "
+        f"{kept['flops']['vlm'] / dropped['flops']['vlm']:.1f}x and its floor from {kept['floor_ms']['vlm']:.0f} to "
+        f"{dropped['floor_ms']['vlm']:.0f} ms.\n"
+        "- fp16 islands (norms, softmax, RoPE, residuals in fp32) add casts of activations only: a few MB per "
+        "chunk, next to the GB of weights. Their cost in time is unmeasured until a 310P runs the OM files.\n"
+        "- What is left is bandwidth for the expert's weights; only smaller weights (int8 quantization of the "
+        "expert, halving its bytes) would lower that floor. Not done.",
+    ]
+
+
 if __name__ == "__main__":
     import json
 

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.render import table
+
 
 def run(workdir: str | None = None) -> dict:
     exe = Path(sys.executable).with_name("pi0-export")
@@ -45,7 +47,6 @@ def run(workdir: str | None = None) -> dict:
         "graph_bytes": {k: v for k, v in sizes.items() if ".onnx" in k},
         "validation": report["results"],
         "passed": report["passed"],
-        "log": result.stderr,
         "engine": json.loads(served.stdout),
     }
 
@@ -60,10 +61,47 @@ def serve(bundle_dir: str, n: int = 3) -> dict:
 
     start = time.perf_counter()
     bundle = load_bundle(bundle_dir)
-    engine = Engine(bundle, OnnxRuntimeBackend(bundle))
+    engine = Engine.from_bundle(bundle, OnnxRuntimeBackend(bundle))
     load_seconds = time.perf_counter() - start
     timing = bench_engine(engine, n, warmup=1)
     return {"load_seconds": load_seconds, "timing": timing, "peak_rss_mib": peak_rss_mib(), "n": n}
+
+
+# --- docs/benchmarks.md ---------------------------------------------------------------------------
+
+
+def sections(export: dict) -> list[str]:
+    results = export["validation"]
+    return [
+        "## Exporting the full-size pi0 to an fp16 bundle (`benchmarks/export_full.py`)",
+        "`pi0-export bundle --preset pi0 --precision fp16` in a fresh process: build the random-weight "
+        "model, run the float32 reference, cast to fp16, export both graphs, validate them with onnxruntime "
+        "(CPU) against the float32 reference, write the bundle. Peak RSS is the process's own (VmHWM).",
+        table(
+            [
+                ("wall time", f"{export['wall_seconds'] / 60:.1f} min"),
+                ("peak RSS", f"{export['peak_rss_mib'] / 1024:.2f} GiB"),
+                *((f"`{name}`", f"{size / 2**20:,.1f} MiB") for name, size in sorted(export["graph_bytes"].items())),
+                *(
+                    (
+                        f"validation {graph}",
+                        f"max abs {r['max_abs']:.3g}, mean abs {r['mean_abs']:.3g}, cosine {r['cosine']:.8f}",
+                    )
+                    for graph, r in results.items()
+                ),
+                ("validation passed", export["passed"]),
+            ]
+        ),
+        "Then the runtime's engine on that fp16 bundle in a fresh process (onnxruntime CPU; 3 requests after "
+        "one warm-up; ALOHA-sim conventions with the 2 empty slots left out: 1 camera, 304 prefix tokens):",
+        table(
+            [
+                ("load (bundle + both sessions)", f"{export['engine']['load_seconds']:.1f} s"),
+                *((stage, f"{v['p50']:.0f} ms") for stage, v in export["engine"]["timing"].items()),
+                ("peak RSS", f"{export['engine']['peak_rss_mib'] / 1024:.2f} GiB"),
+            ]
+        ),
+    ]
 
 
 if __name__ == "__main__":
@@ -71,4 +109,4 @@ if __name__ == "__main__":
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         print(json.dumps(serve(sys.argv[2])))
         sys.exit(0)
-    print(json.dumps({k: v for k, v in run(*sys.argv[1:]).items() if k != "log"}, indent=2))
+    print(json.dumps(run(*sys.argv[1:]), indent=2))

@@ -171,5 +171,53 @@ def run(n: int = 5) -> dict:
     return {"depth": {"vision": 3, "language": 2, "expert": 2}, "cases": results}
 
 
+# --- docs/benchmarks.md ---------------------------------------------------------------------------
+
+
+def sections(sbs: dict) -> list[str]:
+    depth = sbs["depth"]
+    sections = [
+        "## Side by side with LeRobot (`benchmarks/lerobot_side_by_side.py`)",
+        "LeRobot 0.3.3's `PI0Policy` makes a checkpoint at pi0's real widths with vision depth "
+        f"{depth['vision']}, language and expert depth {depth['language']} (random weights; chunk 50, 10 steps, "
+        "14-dim state, 480x640 cameras); `pi0-export bundle` exports our fp32 bundle from that very checkpoint. "
+        "Then, one request at a time on all cores, alternating: LeRobot fp32 (`select_action`), ours "
+        "(`Engine.infer`, onnxruntime CPU), LeRobot bf16 (as shipped), same images, state, prompt tokens and "
+        "noise. LeRobot runs in its own venv (`make lerobot-venv`: lerobot 0.3.3 with --no-deps, transformers "
+        "4.55.4; torchvision forces torch 2.14.1 there), its tokenizer read from a local file (no network), and "
+        "for fp32 its hard-coded bfloat16 casts mapped to float32 (`benchmarks/lerobot_worker.py` says how). "
+        "Max abs is over the whole de-normalized chunk against LeRobot fp32. Targets: ours >= 1.3x LeRobot fp32 "
+        "with 2 cameras; >= 2.5x with 1 camera + 2 empty slots, actions within 1e-4.",
+    ]
+    for name, case in sbs["cases"].items():
+        sections.append(
+            f"**{name}** ({case['parameters'] / 1e6:,.0f} M parameters in LeRobot's model, LeRobot on torch "
+            f"{case['torch']} with {case['threads']} threads, {case['n']} timed rounds after one warm-up; "
+            "prefix tokens: "
+            + ", ".join(f"{label} {tokens}" for label, tokens in case["prefix_tokens"].items())
+            + ")\n\n| implementation | p50 ms | min ms | max ms | speed-up vs LeRobot fp32 | max abs vs LeRobot fp32 |"
+            "\n|---|---|---|---|---|---|\n"
+            + "\n".join(
+                f"| {label} | {ms['p50']:.0f} | {ms['min']:.0f} | {ms['max']:.0f} "
+                f"| {case['speedup_vs_lerobot_fp32'][label]:.2f}x | {case['max_abs_vs_lerobot_fp32'][label]:.2g} |"
+                for label, ms in case["ms"].items()
+            )
+        )
+    return sections
+
+
+def targets(sbs: dict) -> list[tuple[str, str, str]]:
+    cases = sbs["cases"]
+    two, empty = cases["2 cameras"], cases["1 camera + 2 empty slots"]
+    return [
+        ("ours / LeRobot fp32, same weights, 2 cameras", ">= 1.3x", f"{two['speedup_vs_lerobot_fp32']['ours']:.2f}x"),
+        (
+            "ours / LeRobot fp32, 1 camera + 2 empty slots; max abs diff",
+            ">= 2.5x; <= 1e-4",
+            f"{empty['speedup_vs_lerobot_fp32']['ours']:.2f}x; {empty['max_abs_vs_lerobot_fp32']['ours']:.1g}",
+        ),
+    ]
+
+
 if __name__ == "__main__":
     print(json.dumps(run(int(sys.argv[1]) if len(sys.argv) > 1 else 5), indent=2))

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from pi0_client.client import PolicyClient
 from runtime.bench import bench_load
-from runtime.client import PolicyClient
-from runtime.pipeline import synthetic_observation
+from runtime.observation import Observation
+from runtime.supervise import Daemon
 
 PROMPT = "transfer the cube"
 
@@ -39,32 +39,19 @@ def run(clients: int = 16, requests: int = 500, soak: int = 10_000) -> dict:
             check=True,
             capture_output=True,
         )
-        log = open(Path(tmp) / "daemon.log", "w")  # noqa: SIM115 - closed below, after the daemon
-        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-        daemon = subprocess.Popen(
-            [exe / "pi0-runtime", "serve", "--bundle", bundle, "--endpoint", endpoint],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        daemon = Daemon.serve(bundle, endpoint=endpoint, quiet=True).start()
         try:
-            from runtime.bundle import load_bundle
-
-            obs = {
-                k: v for k, v in synthetic_observation(load_bundle(bundle).spec).items() if not k.startswith("lang_")
-            }
-            obs["prompt"] = PROMPT
-            with PolicyClient(endpoint, timeout_s=2, retries=60) as probe:
-                probe.ping()
-            rss = {"start": rss_mib(daemon.pid)}
+            with PolicyClient(endpoint, timeout_s=60) as probe:
+                synthetic = Observation.synthetic(probe.metadata())
+            obs = Observation(synthetic.images, synthetic.state, prompt=PROMPT).to_dict()
+            pid = daemon.process.pid
+            rss = {"start": rss_mib(pid)}
             load = bench_load(endpoint, obs, clients, requests)
-            rss["after_load"] = rss_mib(daemon.pid)
+            rss["after_load"] = rss_mib(pid)
             soak_run = bench_load(endpoint, obs, 2, soak // 2)  # two clients: the engine is always busy
-            rss["after_soak"] = rss_mib(daemon.pid)
+            rss["after_soak"] = rss_mib(pid)
         finally:
-            daemon.terminate()
-            code = daemon.wait(timeout=60)
-            log.close()
+            code = daemon.stop(timeout_s=60)
     return {"load": load, "soak": soak_run, "rss_mib": rss, "daemon_exit": code}
 
 

@@ -9,11 +9,12 @@ import json
 import tempfile
 from pathlib import Path
 
+from benchmarks.render import table
 from exporter.bundle import BundleOptions, build_bundle
 from exporter.checkpoint import load_checkpoint
 from exporter.tokenizer_train import train_tokenizer
 from sim.cli import main as pi0_sim
-from sim.daemon import PolicyService
+from sim.oracle import oracle_daemon
 
 ROOT = Path(__file__).resolve().parents[1]
 ALOHA_FIXTURE = ROOT / "tests" / "fixtures" / "lerobot-pi0-tiny-aloha-sim" / "checkpoint"
@@ -45,7 +46,7 @@ def parity(tmp: Path) -> dict:
 def run(episodes: int = 20) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        with PolicyService.oracle() as oracle:
+        with oracle_daemon() as oracle:
             run_argv = ["run", "--endpoint", oracle.endpoint, "--seed", "0"]
             harness = pi0_sim_json([*run_argv, "--episodes", str(episodes)], tmp / "harness.json")
             render = {
@@ -55,6 +56,48 @@ def run(episodes: int = 20) -> dict:
                 )["sim_step_ms"],
             }
         return {"oracle": harness, "render": render, "parity": parity(tmp)}
+
+
+# --- docs/benchmarks.md ---------------------------------------------------------------------------
+
+
+def sections(sim: dict) -> list[str]:
+    oracle, render, parity = sim["oracle"], sim["render"], sim["parity"]
+    steps = [e["steps"] for e in oracle["episodes"]]
+    return [
+        "## The MuJoCo harness (`benchmarks/sim_harness.py`)",
+        "The scripted oracle (`pi0-sim oracle-serve`, the runtime's own server) driven by `pi0-sim run` over "
+        f"ZeroMQ ipc on gym-aloha transfer-cube, seeds 0..{len(steps) - 1}, whole chunks (50 actions) per "
+        "request, EGL rendering (Mesa, CPU). Target: at least 19 successes of 20.",
+        table(
+            [
+                ("successes", f"{oracle['successes']} / {len(steps)}"),
+                ("max reward per episode", ", ".join(f"{e['max_reward']:.0f}" for e in oracle["episodes"])),
+                ("steps to success (min / mean / max)", f"{min(steps)} / {sum(steps) / len(steps):.0f} / {max(steps)}"),
+                (
+                    "request round trip p50 / p99 (ms; the plan is made at the first)",
+                    f"{oracle['latency_ms']['p50']:.2f} / {oracle['latency_ms']['p99']:.1f}",
+                ),
+                ("errors", oracle["errors"]),
+            ]
+        ),
+        "gym-aloha's `env.step` (physics and rendering) per step, one oracle episode (seed 0), with the "
+        "render fix (only the `top` camera the policy sees) and as shipped (three 480x640 cameras).",
+        "| ms per step | p50 | p90 | p99 | steps |\n|---|---|---|---|---|\n"
+        + "\n".join(
+            f"| {name} | {v['p50']:.1f} | {v['p90']:.1f} | {v['p99']:.1f} | {v['n']} |" for name, v in render.items()
+        ),
+        "Open-loop parity (`pi0-sim parity`): one recorded oracle episode (seed 0), every step, through the "
+        "PyTorch reference and through the daemon serving a bundle of the `lerobot-pi0-tiny-aloha-sim` "
+        "fixture (1 camera + 2 empty slots, ALOHA conventions), same noise; action chunks in the robot's "
+        "units. Threshold: fp32 max abs <= 1e-4; fp16 cosine >= 0.999 and mean abs <= 1e-2.",
+        "| bundle | steps | max abs | mean abs | cosine | worst step cosine | passed |\n|---|---|---|---|---|---|---|\n"
+        + "\n".join(
+            f"| {precision} | {r['steps_compared']} | {r['overall']['max_abs']:.3g} | {r['overall']['mean_abs']:.3g} "
+            f"| {r['overall']['cosine']:.8f} | {r['overall']['cosine_worst_step']:.8f} | {r['passed']} |"
+            for precision, r in parity.items()
+        ),
+    ]
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from exporter import atc
@@ -32,7 +31,16 @@ from exporter.onnx_lint import lint
 from exporter.pi0 import to_precision_
 from exporter.validate import format_report, reference, validate
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
-from runtime.bundle import MANIFEST, SCHEMA_VERSION, load_bundle, sha256_file
+from runtime.bundle import (
+    MANIFEST,
+    AtcSection,
+    FixedPrompt,
+    GraphEntry,
+    Manifest,
+    PromptSection,
+    load_bundle,
+    sha256_file,
+)
 from runtime.npu import detect_soc
 from runtime.pipeline import ModelInputs
 from runtime.spec import PolicySpec
@@ -64,8 +72,8 @@ class BundleOptions:
     fixed_prompts_only: bool = False
 
 
-def _prompt_section(spec: PolicySpec, options: BundleOptions, work: Path) -> dict:
-    section = {"style": spec.prompt_style, "max_length": spec.tokenizer_max_length, "tokenizer": None, "fixed": []}
+def _prompt_section(spec: PolicySpec, options: BundleOptions, work: Path) -> PromptSection:
+    section = PromptSection(style=spec.prompt_style, max_length=spec.tokenizer_max_length, tokenizer=None)
     if options.tokenizer is None:
         if options.prompts:
             raise BundleBuildError("--prompt needs a tokenizer (--tokenizer PATH) to tokenize it at export")
@@ -73,10 +81,10 @@ def _prompt_section(spec: PolicySpec, options: BundleOptions, work: Path) -> dic
     tokenizer = PromptTokenizer(options.tokenizer, spec.tokenizer_max_length, spec.prompt_style)
     if not options.fixed_prompts_only:
         shutil.copyfile(options.tokenizer, work / "tokenizer.model")
-        section["tokenizer"] = "tokenizer.model"
+        section.tokenizer = "tokenizer.model"
     for prompt in options.prompts:
         tokens, mask = tokenizer(prompt)
-        section["fixed"].append({"text": prompt, "tokens": tokens[0].tolist(), "mask": mask[0].tolist()})
+        section.fixed.append(FixedPrompt(prompt, tokens[0].tolist(), mask[0].tolist()))
     return section
 
 
@@ -91,13 +99,10 @@ def token_budget(spec: PolicySpec, options: BundleOptions) -> int:
     return max(int(tokenizer(prompt)[1].sum()) for prompt in options.prompts)
 
 
-def _graph_section(work: Path, files: list[Path], om: Path | None) -> dict:
-    return {
-        "onnx": files[0].name,
-        "onnx_data": files[1].name if len(files) > 1 else None,
-        "om": None if om is None else om.relative_to(work).as_posix(),
-        **graph_io(files[0]),
-    }
+def _graph_entry(files: list[Path]) -> GraphEntry:
+    return GraphEntry(
+        onnx=files[0].name, onnx_data=files[1].name if len(files) > 1 else None, om=None, **graph_io(files[0])
+    )
 
 
 def build_bundle(
@@ -148,33 +153,30 @@ def build_bundle(
     commands = {name: atc.atc_command(paths[0].name, f"om/{name}", soc) for name, paths in files.items()}
     dims = model.dims
     policy.model = model = None  # the graphs are written; the reference outputs are all validation needs
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "exporter": {
+    manifest = Manifest(
+        source=policy.source,
+        precision=options.precision,
+        model=asdict(dims),
+        policy=spec,
+        prompt=_prompt_section(spec, options, work),
+        atc=AtcSection(soc_version=soc),
+        graphs={name: _graph_entry(paths) for name, paths in files.items()},
+        exporter={
             "version": EXPORTER_VERSION,
             "torch": torch.__version__,
             "opset": OPSET,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
-        "source": policy.source,
-        "precision": options.precision,
-        "model": asdict(dims),
-        "policy": spec.to_dict(),
-        "empty_cameras_dropped": full_spec.empty_cameras - spec.empty_cameras,
-        "checkpoint_token_budget": full_spec.tokenizer_max_length,
-        "prompt": _prompt_section(spec, options, work),
-        "atc": {"soc_version": soc, "compiled": False, "script": None},
-        "graphs": {name: _graph_section(work, paths, None) for name, paths in files.items()},
-        "validation": None,
-        "files": {},
-    }
+        empty_cameras_dropped=full_spec.empty_cameras - spec.empty_cameras,
+        checkpoint_token_budget=full_spec.tokenizer_max_length,
+    )
     _write_manifest(work, manifest)
 
     if ref is not None:
         log("[3/5] validating the graphs with onnxruntime against PyTorch ...")
         report = validate(OnnxRuntimeBackend(load_bundle(work, verify=False)), ref, options.precision, spec)
         (work / "report.json").write_text(json.dumps(report, indent=2))
-        manifest["validation"] = "report.json"
+        manifest.validation = "report.json"
         log(format_report(report))
         if not report["passed"]:
             failed = out.with_name(out.name + ".failed")
@@ -190,11 +192,11 @@ def build_bundle(
         log(f"[4/5] compiling with atc for {soc} ...")
         oms = atc.compile_graphs(work, commands, log)
         for name, om in oms.items():
-            manifest["graphs"][name]["om"] = om.relative_to(work).as_posix()
-        manifest["atc"]["compiled"] = True
+            manifest.graphs[name].om = om.relative_to(work).as_posix()
+        manifest.atc.compiled = True
     else:
         script = atc.write_script(work, commands)
-        manifest["atc"]["script"] = script.name
+        manifest.atc.script = script.name
         log(
             f"[4/5] atc not run ({'--atc never' if options.atc_mode == 'never' else 'not on PATH'}): "
             f"the exact commands are in {out / script.name}"
@@ -209,17 +211,11 @@ def build_bundle(
     return out
 
 
-def _write_manifest(work: Path, manifest: dict) -> None:
+def _write_manifest(work: Path, manifest: Manifest) -> None:
     """Record the sha256 of every file in the bundle, then write manifest.json."""
-    manifest["files"] = {
+    manifest.files = {
         path.relative_to(work).as_posix(): sha256_file(path)
         for path in sorted(work.rglob("*"))
         if path.is_file() and path.name != MANIFEST
     }
-    (work / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+    manifest.write(work)

@@ -11,7 +11,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,41 +55,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from exporter.reference import ReferencePolicy
-    from runtime.tokenizer import PromptTokenizer
+    from exporter.torch_backend import reference_engine
+    from runtime.engine import EngineError
+    from runtime.observation import Observation
 
     policy = load_source(args)
     spec = policy.spec
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer_path = args.tokenizer or (preset_tokenizer(Path(tmp)) if args.preset else None)
-        tokenizer = (
-            PromptTokenizer(tokenizer_path, spec.tokenizer_max_length, spec.prompt_style) if tokenizer_path else None
-        )
-    rng = np.random.default_rng(args.seed)
-    images = {
-        key: rng.integers(0, 256, size=shape, dtype=np.uint8)
-        for key, shape in zip(spec.camera_keys, spec.camera_shapes, strict=True)
-    }
-    state = np.zeros(spec.state_dim, dtype=np.float32)
-    reference = ReferencePolicy(policy, tokenizer)
-    if tokenizer is None:
-        log("no tokenizer (give --tokenizer PATH to PaliGemma's tokenizer.model): using a BOS-only prompt")
-        tokens = np.zeros((1, spec.tokenizer_max_length), dtype=np.int64)
-        tokens[0, 0] = 2
-        kwargs = {"tokens": tokens, "token_mask": tokens != 0}
-    else:
-        kwargs = {"prompt": args.prompt}
-    log(f"sampling: camera(s) {list(spec.camera_keys)}, {spec.num_steps} flow steps, prompt {args.prompt!r}")
-    start = time.perf_counter()
-    actions = reference.infer(images, state, seed=args.seed, **kwargs)[0]
+        tokenizer = args.tokenizer or (preset_tokenizer(Path(tmp)) if args.preset else None)
+        reference = reference_engine(policy, tokenizer)
+        obs = Observation.synthetic(reference.metadata(), seed=args.seed)  # random frames and state
+        if tokenizer is None:
+            log("no tokenizer (give --tokenizer PATH to PaliGemma's tokenizer.model): using a BOS-only prompt")
+        else:
+            obs = replace(obs, prompt=args.prompt, tokens=None, token_mask=None)
+        log(f"sampling: camera(s) {list(spec.camera_keys)}, {spec.num_steps} flow steps, prompt {args.prompt!r}")
+        start = time.perf_counter()
+        try:
+            actions = reference.infer(obs)[0]
+        except EngineError as e:  # non-finite actions, most likely
+            log(f"error: {e.message}")
+            return 1
     log(f"action chunk {actions.shape} in {(time.perf_counter() - start) * 1e3:.0f} ms")
     np.set_printoptions(precision=4, suppress=True, linewidth=160)
     rows = min(args.rows, len(actions))
     print(f"first {rows} of {len(actions)} actions ({spec.action_dim} dims each):")
     print(actions[:rows])
-    if not np.isfinite(actions).all():
-        log("error: the action chunk is not finite")
-        return 1
     return 0
 
 

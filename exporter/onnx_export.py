@@ -5,13 +5,7 @@ ATC's ONNX parser at opset 15 in every CANN release we could check (elementwise 
 in older ones), and LayerNorm is written out (LayerNormalization needs opset 17). torch's newer
 dynamo exporter emits opset 18 only and cannot convert these graphs down.
 
-Graph contracts (batch 1, static shapes; names are what the manifest and the runtime use):
-  vlm:    images f32 [1, slots, 3, H, W] in [-1, 1], image_masks bool [1, slots],
-          tokens i32 [1, L], token_mask bool [1, L]
-          -> prefix_keys, prefix_values [depth, 1, P, head_dim] (the weights' dtype), prefix_mask bool [1, P]
-  expert: state f32 [1, max_state_dim] (normalized, padded), x_t f32 [1, chunk, max_action_dim],
-          t f32 [1], prefix_keys, prefix_values, prefix_mask
-          -> velocity f32 [1, chunk, max_action_dim]
+The graphs' names, inputs and outputs are `runtime.graphs`' contracts (batch 1, static shapes).
 """
 
 from __future__ import annotations
@@ -27,13 +21,11 @@ import torch
 from torch import nn
 
 from exporter.pi0 import Pi0
+from runtime.graphs import EXPERT, EXPERT_INPUTS, EXPERT_OUTPUTS, VLM, VLM_INPUTS, VLM_OUTPUTS
 from runtime.spec import PolicySpec
+from runtime.tokenizer import BOS_ID
 
 OPSET = 15
-VLM_INPUTS = ("images", "image_masks", "tokens", "token_mask")
-VLM_OUTPUTS = ("prefix_keys", "prefix_values", "prefix_mask")
-EXPERT_INPUTS = ("state", "x_t", "t", "prefix_keys", "prefix_values", "prefix_mask")
-EXPERT_OUTPUTS = ("velocity",)
 
 
 class VLMGraph(nn.Module):
@@ -68,7 +60,7 @@ def example_inputs(spec: PolicySpec, model: Pi0, seed: int = 0, real_tokens: int
     images[:, len(spec.camera_keys) :] = -1.0
     real_tokens = min(spec.tokenizer_max_length, real_tokens)
     tokens = np.zeros((1, spec.tokenizer_max_length), dtype=np.int32)
-    tokens[0, 0] = 2  # BOS
+    tokens[0, 0] = BOS_ID
     tokens[0, 1:real_tokens] = rng.integers(4, dims.vocab_size, real_tokens - 1)
     return {
         "images": images,
@@ -163,6 +155,8 @@ def export_graphs(model: Pi0, spec: PolicySpec, out_dir: Path, seed: int = 0) ->
         keys, values, prefix_mask = model.prefix_kv(*vlm_args)
     expert_args = (x["state"], x["noise"], torch.ones(1), keys, values, prefix_mask)
     return {
-        "vlm": export_graph(VLMGraph(model), vlm_args, VLM_INPUTS, VLM_OUTPUTS, out_dir / "vlm.onnx"),
-        "expert": export_graph(ExpertGraph(model), expert_args, EXPERT_INPUTS, EXPERT_OUTPUTS, out_dir / "expert.onnx"),
+        VLM: export_graph(VLMGraph(model), vlm_args, VLM_INPUTS, VLM_OUTPUTS, out_dir / f"{VLM}.onnx"),
+        EXPERT: export_graph(
+            ExpertGraph(model), expert_args, EXPERT_INPUTS, EXPERT_OUTPUTS, out_dir / f"{EXPERT}.onnx"
+        ),
     }

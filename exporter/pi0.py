@@ -8,8 +8,8 @@ tokens, bidirectional) never attends to the suffix, so it is computed once per o
     velocity(state, x_t, t, keys, values, prefix_mask) -> v_t               (num_steps times)
 
 These two methods are what the exporter traces into the VLM and action-expert graphs: static shapes,
-no data-dependent Python, no in-place cache. `sample` runs the Euler loop around them in PyTorch as
-the reference. Masks and positions are pi0's: `attention_mask_2d` is big_vision's make_attn_mask.
+no data-dependent Python, no in-place cache. The reference runs them through `exporter.torch_backend`
+under the runtime's own Euler loop. Masks and positions are pi0's: `attention_mask_2d` is big_vision's make_attn_mask.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from torch import nn
 from exporter.dims import Pi0Dims
 from exporter.gemma import GemmaStack
 from exporter.siglip import SiglipVision
-from runtime.transforms import euler_times
 
 TIME_MIN_PERIOD, TIME_MAX_PERIOD = 4e-3, 4.0
 
@@ -136,28 +135,6 @@ class Pi0(nn.Module):
         for i, layer in enumerate(self.expert.layers):
             x, _, _ = layer(x, positions, mask, context=(prefix_keys[i], prefix_values[i]))
         return self.action_out_proj(self.expert.norm(x[:, 1:]).float())
-
-    # --- the reference sampler --------------------------------------------------------------------
-
-    @torch.no_grad()
-    def sample(
-        self,
-        images: torch.Tensor,
-        image_masks: torch.Tensor,
-        tokens: torch.Tensor,
-        token_mask: torch.Tensor,
-        state: torch.Tensor,
-        noise: torch.Tensor,
-        num_steps: int,
-    ) -> torch.Tensor:
-        """Denoise `noise` [B, H, A] (x at t = 1) with num_steps Euler steps, dt = -1/num_steps."""
-        keys, values, prefix_mask = self.prefix_kv(images, image_masks, tokens, token_mask)
-        dt = -1.0 / num_steps
-        x = noise.float()
-        for t in euler_times(num_steps):
-            v = self.velocity(state, x, torch.full((x.shape[0],), float(t)), keys, values, prefix_mask)
-            x = x + dt * v
-        return x
 
 
 def to_precision_(model: Pi0, precision: str) -> Pi0:

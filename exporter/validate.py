@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
 
 from exporter.pi0 import Pi0
+from exporter.torch_backend import TorchBackend
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
-from runtime.engine import sample
+from runtime.engine import denoise, sample
 from runtime.pipeline import ModelInputs
 from runtime.spec import PolicySpec
 
@@ -55,13 +55,13 @@ class Reference:
 
 def reference(model: Pi0, inputs: ModelInputs, noise: np.ndarray, num_steps: int) -> Reference:
     """Run the float32 model once (before it is cast for export) and keep what validation needs."""
-    t = torch.from_numpy
-    args = (t(inputs.images), t(inputs.image_masks), t(inputs.tokens.astype(np.int64)), t(inputs.token_mask))
-    with torch.no_grad():
-        keys, values, prefix_mask = model.prefix_kv(*args)
-        velocity = model.velocity(t(inputs.state), t(noise), torch.ones(1), keys, values, prefix_mask)
-        actions = model.sample(*args, t(inputs.state), t(noise), num_steps)
-    return Reference(inputs, noise, num_steps, keys.numpy(), values.numpy(), velocity.numpy(), actions.numpy())
+    backend = TorchBackend(model)
+    inputs = replace(inputs, tokens=inputs.tokens.astype(np.int64))
+    cache = backend.prefix(inputs)
+    velocity = backend.velocity(cache, inputs.state, noise, np.ones(1, np.float32))
+    actions = denoise(backend, cache, inputs.state, noise, num_steps)
+    keys, values, _ = cache
+    return Reference(inputs, noise, num_steps, keys.numpy(), values.numpy(), velocity, actions)
 
 
 def graph_inputs(ref: Reference, spec: PolicySpec) -> tuple[ModelInputs, np.ndarray]:

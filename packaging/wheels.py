@@ -1,12 +1,11 @@
 """`make wheel`: the robot-side wheels, built from this checkout's `runtime/` package.
 
-    pi0-runtime   the daemon and its tools (`runtime/`): numpy, pyzmq, onnxruntime, sentencepiece;
-                  pyACL comes with CANN, not from PyPI.
-    pi0-client    what a robot controller imports: `runtime.client` with the protocol it speaks
-                  (`runtime/{client,protocol,wire}.py`); numpy and pyzmq only.
+    pi0-client    what a robot controller imports (`pi0_client/`): the client, the protocol it speaks,
+                  the metadata type and the chunk broker; numpy and pyzmq only.
+    pi0-runtime   the daemon and its tools (`runtime/`): pi0-client (the same protocol), numpy, pyzmq,
+                  onnxruntime, sentencepiece; pyACL is CANN's, not PyPI's.
 
-Neither depends on torch. Both carry the project's version. The client wheel holds a subset of the
-`runtime` package: install one or the other on a machine, not both.
+Neither depends on torch. Both carry the project's version.
 """
 
 from __future__ import annotations
@@ -19,7 +18,14 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CLIENT_MODULES = ("__init__.py", "client.py", "protocol.py", "wire.py")
+CLIENT_DEPENDENCIES = ["numpy>=1.24", "pyzmq>=25"]
+RUNTIME_DEPENDENCIES = [
+    "numpy>=1.24",
+    "pyzmq>=25",
+    "onnxruntime>=1.17",
+    "sentencepiece>=0.2",
+    "tomli>=2; python_version < '3.11'",
+]
 
 
 def project_version() -> str:
@@ -30,7 +36,7 @@ def project_version() -> str:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
-def pyproject(name: str, description: str, dependencies: list[str], scripts: dict[str, str]) -> str:
+def pyproject(name: str, package: str, description: str, dependencies: list[str], scripts: dict[str, str]) -> str:
     lines = [
         "[build-system]",
         'requires = ["setuptools>=64"]',
@@ -45,7 +51,7 @@ def pyproject(name: str, description: str, dependencies: list[str], scripts: dic
     ]
     if scripts:
         lines += ["", "[project.scripts]", *(f'{k} = "{v}"' for k, v in scripts.items())]
-    lines += ["", "[tool.setuptools.packages.find]", 'include = ["runtime*"]']
+    lines += ["", "[tool.setuptools.packages.find]", f'include = ["{package}*"]']
     return "\n".join(lines) + "\n"
 
 
@@ -62,34 +68,20 @@ def build_wheels(out: Path) -> dict[str, Path]:
         old.unlink()
     wheels = {}
     with tempfile.TemporaryDirectory() as tmp:
-        runtime_src = Path(tmp) / "runtime-dist"
-        shutil.copytree(ROOT / "runtime", runtime_src / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
-        (runtime_src / "pyproject.toml").write_text(
-            pyproject(
+        for name, package, description, dependencies, scripts in (
+            ("pi0-client", "pi0_client", "Client for the pi0 policy daemon (numpy + pyzmq)", CLIENT_DEPENDENCIES, {}),
+            (
                 "pi0-runtime",
+                "runtime",
                 "pi0 policy daemon for Ascend 310P (pyACL) or onnxruntime, served over ZeroMQ",
-                [
-                    "numpy>=1.24",
-                    "pyzmq>=25",
-                    "onnxruntime>=1.17",
-                    "sentencepiece>=0.2",
-                    "tomli>=2; python_version < '3.11'",
-                ],
+                [f"pi0-client=={project_version()}", *RUNTIME_DEPENDENCIES],
                 {"pi0-runtime": "runtime.cli:main"},
-            )
-        )
-        wheels["pi0-runtime"] = build("pi0-runtime", runtime_src, out)
-
-        client_src = Path(tmp) / "client-dist"
-        (client_src / "runtime").mkdir(parents=True)
-        for module in CLIENT_MODULES:
-            shutil.copyfile(ROOT / "runtime" / module, client_src / "runtime" / module)
-        (client_src / "pyproject.toml").write_text(
-            pyproject(
-                "pi0-client", "Client for the pi0 policy daemon (numpy + pyzmq)", ["numpy>=1.24", "pyzmq>=25"], {}
-            )
-        )
-        wheels["pi0-client"] = build("pi0-client", client_src, out)
+            ),
+        ):
+            source = Path(tmp) / name
+            shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+            (source / "pyproject.toml").write_text(pyproject(name, package, description, dependencies, scripts))
+            wheels[name] = build(name, source, out)
     return wheels
 
 

@@ -2,31 +2,26 @@
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
+from pi0_client.client import BusyError, PolicyClient, PolicyError, ServerUnavailableError
 from runtime.bundle import Bundle
-from runtime.client import BusyError, PolicyClient, PolicyError, ServerUnavailableError
 from runtime.engine import Engine
-from runtime.pipeline import synthetic_observation
-from runtime.server import observation_from
+from runtime.observation import Observation
 from runtime.stats import summarize
+from runtime.supervise import Daemon
 
 STAGES = ("preprocess_ms", "vlm_ms", "expert_ms", "expert_step_ms", "postprocess_ms", "total_ms")
 
 
 def bench_engine(engine: Engine, n: int, warmup: int = 2) -> dict[str, dict[str, float]]:
-    request = observation_from({"seed": 0}, synthetic_observation(engine.spec), engine.spec.camera_keys)
+    request = Observation.synthetic(engine.metadata())
     timings = []
     for i in range(warmup + n):
-        _, timing = engine.infer(**request)
+        _, timing = engine.infer(request)
         if i >= warmup:
             timings.append(timing)
     return {stage: summarize(t[stage] for t in timings) for stage in STAGES}
@@ -41,40 +36,17 @@ def _free_tcp_endpoint() -> str:
 def bench_server(bundle: Bundle, n: int, backend: str = "auto", warmup: int = 2) -> dict[str, dict[str, float]]:
     """Start `pi0-runtime serve` on loopback TCP, send n requests through PolicyClient, and report the
     round trip and the service overhead (round trip minus the engine's own time) per request."""
-    endpoint = _free_tcp_endpoint()
-    exe = Path(sys.executable).with_name("pi0-runtime")
-    with tempfile.TemporaryFile("w+") as log:
-        server = subprocess.Popen(
-            [str(exe), "serve", "--bundle", str(bundle.root), "--endpoint", endpoint, "--backend", backend],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
-        )
-        try:
-            client = PolicyClient(endpoint, timeout_s=1.0, retries=0)
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    client.ping()
-                    break
-                except ServerUnavailableError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        log.seek(0)
-                        raise RuntimeError(f"the server did not come up:\n{log.read()}") from None
-            client.timeout_ms = 60_000
-            obs = synthetic_observation(bundle.spec)
-            round_trips, overheads = [], []
-            for i in range(warmup + n):
-                start = time.perf_counter()
-                result = client.infer(obs)
-                elapsed = (time.perf_counter() - start) * 1e3
-                if i >= warmup:
-                    round_trips.append(elapsed)
-                    overheads.append(elapsed - result["timing"]["total_ms"])
-            client.close()
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+    daemon = Daemon.serve(bundle.root, "--backend", backend, endpoint=_free_tcp_endpoint(), quiet=True)
+    with daemon, PolicyClient(daemon.endpoint, timeout_s=60) as client:
+        obs = Observation.synthetic(client.metadata()).to_dict()
+        round_trips, overheads = [], []
+        for i in range(warmup + n):
+            start = time.perf_counter()
+            result = client.infer(obs)
+            elapsed = (time.perf_counter() - start) * 1e3
+            if i >= warmup:
+                round_trips.append(elapsed)
+                overheads.append(elapsed - result["timing"]["total_ms"])
     return {"round_trip_ms": summarize(round_trips), "service_overhead_ms": summarize(overheads)}
 
 

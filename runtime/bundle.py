@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,91 @@ def resolve_inside(root: Path, name: str) -> Path:
     return path
 
 
+@dataclass
+class FixedPrompt:
+    """A prompt tokenized at export, so that the robot serves it without a tokenizer."""
+
+    text: str
+    tokens: list[int]
+    mask: list[bool]
+
+
+@dataclass
+class PromptSection:
+    style: str
+    max_length: int
+    tokenizer: str | None  # the tokenizer's file in the bundle, or None: fixed prompts (or tokens) only
+    fixed: list[FixedPrompt] = field(default_factory=list)
+
+
+@dataclass
+class AtcSection:
+    soc_version: str
+    compiled: bool = False
+    script: str | None = None  # atc.sh with the exact commands, when atc did not run
+
+
+@dataclass
+class GraphEntry:
+    onnx: str
+    onnx_data: str | None
+    om: str | None
+    inputs: list[dict[str, Any]]  # {"name", "shape", "dtype"} in the graph's order
+    outputs: list[dict[str, Any]]
+
+
+@dataclass
+class Manifest:
+    """`manifest.json`, typed: written by the exporter, read by the runtime."""
+
+    source: str  # "lerobot", "openpi" or "preset:<name>"
+    precision: str  # "fp32" or "fp16"
+    model: dict[str, Any]  # the network's dimensions (exporter.dims.Pi0Dims as a dict)
+    policy: PolicySpec  # what the graphs take
+    prompt: PromptSection
+    atc: AtcSection
+    graphs: dict[str, GraphEntry]
+    exporter: dict[str, Any] = field(default_factory=dict)  # version, torch, opset, created
+    empty_cameras_dropped: int = 0  # the checkpoint's always-empty camera slots left out of the graphs
+    checkpoint_token_budget: int | None = None  # the checkpoint's own, when the graphs take fewer
+    validation: str | None = None  # the report's file
+    files: dict[str, str] = field(default_factory=dict)  # every other file -> its sha256
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model["vocab_size"])
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["policy"] = self.policy.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        d = dict(d)
+        prompt = dict(d["prompt"])
+        prompt["fixed"] = [FixedPrompt(**f) for f in prompt.get("fixed", [])]
+        d["prompt"] = PromptSection(**prompt)
+        d["atc"] = AtcSection(**d["atc"])
+        d["graphs"] = {name: GraphEntry(**g) for name, g in d["graphs"].items()}
+        d["policy"] = PolicySpec.from_dict(d["policy"])
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise BundleError(f"{MANIFEST} has fields this runtime does not know: {sorted(unknown)}")
+        return cls(**d)
+
+    def write(self, directory: Path) -> None:
+        (directory / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
 @dataclass(frozen=True)
 class GraphFiles:
     onnx: Path
@@ -59,13 +144,16 @@ class GraphFiles:
 @dataclass(frozen=True)
 class Bundle:
     root: Path
-    manifest: dict[str, Any]
-    spec: PolicySpec
+    manifest: Manifest
     graphs: dict[str, GraphFiles]
 
     @property
+    def spec(self) -> PolicySpec:
+        return self.manifest.policy
+
+    @property
     def precision(self) -> str:
-        return self.manifest["precision"]
+        return self.manifest.precision
 
     @property
     def tensor_bytes(self) -> dict[str, int]:
@@ -83,13 +171,13 @@ class Bundle:
         ever masked, so the actions are the same; docs/bundle.md)."""
         return replace(
             self.spec,
-            empty_cameras=self.spec.empty_cameras + self.manifest.get("empty_cameras_dropped", 0),
-            tokenizer_max_length=self.manifest.get("checkpoint_token_budget", self.spec.tokenizer_max_length),
+            empty_cameras=self.spec.empty_cameras + self.manifest.empty_cameras_dropped,
+            tokenizer_max_length=self.manifest.checkpoint_token_budget or self.spec.tokenizer_max_length,
         )
 
     @property
     def tokenizer(self) -> Path | None:
-        name = self.manifest["prompt"]["tokenizer"]
+        name = self.manifest.prompt.tokenizer
         return None if name is None else self.root / name
 
 
@@ -100,27 +188,32 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     if not manifest_path.is_file():
         raise BundleError(f"{root} is not a bundle: {MANIFEST} not found")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        raw = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as e:
         raise BundleError(f"{manifest_path} is not valid JSON: {e}") from e
-    version = manifest.get("schema_version")
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
     if version != SCHEMA_VERSION:
         raise BundleError(f"{manifest_path} has schema version {version!r}; this runtime reads {SCHEMA_VERSION}")
-    for name, digest in manifest["files"].items():
+    try:
+        manifest = Manifest.from_dict(raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{manifest_path} is not a manifest this runtime reads: {e!r}") from e
+    for name, digest in manifest.files.items():
         file = resolve_inside(root, name)
         if not file.is_file():
             raise BundleError(f"bundle file {name} is missing")
         if verify and sha256_file(file) != digest:
             raise BundleError(f"bundle file {name} does not match its sha256 in {MANIFEST} (altered or corrupt)")
     graphs = {}
-    for name, graph in manifest["graphs"].items():
+    for name, graph in manifest.graphs.items():
         for key in ("onnx", "onnx_data", "om"):
-            if graph.get(key) is not None and graph[key] not in manifest["files"]:
-                raise BundleError(f"graph {name}'s {key} file {graph[key]} is not among the manifest's checked files")
+            file = getattr(graph, key)
+            if file is not None and file not in manifest.files:
+                raise BundleError(f"graph {name}'s {key} file {file} is not among the manifest's checked files")
         graphs[name] = GraphFiles(
-            onnx=resolve_inside(root, graph["onnx"]),
-            om=None if graph.get("om") is None else resolve_inside(root, graph["om"]),
-            inputs=graph["inputs"],
-            outputs=graph["outputs"],
+            onnx=resolve_inside(root, graph.onnx),
+            om=None if graph.om is None else resolve_inside(root, graph.om),
+            inputs=graph.inputs,
+            outputs=graph.outputs,
         )
-    return Bundle(root=root, manifest=manifest, spec=PolicySpec.from_dict(manifest["policy"]), graphs=graphs)
+    return Bundle(root=root, manifest=manifest, graphs=graphs)

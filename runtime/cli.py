@@ -15,84 +15,28 @@ import importlib.util
 import json
 import logging
 import os
-import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from runtime.auth import AuthConfigError, CurveConfig, check_exposure, generate_keys
-from runtime.bundle import Bundle, BundleError, load_bundle
+from runtime.auth import generate_keys
+from runtime.backends import BACKENDS, make_backend
+from runtime.bundle import BundleError, load_bundle
+from runtime.config import DEFAULTS, load_config, server_config
 from runtime.engine import Engine, EngineError
-from runtime.limits import ActionLimits
 from runtime.npu import cann_environment, detect_soc, environment_file, find_set_env
+from runtime.observation import Observation
 from runtime.store import DEFAULT_STORE, BundleStore, StoreError
+from runtime.systemd import SERVICE, restart_service, setup_logging
 
 log = logging.getLogger("pi0-runtime")
 
-DEFAULTS: dict[str, Any] = {
-    "bundle": None,
-    "endpoint": "tcp://127.0.0.1:5555",
-    "backend": "auto",
-    "threads": 0,
-    "queue_size": 4,
-    "hang_timeout_s": 30.0,
-    "limits": {},  # the [limits] table: joint_min, joint_max, max_step (one per action dimension), clamp
-    # CURVE (see runtime/auth.py): the daemon's secret key file and a directory of allowed client keys.
-    "curve_server_key": None,
-    "curve_allowed_clients": None,
-    "allow_insecure_network": False,
-}
-
-
-def load_config(path: Path | None) -> dict[str, Any]:
-    """DEFAULTS, overridden by the TOML file's keys (top level or a [runtime] table)."""
-    config = dict(DEFAULTS)
-    if path is None:
-        return config
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    data = tomllib.loads(Path(path).read_text())
-    limits = data.pop("limits", None)
-    data = data.get("runtime", data)
-    if limits is not None:
-        data = {**data, "limits": limits}
-    unknown = set(data) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    config.update(data)
-    return config
-
-
-def make_backend(bundle: Bundle, name: str, threads: int = 0) -> Any:
-    """The backend asked for; `auto` takes ACL when pyACL is importable and the bundle has OM files."""
-    has_om = all(g.om is not None for g in bundle.graphs.values())
-    if name == "auto":
-        name = "acl" if has_om and importlib.util.find_spec("acl") is not None else "onnxruntime"
-    if name == "acl":
-        if not has_om:
-            raise BundleError("the acl backend needs OM files: this bundle was not compiled with atc")
-        from runtime.backends.acl import AclBackend
-
-        return AclBackend(bundle)
-    if name == "onnxruntime":
-        from runtime.backends.onnxruntime import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(bundle, threads=threads or None)
-    raise ValueError(f"unknown backend {name!r}; choose auto, acl or onnxruntime")
-
-
-def setup_logging() -> None:
-    under_systemd = "INVOCATION_ID" in os.environ  # journald stamps the time itself
-    fmt = "%(levelname)s %(message)s" if under_systemd else "%(asctime)s %(levelname)s %(message)s"
-    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stdout)
-
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from runtime.server import Server, ServerConfig
+    from runtime.server import Server
 
     config = load_config(args.config)
     for key in ("bundle", "endpoint", "backend", "threads"):
@@ -100,57 +44,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config[key] = getattr(args, key)
     if config["bundle"] is None:
         raise ValueError("no bundle: give --bundle or set `bundle` in the config file")
-    curve = None
-    if config["curve_server_key"] or config["curve_allowed_clients"]:
-        if not (config["curve_server_key"] and config["curve_allowed_clients"]):
-            raise AuthConfigError("CURVE needs both curve_server_key and curve_allowed_clients")
-        curve = CurveConfig.from_files(Path(config["curve_server_key"]), Path(config["curve_allowed_clients"]))
-    check_exposure(config["endpoint"], curve, config["allow_insecure_network"])
     log.info("loading bundle %s ...", config["bundle"])
     bundle = load_bundle(config["bundle"])
+    settings = server_config(config, bundle.spec.action_dim)
 
     def engine_factory() -> Engine:
-        return Engine(bundle, make_backend(bundle, config["backend"], config["threads"]))
+        return Engine.from_bundle(bundle, make_backend(bundle, config["backend"], config["threads"]))
 
-    server_config = ServerConfig(
-        endpoint=config["endpoint"],
-        queue_size=config["queue_size"],
-        hang_timeout_s=config["hang_timeout_s"],
-        limits=ActionLimits.from_config(config["limits"], bundle.spec.action_dim),
-        curve=curve,
-    )
-    server = Server(engine_factory, server_config)
-    log.info(
-        "bundle %s (%s, %s) on backend %s",
-        bundle.root,
-        bundle.manifest["source"],
-        bundle.precision,
-        server.engine.backend.name,
-    )
+    server = Server(engine_factory, settings)
+    metadata = server.engine.metadata()
+    log.info("bundle %s (%s, %s) on backend %s", bundle.root, metadata.source, metadata.precision, metadata.backend)
     return server.serve()
-
-
-def read_observation(path: Path) -> dict[str, Any]:
-    """OBS.npz (LeRobot feature names; see --help) -> engine arguments."""
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    prompt = arrays.pop("prompt", None)
-    return {
-        "images": {k: v for k, v in arrays.items() if k.startswith("observation.images.")},
-        "state": arrays["observation.state"].reshape(-1),
-        "prompt": None if prompt is None else str(prompt),
-        "tokens": arrays.get("lang_tokens"),
-        "token_mask": arrays.get("lang_masks"),
-    }
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
-    engine = Engine(bundle, make_backend(bundle, args.backend))
-    obs = read_observation(args.obs)
-    noise = None if args.noise is None else np.load(args.noise, allow_pickle=False)
+    engine = Engine.from_bundle(bundle, make_backend(bundle, args.backend))
+    obs = Observation.from_npz(args.obs)
+    if args.noise is not None:
+        obs = replace(obs, noise=np.load(args.noise, allow_pickle=False))
+    if args.seed is not None:
+        obs = replace(obs, seed=args.seed)
     trace: dict[str, np.ndarray] | None = {} if args.dump else None
-    actions, timing = engine.infer(**obs, noise=noise, seed=args.seed, trace=trace)
+    actions, timing = engine.infer(obs, trace=trace)
     np.save(args.out, actions)
     if trace is not None:
         args.dump.mkdir(parents=True, exist_ok=True)
@@ -167,7 +83,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from runtime import bench
 
     bundle = load_bundle(args.bundle)
-    engine = Engine(bundle, make_backend(bundle, args.backend))
+    engine = Engine.from_bundle(bundle, make_backend(bundle, args.backend))
     print(f"engine ({engine.backend.name}, {bundle.precision}), {args.n} requests, ms:")
     print(bench.format_table(bench.bench_engine(engine, args.n)))
     if args.through_server:
@@ -195,32 +111,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     report["npu_smi_soc"] = detect_soc()
     if args.bundle:
         bundle = load_bundle(args.bundle)
-        soc = bundle.manifest["atc"]["soc_version"]
+        soc = bundle.manifest.atc.soc_version
         report["bundle"] = {
             "path": str(bundle.root),
             "verified": True,
-            "om_compiled": bundle.manifest["atc"]["compiled"],
+            "om_compiled": bundle.manifest.atc.compiled,
             "om_soc_version": soc,
             "om_matches_device": None if report["npu_smi_soc"] is None else soc == report["npu_smi_soc"],
         }
     print(json.dumps(report, indent=2))
     return 0
-
-
-SERVICE = "pi0-runtime.service"
-
-
-def restart_service(unit: str) -> bool:
-    """`systemctl restart` (a Type=notify unit: it returns once the daemon sent READY=1, or failed)."""
-    if not Path("/run/systemd/system").is_dir():
-        log.warning("systemd is not running here: restart %s yourself to serve the new bundle", unit)
-        return True
-    result = subprocess.run(["systemctl", "restart", unit], capture_output=True, text=True)
-    if result.returncode != 0:
-        log.error("systemctl restart %s failed: %s", unit, result.stderr.strip())
-        return False
-    log.info("%s restarted and ready", unit)
-    return True
 
 
 def cmd_install_bundle(args: argparse.Namespace) -> int:
@@ -289,9 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--endpoint", help=f"ZeroMQ endpoint to bind (default {DEFAULTS['endpoint']}; ipc:///run/... works too)"
     )
-    serve.add_argument(
-        "--backend", choices=["auto", "acl", "onnxruntime"], help="default auto: acl when pyACL and OM files are there"
-    )
+    serve.add_argument("--backend", choices=BACKENDS, help="default auto: acl when pyACL and OM files are there")
     serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: one per core)")
     serve.add_argument(
         "--config", type=Path, help="TOML file with the settings above plus queue_size, hang_timeout_s; flags win"
@@ -310,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     noise.add_argument("--noise", type=Path, metavar="N.npy", help="initial noise [1, chunk, 32] (default: Gaussian)")
     noise.add_argument("--seed", type=int, help="seed of the Gaussian noise")
     infer.add_argument("--out", type=Path, required=True, metavar="ACTIONS.npy")
-    infer.add_argument("--backend", choices=["auto", "acl", "onnxruntime"], default="auto")
+    infer.add_argument("--backend", choices=BACKENDS, default="auto")
     infer.add_argument(
         "--dump", type=Path, metavar="DIR", help="write every stage's tensors there as .npy (alignment work)"
     )
@@ -321,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--bundle", type=Path, required=True)
     bench.add_argument("--n", type=int, default=20, help="timed requests (default 20, after 2 warm-up ones)")
-    bench.add_argument("--backend", choices=["auto", "acl", "onnxruntime"], default="auto")
+    bench.add_argument("--backend", choices=BACKENDS, default="auto")
     bench.add_argument(
         "--through-server", action="store_true", help="also time PolicyClient round trips to a `serve` on loopback"
     )

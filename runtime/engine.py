@@ -2,20 +2,25 @@
 
 preprocess (runtime.pipeline) -> VLM once -> expert num_steps times with the Euler update ->
 postprocess. The prefix cache stays inside the backend (device memory on an accelerator) for all
-steps. Inputs are validated here, so that every refusal names what was expected.
+steps. The observation is validated here, once, so that every refusal names what was expected.
+
+The daemon's engine runs a bundle's graphs; the exporter's reference is the same engine over the
+PyTorch model (`exporter.torch_backend`), so the two differ only in the network.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from runtime import transforms
+from pi0_client.metadata import Camera, Metadata, PromptInfo
 from runtime.bundle import Bundle
+from runtime.observation import ARRAY_FIELDS, Observation
 from runtime.pipeline import ModelInputs, initial_noise, postprocess, preprocess
+from runtime.spec import PolicySpec, PromptStyle
 from runtime.transforms import euler_times
 
 MAX_IMAGE_SIDE = 4096
@@ -60,18 +65,39 @@ def sample(backend: Backend, inputs: ModelInputs, noise: np.ndarray, num_steps: 
     return denoise(backend, backend.prefix(inputs), inputs.state, noise, num_steps)
 
 
-class BundlePrompts:
-    """A bundle's prompt handling: its fixed prompts (tokenized at export), else its tokenizer, or
-    tokens given directly. Shared by the engine and by whatever must tokenize exactly as it does."""
+class Prompts:
+    """A policy's prompt handling: its fixed prompts (tokenized at export), else its tokenizer, or
+    tokens given directly. The engine's, and so the daemon's and the reference's alike."""
 
-    def __init__(self, bundle: Bundle) -> None:
-        self.bundle = bundle
-        self.length = bundle.spec.tokenizer_max_length
+    def __init__(
+        self,
+        length: int,
+        vocab_size: int,
+        style: PromptStyle,
+        fixed: dict[str, tuple[list[int], list[bool]]] | None = None,
+        tokenizer: Path | None = None,
+    ) -> None:
+        self.length = length
+        self.vocab_size = vocab_size
+        self.style = style
         self.fixed = {
-            p["text"]: (np.array([p["tokens"]], dtype=np.int64), np.array([p["mask"]], dtype=bool))
-            for p in bundle.manifest["prompt"]["fixed"]
+            text: (np.array([tokens], dtype=np.int64), np.array([mask], dtype=bool))
+            for text, (tokens, mask) in (fixed or {}).items()
         }
+        self.tokenizer_path = tokenizer
         self._tokenizer = None
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> Prompts:
+        section = bundle.manifest.prompt
+        fixed = {p.text: (p.tokens, p.mask) for p in section.fixed}
+        return cls(
+            bundle.spec.tokenizer_max_length,
+            bundle.manifest.vocab_size,
+            bundle.spec.prompt_style,
+            fixed,
+            bundle.tokenizer,
+        )
 
     def __call__(
         self, prompt: str | None, tokens: np.ndarray | None = None, token_mask: np.ndarray | None = None
@@ -83,21 +109,21 @@ class BundlePrompts:
             mask = np.ones_like(tokens, dtype=bool) if token_mask is None else np.asarray(token_mask).reshape(1, -1)
             if tokens.shape != (1, length) or mask.shape != (1, length) or not np.issubdtype(tokens.dtype, np.integer):
                 raise EngineError("bad_request", f"tokens and token_mask must be {length} integers and {length} bools")
-            if tokens.min() < 0 or tokens.max() >= self.bundle.manifest["model"]["vocab_size"]:
+            if tokens.min() < 0 or tokens.max() >= self.vocab_size:
                 raise EngineError("bad_request", "token ids outside the model's vocabulary")
             return tokens.astype(np.int64), mask.astype(bool)
         if prompt is None:
             raise EngineError("bad_request", "give a prompt (text) or tokens")
         if prompt in self.fixed:
             return self.fixed[prompt]
-        if self.bundle.tokenizer is None:
+        if self.tokenizer_path is None:
             raise EngineError(
-                "bad_request", f"this bundle has no tokenizer; its prompts are {sorted(self.fixed)} or tokens"
+                "bad_request", f"this policy has no tokenizer; its prompts are {sorted(self.fixed)} or tokens"
             )
         if self._tokenizer is None:
             from runtime.tokenizer import PromptTokenizer
 
-            self._tokenizer = PromptTokenizer(self.bundle.tokenizer, length, self.bundle.spec.prompt_style)
+            self._tokenizer = PromptTokenizer(self.tokenizer_path, length, self.style)
         try:
             return self._tokenizer(prompt)
         except ValueError as e:
@@ -105,80 +131,68 @@ class BundlePrompts:
 
 
 class Engine:
-    def __init__(self, bundle: Bundle, backend: Backend) -> None:
-        self.bundle = bundle
-        self.spec = bundle.spec
+    def __init__(self, spec: PolicySpec, backend: Backend, prompts: Prompts, *, precision: str, source: str) -> None:
+        self.spec = spec
         self.backend = backend
-        self.prompts = BundlePrompts(bundle)
+        self.prompts = prompts
+        self.precision = precision
+        self.source = source
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, backend: Backend) -> Engine:
+        return cls(
+            bundle.spec, backend, Prompts.from_bundle(bundle), precision=bundle.precision, source=bundle.manifest.source
+        )
 
     def close(self) -> None:
         self.backend.close()
 
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self) -> Metadata:
         """What a client needs to know to build requests."""
-        spec, prompt = self.spec, self.bundle.manifest["prompt"]
-        return {
-            "cameras": [
-                {"key": k, "shape": list(s)} for k, s in zip(spec.camera_keys, spec.camera_shapes, strict=True)
-            ],
-            "image_layouts": ["HxWx3", "3xHxW"],
-            "image_dtype": "uint8",
-            "state_dim": spec.state_dim,
-            "action_dim": spec.action_dim,
-            "chunk_size": spec.chunk_size,
-            "num_steps": spec.num_steps,
-            "noise_shape": [1, spec.chunk_size, spec.max_action_dim],
-            "prompt": {
-                "max_tokens": spec.tokenizer_max_length,
-                "tokenizer": prompt["tokenizer"] is not None,
-                "fixed": [p["text"] for p in prompt["fixed"]],
-            },
-            "precision": self.bundle.precision,
-            "backend": self.backend.name,
-            "source": self.bundle.manifest["source"],
-        }
+        spec = self.spec
+        return Metadata(
+            cameras=tuple(Camera(k, s) for k, s in zip(spec.camera_keys, spec.camera_shapes, strict=True)),
+            state_dim=spec.state_dim,
+            action_dim=spec.action_dim,
+            chunk_size=spec.chunk_size,
+            num_steps=spec.num_steps,
+            noise_shape=(1, spec.chunk_size, spec.max_action_dim),
+            prompt=PromptInfo(
+                max_tokens=spec.tokenizer_max_length,
+                tokenizer=self.prompts.tokenizer_path is not None,
+                fixed=tuple(self.prompts.fixed),
+            ),
+            precision=self.precision,
+            backend=self.backend.name,
+            source=self.source,
+        )
 
-    def check_images(self, images: Mapping[str, np.ndarray]) -> None:
-        expected = set(self.spec.camera_keys)
-        missing, extra = expected - set(images), set(images) - expected
-        if missing or extra:
+    def _images(self, images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The cameras, checked against the policy's and stripped of a leading batch of 1."""
+        keys = list(self.spec.camera_keys)
+        missing, extra = set(keys) - set(images), set(images) - set(keys)
+        if extra:
             raise EngineError(
                 "bad_request",
-                f"cameras {sorted(images)} do not match this policy's {list(self.spec.camera_keys)} "
-                f"(missing {sorted(missing)}, unexpected {sorted(extra)})",
+                f"unexpected arrays {sorted(extra)}: this policy's cameras are {keys}, its other arrays {list(ARRAY_FIELDS)}",
             )
+        if missing:
+            raise EngineError("bad_request", f"missing camera(s) {sorted(missing)}; this policy's cameras are {keys}")
+        checked = {}
         for key, image in images.items():
-            shape = image.shape[1:] if image.ndim == 4 and image.shape[0] == 1 else image.shape
-            ok_layout = len(shape) == 3 and (shape[0] == 3 or shape[-1] == 3)
-            if image.dtype != np.uint8 or not ok_layout or max(shape) > MAX_IMAGE_SIDE or min(shape) < 1:
+            image = np.asarray(image)
+            image = image[0] if image.ndim == 4 and image.shape[0] == 1 else image
+            ok_layout = image.ndim == 3 and (image.shape[0] == 3 or image.shape[-1] == 3)
+            if image.dtype != np.uint8 or not ok_layout or max(image.shape) > MAX_IMAGE_SIDE or min(image.shape) < 1:
                 raise EngineError(
                     "bad_request",
                     f"camera {key}: expected uint8 HxWx3 or 3xHxW (sides up to {MAX_IMAGE_SIDE}), "
-                    f"got {image.dtype} {list(image.shape)}",
+                    f"got {image.dtype} {list(np.shape(images[key]))}",
                 )
-            _, height, width = transforms.to_chw(image.reshape(shape)).shape
-            try:
-                transforms.fitted_size(height, width, *self.spec.image_size)
-            except ValueError as e:
-                raise EngineError("bad_request", f"camera {key}: {e}") from e
+            checked[key] = image
+        return checked
 
-    def infer(
-        self,
-        images: Mapping[str, np.ndarray],
-        state: np.ndarray,
-        *,
-        prompt: str | None = None,
-        tokens: np.ndarray | None = None,
-        token_mask: np.ndarray | None = None,
-        noise: np.ndarray | None = None,
-        seed: int | None = None,
-        trace: dict[str, np.ndarray] | None = None,
-    ) -> tuple[np.ndarray, dict[str, float]]:
-        """-> actions [chunk, action_dim] in the robot's units, and a timing breakdown in ms.
-        `trace`, when given, receives every stage's tensors (network inputs, noise, each step, output)."""
-        start = time.perf_counter()
-        self.check_images(images)
-        images = {k: v[0] if v.ndim == 4 else v for k, v in images.items()}
+    def _state(self, state: np.ndarray) -> np.ndarray:
         state = np.asarray(state)
         if state.size != self.spec.state_dim or not np.issubdtype(state.dtype, np.floating):
             raise EngineError(
@@ -186,14 +200,30 @@ class Engine:
             )
         if not np.isfinite(state).all():
             raise EngineError("bad_request", "state contains NaN or inf")
-        tokens, token_mask = self.prompts(prompt, tokens, token_mask)
+        return state.reshape(-1)
+
+    def _noise(self, obs: Observation) -> np.ndarray:
         shape = (1, self.spec.chunk_size, self.spec.max_action_dim)
-        if noise is None:
-            noise = initial_noise(self.spec, np.random.default_rng(seed))
-        elif np.asarray(noise).size != np.prod(shape) or not np.isfinite(noise).all():
+        if obs.noise is None:
+            return initial_noise(self.spec, np.random.default_rng(obs.seed))
+        noise = np.asarray(obs.noise)
+        if noise.size != np.prod(shape) or not np.issubdtype(noise.dtype, np.number) or not np.isfinite(noise).all():
             raise EngineError("bad_request", f"noise must be {list(shape)} finite floats")
-        noise = np.asarray(noise, dtype=np.float32).reshape(shape)
-        inputs = preprocess(self.spec, images, state, tokens, token_mask)
+        return noise.astype(np.float32).reshape(shape)
+
+    def infer(
+        self, obs: Observation, trace: dict[str, np.ndarray] | None = None
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """-> actions [chunk, action_dim] in the robot's units, and a timing breakdown in ms.
+        `trace`, when given, receives every stage's tensors (network inputs, noise, each step, output)."""
+        start = time.perf_counter()
+        images, state = self._images(obs.images), self._state(obs.state)
+        tokens, token_mask = self.prompts(obs.prompt, obs.tokens, obs.token_mask)
+        noise = self._noise(obs)
+        try:
+            inputs = preprocess(self.spec, images, state, tokens, token_mask)
+        except ValueError as e:  # an image the resize cannot fit (too thin)
+            raise EngineError("bad_request", str(e)) from e
         t_pre = time.perf_counter()
 
         cache = self.backend.prefix(inputs)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -34,33 +33,23 @@ def preprocess(
     tokens: np.ndarray,
     token_mask: np.ndarray,
 ) -> ModelInputs:
-    """One observation (camera frames by key, raw robot state, tokenized prompt) -> `ModelInputs`."""
-    missing = [key for key in spec.camera_keys if key not in images]
-    if missing:
-        raise ValueError(f"missing camera image(s) {missing}; this policy takes {list(spec.camera_keys)}")
+    """One observation (camera frames by key, raw robot state, tokenized prompt), as the engine validated
+    it -> `ModelInputs`. ValueError for an image the resize cannot fit."""
     frames = [transforms.prepare_image(images[key], spec.image_size, spec.image_pad) for key in spec.camera_keys]
     frames += [transforms.empty_camera_image(spec.image_size)] * spec.empty_cameras
     masks = [True] * len(spec.camera_keys) + [False] * spec.empty_cameras
 
     state = np.asarray(state, dtype=np.float32).reshape(-1)
-    if state.shape[0] != spec.state_dim:
-        raise ValueError(f"state has {state.shape[0]} values, this policy takes {spec.state_dim}")
     if spec.adapt_to_pi_aloha:
         state = transforms.aloha_decode_state(state)
     if spec.state_norm is not None:
         state = transforms.normalize(state, spec.state_norm)
 
-    tokens = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
-    token_mask = np.asarray(token_mask, dtype=bool).reshape(1, -1)
-    if tokens.shape != (1, spec.tokenizer_max_length) or token_mask.shape != tokens.shape:
-        raise ValueError(
-            f"tokens {tokens.shape} and mask {token_mask.shape} must both be (1, {spec.tokenizer_max_length})"
-        )
     return ModelInputs(
         images=np.stack(frames)[None],
         image_masks=np.array([masks]),
-        tokens=tokens,
-        token_mask=token_mask,
+        tokens=np.asarray(tokens, dtype=np.int64).reshape(1, -1),
+        token_mask=np.asarray(token_mask, dtype=bool).reshape(1, -1),
         state=transforms.pad_vector(state, spec.max_state_dim)[None],
     )
 
@@ -73,21 +62,6 @@ def postprocess(spec: PolicySpec, x: np.ndarray) -> np.ndarray:
     if spec.adapt_to_pi_aloha:
         actions = transforms.aloha_encode_actions(actions)
     return actions
-
-
-def synthetic_observation(spec: PolicySpec, seed: int = 0) -> dict[str, Any]:
-    """A request-shaped observation (LeRobot feature names): random frames at the cameras' trained
-    sizes (HxWx3 uint8), a random state, a BOS-only prompt. For warm-up and benchmarks."""
-    rng = np.random.default_rng(seed)
-    obs: dict[str, Any] = {
-        key: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        for key, (_, h, w) in zip(spec.camera_keys, spec.camera_shapes, strict=True)
-    }
-    obs["observation.state"] = rng.normal(size=spec.state_dim).astype(np.float32)
-    tokens = np.zeros((1, spec.tokenizer_max_length), np.int64)
-    tokens[0, 0] = 2  # BOS
-    obs["lang_tokens"], obs["lang_masks"] = tokens, tokens != 0
-    return obs
 
 
 def initial_noise(spec: PolicySpec, rng: np.random.Generator) -> np.ndarray:

@@ -1,8 +1,13 @@
-"""Latency summaries: one place for the percentiles the server, `pi0-runtime bench` and the docs report."""
+"""Latency summaries (one place for the percentiles the server, `pi0-runtime bench` and the docs report),
+and the daemon's running statistics."""
 
 from __future__ import annotations
 
+import collections
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -14,3 +19,26 @@ def summarize(values: Iterable[float]) -> dict[str, float]:
         return {}
     p50, p90, p99 = np.percentile(array, [50, 90, 99])
     return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(array.mean()), "n": int(array.size)}
+
+
+STAGES = ("queue_ms", "preprocess_ms", "vlm_ms", "expert_ms", "postprocess_ms", "total_ms")
+
+
+@dataclass
+class Stats:
+    """What a `stats` request answers: uptime, counts by outcome and kind, latency per stage (last 1000)."""
+
+    started: float = field(default_factory=time.time)
+    counts: collections.Counter = field(default_factory=collections.Counter)
+    latencies: dict[str, collections.deque] = field(
+        default_factory=lambda: {s: collections.deque(maxlen=1000) for s in STAGES}
+    )
+
+    def record(self, timing: dict[str, float]) -> None:
+        for stage in STAGES:
+            if stage in timing:
+                self.latencies[stage].append(timing[stage])
+
+    def summary(self) -> dict[str, Any]:
+        latency = {stage: summarize(values) for stage, values in self.latencies.items() if values}
+        return {"uptime_s": time.time() - self.started, "counts": dict(self.counts), "latency_ms": latency}

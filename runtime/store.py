@@ -120,8 +120,8 @@ class BundleStore:
         for path in sorted(directories, key=lambda p: (p.stat().st_mtime_ns, p.name)):
             try:
                 bundle = load_bundle(path, verify=False)
-                source, precision = bundle.manifest["source"], bundle.precision
-            except (BundleError, KeyError) as e:
+                source, precision = bundle.manifest.source, bundle.precision
+            except BundleError as e:
                 source, precision = f"unreadable: {e}", "?"
             result.append(
                 Installed(path.name, source, precision, path.name == self.current, path.name == self.previous)

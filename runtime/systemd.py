@@ -1,10 +1,38 @@
-"""sd_notify for a `Type=notify` service: systemd-python where installed, else the plain protocol
-(one datagram to the unix socket named by $NOTIFY_SOCKET; '@' means the abstract namespace)."""
+"""Living under systemd: sd_notify for a `Type=notify` service (systemd-python where installed, else the
+plain protocol: one datagram to the unix socket named by $NOTIFY_SOCKET; '@' means the abstract
+namespace), logging to stdout for the journal, and restarting the unit after a bundle change."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
+
+log = logging.getLogger("pi0-runtime")
+SERVICE = "pi0-runtime.service"
+
+
+def setup_logging() -> None:
+    """Log lines to stdout; under systemd without a timestamp (journald stamps the time itself)."""
+    under_systemd = "INVOCATION_ID" in os.environ
+    fmt = "%(levelname)s %(message)s" if under_systemd else "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stdout)
+
+
+def restart_service(unit: str = SERVICE) -> bool:
+    """`systemctl restart` (a Type=notify unit: it returns once the daemon sent READY=1, or failed)."""
+    if not Path("/run/systemd/system").is_dir():
+        log.warning("systemd is not running here: restart %s yourself to serve the new bundle", unit)
+        return True
+    result = subprocess.run(["systemctl", "restart", unit], capture_output=True, text=True)
+    if result.returncode != 0:
+        log.error("systemctl restart %s failed: %s", unit, result.stderr.strip())
+        return False
+    log.info("%s restarted and ready", unit)
+    return True
 
 
 def notify(message: str) -> bool:

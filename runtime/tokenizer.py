@@ -11,7 +11,7 @@ import numpy as np
 
 from runtime.spec import PromptStyle
 
-PAD_ID = 0  # PaliGemma's ids: pad 0, eos 1, bos 2, unk 3
+PAD_ID, BOS_ID = 0, 2  # PaliGemma's ids: pad 0, eos 1, bos 2, unk 3
 
 
 class PromptTokenizer:

@@ -19,8 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runtime.client import PolicyClient, PolicyError, ServerUnavailableError
-from sim.env import TASKS, SimError, make_env, task_named
+from pi0_client.client import PolicyClient, PolicyError, ServerUnavailableError
+from pi0_client.metadata import Metadata
+from runtime.supervise import Daemon, DaemonError
+from sim.env import STATE_DIM, TASKS, SimError, make_env, task_named
 
 log = logging.getLogger("pi0-sim")
 DEFAULT_TASK = "AlohaTransferCube-v0"
@@ -33,24 +35,28 @@ def write_json(path: Path | None, data: dict[str, Any]) -> None:
         log.info("wrote %s", path)
 
 
-def episode_settings(args: argparse.Namespace, metadata: dict[str, Any], prompt: str) -> dict[str, Any]:
+def episode_settings(args: argparse.Namespace, metadata: Metadata, prompt: str) -> dict[str, Any]:
     """`run_episode`'s settings from the command line, once the policy's metadata shows it is an ALOHA policy."""
     for name in ("state_dim", "action_dim"):
-        if metadata.get(name) != 14:
-            raise SimError(f"the policy's {name} is {metadata.get(name)}; gym-aloha's ALOHA has 14")
-    per_chunk = args.actions_per_chunk or metadata["chunk_size"]
-    if not 1 <= per_chunk <= metadata["chunk_size"]:
-        raise SimError(f"--actions-per-chunk {per_chunk}: the policy's chunks hold {metadata['chunk_size']}")
+        if getattr(metadata, name) != STATE_DIM:
+            raise SimError(f"the policy's {name} is {getattr(metadata, name)}; gym-aloha's ALOHA has {STATE_DIM}")
+    per_chunk = args.actions_per_chunk or metadata.chunk_size
+    if not 1 <= per_chunk <= metadata.chunk_size:
+        raise SimError(f"--actions-per-chunk {per_chunk}: the policy's chunks hold {metadata.chunk_size}")
     return {
         "prompt": prompt,
-        "camera_keys": [camera["key"] for camera in metadata["cameras"]],
+        "camera_keys": list(metadata.camera_keys),
         "actions_per_chunk": per_chunk,
         "max_steps": args.max_steps,
     }
 
 
+def bundle_daemon(args: argparse.Namespace) -> Daemon:
+    """`pi0-runtime serve` on `--bundle`, with `--backend` when given."""
+    return Daemon.serve(args.bundle, *(["--backend", args.backend] if args.backend else []))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from sim.daemon import PolicyService
     from sim.harness import report, run_episode
     from sim.video import EpisodeVideo
 
@@ -60,15 +66,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         endpoint = args.endpoint
         if args.bundle is not None:
             log.info("starting the daemon on %s ...", args.bundle)
-            endpoint = stack.enter_context(PolicyService.daemon(args.bundle, args.backend)).endpoint
+            endpoint = stack.enter_context(bundle_daemon(args)).endpoint
         client = stack.enter_context(PolicyClient(endpoint, timeout_s=args.timeout))
         metadata = client.metadata()
         settings = episode_settings(args, metadata, prompt)
         per_chunk = settings["actions_per_chunk"]
         log.info(
             "policy %s (%s); %s, %d actions per chunk",
-            metadata.get("source"),
-            metadata.get("backend"),
+            metadata.source,
+            metadata.backend,
             task.name,
             per_chunk,
         )
@@ -109,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             endpoint=endpoint,
             actions_per_chunk=per_chunk,
             render_fix=not args.no_render_fix,
-            policy=metadata,
+            policy=metadata.to_dict(),
             aborted=aborted,
         )
     write_json(args.report, summary)
@@ -176,17 +182,16 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    from exporter.reference import ReferencePolicy
     from exporter.source import load_source
+    from exporter.torch_backend import reference_engine
     from runtime.bundle import load_bundle
-    from runtime.engine import BundlePrompts
-    from sim.daemon import PolicyService
+    from runtime.engine import Prompts
     from sim.parity import open_loop_parity
     from sim.record import load_episode
 
     episode = load_episode(args.episode)
     bundle = load_bundle(args.bundle)
-    reference = ReferencePolicy(load_source(args))
+    reference = reference_engine(load_source(args))
     ours, theirs = bundle.checkpoint_spec.to_dict(), reference.spec.to_dict()
     differ = sorted(k for k in ours if ours[k] != theirs.get(k))
     if differ:
@@ -197,12 +202,12 @@ def cmd_parity(args: argparse.Namespace) -> int:
             log.info("step %d/%d: max abs %.2e, cosine %.8f", done, total, row["max_abs"], row["cosine"])
 
     with contextlib.ExitStack() as stack:
-        endpoint = args.endpoint or stack.enter_context(PolicyService.daemon(args.bundle, args.backend)).endpoint
+        endpoint = args.endpoint or stack.enter_context(bundle_daemon(args)).endpoint
         client = stack.enter_context(PolicyClient(endpoint, timeout_s=args.timeout))
         result = open_loop_parity(
             episode,
             reference,
-            BundlePrompts(bundle),
+            Prompts.from_bundle(bundle),
             client,
             precision=bundle.precision,
             seed=args.noise_seed,
@@ -317,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SimError, PolicyError, ServerUnavailableError, FileNotFoundError) as e:
+    except (SimError, DaemonError, PolicyError, ServerUnavailableError, FileNotFoundError) as e:
         log.error("%s", e)
         return 2
 

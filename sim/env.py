@@ -19,6 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from pi0_client.protocol import IMAGE_PREFIX
+from runtime.observation import Observation
+
 GL_BACKENDS = ("egl", "osmesa")
 _GL_PROBE = "import mujoco; c = mujoco.GLContext(16, 16); c.make_current(); c.free()"
 
@@ -107,14 +110,12 @@ def render_only_top(env: Any) -> None:
 
 
 def policy_request(obs: dict[str, Any], camera_keys: list[str], prompt: str | None) -> dict[str, Any]:
-    """A gym-aloha observation -> the request a policy server takes (LeRobot's feature names)."""
-    request: dict[str, Any] = {}
+    """A gym-aloha observation -> the request a policy server takes (the client's flat dict)."""
+    images = {}
     for key in camera_keys:
-        camera = key.removeprefix("observation.images.")
+        camera = key.removeprefix(IMAGE_PREFIX)
         if camera not in obs["pixels"]:
             raise SimError(f"the policy wants camera {key!r}; gym-aloha gives {sorted(obs['pixels'])}")
-        request[key] = obs["pixels"][camera]
-    request["observation.state"] = np.asarray(obs["agent_pos"], dtype=np.float32)
-    if prompt is not None:
-        request["prompt"] = prompt
-    return request
+        images[key] = obs["pixels"][camera]
+    state = np.asarray(obs["agent_pos"], dtype=np.float32)
+    return Observation(images, state, prompt=prompt).to_dict()

@@ -1,7 +1,7 @@
 """The closed loop: gym-aloha observation -> policy -> the first K actions of its chunk -> repeat.
 
 The policy is anything with the client's surface (`infer(obs) -> {"actions": ...}`, `metadata()`):
-`runtime.client.PolicyClient` for a server (the daemon or the oracle), or `LocalPolicy` for an engine
+`pi0_client.PolicyClient` for a server (the daemon or the oracle), or `LocalPolicy` for an engine
 in this process (recording without a server).
 """
 
@@ -14,9 +14,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from runtime import protocol
-from runtime.client import PolicyError
-from runtime.server import observation_from
+from pi0_client.client import PolicyError
+from pi0_client.metadata import Metadata
+from runtime.observation import Observation
+from runtime.service import ServedEngine
 from runtime.stats import summarize
 from sim.env import STATE_DIM, SimError, policy_request
 
@@ -24,21 +25,20 @@ from sim.env import STATE_DIM, SimError, policy_request
 class Policy(Protocol):
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]: ...
 
-    def metadata(self) -> dict[str, Any]: ...
+    def metadata(self) -> Metadata: ...
 
 
 class LocalPolicy:
-    """An engine-shaped object (see `runtime.server.ServedEngine`) called in-process with the client's API."""
+    """An engine (see `runtime.service.ServedEngine`) called in-process with the client's API."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: ServedEngine) -> None:
         self.engine = engine
 
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
-        header, arrays = protocol.split_observation(obs)
-        actions, timing = self.engine.infer(**observation_from(header, arrays, self.engine.spec.camera_keys))
+        actions, timing = self.engine.infer(Observation.from_dict(obs))
         return {"actions": actions, "timing": timing}
 
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self) -> Metadata:
         return self.engine.metadata()
 
 

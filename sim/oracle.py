@@ -18,13 +18,17 @@ tell it from the daemon.
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from pi0_client.metadata import Camera, Metadata, PromptInfo
 from runtime.engine import EngineError
+from runtime.observation import Observation
+from runtime.supervise import Daemon
 from sim.env import ensure_gl_backend
 
 WELD_SOLIMP = (0.9, 0.95, 0.001)
@@ -137,14 +141,6 @@ def red_centroid(image: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 @dataclass(frozen=True)
-class OracleSpec:
-    """What the server reads from an engine's spec."""
-
-    camera_keys: tuple[str, ...]
-    chunk_size: int
-
-
-@dataclass(frozen=True)
 class Plan:
     actions: np.ndarray  # [PLAN_STEPS + 1, 14] joint actions
     states: np.ndarray  # [PLAN_STEPS + 2, 14]: states[k] is the state before actions[k], in the replay
@@ -152,7 +148,7 @@ class Plan:
 
 
 class TransferCubeOracle:
-    """The scripted expert with the engine's surface (`spec`, `metadata`, `infer`, `close`)."""
+    """The scripted expert with the engine's surface (`metadata`, `infer`, `close`)."""
 
     camera_key = "observation.images.top"
 
@@ -161,7 +157,7 @@ class TransferCubeOracle:
         from dm_control import mujoco
         from gym_aloha.constants import ASSETS_DIR, START_ARM_POSE, normalize_puppet_gripper_position
 
-        self.spec = OracleSpec(camera_keys=(self.camera_key,), chunk_size=chunk_size)
+        self.chunk_size = chunk_size
         self._assets = ASSETS_DIR
         self._normalize_gripper = normalize_puppet_gripper_position
         scene = mujoco.Physics.from_xml_path(str(ASSETS_DIR / "bimanual_viperx_transfer_cube.xml"))
@@ -247,26 +243,25 @@ class TransferCubeOracle:
 
     # --- the engine's surface ----------------------------------------------------------------------
 
-    def metadata(self) -> dict[str, Any]:
-        return {
-            "cameras": [{"key": self.camera_key, "shape": [3, 480, 640]}],
-            "image_layouts": ["HxWx3"],
-            "image_dtype": "uint8",
-            "state_dim": 14,
-            "action_dim": 14,
-            "chunk_size": self.spec.chunk_size,
-            "prompt": {"max_tokens": None, "tokenizer": False, "fixed": []},
-            "backend": "scripted-oracle",
-            "source": "oracle:transfer_cube (ACT's scripted pick-and-transfer)",
-        }
+    def metadata(self) -> Metadata:
+        return Metadata(
+            cameras=(Camera(self.camera_key, (3, 480, 640)),),
+            image_layouts=("HxWx3",),
+            state_dim=14,
+            action_dim=14,
+            chunk_size=self.chunk_size,
+            prompt=PromptInfo(max_tokens=None, tokenizer=False),
+            backend="scripted-oracle",
+            source="oracle:transfer_cube (ACT's scripted pick-and-transfer)",
+        )
 
-    def infer(self, images: dict[str, np.ndarray], state: np.ndarray, **_: Any) -> tuple[np.ndarray, dict[str, float]]:
-        """The next `chunk_size` joint actions for the robot in `state`; prompt, tokens and noise are ignored."""
+    def infer(self, obs: Observation) -> tuple[np.ndarray, dict[str, float]]:
+        """The next `chunk_size` joint actions for the robot in `obs.state`; prompt, tokens and noise are ignored."""
         start = time.perf_counter()
-        state = np.asarray(state, dtype=float).reshape(-1)
+        state = np.asarray(obs.state, dtype=float).reshape(-1)
         if state.shape != (14,) or not np.isfinite(state).all():
             raise EngineError("bad_request", f"state must be 14 finite floats, got {list(state.shape)}")
-        image = images.get(self.camera_key)
+        image = obs.images.get(self.camera_key)
         if image is None or image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise EngineError("bad_request", f"{self.camera_key} must be a uint8 HxWx3 frame")
         planned = 0.0
@@ -279,7 +274,7 @@ class TransferCubeOracle:
         elif self.actions is None:
             raise EngineError("bad_request", "the oracle starts at gym-aloha's start pose: reset the episode first")
         else:  # where the replay passed closest to this state, at or after the last answer
-            distances = np.abs(self.states[self.step : self.step + 2 * self.spec.chunk_size + 1] - state).max(axis=1)
+            distances = np.abs(self.states[self.step : self.step + 2 * self.chunk_size + 1] - state).max(axis=1)
             if distances.min() > TRACK_TOLERANCE:
                 raise EngineError(
                     "bad_request",
@@ -287,11 +282,16 @@ class TransferCubeOracle:
                     "(reset to the start pose to plan again)",
                 )
             self.step += int(np.argmin(distances))
-        chunk = self.actions[self.step : self.step + self.spec.chunk_size]
-        if len(chunk) < self.spec.chunk_size:  # past the plan's end: hold the last pose
-            chunk = np.concatenate([chunk, np.repeat(self.actions[-1:], self.spec.chunk_size - len(chunk), axis=0)])
+        chunk = self.actions[self.step : self.step + self.chunk_size]
+        if len(chunk) < self.chunk_size:  # past the plan's end: hold the last pose
+            chunk = np.concatenate([chunk, np.repeat(self.actions[-1:], self.chunk_size - len(chunk), axis=0)])
         total = (time.perf_counter() - start) * 1e3
         return chunk, {"plan_ms": planned, "total_ms": total}
 
     def close(self) -> None:
         pass
+
+
+def oracle_daemon(endpoint: str | None = None) -> Daemon:
+    """`pi0-sim oracle-serve` in a child process, supervised like the daemon."""
+    return Daemon([sys.executable, "-m", "sim.cli", "oracle-serve"], endpoint)

@@ -2,7 +2,7 @@
 daemon serving the bundle, with the same noise, step by step.
 
 The daemon gets the prompt as text and tokenizes it as it always does; the reference gets the tokens
-the bundle defines for that text (`BundlePrompts`), so a tokenization difference would show as a
+the bundle defines for that text (its `Prompts`), so a tokenization difference would show as a
 parity failure rather than be papered over. Differences are in the robot's units.
 """
 
@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from exporter.reference import ReferencePolicy
 from exporter.validate import THRESHOLDS, compare
-from runtime.engine import BundlePrompts
+from runtime.engine import Engine, Prompts
+from runtime.observation import Observation
 from runtime.pipeline import initial_noise
 from sim.harness import Policy
 from sim.record import Episode
@@ -22,8 +22,8 @@ from sim.record import Episode
 
 def open_loop_parity(
     episode: Episode,
-    reference: ReferencePolicy,
-    prompts: BundlePrompts,
+    reference: Engine,
+    prompts: Prompts,
     policy: Policy,
     *,
     precision: str,
@@ -44,8 +44,8 @@ def open_loop_parity(
         images = {key: frames[t] for key, frames in episode.images.items()}
         state = episode.states[t]
         noise = initial_noise(reference.spec, np.random.default_rng([seed, t]))
-        want = reference.infer(images, state, tokens=tokens, token_mask=token_mask, noise=noise)[0]
-        got = policy.infer({**images, "observation.state": state, "prompt": episode.prompt, "noise": noise})["actions"]
+        want = reference.infer(Observation(images, state, tokens=tokens, token_mask=token_mask, noise=noise))[0]
+        got = policy.infer(Observation(images, state, prompt=episode.prompt, noise=noise).to_dict())["actions"]
         rows.append({"step": t, **compare(got, want)})
         ours.append(got)
         theirs.append(want)

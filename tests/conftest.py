@@ -29,6 +29,16 @@ class Golden:
         self.actions_bf16 = data["actions_bf16"]
 
 
+SYSTEM_FIXTURES = {"start_daemon", "daemon"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts a daemon is a system test, wherever it lives."""
+    for item in items:
+        if SYSTEM_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.system)
+
+
 @pytest.fixture(params=GOLDEN_CHECKPOINTS)
 def golden(request: pytest.FixtureRequest) -> Golden:
     return Golden(request.param)
@@ -75,11 +85,39 @@ def altered_copy(bundle: Path, dest: Path, name: str = "vlm.onnx", at: float = 1
 
 def observation_for(bundle: Path, prompt: str) -> dict:
     """A synthetic request for `bundle` (frames, state) with a text prompt instead of tokens."""
+    from runtime.backends.onnxruntime import OnnxRuntimeBackend
     from runtime.bundle import load_bundle
-    from runtime.pipeline import synthetic_observation
+    from runtime.engine import Engine
+    from runtime.observation import Observation
 
-    obs = synthetic_observation(load_bundle(bundle).spec)
-    return {**{k: v for k, v in obs.items() if not k.startswith("lang_")}, "prompt": prompt}
+    loaded = load_bundle(bundle)
+    obs = Observation.synthetic(Engine.from_bundle(loaded, OnnxRuntimeBackend(loaded, threads=1)).metadata())
+    return {**Observation(obs.images, obs.state).to_dict(), "prompt": prompt}
+
+
+@pytest.fixture
+def start_daemon():
+    """`start_daemon(bundle, *serve_args, ...)`: `pi0-runtime serve` in a child process, ready (READY=1)
+    when returned, its log kept in a file (`log()`), stopped with SIGTERM at the end of the test."""
+    from runtime.supervise import Daemon
+
+    started: list[Daemon] = []
+
+    def start(bundle: Path, *args: str, endpoint: str | None = None, wait_ready: bool = True, **options) -> Daemon:
+        options.setdefault("watchdog_usec", 200_000)
+        daemon = Daemon.serve(bundle, *args, endpoint=endpoint, quiet=True, **options)
+        started.append(daemon)
+        return daemon.start(wait_ready)
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+@pytest.fixture
+def daemon(dummy_bundle: Path, start_daemon):
+    """The daemon serving the pi0-dummy bundle over ipc."""
+    return start_daemon(dummy_bundle)
 
 
 STUBS = Path(__file__).parent / "stubs"

@@ -18,6 +18,7 @@ from exporter.presets import build_preset
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.bundle import load_bundle
 from runtime.engine import Engine
+from runtime.observation import Observation
 
 
 @pytest.fixture
@@ -38,28 +39,25 @@ def om_bundle(tmp_path: Path, ascend_tools: Path) -> Path:
     return out
 
 
-def observation(spec, seed: int = 0) -> tuple[dict, np.ndarray]:
+def observation(spec, seed: int) -> Observation:
     rng = np.random.default_rng(seed)
     images = {
         k: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         for k, (_, h, w) in zip(spec.camera_keys, spec.camera_shapes, strict=True)
     }
-    return images, rng.normal(size=spec.state_dim).astype(np.float32)
-
-
-def tokens(spec) -> dict:
     ids = np.zeros((1, spec.tokenizer_max_length), np.int64)
     ids[0, :3] = [2, 40, 41]
-    return {"tokens": ids, "token_mask": ids != 0}
+    state = rng.normal(size=spec.state_dim).astype(np.float32)
+    return Observation(images, state, tokens=ids, token_mask=ids != 0, seed=seed)
 
 
 def test_acl_gives_the_same_actions_as_onnxruntime(acl, om_bundle: Path) -> None:
     from runtime.backends.acl import AclBackend
 
     bundle = load_bundle(om_bundle)
-    images, state = observation(bundle.spec)
-    ours, _ = Engine(bundle, AclBackend(bundle)).infer(images, state, seed=5, **tokens(bundle.spec))
-    theirs, _ = Engine(bundle, OnnxRuntimeBackend(bundle)).infer(images, state, seed=5, **tokens(bundle.spec))
+    obs = observation(bundle.spec, seed=5)
+    ours, _ = Engine.from_bundle(bundle, AclBackend(bundle)).infer(obs)
+    theirs, _ = Engine.from_bundle(bundle, OnnxRuntimeBackend(bundle)).infer(obs)
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
 
 
@@ -67,10 +65,10 @@ def test_the_prefix_cache_stays_on_the_device(acl, om_bundle: Path) -> None:
     from runtime.backends.acl import AclBackend
 
     bundle = load_bundle(om_bundle)
-    engine = Engine(bundle, AclBackend(bundle))
-    images, state = observation(bundle.spec)
+    engine = Engine.from_bundle(bundle, AclBackend(bundle))
+    obs = observation(bundle.spec, seed=1)
     acl.COUNTS.clear()
-    engine.infer(images, state, seed=1, **tokens(bundle.spec))
+    engine.infer(obs)
     steps = bundle.spec.num_steps
     # Per inference: 4 VLM inputs and the state once; x_t and t per step; the velocity back per step.
     assert acl.COUNTS["H2D"] == 4 + 1 + 2 * steps
@@ -92,7 +90,7 @@ def test_close_frees_everything_in_order(acl, om_bundle: Path) -> None:
     result = {}
 
     def run() -> None:  # the server's engine runs in a worker thread: contexts are per thread
-        result["actions"] = Engine(bundle, backend).infer(*observation(bundle.spec), seed=0, **tokens(bundle.spec))[0]
+        result["actions"] = Engine.from_bundle(bundle, backend).infer(observation(bundle.spec, seed=0))[0]
 
     worker = threading.Thread(target=run)
     worker.start()
@@ -118,28 +116,22 @@ def test_golden_fixture_through_acl(acl, tmp_path: Path, ascend_tools: Path) -> 
     out = tmp_path / "bundle"
     build_bundle(load_checkpoint(FIXTURES / golden.name / "checkpoint"), out, BundleOptions(atc_mode="always"), **QUIET)
     bundle = load_bundle(out)
-    actions, _ = Engine(bundle, AclBackend(bundle)).infer(
+    obs = Observation(
         golden.images, golden.state, tokens=golden.tokens, token_mask=golden.token_mask, noise=golden.noise
     )
+    actions, _ = Engine.from_bundle(bundle, AclBackend(bundle)).infer(obs)
     assert np.abs(actions - golden.actions_fp32[0]).max() <= 1e-4
 
 
-def test_daemon_serves_on_the_acl_backend(om_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from test_server import Daemon
-
-    from runtime.client import PolicyClient
+def test_daemon_serves_on_the_acl_backend(om_bundle: Path, monkeypatch: pytest.MonkeyPatch, start_daemon) -> None:
+    from pi0_client.client import PolicyClient
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(STUBS), os.environ.get("PYTHONPATH", "")]))
-    d = Daemon(om_bundle, tmp_path, extra=("--backend", "acl"))
-    try:
-        d.read_notify(until="READY=1")
-        with PolicyClient(d.endpoint, timeout_s=30) as client:
-            assert client.metadata()["backend"] == "acl"
-            images, state = observation(load_bundle(om_bundle).spec)
-            result = client.infer(
-                {**images, "observation.state": state, "lang_tokens": tokens(load_bundle(om_bundle).spec)["tokens"]}
-            )
-            assert result["actions"].shape == (50, 14)
-    finally:
-        assert d.stop() == 0
-    assert "acl" in d.log_path.read_text()
+    d = start_daemon(om_bundle, "--backend", "acl")
+    with PolicyClient(d.endpoint, timeout_s=30) as client:
+        assert client.metadata().backend == "acl"
+        obs = observation(load_bundle(om_bundle).spec, seed=0)
+        result = client.infer(Observation(obs.images, obs.state, tokens=obs.tokens).to_dict())
+        assert result["actions"].shape == (50, 14)
+    assert d.stop() == 0
+    assert "acl" in d.log()

@@ -12,10 +12,12 @@ import pytest
 import torch
 from conftest import FIXTURES
 
-from exporter.checkpoint import CheckpointError, lerobot_key, load_checkpoint, save_lerobot
+from exporter.checkpoint import CheckpointError, load_checkpoint
 from exporter.dims import GemmaDims, Pi0Dims, VisionDims
 from exporter.presets import build_preset
+from exporter.readers.lerobot_v03 import save_lerobot
 from exporter.safetensors_io import write_safetensors
+from exporter.weights import lerobot_key
 
 
 def test_fixture_dims_match_its_readme() -> None:

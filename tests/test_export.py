@@ -21,7 +21,7 @@ from exporter.onnx_lint import lint
 from exporter.presets import build_preset
 from exporter.validate import compare
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
-from runtime.bundle import BundleError, load_bundle
+from runtime.bundle import AtcSection, BundleError, load_bundle
 from runtime.engine import sample
 from runtime.pipeline import postprocess, preprocess
 
@@ -75,7 +75,7 @@ def test_fixed_prompts_only_sizes_the_token_budget(tmp_path: Path) -> None:
     """A bundle serving one fixed prompt: no tokenizer shipped, a 4-token budget instead of 12, the
     same actions as the full-budget bundle for that prompt; other prompts are refused."""
     from exporter.tokenizer_train import train_tokenizer
-    from runtime.engine import BundlePrompts, EngineError
+    from runtime.engine import EngineError, Prompts
 
     golden = Golden("lerobot-pi0-tiny-aloha-sim")
     tokenizer = train_tokenizer(tmp_path / "tokenizer.model", vocab_size=320)
@@ -90,12 +90,12 @@ def test_fixed_prompts_only_sizes_the_token_budget(tmp_path: Path) -> None:
     actions = {}
     for only, out in outs.items():
         bundle = load_bundle(out)
-        tokens, mask = BundlePrompts(bundle)("pick")
+        tokens, mask = Prompts.from_bundle(bundle)("pick")
         inputs = preprocess(bundle.spec, golden.images, golden.state, tokens, mask)
         actions[only] = postprocess(bundle.spec, sample(OnnxRuntimeBackend(bundle), inputs, golden.noise, 10))
     assert compare(actions[True], actions[False])["max_abs"] <= 1e-5
     with pytest.raises(EngineError, match="no tokenizer"):
-        BundlePrompts(load_bundle(outs[True]))("place")
+        Prompts.from_bundle(load_bundle(outs[True]))("place")
 
 
 def test_fp32_bundle_manifest(fixture_bundle) -> None:
@@ -176,30 +176,34 @@ def test_lint() -> None:
 def test_atc_compiles_with_the_device_soc(tmp_path: Path, ascend_tools: Path, monkeypatch) -> None:
     monkeypatch.setenv("STANDIN_NPU_CHIP", "310P3")
     out = tmp_path / "bundle"
-    build_bundle(build_preset("pi0-dummy"), out, BundleOptions(atc_mode="auto"), **QUIET)
+    build_bundle(build_preset("pi0-dummy"), out, BundleOptions(atc_mode="auto", validate=False), **QUIET)
     bundle = load_bundle(out)
     manifest = bundle.manifest
-    assert manifest["atc"] == {"soc_version": "Ascend310P3", "compiled": True, "script": None}
+    assert manifest.atc == AtcSection(soc_version="Ascend310P3", compiled=True, script=None)
     for name in ("vlm", "expert"):
         om = bundle.graphs[name].om
         assert om == out / "om" / f"{name}.om" and om.read_text().startswith("ATC-STANDIN soc=Ascend310P3")
-        assert f"om/{name}.om" in manifest["files"] and f"om/{name}.atc.log" in manifest["files"]
+        assert f"om/{name}.om" in manifest.files and f"om/{name}.atc.log" in manifest.files
         assert "ATC run success" in (out / "om" / f"{name}.atc.log").read_text()
 
 
 def test_atc_failure_is_reported_with_its_log(tmp_path: Path, ascend_tools: Path, monkeypatch) -> None:
     monkeypatch.setenv("STANDIN_NPU_CHIP", "310P3")
     with pytest.raises(RuntimeError, match=r"atc failed on vlm .*vlm\.atc\.log"):
-        build_bundle(build_preset("pi0-dummy"), tmp_path / "b", BundleOptions(soc_version="Ascend310P1"), **QUIET)
+        build_bundle(
+            build_preset("pi0-dummy"), tmp_path / "b", BundleOptions(soc_version="Ascend310P1", validate=False), **QUIET
+        )
 
 
 def test_without_atc_the_script_has_the_exact_commands(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     assert shutil.which("atc") is None
     with pytest.raises(RuntimeError, match="atc is not on PATH"):
-        build_bundle(build_preset("pi0-dummy"), tmp_path / "a", BundleOptions(atc_mode="always"), **QUIET)
+        build_bundle(
+            build_preset("pi0-dummy"), tmp_path / "a", BundleOptions(atc_mode="always", validate=False), **QUIET
+        )
     out = tmp_path / "b"
-    build_bundle(build_preset("pi0-dummy"), out, BundleOptions(soc_version="Ascend310P3"), **QUIET)
+    build_bundle(build_preset("pi0-dummy"), out, BundleOptions(soc_version="Ascend310P3", validate=False), **QUIET)
     script = (out / "atc.sh").read_text()
     assert "atc --model=vlm.onnx --framework=5 --output=om/vlm --soc_version=Ascend310P3" in script
     assert "--precision_mode_v2=origin" in script and "expert.onnx" in script
@@ -207,19 +211,19 @@ def test_without_atc_the_script_has_the_exact_commands(tmp_path: Path, monkeypat
 
 def test_the_script_runs_under_atc(tmp_path: Path, ascend_tools: Path) -> None:
     out = tmp_path / "bundle"
-    build_bundle(build_preset("pi0-dummy"), out, BundleOptions(atc_mode="never"), **QUIET)
+    build_bundle(build_preset("pi0-dummy"), out, BundleOptions(atc_mode="never", validate=False), **QUIET)
     subprocess.run(["bash", str(out / "atc.sh")], check=True, capture_output=True)
     assert (out / "om" / "vlm.om").is_file() and (out / "om" / "expert.om").is_file()
 
 
 def test_prompts_and_tokenizer_in_the_bundle(tmp_path: Path, tokenizer_path: Path) -> None:
     out = tmp_path / "bundle"
-    options = BundleOptions(tokenizer=tokenizer_path, prompts=("transfer the cube", "insert the peg"))
+    options = BundleOptions(tokenizer=tokenizer_path, prompts=("transfer the cube", "insert the peg"), validate=False)
     build_bundle(build_preset("pi0-dummy"), out, options, **QUIET)
     bundle = load_bundle(out)
-    fixed = bundle.manifest["prompt"]["fixed"]
-    assert [f["text"] for f in fixed] == ["transfer the cube", "insert the peg"]
-    assert fixed[0]["tokens"][0] == 2 and len(fixed[0]["tokens"]) == 48 and fixed[0]["mask"].count(True) > 2
+    fixed = bundle.manifest.prompt.fixed
+    assert [f.text for f in fixed] == ["transfer the cube", "insert the peg"]
+    assert fixed[0].tokens[0] == 2 and len(fixed[0].tokens) == 48 and fixed[0].mask.count(True) > 2
     assert bundle.tokenizer.read_bytes() == tokenizer_path.read_bytes()
 
 
@@ -309,7 +313,7 @@ def test_cli_bundle_help_and_run(tmp_path: Path) -> None:
     for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "end_to_end", "passed"):
         assert step in out.stderr
     bundle = load_bundle(tmp_path / "b")
-    assert bundle.spec.num_steps == 4 and bundle.manifest["prompt"]["tokenizer"] == "tokenizer.model"
+    assert bundle.spec.num_steps == 4 and bundle.manifest.prompt.tokenizer == "tokenizer.model"
 
 
 def test_external_weights_are_gathered_into_one_file(tmp_path: Path) -> None:

@@ -9,16 +9,18 @@ from conftest import Golden
 from safetensors.torch import load_file, save_file
 
 from exporter.checkpoint import CheckpointError, load_checkpoint
-from exporter.reference import ReferencePolicy
+from exporter.torch_backend import reference_engine
+from runtime.observation import Observation
 
 TOLERANCE = 1e-4  # max abs diff on the de-normalized actions, float32 both sides
 
 
 def reference_actions(checkpoint, golden: Golden) -> np.ndarray:
-    policy = ReferencePolicy(load_checkpoint(checkpoint))
-    return policy.infer(
+    reference = reference_engine(load_checkpoint(checkpoint))
+    obs = Observation(
         golden.images, golden.state, tokens=golden.tokens, token_mask=golden.token_mask, noise=golden.noise
     )
+    return reference.infer(obs)[0][None]  # [1, chunk, action_dim], as LeRobot returns it
 
 
 def test_reference_reproduces_lerobot_fp32(golden: Golden) -> None:

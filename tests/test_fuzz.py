@@ -1,5 +1,5 @@
 """Property-based fuzzing of what a client can send: the protocol decoder and the request validator,
-through the server's own request handling (`Server._handle`, then `Server._infer` for what it queues)
+through the daemon's own request handling (`Service.handle`, then `Service.run` for an `infer` job)
 with the real engine on the pi0-dummy bundle.
 
 For every generated message: no exception escapes, exactly one reply comes back, it decodes, and it
@@ -27,11 +27,11 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime import protocol
+from pi0_client import protocol
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.bundle import load_bundle
 from runtime.engine import Engine
-from runtime.server import Server, ServerConfig
+from runtime.service import InferJob, Service
 
 EXAMPLES = int(os.environ.get("PI0_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(
@@ -45,33 +45,17 @@ TALLY: Counter = Counter()
 PROMPT = "transfer the cube"  # the dummy bundle's tokenizer takes any text; this one is in its budget
 
 
-class RecordingRouter:
-    """Stands where the ROUTER socket is: keeps what the server sends."""
-
-    def __init__(self) -> None:
-        self.sent: list[list[Any]] = []
-
-    def send_multipart(self, frames: list[Any], copy: bool = True) -> None:
-        self.sent.append(frames)
-
-
 @pytest.fixture(scope="module")
-def server(dummy_bundle: Path) -> Server:
+def service(dummy_bundle: Path) -> Service:
     logging.getLogger("pi0-runtime").setLevel(logging.CRITICAL)  # one warning per refusal: thousands
     bundle = load_bundle(dummy_bundle)
-    return Server(lambda: Engine(bundle, OnnxRuntimeBackend(bundle, threads=1)), ServerConfig(warm_up=False))
+    return Service(lambda: Engine.from_bundle(bundle, OnnxRuntimeBackend(bundle, threads=1)))
 
 
-def answer(server: Server, frames: list[bytes]) -> list[Any]:
-    """One message through the server as its loop would take it; returns the single reply's frames."""
-    router = RecordingRouter()
-    message = [zmq.Frame(b"client"), zmq.Frame(b""), *(zmq.Frame(f) for f in frames)]
-    server._handle(router, message)
-    while not server.requests.empty():
-        identity, header, arrays, received = server.requests.get_nowait()
-        router.sent.append([identity, b"", *server._infer(header, arrays, received)])
-    assert len(router.sent) == 1, f"{len(router.sent)} replies to one message"
-    return router.sent[0][2:]
+def answer(service: Service, frames: list[bytes]) -> list[Any]:
+    """One message through the service as a transport hands it over; returns the reply's frames."""
+    result = service.handle([zmq.Frame(f) for f in frames])
+    return service.run(result) if isinstance(result, InferJob) else result
 
 
 def decode_peak_allocation(frames: list[bytes]) -> int:
@@ -84,13 +68,13 @@ def decode_peak_allocation(frames: list[bytes]) -> int:
         tracemalloc.stop()
 
 
-def check(server: Server, frames: list[bytes]) -> None:
+def check(service: Service, frames: list[bytes]) -> None:
     size = sum(len(f) for f in frames)
     peak = min(decode_peak_allocation(frames) for _ in range(2))  # the smaller: not a one-time import
     assert peak <= size + 256 * 1024, f"decoding {size} bytes allocated {peak}"
 
     start = time.perf_counter()
-    reply_header, reply_arrays = protocol.decode([bytes(memoryview(f)) for f in answer(server, frames)])
+    reply_header, reply_arrays = protocol.decode([bytes(memoryview(f)) for f in answer(service, frames)])
     assert time.perf_counter() - start < 2.0
     if reply_header["ok"]:
         assert reply_header["kind"] in protocol.KINDS
@@ -248,35 +232,35 @@ def mutated_requests(draw: st.DrawFn, spec: Any) -> list[bytes]:
 
 @given(data=st.data())
 @FUZZ
-def test_mutated_requests(server: Server, data: st.DataObject) -> None:
-    check(server, data.draw(mutated_requests(server.engine.spec)))
+def test_mutated_requests(service: Service, data: st.DataObject) -> None:
+    check(service, data.draw(mutated_requests(service.engine.spec)))
 
 
 @given(frames=st.lists(st.binary(max_size=300), max_size=6))
 @FUZZ
-def test_random_frames(server: Server, frames: list[bytes]) -> None:
-    check(server, frames)
+def test_random_frames(service: Service, frames: list[bytes]) -> None:
+    check(service, frames)
 
 
 @given(header=msgpack_values, extra=st.lists(st.binary(max_size=64), max_size=3))
 @FUZZ
-def test_random_msgpack_headers(server: Server, header: Any, extra: list[bytes]) -> None:
-    check(server, [msgpack.packb(header, use_bin_type=True), *extra])
+def test_random_msgpack_headers(service: Service, header: Any, extra: list[bytes]) -> None:
+    check(service, [msgpack.packb(header, use_bin_type=True), *extra])
 
 
 @given(frames=array_messages())
 @FUZZ
-def test_requests_with_arrays(server: Server, frames: list[bytes]) -> None:
-    check(server, frames)
+def test_requests_with_arrays(service: Service, frames: list[bytes]) -> None:
+    check(service, frames)
 
 
 @given(depth=st.integers(1, 5000))
 @settings(max_examples=min(EXAMPLES, 200), deadline=2000, database=None)
-def test_deep_nesting(server: Server, depth: int) -> None:
-    check(server, [b"\x91" * depth + b"\xc0"])  # [[[...nil...]]]
+def test_deep_nesting(service: Service, depth: int) -> None:
+    check(service, [b"\x91" * depth + b"\xc0"])  # [[[...nil...]]]
 
 
-def test_tally(server: Server) -> None:
+def test_tally(service: Service) -> None:
     """Runs last in the module: what the fuzz produced, printed for `make fuzz`, and proof it reached
     past the decoder (some messages were valid enough to be served)."""
     print(f"\nfuzz replies by outcome ({EXAMPLES} examples per strategy): {dict(sorted(TALLY.items()))}")

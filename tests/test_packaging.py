@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,8 +24,10 @@ import pytest
 import zmq.auth as zmq_auth
 from conftest import observation_for
 
+from pi0_client.client import PolicyClient, ServerUnavailableError
 from runtime.bundle import load_bundle
-from runtime.client import PolicyClient, ServerUnavailableError
+
+pytestmark = pytest.mark.system
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGING = ROOT / "packaging"
@@ -55,22 +58,30 @@ def wheel(dist: Path, name: str) -> Path:
 @pytest.mark.parametrize(
     ("name", "imports"),
     [
-        ("pi0_client", "runtime.client"),
+        ("pi0_client", "pi0_client"),
         ("pi0_runtime", "runtime.cli, runtime.server, runtime.engine, runtime.store, runtime.backends.onnxruntime"),
     ],
 )
 def test_wheels_work_without_torch(dist: Path, tmp_path: Path, name: str, imports: str) -> None:
-    path = wheel(dist, name)
-    with zipfile.ZipFile(path) as archive:
-        metadata = next(archive.read(n).decode() for n in archive.namelist() if n.endswith("METADATA"))
-        archive.extractall(tmp_path / "unpacked")
-        modules = sorted(n for n in archive.namelist() if n.startswith("runtime/"))
+    needed = [name] if name == "pi0_client" else [name, "pi0_client"]  # the runtime speaks the client's protocol
+    for each in needed:
+        with zipfile.ZipFile(wheel(dist, each)) as archive:
+            archive.extractall(tmp_path / "unpacked")
+            if each == name:
+                metadata = next(archive.read(n).decode() for n in archive.namelist() if n.endswith("METADATA"))
+                modules = sorted(n for n in archive.namelist() if n.endswith(".py"))
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist")]
     assert requires and not any("torch" in line for line in requires)
     if name == "pi0_client":
-        assert modules == ["runtime/__init__.py", "runtime/client.py", "runtime/protocol.py", "runtime/wire.py"]
-    # Import from the unpacked wheel alone (not this checkout) with torch made unimportable.
-    script = f"import sys; sys.modules['torch'] = None; import {imports}; import runtime; print(runtime.__file__)"
+        names = ("__init__", "broker", "client", "metadata", "protocol", "wire")
+        assert modules == [f"pi0_client/{module}.py" for module in names]
+        assert sorted(r.split()[1] for r in requires) == ["numpy>=1.24", "pyzmq>=25"]
+    else:
+        assert not any(m.startswith("pi0_client/") for m in modules)
+        assert any(r.startswith("Requires-Dist: pi0-client==") for r in requires)
+    # Import from the unpacked wheels alone (not this checkout) with torch made unimportable.
+    module = imports.split(".")[0]
+    script = f"import sys; sys.modules['torch'] = None; import {imports}; import {module}; print({module}.__file__)"
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "unpacked")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -184,7 +195,7 @@ def test_installed_daemon_serves_the_dummy_bundle(chroot_serving: Path, dummy_bu
         with PolicyClient(endpoint, timeout_s=60) as client:
             meta = client.metadata()
             reply = client.infer(observation_for(dummy_bundle, "transfer the cube"))
-        assert meta["source"] == "preset:pi0-dummy" and meta["backend"] == "onnxruntime"
+        assert meta.source == "preset:pi0-dummy" and meta.backend == "onnxruntime"
         assert reply["actions"].shape == (spec.chunk_size, spec.action_dim) and np.isfinite(reply["actions"]).all()
     finally:
         daemon.send_signal(signal.SIGTERM)
@@ -264,7 +275,7 @@ def test_service_under_real_systemd(
 
     def source() -> str:
         with PolicyClient(endpoint, timeout_s=30, retries=0) as client:
-            return client.metadata()["source"]
+            return client.metadata().source
 
     booted = Booted(chroot, tmp_path / "boot.log")
     try:
@@ -275,6 +286,25 @@ def test_service_under_real_systemd(
         assert (
             state["StatusText"].startswith("serving") and state["NRestarts"] == "0" and state["User"] == "pi0-runtime"
         )
+        # The hardening as systemd applied it to the running daemon (not as the unit file spells it).
+        hardening = booted.show(
+            "pi0-runtime.service", "Type", "Restart", "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp",
+            "DevicePolicy", "MainPID",
+        )  # fmt: skip
+        assert {k: v for k, v in hardening.items() if k != "MainPID"} == {
+            "Type": "notify",
+            "Restart": "on-failure",
+            "NoNewPrivileges": "yes",
+            "ProtectSystem": "strict",
+            "ProtectHome": "yes",
+            "PrivateTmp": "yes",
+            "DevicePolicy": "closed",
+        }
+        allowed = booted.run("systemctl", "show", "pi0-runtime.service", "--property=DeviceAllow").stdout
+        for device in ("/dev/davinci_manager", "/dev/devmm_svm", "/dev/hisi_hdc", "/dev/davinci0"):
+            assert re.search(rf"{device} rw", allowed), allowed  # the 310P's devices, and only for the service
+        status = booted.run("cat", f"/proc/{hardening['MainPID']}/status").stdout
+        assert re.search(r"^NoNewPrivs:\s+1$", status, re.M) and re.search(r"^CapBnd:\s+0+$", status, re.M), status
         spec = load_bundle(dummy_bundle).spec
         with PolicyClient(endpoint, timeout_s=30) as client:
             actions = client.infer(observation_for(dummy_bundle, "transfer the cube"))["actions"]
@@ -311,7 +341,7 @@ def test_service_under_real_systemd(
             "client_key": str(tmp_path / "controller.key_secret"),
         }
         with PolicyClient(endpoint, timeout_s=30, **keys) as client:
-            assert client.metadata()["source"] == "preset:pi0-dummy"
+            assert client.metadata().source == "preset:pi0-dummy"
         with PolicyClient(endpoint, timeout_s=2, retries=0) as outsider, pytest.raises(ServerUnavailableError):
             outsider.ping()
 

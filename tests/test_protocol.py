@@ -8,7 +8,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from runtime import protocol, wire
+from pi0_client import protocol, wire
 
 VALUES = [
     None,

@@ -15,14 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import QUIET, STUBS, altered_copy, ascend_tools_path, observation_for
-from test_server import RUNTIME, Daemon
+from test_server import RUNTIME
 
 from exporter.bundle import BundleOptions, build_bundle
 from exporter.presets import build_preset
+from pi0_client.client import PolicyClient, PolicyError, ServerUnavailableError
 from runtime.bench import bench_load
 from runtime.bundle import load_bundle
-from runtime.client import PolicyClient, PolicyError, ServerUnavailableError
 from runtime.limits import ActionLimits, LimitsConfigError
+from runtime.supervise import Daemon
+
+pytestmark = pytest.mark.system
 
 PROMPT = "transfer the cube"
 
@@ -42,12 +45,14 @@ def om_bundle(tmp_path_factory: pytest.TempPathFactory, tokenizer_path: Path) ->
     return out
 
 
-def acl_daemon(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, **config: object) -> Daemon:
+def acl_daemon(
+    start_daemon, bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, **config: object
+) -> Daemon:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(STUBS), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("PI0_ACL_STAND_IN_FAULT", fault)
     config_file = tmp_path / "runtime.toml"
     config_file.write_text("".join(f"{k} = {v!r}\n" for k, v in config.items()))
-    return Daemon(bundle, tmp_path, extra=("--backend", "acl", "--config", str(config_file)))
+    return start_daemon(bundle, "--backend", "acl", "--config", str(config_file), wait_ready=False)
 
 
 def executes_per_request(bundle: Path) -> int:
@@ -55,13 +60,13 @@ def executes_per_request(bundle: Path) -> int:
 
 
 def test_device_error_is_answered_then_the_engine_is_rebuilt(
-    om_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    om_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_daemon
 ) -> None:
     per_request = executes_per_request(om_bundle)
     # The warm-up runs one request's executes; the fault hits the first real request's third step.
-    daemon = acl_daemon(om_bundle, tmp_path, monkeypatch, f"error:{per_request + 3}")
+    daemon = acl_daemon(start_daemon, om_bundle, tmp_path, monkeypatch, f"error:{per_request + 3}")
     try:
-        daemon.read_notify(until="READY=1")
+        daemon.wait_for("READY=1")
         obs = observation_for(om_bundle, PROMPT)
         with PolicyClient(daemon.endpoint, timeout_s=30) as client:
             with pytest.raises(PolicyError) as failed:
@@ -73,39 +78,42 @@ def test_device_error_is_answered_then_the_engine_is_rebuilt(
             assert client.stats()["counts"]["internal"] == 1
     finally:
         assert daemon.stop() == 0
-    log = daemon.log_path.read_text()
+    log = daemon.log()
     assert "rebuilding the engine" in log
 
 
-def test_wedged_device_stops_the_watchdog(om_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wedged_device_stops_the_watchdog(
+    om_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_daemon
+) -> None:
     per_request = executes_per_request(om_bundle)
-    daemon = acl_daemon(om_bundle, tmp_path, monkeypatch, f"hang:{per_request + 2}", hang_timeout_s=1.0)
+    daemon = acl_daemon(start_daemon, om_bundle, tmp_path, monkeypatch, f"hang:{per_request + 2}", hang_timeout_s=1.0)
     try:
-        daemon.read_notify(until="READY=1")
-        daemon.read_notify(until="WATCHDOG=1", timeout=5)  # pinging while healthy (every 0.1 s)
+        daemon.wait_for("READY=1")
+        daemon.wait_for("WATCHDOG=1", 5)  # pinging while healthy (every 0.1 s)
         client = PolicyClient(daemon.endpoint, timeout_s=0.5, retries=0)
         with pytest.raises(ServerUnavailableError):
             client.infer({**observation_for(om_bundle, PROMPT), "seed": 1})
         client.close()
         time.sleep(1.5)  # past hang_timeout_s: the pings must have stopped
-        daemon.read_notify(timeout=0.5)  # drain what was sent before
+        daemon.read_notify(0.5)  # drain what was sent before
         assert "WATCHDOG=1" in daemon.messages, "it pinged before the hang"
         daemon.messages.clear()
-        daemon.read_notify(timeout=2.0)
+        daemon.read_notify(2.0)
         assert daemon.process.poll() is None, "the daemon must not exit by itself: systemd's watchdog acts"
         assert "WATCHDOG=1" not in daemon.messages, daemon.messages
     finally:
         daemon.process.kill()
-        daemon.process.wait(timeout=30)
-        daemon.notify.close()
+        daemon.stop()
 
 
-def test_a_notify_socket_nobody_reads_does_not_stall_the_daemon(dummy_bundle: Path, tmp_path: Path) -> None:
+def test_a_notify_socket_nobody_reads_does_not_stall_the_daemon(
+    dummy_bundle: Path, tmp_path: Path, start_daemon
+) -> None:
     """Unix datagram sockets hold 10 messages here (net.unix.max_dgram_qlen): a blocking sd_notify
     would stop the serving loop once the pings filled it."""
-    daemon = Daemon(dummy_bundle, tmp_path, watchdog_usec=20_000)  # a ping every 10 ms, never read
+    daemon = start_daemon(dummy_bundle, watchdog_usec=20_000, wait_ready=False)  # a ping every 10 ms, never read
     try:
-        daemon.read_notify(until="READY=1")
+        daemon.wait_for("READY=1")
         time.sleep(1.0)
         with PolicyClient(daemon.endpoint, timeout_s=5, retries=0) as client:
             assert np.isfinite(client.infer({**observation_for(dummy_bundle, PROMPT), "seed": 1})["actions"]).all()
@@ -125,11 +133,11 @@ def test_bundle_altered_after_export_is_refused_at_start(dummy_bundle: Path, tmp
     assert "expert.onnx does not match its sha256" in result.stdout + result.stderr
 
 
-def test_frozen_daemon_cannot_deliver_a_stale_reply(dummy_bundle: Path, tmp_path: Path) -> None:
+def test_frozen_daemon_cannot_deliver_a_stale_reply(dummy_bundle: Path, tmp_path: Path, start_daemon) -> None:
     """A request abandoned on timeout is answered later into a closed socket, never as the next one's reply."""
-    daemon = Daemon(dummy_bundle, tmp_path)
+    daemon = start_daemon(dummy_bundle, wait_ready=False)
     try:
-        daemon.read_notify(until="READY=1")
+        daemon.wait_for("READY=1")
         obs = observation_for(dummy_bundle, PROMPT)
         client = PolicyClient(daemon.endpoint, timeout_s=0.5, retries=0)
         expected = {seed: client.infer({**obs, "seed": seed})["actions"] for seed in (1, 2)}
@@ -146,17 +154,15 @@ def test_frozen_daemon_cannot_deliver_a_stale_reply(dummy_bundle: Path, tmp_path
         assert daemon.stop() == 0
 
 
-def test_client_reconnects_to_a_restarted_daemon(dummy_bundle: Path, tmp_path: Path) -> None:
-    (tmp_path / "a").mkdir()
-    first = Daemon(dummy_bundle, tmp_path / "a")
+def test_client_reconnects_to_a_restarted_daemon(dummy_bundle: Path, tmp_path: Path, start_daemon) -> None:
+    first = start_daemon(dummy_bundle, wait_ready=False)
     endpoint = first.endpoint
-    first.read_notify(until="READY=1")
+    first.wait_for("READY=1")
     obs = observation_for(dummy_bundle, PROMPT)
     with PolicyClient(endpoint, timeout_s=2.0, retries=30) as client:
         before = client.infer({**obs, "seed": 3})["actions"]
         assert first.stop() == 0
-        (tmp_path / "b").mkdir()
-        second = Daemon(dummy_bundle, tmp_path / "b", endpoint=endpoint)
+        second = start_daemon(dummy_bundle, endpoint=endpoint, wait_ready=False)
         try:
             after = client.infer({**obs, "seed": 3})  # lazy pirate: retried until the new daemon answers
             assert np.array_equal(after["actions"], before)
@@ -204,13 +210,13 @@ def test_bad_limits_are_refused(config: dict, message: str) -> None:
         ActionLimits.from_config(config, 3)
 
 
-def test_daemon_reports_and_clamps_limits(dummy_bundle: Path, tmp_path: Path) -> None:
+def test_daemon_reports_and_clamps_limits(dummy_bundle: Path, tmp_path: Path, start_daemon) -> None:
     spec = load_bundle(dummy_bundle).spec
     obs = {**observation_for(dummy_bundle, PROMPT), "seed": 5}
     with PolicyClient(f"ipc://{tmp_path}/free.sock") as client:
-        free_daemon = Daemon(dummy_bundle, tmp_path, endpoint=client.endpoint)
+        free_daemon = start_daemon(dummy_bundle, endpoint=client.endpoint, wait_ready=False)
         try:
-            free_daemon.read_notify(until="READY=1")
+            free_daemon.wait_for("READY=1")
             free = client.infer(obs)
         finally:
             assert free_daemon.stop() == 0
@@ -223,14 +229,14 @@ def test_daemon_reports_and_clamps_limits(dummy_bundle: Path, tmp_path: Path) ->
         (run_dir / "runtime.toml").write_text(
             f"[limits]\njoint_max = {[ceiling] * spec.action_dim}\nclamp = {str(clamp).lower()}\n"
         )
-        daemon = Daemon(dummy_bundle, run_dir, extra=("--config", str(run_dir / "runtime.toml")))
+        daemon = start_daemon(dummy_bundle, "--config", str(run_dir / "runtime.toml"), wait_ready=False)
         try:
-            daemon.read_notify(until="READY=1")
+            daemon.wait_for("READY=1")
             with PolicyClient(daemon.endpoint) as client:
                 results[clamp] = client.infer(obs)
         finally:
             assert daemon.stop() == 0
-        assert "action limit violation" in daemon.log_path.read_text()
+        assert "action limit violation" in daemon.log()
     above = int((free["actions"] > ceiling).sum())
     assert results[False]["limits"]["violations"] == above > 0
     assert np.array_equal(results[False]["actions"], free["actions"]), "reported, never silently changed"
@@ -286,7 +292,7 @@ def test_keygen_can_let_the_service_group_read_the_secret(tmp_path: Path) -> Non
     assert not list(tmp_path.glob("other.*")), "nothing left behind"
 
 
-def test_curve_serves_allowed_keys_only(dummy_bundle: Path, tmp_path: Path) -> None:
+def test_curve_serves_allowed_keys_only(dummy_bundle: Path, tmp_path: Path, start_daemon) -> None:
     keys, allowed = tmp_path / "keys", tmp_path / "allowed"
     allowed.mkdir()
     for name in ("daemon", "controller", "stranger"):
@@ -295,10 +301,10 @@ def test_curve_serves_allowed_keys_only(dummy_bundle: Path, tmp_path: Path) -> N
     config = tmp_path / "runtime.toml"
     config.write_text(f'curve_server_key = "{keys / "daemon.key_secret"}"\ncurve_allowed_clients = "{allowed}"\n')
     endpoint = free_tcp_endpoint()
-    daemon = Daemon(dummy_bundle, tmp_path, endpoint=endpoint, extra=("--config", str(config)))
+    daemon = start_daemon(dummy_bundle, "--config", str(config), endpoint=endpoint, wait_ready=False)
     obs = {**observation_for(dummy_bundle, PROMPT), "seed": 1}
     try:
-        daemon.read_notify(until="READY=1")
+        daemon.wait_for("READY=1")
         for client_key in (keys / "stranger.key_secret", None):
             curve = {"server_key": str(keys / "daemon.key"), "client_key": str(client_key)} if client_key else {}
             with (
@@ -325,12 +331,12 @@ def test_network_endpoint_without_curve_is_refused(dummy_bundle: Path, endpoint:
     assert result.returncode != 0 and "reachable from the network" in result.stdout + result.stderr
 
 
-def test_concurrent_clients_lose_nothing(dummy_bundle: Path, tmp_path: Path) -> None:
+def test_concurrent_clients_lose_nothing(dummy_bundle: Path, tmp_path: Path, start_daemon) -> None:
     """16 clients at once on the default queue (4): every request gets actions or `busy`, none is lost.
     (`make load` runs 16 x 500 and a 10,000-request RSS run: docs/reliability.md.)"""
-    daemon = Daemon(dummy_bundle, tmp_path)
+    daemon = start_daemon(dummy_bundle, wait_ready=False)
     try:
-        daemon.read_notify(until="READY=1")
+        daemon.wait_for("READY=1")
         obs = observation_for(dummy_bundle, PROMPT)
         result = bench_load(daemon.endpoint, obs, clients=16, requests=8)
     finally:
@@ -343,7 +349,7 @@ def test_concurrent_clients_lose_nothing(dummy_bundle: Path, tmp_path: Path) -> 
 
 # --- nothing executable in data ---------------------------------------------------------------------
 
-PRODUCT = ("runtime", "exporter", "sim", "benchmarks", "packaging")
+PRODUCT = ("pi0_client", "runtime", "exporter", "sim", "benchmarks", "packaging")
 UNPICKLERS = {"pickle", "cPickle", "_pickle", "dill", "joblib", "shelve", "marshal", "cloudpickle"}
 
 
@@ -375,20 +381,19 @@ def test_no_pickle_anywhere() -> None:
     assert offences == []
 
 
-def test_a_burst_of_sigterms_still_stops_cleanly(dummy_bundle: Path, tmp_path: Path) -> None:
+def test_a_burst_of_sigterms_still_stops_cleanly(dummy_bundle: Path, tmp_path: Path, start_daemon) -> None:
     """The stop handler once took a lock (threading.Event.set): a SIGTERM landing while an earlier one's
     handler held it deadlocked the daemon. SIGTERMs sent without pause until it exits."""
-    daemon = Daemon(dummy_bundle, tmp_path)
-    daemon.read_notify(until="READY=1")
+    daemon = start_daemon(dummy_bundle, wait_ready=False)
+    daemon.wait_for("READY=1")
     deadline = time.monotonic() + 20
     while daemon.process.poll() is None and time.monotonic() < deadline:
         with contextlib.suppress(ProcessLookupError):
             os.kill(daemon.process.pid, signal.SIGTERM)
     stopped_by_itself = daemon.process.poll() is not None
     daemon.process.kill()  # only if it hung
-    code = daemon.process.wait(timeout=30)
-    daemon.notify.close()
-    assert stopped_by_itself, f"hung on a burst of SIGTERMs:\n{daemon.log_path.read_text()}"
+    code = daemon.stop()
+    assert stopped_by_itself, f"hung on a burst of SIGTERMs:\n{daemon.log()}"
     # Python restores the default handler as it exits: a SIGTERM landing after that ends it with -15,
     # but only once it has stopped serving.
-    assert code in (0, -signal.SIGTERM) and "INFO stopped" in daemon.log_path.read_text()
+    assert code in (0, -signal.SIGTERM) and "INFO stopped" in daemon.log()

@@ -3,7 +3,6 @@ NOTIFY_SOCKET this test binds, and the client a controller imports."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -20,12 +19,14 @@ from conftest import FIXTURES, QUIET, Golden
 from exporter.bundle import BundleOptions, build_bundle
 from exporter.checkpoint import load_checkpoint
 from exporter.presets import build_preset
-from exporter.reference import ReferencePolicy
-from runtime import protocol
+from exporter.torch_backend import reference_engine
+from pi0_client import ActionChunkBroker, protocol
+from pi0_client.client import BusyError, PolicyClient, PolicyError, ServerUnavailableError
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.bundle import load_bundle
-from runtime.client import BusyError, PolicyClient, PolicyError, ServerUnavailableError
 from runtime.engine import Engine, EngineError
+from runtime.observation import Observation
+from runtime.supervise import Daemon
 
 RUNTIME = Path(sys.executable).with_name("pi0-runtime")
 
@@ -35,65 +36,6 @@ def golden_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("golden") / "bundle"
     build_bundle(load_checkpoint(FIXTURES / "lerobot-pi0-tiny" / "checkpoint"), out, BundleOptions(), **QUIET)
     return out
-
-
-class Daemon:
-    """`pi0-runtime serve` in a subprocess, with a notify socket and its log in a file."""
-
-    def __init__(
-        self,
-        bundle: Path,
-        tmp: Path,
-        endpoint: str | None = None,
-        extra: tuple[str, ...] = (),
-        watchdog_usec: int = 200_000,
-    ):
-        self.endpoint = endpoint or f"ipc://{tmp}/pi0.sock"
-        self.notify_path = str(tmp / "notify.sock")
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(self.notify_path)
-        self.notify.settimeout(0.2)
-        self.messages: list[str] = []
-        self.log_path = tmp / "daemon.log"
-        env = {**os.environ, "NOTIFY_SOCKET": self.notify_path, "WATCHDOG_USEC": str(watchdog_usec)}
-        with open(self.log_path, "w") as log_file:
-            self.process = subprocess.Popen(
-                [str(RUNTIME), "serve", "--bundle", str(bundle), "--endpoint", self.endpoint, *extra],
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-
-    def read_notify(self, until: str | None = None, timeout: float = 60.0) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                self.messages.append(self.notify.recv(4096).decode())
-            except TimeoutError:
-                if self.process.poll() is not None:
-                    log = self.log_path.read_text()
-                    raise AssertionError(f"daemon exited {self.process.returncode}:\n{log}") from None
-                continue
-            if until is not None and until in self.messages[-1]:
-                return self.messages
-        if until is None:
-            return self.messages
-        raise AssertionError(f"no {until!r} in {timeout} s; got {self.messages}\n{self.log_path.read_text()}")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=30)
-        self.notify.close()
-        return code
-
-
-@pytest.fixture
-def daemon(dummy_bundle: Path, tmp_path: Path):
-    d = Daemon(dummy_bundle, tmp_path)
-    d.read_notify(until="READY=1")
-    yield d
-    d.stop()
 
 
 def observation(spec, rng: np.random.Generator, layout: str = "hwc") -> dict:
@@ -108,24 +50,21 @@ def observation(spec, rng: np.random.Generator, layout: str = "hwc") -> dict:
 def test_engine_matches_the_reference_and_lerobot(golden_bundle: Path) -> None:
     golden = Golden("lerobot-pi0-tiny")
     bundle = load_bundle(golden_bundle)
-    engine = Engine(bundle, OnnxRuntimeBackend(bundle))
+    engine = Engine.from_bundle(bundle, OnnxRuntimeBackend(bundle))
     actions, timing = engine.infer(
-        golden.images, golden.state, tokens=golden.tokens, token_mask=golden.token_mask, noise=golden.noise
+        Observation(golden.images, golden.state, tokens=golden.tokens, token_mask=golden.token_mask, noise=golden.noise)
     )
     assert np.abs(actions - golden.actions_fp32[0]).max() <= 1e-4
-    reference = ReferencePolicy(load_checkpoint(golden.checkpoint))
+    reference = reference_engine(load_checkpoint(golden.checkpoint))
     rng = np.random.default_rng(3)
     images = {k: rng.integers(0, 256, (97, 131, 3), dtype=np.uint8) for k in bundle.spec.camera_keys}  # odd sizes
     state = rng.normal(size=bundle.spec.state_dim).astype(np.float32)
-    ours, _ = engine.infer(images, state, tokens=golden.tokens, token_mask=golden.token_mask, seed=11)
-    theirs = reference.infer(
-        images,
-        state,
-        tokens=golden.tokens,
-        token_mask=golden.token_mask,
-        noise=np.random.default_rng(11).standard_normal((1, 16, 32), dtype=np.float32),
+    ours, _ = engine.infer(Observation(images, state, tokens=golden.tokens, token_mask=golden.token_mask, seed=11))
+    noise = np.random.default_rng(11).standard_normal((1, 16, 32), dtype=np.float32)
+    theirs, _ = reference.infer(
+        Observation(images, state, tokens=golden.tokens, token_mask=golden.token_mask, noise=noise)
     )
-    assert np.abs(ours - theirs[0]).max() <= 1e-4
+    assert np.abs(ours - theirs).max() <= 1e-4
     assert set(timing) == {"preprocess_ms", "vlm_ms", "expert_ms", "expert_step_ms", "postprocess_ms", "total_ms"}
 
 
@@ -134,38 +73,30 @@ def test_non_finite_output_is_an_error(tmp_path: Path) -> None:
     policy.model.action_out_proj.bias.data[0] = float("nan")
     build_bundle(policy, tmp_path / "b", BundleOptions(validate=False), **QUIET)
     bundle = load_bundle(tmp_path / "b")
-    engine = Engine(bundle, OnnxRuntimeBackend(bundle))
-    obs = observation(bundle.spec, np.random.default_rng(0))
+    engine = Engine.from_bundle(bundle, OnnxRuntimeBackend(bundle))
+    obs = Observation.synthetic(engine.metadata())
     with pytest.raises(EngineError, match="non-finite") as info:
-        engine.infer(
-            {k: v for k, v in obs.items() if k != "observation.state"},
-            obs["observation.state"],
-            tokens=np.array([[2] + [0] * 47]),
-            token_mask=np.array([[True] + [False] * 47]),
-        )
+        engine.infer(obs)
     assert info.value.code == "bad_output"
 
 
-def test_ready_after_warm_up_then_watchdog_and_status(dummy_bundle: Path, tmp_path: Path) -> None:
-    d = Daemon(dummy_bundle, tmp_path)
-    try:
-        d.read_notify(until="READY=1")
-        assert "warm-up" in d.log_path.read_text(), "READY=1 came before the warm-up inference"
-        d.read_notify(timeout=1.0)
-        assert sum(m == "WATCHDOG=1" for m in d.messages) >= 3
-        assert any(m.startswith("STATUS=") for m in d.messages)
-    finally:
-        assert d.stop() == 0
+def test_ready_after_warm_up_then_watchdog_and_status(dummy_bundle: Path, start_daemon) -> None:
+    d = start_daemon(dummy_bundle)
+    assert "warm-up" in d.log(), "READY=1 came before the warm-up inference"
+    d.read_notify(1.0)
+    assert sum(m == "WATCHDOG=1" for m in d.messages) >= 3
+    assert any(m.startswith("STATUS=") for m in d.messages)
+    assert d.stop() == 0
 
 
-def test_serves_over_ipc_and_tcp(dummy_bundle: Path, golden_bundle: Path, tmp_path: Path) -> None:
+def test_serves_over_ipc_and_tcp(golden_bundle: Path, start_daemon) -> None:
     golden = Golden("lerobot-pi0-tiny")
-    d = Daemon(golden_bundle, tmp_path, endpoint=f"tcp://127.0.0.1:{free_port()}")
+    d = start_daemon(golden_bundle, endpoint=f"tcp://127.0.0.1:{free_port()}")
     try:
-        d.read_notify(until="READY=1")
         with PolicyClient(d.endpoint, timeout_s=30) as client:
             meta = client.metadata()
-            assert [c["key"] for c in meta["cameras"]] == list(golden.images)
+            assert list(meta.camera_keys) == list(golden.images)
+            assert meta.noise_shape == (1, 16, 32) and meta.precision == "fp32" and meta.backend == "onnxruntime"
             obs = {
                 **golden.images,
                 "observation.state": golden.state,
@@ -224,7 +155,11 @@ BAD_REQUESTS = {
     "short state": (lambda o: {**o, "observation.state": np.zeros(3, np.float32)}, "bad_request", "14 floats"),
     "bad noise": (lambda o: {**o, "noise": np.zeros((2, 2), np.float32)}, "bad_request", "noise must be"),
     "no prompt": (lambda o: {k: v for k, v in o.items() if k != "prompt"}, "bad_request", "give a prompt"),
-    "unknown array": (lambda o: {**o, "observation.joy": np.zeros(1, np.float32)}, "bad_request", "unknown arrays"),
+    "unknown array": (
+        lambda o: {**o, "observation.joy": np.zeros(1, np.float32)},
+        "bad_request",
+        r"unexpected arrays \['observation.joy'\]",
+    ),
     "huge frame": (
         lambda o: {**o, "observation.images.top": np.zeros((protocol.MAX_FRAME_BYTES + 1,), np.uint8)},
         "bad_request",
@@ -275,12 +210,11 @@ def test_malformed_messages_get_error_replies(daemon: Daemon, frames: list[bytes
         assert client.ping()
 
 
-def test_full_queue_answers_busy_and_loses_nothing(dummy_bundle: Path, tmp_path: Path) -> None:
+def test_full_queue_answers_busy_and_loses_nothing(dummy_bundle: Path, tmp_path: Path, start_daemon) -> None:
     config = tmp_path / "runtime.toml"
     config.write_text("[runtime]\nqueue_size = 1\n")
-    d = Daemon(dummy_bundle, tmp_path, extra=("--config", str(config)))
+    d = start_daemon(dummy_bundle, "--config", str(config))
     try:
-        d.read_notify(until="READY=1")
         spec = load_bundle(dummy_bundle).spec
         obs = observation(spec, np.random.default_rng(0))
         context = zmq.Context.instance()
@@ -303,9 +237,8 @@ def test_full_queue_answers_busy_and_loses_nothing(dummy_bundle: Path, tmp_path:
         assert d.stop() == 0
 
 
-def test_sigterm_delivers_the_reply_in_flight(dummy_bundle: Path, tmp_path: Path) -> None:
-    d = Daemon(dummy_bundle, tmp_path)
-    d.read_notify(until="READY=1")
+def test_sigterm_delivers_the_reply_in_flight(dummy_bundle: Path, start_daemon) -> None:
+    d = start_daemon(dummy_bundle)
     spec = load_bundle(dummy_bundle).spec
     result = {}
 
@@ -324,18 +257,18 @@ def test_sigterm_delivers_the_reply_in_flight(dummy_bundle: Path, tmp_path: Path
     caller.join(timeout=30)
     assert result["reply"]["actions"].shape == (50, 14)
     assert d.process.wait(timeout=30) == 0
-    d.read_notify(until="STOPPING=1", timeout=5)
-    assert "stopped" in d.log_path.read_text()
+    d.read_notify(0.5)
+    assert "STOPPING=1" in d.messages
+    assert "stopped" in d.log()
 
 
-def test_client_reconnects_to_a_daemon_that_starts_late(dummy_bundle: Path, tmp_path: Path) -> None:
+def test_client_reconnects_to_a_daemon_that_starts_late(dummy_bundle: Path, tmp_path: Path, start_daemon) -> None:
     endpoint = f"ipc://{tmp_path}/late.sock"
     client = PolicyClient(endpoint, timeout_s=0.3, retries=1)
     with pytest.raises(ServerUnavailableError):
         client.ping()
-    d = Daemon(dummy_bundle, tmp_path, endpoint=endpoint)
+    d = start_daemon(dummy_bundle, endpoint=endpoint)
     try:
-        d.read_notify(until="READY=1")
         client.timeout_ms = 10_000
         assert client.ping()
     finally:
@@ -347,15 +280,43 @@ def test_client_needs_only_numpy_and_pyzmq() -> None:
     code = (
         "import sys\n"
         "for m in ('msgpack', 'onnxruntime', 'sentencepiece', 'torch', 'onnx'): sys.modules[m] = None\n"
-        "from runtime.client import PolicyClient, PolicyError, BusyError\n"
+        "from pi0_client.client import PolicyClient, PolicyError, BusyError\n"
         "print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
 
 
-def test_busy_is_a_policy_error() -> None:
-    assert issubclass(BusyError, PolicyError)
+def test_chunk_broker_over_the_daemon(daemon, dummy_bundle: Path) -> None:
+    """The broker on the real client: one request per `actions_per_chunk` ticks, actions in chunk order."""
+    spec = load_bundle(dummy_bundle).spec
+    obs = {**observation(spec, np.random.default_rng(5)), "prompt": "transfer the cube", "seed": 7}
+    with PolicyClient(daemon.endpoint, timeout_s=30) as client:
+        chunk = client.infer(obs)["actions"]
+        broker = ActionChunkBroker(client, actions_per_chunk=5)
+        ticks = [broker.act(obs) for _ in range(12)]
+        assert client.stats()["counts"]["kind:infer"] == 1 + 3
+    np.testing.assert_array_equal(np.stack(ticks[:5]), chunk[:5])
+    np.testing.assert_array_equal(ticks[5], chunk[0])  # the same observation and seed: the same chunk again
+
+
+def test_a_busy_reply_raises_busy_error() -> None:
+    """The client maps the server's `busy` code to BusyError, a PolicyError a controller may retry on."""
+    context = zmq.Context.instance()
+    server = context.socket(zmq.REP)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+
+    def answer_busy() -> None:
+        header, _ = protocol.decode(server.recv_multipart())
+        server.send_multipart(protocol.encode(protocol.error_header(header["id"], "busy", "4 requests are waiting")))
+
+    thread = threading.Thread(target=answer_busy)
+    thread.start()
+    with PolicyClient(f"tcp://127.0.0.1:{port}", timeout_s=10, retries=0) as client, pytest.raises(BusyError) as info:
+        client.ping()
+    thread.join()
+    server.close(linger=0)
+    assert isinstance(info.value, PolicyError) and info.value.code == "busy" and "waiting" in info.value.message
 
 
 def test_infer_cli_with_dump(golden_bundle: Path, tmp_path: Path) -> None:

@@ -16,16 +16,18 @@ import torch
 from conftest import FIXTURES, QUIET
 
 from exporter.bundle import BundleOptions, build_bundle
-from exporter.checkpoint import load_checkpoint, save_lerobot
+from exporter.checkpoint import load_checkpoint
+from exporter.readers.lerobot_v03 import save_lerobot
 from exporter.tokenizer_train import train_tokenizer
+from pi0_client.client import PolicyClient, PolicyError
 from runtime import transforms
-from runtime.client import PolicyClient, PolicyError
 from sim import env as sim_env
 from sim.cli import main as pi0_sim
-from sim.daemon import PolicyService
 from sim.harness import LocalPolicy, run_episode
-from sim.oracle import PLAN_STEPS, TransferCubeOracle, camera_projection
+from sim.oracle import PLAN_STEPS, TransferCubeOracle, camera_projection, oracle_daemon
 from sim.record import aloha_norm_stats, load_episode
+
+pytestmark = pytest.mark.system
 
 TRANSFER_CUBE = sim_env.TASKS["AlohaTransferCube-v0"]
 TOP = "observation.images.top"
@@ -147,7 +149,7 @@ def test_oracle_follows_any_actions_per_chunk(env) -> None:
 
 def test_oracle_server_succeeds_through_the_harness(tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
-    with PolicyService.oracle() as service:
+    with oracle_daemon() as service:
         argv = ["run", "--endpoint", service.endpoint, "--seed", "3", "--min-success-rate", "1"]
         code = pi0_sim([*argv, "--report", str(report_path)])
         with PolicyClient(service.endpoint) as client, pytest.raises(PolicyError, match="bad_request"):

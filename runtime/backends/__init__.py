@@ -3,3 +3,30 @@
 A backend keeps the VLM's prefix cache where the expert reads it (device memory on an accelerator):
 `prefix` returns an opaque handle, `velocity` takes it back, and the cache never crosses to numpy.
 """
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from runtime.bundle import Bundle, BundleError
+
+BACKENDS = ("auto", "acl", "onnxruntime")
+
+
+def make_backend(bundle: Bundle, name: str = "auto", threads: int = 0) -> Any:
+    """The backend asked for; `auto` takes ACL when pyACL is importable and the bundle has OM files."""
+    has_om = all(g.om is not None for g in bundle.graphs.values())
+    if name == "auto":
+        name = "acl" if has_om and importlib.util.find_spec("acl") is not None else "onnxruntime"
+    if name == "acl":
+        if not has_om:
+            raise BundleError("the acl backend needs OM files: this bundle was not compiled with atc")
+        from runtime.backends.acl import AclBackend
+
+        return AclBackend(bundle)
+    if name == "onnxruntime":
+        from runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(bundle, threads=threads or None)
+    raise ValueError(f"unknown backend {name!r}; choose one of {list(BACKENDS)}")

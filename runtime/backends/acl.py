@@ -23,13 +23,12 @@ from typing import Any
 import numpy as np
 
 from runtime.bundle import Bundle
+from runtime.graphs import EXPERT, EXPERT_OUTPUTS, PREFIX_CACHE, VLM, VLM_INPUTS
 from runtime.pipeline import ModelInputs
 
 ACL_MEM_MALLOC_HUGE_FIRST = 0
 ACL_MEMCPY_HOST_TO_DEVICE = 1
 ACL_MEMCPY_DEVICE_TO_HOST = 2
-VLM_INPUTS = ("images", "image_masks", "tokens", "token_mask")
-CACHE = ("prefix_keys", "prefix_values", "prefix_mask")
 
 
 class AclError(RuntimeError):
@@ -153,8 +152,9 @@ class AclBackend:
         _check(ret, "acl.rt.create_stream")
         graphs = bundle.graphs
         io = {name: {"inputs": g.inputs, "outputs": g.outputs} for name, g in graphs.items()}
-        self.vlm = AclModel(acl, str(graphs["vlm"].om), io["vlm"], {})
-        self.expert = AclModel(acl, str(graphs["expert"].om), io["expert"], {k: self.vlm.outputs[1][k] for k in CACHE})
+        self.vlm = AclModel(acl, str(graphs[VLM].om), io[VLM], {})
+        cache = {k: self.vlm.outputs[1][k] for k in PREFIX_CACHE}  # the expert reads the VLM's output buffers
+        self.expert = AclModel(acl, str(graphs[EXPERT].om), io[EXPERT], cache)
         self._state_sent = False
 
     def _to_device(self, buffer: DeviceBuffer, value: np.ndarray) -> None:
@@ -189,7 +189,7 @@ class AclBackend:
         self._to_device(inputs["x_t"], x_t)
         self._to_device(inputs["t"], t)
         self.expert.execute()
-        return self._to_host(self.expert.outputs[1]["velocity"])
+        return self._to_host(self.expert.outputs[1][EXPERT_OUTPUTS[0]])
 
     def close(self) -> None:
         """Free everything, in the reverse order of creation."""

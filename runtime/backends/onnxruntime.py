@@ -13,9 +13,9 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.bundle import Bundle
+from runtime.graphs import EXPERT, EXPERT_OUTPUTS, PREFIX_CACHE, STEP_INPUTS, VLM, VLM_INPUTS
 from runtime.pipeline import ModelInputs
 
-VLM_INPUTS = ("images", "image_masks", "tokens", "token_mask")
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 
@@ -43,12 +43,11 @@ class OnnxRuntimeBackend:
         providers = providers or [p for p in PREFERRED_PROVIDERS if p in available]
         self.providers = providers
         self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
-        self.vlm = ort.InferenceSession(str(bundle.graphs["vlm"].onnx), options, providers=providers)
-        self.expert = ort.InferenceSession(str(bundle.graphs["expert"].onnx), options, providers=providers)
+        self.vlm = ort.InferenceSession(str(bundle.graphs[VLM].onnx), options, providers=providers)
+        self.expert = ort.InferenceSession(str(bundle.graphs[EXPERT].onnx), options, providers=providers)
         self.input_dtypes = {
             graph: {i["name"]: np.dtype(i["dtype"]) for i in files.inputs} for graph, files in bundle.graphs.items()
         }
-        self.cache_names = [o.name for o in self.vlm.get_outputs()]
 
     def _cast(self, graph: str, name: str, value: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(value, dtype=self.input_dtypes[graph][name])
@@ -57,8 +56,8 @@ class OnnxRuntimeBackend:
         """Run the VLM; its outputs (prefix keys, values, mask) stay where onnxruntime put them."""
         binding = self.vlm.io_binding()
         for name in VLM_INPUTS:
-            binding.bind_cpu_input(name, self._cast("vlm", name, getattr(inputs, name)))
-        for name in self.cache_names:
+            binding.bind_cpu_input(name, self._cast(VLM, name, getattr(inputs, name)))
+        for name in PREFIX_CACHE:
             binding.bind_output(name, self.device)
         self.vlm.run_with_iobinding(binding)
         return self._expert_binding(binding.get_outputs())
@@ -66,27 +65,26 @@ class OnnxRuntimeBackend:
     def _expert_binding(self, cache: list[Any]) -> PrefixCache:
         """Bind the cache to the expert once per request; each step then binds only state, x_t and t."""
         binding = self.expert.io_binding()
-        for name, value in zip(self.cache_names, cache, strict=True):
+        for name, value in zip(PREFIX_CACHE, cache, strict=True):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("velocity", "cpu")
+        binding.bind_output(EXPERT_OUTPUTS[0], "cpu")
         return PrefixCache(cache, binding)
 
     def velocity(self, cache: PrefixCache, state: np.ndarray, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
         binding = cache.binding
-        binding.bind_cpu_input("state", self._cast("expert", "state", state))
-        binding.bind_cpu_input("x_t", self._cast("expert", "x_t", x_t))
-        binding.bind_cpu_input("t", self._cast("expert", "t", t))
+        for name, value in zip(STEP_INPUTS, (state, x_t, t), strict=True):
+            binding.bind_cpu_input(name, self._cast(EXPERT, name, value))
         self.expert.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
     def cache_to_numpy(self, cache: PrefixCache) -> dict[str, np.ndarray]:
         """For validation only: copy the prefix cache out."""
-        return {name: value.numpy() for name, value in zip(self.cache_names, cache.values, strict=True)}
+        return {name: value.numpy() for name, value in zip(PREFIX_CACHE, cache.values, strict=True)}
 
     def prefix_from_numpy(self, keys: np.ndarray, values: np.ndarray, mask: np.ndarray) -> PrefixCache:
         """For validation only: a prefix cache made from given arrays (e.g. the PyTorch model's)."""
-        arrays = dict(zip(self.cache_names, (keys, values, mask), strict=True))
-        cache = [ort.OrtValue.ortvalue_from_numpy(self._cast("expert", n, a), self.device) for n, a in arrays.items()]
+        arrays = dict(zip(PREFIX_CACHE, (keys, values, mask), strict=True))
+        cache = [ort.OrtValue.ortvalue_from_numpy(self._cast(EXPERT, n, a), self.device) for n, a in arrays.items()]
         return self._expert_binding(cache)
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime import wire
+from pi0_client import wire
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
@@ -38,7 +38,16 @@ def _buffer(frame: Any) -> memoryview:
     return view if view.ndim == 1 and view.itemsize == 1 else view.cast("B")
 
 
-HEADER_FIELDS = ("prompt", "seed")  # what an observation carries in the header; everything else is an array
+# An observation's fields on the wire (LeRobot's feature names): the header carries the prompt and the
+# seed, everything else is an array. runtime.observation builds its one Observation type from these.
+IMAGE_PREFIX = "observation.images."
+STATE = "observation.state"
+TOKENS = "lang_tokens"
+TOKEN_MASK = "lang_masks"
+NOISE = "noise"
+PROMPT = "prompt"
+SEED = "seed"
+HEADER_FIELDS = (PROMPT, SEED)
 
 
 def split_observation(obs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -19,7 +19,8 @@ import numpy as np
 import zmq
 import zmq.auth
 
-from runtime import protocol
+from pi0_client import protocol
+from pi0_client.metadata import Metadata
 
 
 class PolicyError(Exception):
@@ -56,7 +57,7 @@ class PolicyClient:
         if server_key or client_key:
             if not (server_key and client_key):
                 raise ValueError("CURVE needs both server_key and client_key")
-            # pyzmq's reader, not runtime.auth's: the controller's wheel carries only client, protocol, wire.
+            # pyzmq's reader, not runtime.auth's: the controller's wheel carries only pi0_client.
             server_public, _ = zmq.auth.load_certificate(server_key)
             client_public, client_secret = zmq.auth.load_certificate(client_key)
             if client_secret is None:
@@ -117,8 +118,8 @@ class PolicyClient:
             result["limits"] = reply["limits"]
         return result
 
-    def metadata(self) -> dict[str, Any]:
-        return self.request("metadata")[0]["metadata"]
+    def metadata(self) -> Metadata:
+        return Metadata.from_dict(self.request("metadata")[0]["metadata"])
 
     def stats(self) -> dict[str, Any]:
         return self.request("stats")[0]["stats"]

@@ -1,0 +1,64 @@
+"""The daemon's settings: defaults, the TOML config file (`/etc/pi0-runtime/config.toml`), and the
+`ServerConfig` built from them. The serving defaults are `ServerConfig`'s own, stated once there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from runtime.auth import AuthConfigError, CurveConfig, check_exposure
+from runtime.limits import ActionLimits
+from runtime.server import ServerConfig
+
+_SERVER = ServerConfig()
+DEFAULTS: dict[str, Any] = {
+    "bundle": None,
+    "endpoint": _SERVER.endpoint,
+    "backend": "auto",
+    "threads": 0,  # onnxruntime intra-op threads; 0: one per core
+    "queue_size": _SERVER.queue_size,
+    "hang_timeout_s": _SERVER.hang_timeout_s,
+    "limits": {},  # the [limits] table: joint_min, joint_max, max_step (one per action dimension), clamp
+    # CURVE (see runtime/auth.py): the daemon's secret key file and a directory of allowed client keys.
+    "curve_server_key": None,
+    "curve_allowed_clients": None,
+    "allow_insecure_network": False,
+}
+
+
+def load_config(path: Path | None) -> dict[str, Any]:
+    """DEFAULTS, overridden by the TOML file's keys (top level or a [runtime] table)."""
+    config = dict(DEFAULTS)
+    if path is None:
+        return config
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    data = tomllib.loads(Path(path).read_text())
+    limits = data.pop("limits", None)
+    data = data.get("runtime", data)
+    if limits is not None:
+        data = {**data, "limits": limits}
+    unknown = set(data) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    config.update(data)
+    return config
+
+
+def server_config(config: dict[str, Any], action_dim: int) -> ServerConfig:
+    """The settings as the server takes them; refuses a network endpoint without CURVE (unless allowed)."""
+    curve = None
+    if config["curve_server_key"] or config["curve_allowed_clients"]:
+        if not (config["curve_server_key"] and config["curve_allowed_clients"]):
+            raise AuthConfigError("CURVE needs both curve_server_key and curve_allowed_clients")
+        curve = CurveConfig.from_files(Path(config["curve_server_key"]), Path(config["curve_allowed_clients"]))
+    check_exposure(config["endpoint"], curve, config["allow_insecure_network"])
+    return ServerConfig(
+        endpoint=config["endpoint"],
+        queue_size=config["queue_size"],
+        hang_timeout_s=config["hang_timeout_s"],
+        limits=ActionLimits.from_config(config["limits"], action_dim),
+        curve=curve,
+    )

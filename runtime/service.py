@@ -1,0 +1,130 @@
+"""What the daemon does with one request, whatever transport brought it: decode it, answer `metadata`,
+`stats` and `ping`, validate an `infer` and run the engine, build the reply, count and log.
+
+Transport-free and synchronous: `handle(frames)` returns the reply's frames, or for `infer` a job that
+`run(job)` turns into them (the transport decides when: `runtime.server` runs jobs one at a time on a
+worker thread). Every refusal goes through `refuse`, so each is counted, logged and encoded alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from pi0_client import protocol
+from pi0_client.metadata import Metadata
+from runtime.engine import EngineError
+from runtime.limits import ActionLimits
+from runtime.observation import Observation, ObservationError
+from runtime.stats import Stats
+
+log = logging.getLogger("pi0-runtime")
+
+
+class ServedEngine(Protocol):
+    """What the service needs from what it serves: `runtime.engine.Engine`, or a stand-in with the same
+    surface (the sim's scripted oracle), so that a client cannot tell them apart."""
+
+    def metadata(self) -> Metadata: ...
+
+    def infer(self, obs: Observation) -> tuple[np.ndarray, dict[str, float]]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class InferJob:
+    """A decoded `infer` request waiting for the engine. Its arrays are views of the received frames:
+    the frames live as long as the job does."""
+
+    request_id: Any
+    observation: Observation
+    received: float  # time.perf_counter() when it arrived
+
+
+class Service:
+    def __init__(self, engine_factory: Callable[[], ServedEngine], limits: ActionLimits | None = None) -> None:
+        self.engine_factory = engine_factory
+        self.engine = engine_factory()
+        self.limits = limits or ActionLimits()
+        self.stats = Stats()
+
+    def refuse(self, request_id: Any, code: str, message: str) -> list[Any]:
+        """Count, log and encode one error reply."""
+        self.stats.counts[code] += 1
+        log.warning("request %s refused (%s): %s", request_id, code, message)
+        return protocol.encode(protocol.error_header(request_id, code, message))
+
+    def handle(self, frames: list[Any]) -> list[Any] | InferJob:
+        """One request's frames (header, arrays) -> the reply's frames, or the `infer` job to run."""
+        received = time.perf_counter()
+        try:
+            header, arrays = protocol.decode(frames)
+        except protocol.ProtocolError as e:
+            return self.refuse(None, e.code, e.message)
+        except Exception as e:  # a decoder bug must cost one reply, not the serving loop
+            log.exception("could not decode a request")
+            return self.refuse(None, "internal", f"could not decode the request: {type(e).__name__}")
+        request_id, kind = header.get("id"), header.get("kind")
+        self.stats.counts[f"kind:{kind}"] += 1
+        if kind == "ping":
+            return protocol.encode({"id": request_id, "ok": True, "kind": "ping"})
+        if kind == "metadata":
+            metadata = self.engine.metadata().to_dict()
+            return protocol.encode({"id": request_id, "ok": True, "kind": "metadata", "metadata": metadata})
+        if kind == "stats":
+            return protocol.encode({"id": request_id, "ok": True, "kind": "stats", "stats": self.stats.summary()})
+        if kind != "infer":
+            return self.refuse(
+                request_id, "unknown_kind", f"unknown request kind {kind!r}; expected one of {list(protocol.KINDS)}"
+            )
+        try:
+            return InferJob(request_id, Observation.from_request(header, arrays), received)
+        except ObservationError as e:
+            return self.refuse(request_id, "bad_request", str(e))
+
+    def run(self, job: InferJob) -> list[Any]:
+        """Run the engine on one job -> the reply's frames (actions, or an error)."""
+        try:
+            actions, timing = self.engine.infer(job.observation)
+        except EngineError as e:
+            return self.refuse(job.request_id, e.code, e.message)
+        except Exception as e:  # a backend failure: answer, then start from a fresh engine
+            log.exception("request %s failed in the backend; rebuilding the engine", job.request_id)
+            self._rebuild_engine()
+            return self.refuse(job.request_id, "internal", f"backend error: {e}")
+        reply = {"id": job.request_id, "ok": True, "kind": "infer", "timing": timing}
+        if self.limits.active:
+            actions, reply["limits"] = self.limits.apply(actions)
+            if reply["limits"]["violations"]:
+                self.stats.counts["limit_violations"] += 1
+                log.warning(
+                    "request %s: %d action limit violation(s)%s, first %s",
+                    job.request_id,
+                    reply["limits"]["violations"],
+                    " clamped" if reply["limits"]["clamped"] else "",
+                    reply["limits"]["first"][0],
+                )
+        timing["queue_ms"] = (time.perf_counter() - job.received) * 1e3 - timing["total_ms"]
+        self.stats.counts["ok"] += 1
+        self.stats.record(timing)
+        return protocol.encode(reply, {"actions": actions})
+
+    def warm_up(self) -> dict[str, float]:
+        """One inference on a synthetic observation, so the first real request is not the slow one."""
+        return self.engine.infer(Observation.synthetic(self.engine.metadata()))[1]
+
+    def _rebuild_engine(self) -> None:
+        try:
+            self.engine.close()
+        except Exception:
+            log.exception("closing the failed engine")
+        self.engine = self.engine_factory()
+
+    def close(self) -> None:
+        self.engine.close()
