@@ -24,6 +24,7 @@ from benchmarks import (  # noqa: E402
     fraction_of_peak,
     lerobot_side_by_side,
     load_memory,
+    pi05_engine,
     service,
     sim_harness,
 )
@@ -32,6 +33,7 @@ from benchmarks import (  # noqa: E402
 BENCHMARKS = {
     "service": service,
     "fraction_of_peak": fraction_of_peak,
+    "pi05_engine": pi05_engine,
     "load_memory": load_memory,
     "export_full": export_full,
     "lerobot_side_by_side": lerobot_side_by_side,

@@ -28,7 +28,7 @@ from runtime.bench import bench_engine, bench_server
 from runtime.bundle import Bundle, load_bundle
 from runtime.engine import Engine
 from runtime.observation import Observation
-from runtime.pipeline import preprocess
+from runtime.pipeline import model_state, preprocess
 from runtime.stats import summarize
 
 CAMERAS = ("observation.images.cam_high", "observation.images.cam_left_wrist", "observation.images.cam_right_wrist")
@@ -77,7 +77,7 @@ def copy_ledger(bundle: Bundle) -> dict[str, int]:
     inputs = preprocess(
         spec,
         request.images,
-        request.state,
+        model_state(spec, request.state),
         np.zeros((1, spec.tokenizer_max_length), np.int64),  # the prompt's tokens: their values do not matter here
         np.ones((1, spec.tokenizer_max_length), bool),
     )

@@ -44,7 +44,7 @@ from runtime.bundle import (
 from runtime.npu import detect_soc
 from runtime.pipeline import ModelInputs
 from runtime.spec import PolicySpec
-from runtime.tokenizer import PromptTokenizer
+from runtime.tokenizer import PromptTokenizer, StatePromptTable
 
 EXPORTER_VERSION = "0.1.0"
 
@@ -72,30 +72,49 @@ class BundleOptions:
     fixed_prompts_only: bool = False
 
 
+def prompt_tokenizer(spec: PolicySpec, options: BundleOptions) -> PromptTokenizer:
+    return PromptTokenizer(
+        options.tokenizer, spec.tokenizer_max_length, spec.convention_set.prompt, spec.state_in_prompt
+    )
+
+
+def _fixed_prompt(spec: PolicySpec, tokenizer: PromptTokenizer, prompt: str) -> FixedPrompt:
+    """A prompt tokenized now; for a state-in-prompt policy (pi0.5), the table of its tokens for any state."""
+    if spec.state_in_prompt:
+        try:
+            table = StatePromptTable.build(tokenizer, prompt, spec.state_dim)
+        except ValueError as e:
+            raise BundleBuildError(f"{e}; ship the tokenizer instead (leave out --fixed-prompts-only)") from e
+        return FixedPrompt(prompt, state_table=table.to_dict())
+    tokens, mask = tokenizer(prompt)
+    return FixedPrompt(prompt, tokens[0].tolist(), mask[0].tolist())
+
+
 def _prompt_section(spec: PolicySpec, options: BundleOptions, work: Path) -> PromptSection:
-    section = PromptSection(style=spec.prompt_style, max_length=spec.tokenizer_max_length, tokenizer=None)
+    section = PromptSection(style=spec.convention_set.prompt, max_length=spec.tokenizer_max_length, tokenizer=None)
     if options.tokenizer is None:
         if options.prompts:
             raise BundleBuildError("--prompt needs a tokenizer (--tokenizer PATH) to tokenize it at export")
         return section
-    tokenizer = PromptTokenizer(options.tokenizer, spec.tokenizer_max_length, spec.prompt_style)
+    tokenizer = prompt_tokenizer(spec, options)
     if not options.fixed_prompts_only:
         shutil.copyfile(options.tokenizer, work / "tokenizer.model")
         section.tokenizer = "tokenizer.model"
-    for prompt in options.prompts:
-        tokens, mask = tokenizer(prompt)
-        section.fixed.append(FixedPrompt(prompt, tokens[0].tolist(), mask[0].tolist()))
+    section.fixed = [_fixed_prompt(spec, tokenizer, prompt) for prompt in options.prompts]
     return section
 
 
 def token_budget(spec: PolicySpec, options: BundleOptions) -> int:
     """The language tokens the graphs take: the checkpoint's budget, or with `fixed_prompts_only` the
-    longest fixed prompt's length."""
+    longest fixed prompt's length (for pi0.5, with the longest state)."""
     if not options.fixed_prompts_only:
         return spec.tokenizer_max_length
     if not options.prompts or options.tokenizer is None:
         raise BundleBuildError("--fixed-prompts-only needs --prompt and a tokenizer to tokenize them at export")
-    tokenizer = PromptTokenizer(options.tokenizer, spec.tokenizer_max_length, spec.prompt_style)
+    tokenizer = prompt_tokenizer(spec, options)
+    if spec.state_in_prompt:
+        lengths = [StatePromptTable.from_dict(_fixed_prompt(spec, tokenizer, p).state_table) for p in options.prompts]
+        return min(spec.tokenizer_max_length, max(t.longest(spec.state_dim) for t in lengths))
     return max(int(tokenizer(prompt)[1].sum()) for prompt in options.prompts)
 
 

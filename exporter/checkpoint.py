@@ -7,7 +7,7 @@ Nothing is patched and nothing is downloaded. Each source format has its reader 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ class LoadedPolicy:
     model: Pi0
     spec: PolicySpec
     source: str  # the reader's NAME ("lerobot", "openpi") or "preset:<name>"
+    details: dict[str, Any] = field(default_factory=dict)  # what else the reader found (e.g. the asset id)
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, **options: Any) -> LoadedPolicy:

@@ -36,8 +36,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     nonfinite = [name for name, p in policy.model.named_parameters() if not torch.isfinite(p).all()]
     read_seconds = time.perf_counter() - start
     weights_mib = sum(p.numel() * p.element_size() for p in policy.model.parameters()) / 2**20
+    spec = policy.spec
     report = {
-        "source": policy.source,
+        "framework": policy.source,
+        "model_type": policy.model.dims.model_type,
+        "conventions": {"name": spec.conventions, "from": list(spec.convention_set.sources)},
+        **policy.details,
         "dims": asdict(policy.model.dims),
         "spec": policy.spec.to_dict(),
         "parameters": sum(p.numel() for p in policy.model.parameters()),

@@ -2,6 +2,8 @@
 
 pi0 = SigLIP (vision) + Gemma (language) over the prefix, and a smaller Gemma (the action expert)
 over the suffix; the two Gemmas share depth, head count and head size because they attend jointly.
+pi0.5 (`pi05`) is the same towers with a time-conditioned action expert (adaptive norms, a time MLP)
+and the state in the prompt instead of a state token.
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ class Pi0Dims:
     vocab_size: int
     max_state_dim: int = 32
     max_action_dim: int = 32
+    pi05: bool = False
+
+    @property
+    def model_type(self) -> str:
+        return "pi05" if self.pi05 else "pi0"
 
     def __post_init__(self) -> None:
         lang, exp = self.language, self.expert

@@ -4,6 +4,10 @@ RMSNorm scales by (1 + weight) with the variance in float32; GeGLU MLP with tanh
 halves with max wavelength 10 000 (real sin/cos, no complex numbers); multi-query attention (one
 key/value head) with logits, mask and softmax in float32. Parameter names follow HF.
 
+pi0.5's action expert conditions every norm on the flow time (adaptive RMSNorm, openpi's
+transformers_replace GemmaRMSNorm with `cond_dim`): a dense layer of the condition gives scale, shift
+and gate; the norm is `norm(x) * (1 + scale) + shift` and the sub-layer's residual `x + y * gate`.
+
 Precision: the residual stream is always float32 and the matmuls run in the weights' dtype. Norms
 return the weights' dtype; each sub-layer's output is added back in float32. With float32 weights
 every cast is a no-op; with float16 weights these are the "fp32 islands" that keep Gemma's large
@@ -26,15 +30,43 @@ ROPE_MAX_WAVELENGTH = 10_000
 BIG_NEG = -2.3819763e38  # the masked-logit value of big_vision / openpi
 
 
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_NORM_EPS)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_NORM_EPS)
-        return (normed * (1.0 + self.weight.float())).to(self.weight.dtype)
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        """-> the normed x in the weights' dtype, and no gate (`cond` is for the adaptive norm's surface)."""
+        return (_rms(x) * (1.0 + self.weight.float())).to(self.weight.dtype), None
+
+
+class AdaptiveRMSNorm(nn.Module):
+    """pi0.5's norm: `dense(cond)` -> scale, shift, gate over the feature axis."""
+
+    def __init__(self, dim: int, cond_dim: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cond_dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, W], cond [B, cond_dim] -> (norm(x) * (1 + scale) + shift in the weights' dtype, gate [B, 1, W])."""
+        assert cond is not None, "the adaptive norm needs its condition"
+        scale, shift, gate = self.dense(cond.to(self.dense.weight.dtype))[:, None].chunk(3, dim=-1)
+        normed = _rms(x) * (1.0 + scale.float()) + shift.float()
+        return normed.to(self.dense.weight.dtype), gate
+
+
+def make_norm(dims: GemmaDims, adaptive: bool) -> nn.Module:
+    return AdaptiveRMSNorm(dims.width, dims.width) if adaptive else RMSNorm(dims.width)
+
+
+def gated(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """The residual: `x + y`, or pi0.5's `x + y * gate`, in float32."""
+    return x + (y.float() if gate is None else y.float() * gate.float())
 
 
 @functools.lru_cache(maxsize=8)
@@ -94,15 +126,15 @@ class GemmaMLP(nn.Module):
 
 
 class GemmaBlock(nn.Module):
-    def __init__(self, dims: GemmaDims) -> None:
+    def __init__(self, dims: GemmaDims, adaptive: bool = False) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(dims.width)
+        self.input_layernorm = make_norm(dims, adaptive)
         self.self_attn = GemmaAttention(dims)
-        self.post_attention_layernorm = RMSNorm(dims.width)
+        self.post_attention_layernorm = make_norm(dims, adaptive)
         self.mlp = GemmaMLP(dims)
 
     def keys_values(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.self_attn.keys_values(self.input_layernorm(x), positions)
+        return self.self_attn.keys_values(self.input_layernorm(x)[0], positions)
 
     def forward(
         self,
@@ -110,24 +142,27 @@ class GemmaBlock(nn.Module):
         positions: torch.Tensor,
         mask: torch.Tensor,
         context: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cond: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One block over the float32 residual stream x [B, S, W]; `context` is (keys, values) of tokens
-        attended to before x's own.
+        attended to before x's own; `cond` the adaptive norms' condition (pi0.5).
 
         Returns the new x and x's own post-RoPE keys and values.
         """
-        h = self.input_layernorm(x)
+        h, gate = self.input_layernorm(x, cond)
         k, v = self.self_attn.keys_values(h, positions)
         keys, values = (k, v) if context is None else (torch.cat([context[0], k], 1), torch.cat([context[1], v], 1))
-        x = x + self.self_attn.o_proj(attention(self.self_attn.queries(h, positions), keys, values, mask)).float()
-        x = x + self.mlp(self.post_attention_layernorm(x)).float()
+        x = gated(x, self.self_attn.o_proj(attention(self.self_attn.queries(h, positions), keys, values, mask)), gate)
+        h, gate = self.post_attention_layernorm(x, cond)
+        x = gated(x, self.mlp(h), gate)
         return x, k, v
 
 
 class GemmaStack(nn.Module):
-    """The blocks of one Gemma tower; the final norm only where its output is read (the expert)."""
+    """The blocks of one Gemma tower; the final norm only where its output is read (the expert).
+    `adaptive`: every norm is conditioned (pi0.5's action expert)."""
 
-    def __init__(self, dims: GemmaDims, final_norm: bool) -> None:
+    def __init__(self, dims: GemmaDims, final_norm: bool, adaptive: bool = False) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(GemmaBlock(dims) for _ in range(dims.depth))
-        self.norm = RMSNorm(dims.width) if final_norm else None
+        self.layers = nn.ModuleList(GemmaBlock(dims, adaptive) for _ in range(dims.depth))
+        self.norm = make_norm(dims, adaptive) if final_norm else None

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from exporter.pi0 import Pi0
-from runtime.graphs import EXPERT, EXPERT_INPUTS, EXPERT_OUTPUTS, VLM, VLM_INPUTS, VLM_OUTPUTS
+from runtime.graphs import EXPERT, EXPERT_OUTPUTS, VLM, VLM_INPUTS, VLM_OUTPUTS, expert_inputs
 from runtime.spec import PolicySpec
 from runtime.tokenizer import BOS_ID
 
@@ -45,8 +45,8 @@ class ExpertGraph(nn.Module):
         self.model = model
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """state, x_t, t, prefix_keys, prefix_values, prefix_mask -> velocity."""
-        return self.model.velocity(*inputs)
+        """[state,] x_t, t, prefix_keys, prefix_values, prefix_mask -> velocity (pi0.5 takes no state)."""
+        return self.model.velocity(None, *inputs) if self.model.dims.pi05 else self.model.velocity(*inputs)
 
 
 def example_inputs(spec: PolicySpec, model: Pi0, seed: int = 0, real_tokens: int = 7) -> dict[str, np.ndarray]:
@@ -153,10 +153,11 @@ def export_graphs(model: Pi0, spec: PolicySpec, out_dir: Path, seed: int = 0) ->
     vlm_args = (x["images"], x["image_masks"], x["tokens"], x["token_mask"])
     with torch.no_grad():
         keys, values, prefix_mask = model.prefix_kv(*vlm_args)
-    expert_args = (x["state"], x["noise"], torch.ones(1), keys, values, prefix_mask)
+    expert_args = (x["noise"], torch.ones(1), keys, values, prefix_mask)
+    if not model.dims.pi05:
+        expert_args = (x["state"], *expert_args)
+    names = expert_inputs(model.dims.pi05)
     return {
         VLM: export_graph(VLMGraph(model), vlm_args, VLM_INPUTS, VLM_OUTPUTS, out_dir / f"{VLM}.onnx"),
-        EXPERT: export_graph(
-            ExpertGraph(model), expert_args, EXPERT_INPUTS, EXPERT_OUTPUTS, out_dir / f"{EXPERT}.onnx"
-        ),
+        EXPERT: export_graph(ExpertGraph(model), expert_args, names, EXPERT_OUTPUTS, out_dir / f"{EXPERT}.onnx"),
     }

@@ -1,4 +1,10 @@
-"""pi0: PaliGemma over the prefix, a Gemma action expert over the suffix, flow matching between them.
+"""pi0 and pi0.5: PaliGemma over the prefix, a Gemma action expert over the suffix, flow matching
+between them.
+
+pi0's suffix is a state token then the action tokens, each `action_time_mlp(action, sincos(t))`. pi0.5's
+(`dims.pi05`, openpi's `Pi0Config(pi05=True)`) is the action tokens alone, `action_in_proj(x_t)`; the time
+conditions the expert's adaptive norms instead, through `time_mlp` (silu after both layers), and the
+state reaches the model as prompt tokens.
 
 The two towers attend jointly, layer by layer: the expert's block i attends to the prefix keys and
 values of the language model's block i, then to its own. The prefix (image tokens, then language
@@ -63,11 +69,15 @@ class Pi0(nn.Module):
         self.projector = nn.Linear(vis.width, lang.width)
         self.embed_tokens = nn.Embedding(dims.vocab_size, lang.width)
         self.llm = GemmaStack(lang, final_norm=False)
-        self.expert = GemmaStack(exp, final_norm=True)
-        self.state_proj = nn.Linear(dims.max_state_dim, exp.width)
+        self.expert = GemmaStack(exp, final_norm=True, adaptive=dims.pi05)
         self.action_in_proj = nn.Linear(dims.max_action_dim, exp.width)
-        self.action_time_mlp_in = nn.Linear(2 * exp.width, exp.width)
-        self.action_time_mlp_out = nn.Linear(exp.width, exp.width)
+        if dims.pi05:
+            self.time_mlp_in = nn.Linear(exp.width, exp.width)
+            self.time_mlp_out = nn.Linear(exp.width, exp.width)
+        else:
+            self.state_proj = nn.Linear(dims.max_state_dim, exp.width)
+            self.action_time_mlp_in = nn.Linear(2 * exp.width, exp.width)
+            self.action_time_mlp_out = nn.Linear(exp.width, exp.width)
         self.action_out_proj = nn.Linear(exp.width, dims.max_action_dim)
 
     # --- prefix: the VLM graph --------------------------------------------------------------------
@@ -105,43 +115,53 @@ class Pi0(nn.Module):
 
     # --- suffix: the action-expert graph ----------------------------------------------------------
 
-    def embed_suffix(self, state: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """state [B, S], noisy actions x_t [B, H, A], time t [B] -> [B, 1 + H, width]: state token, then actions."""
-        state_emb = self.state_proj(state)[:, None]
+    def embed_suffix(
+        self, state: torch.Tensor | None, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> the suffix tokens and the adaptive norms' condition.
+
+        pi0: state [B, S], noisy actions x_t [B, H, A], time t [B] -> [B, 1 + H, width] (state token, then
+        actions), no condition. pi0.5: [B, H, width] (actions alone) and the time condition [B, width]."""
         action_emb = self.action_in_proj(x_t)
-        time_emb = time_embedding(t, action_emb.shape[-1])[:, None].expand_as(action_emb)
-        action_time = self.action_time_mlp_in(torch.cat([action_emb, time_emb], dim=-1))
+        time_emb = time_embedding(t, action_emb.shape[-1])
+        if self.dims.pi05:
+            cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb))))
+            return action_emb, cond
+        state_emb = self.state_proj(state)[:, None]
+        action_time = self.action_time_mlp_in(torch.cat([action_emb, time_emb[:, None].expand_as(action_emb)], dim=-1))
         action_time = self.action_time_mlp_out(F.silu(action_time))
-        return torch.cat([state_emb, action_time], dim=1)
+        return torch.cat([state_emb, action_time], dim=1), None
 
     def velocity(
         self,
-        state: torch.Tensor,
+        state: torch.Tensor | None,
         x_t: torch.Tensor,
         t: torch.Tensor,
         prefix_keys: torch.Tensor,
         prefix_values: torch.Tensor,
         prefix_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """The flow's velocity v_t [B, H, A] at x_t, attending to the prefix cache."""
-        x = self.embed_suffix(state, x_t, t)
+        """The flow's velocity v_t [B, H, A] at x_t, attending to the prefix cache (pi0.5 reads no state)."""
+        x, cond = self.embed_suffix(state, x_t, t)
         b, s = x.shape[:2]
-        # State token, then a new block for the actions: the state does not see the actions.
-        ar_mask = (torch.arange(s) < 2)[None].expand(b, s)
+        # A new block starts at the first action token: the prefix (and pi0's state token) do not see the
+        # actions; pi0's state token is a block of its own before them.
+        first_action = s - x_t.shape[1]
+        ar_mask = (torch.arange(s) <= first_action)[None].expand(b, s)
         suffix_mask = attention_mask_2d(torch.ones(b, s, dtype=torch.bool), ar_mask)
         mask = torch.cat([prefix_mask[:, None, :].expand(b, s, prefix_mask.shape[1]), suffix_mask], dim=2)
         offset = prefix_mask.to(torch.float32).sum(dim=1, keepdim=True)
         positions = offset + torch.arange(s, dtype=torch.float32)[None]
         for i, layer in enumerate(self.expert.layers):
-            x, _, _ = layer(x, positions, mask, context=(prefix_keys[i], prefix_values[i]))
-        return self.action_out_proj(self.expert.norm(x[:, 1:]).float())
+            x, _, _ = layer(x, positions, mask, context=(prefix_keys[i], prefix_values[i]), cond=cond)
+        return self.action_out_proj(self.expert.norm(x[:, first_action:], cond)[0].float())
 
 
 def to_precision_(model: Pi0, precision: str) -> Pi0:
     """Put the model's weights in the export precision, in place, one tensor at a time.
 
     fp16: the towers (vision, projector, embeddings, both Gemmas) go to float16, for the 310P's cube
-    units; the small suffix projections stay float32 (as LeRobot keeps them), and so do the norms,
+    units; the small suffix projections (and pi0.5's time MLP) stay float32 (as LeRobot keeps them), and so do the norms,
     softmax, RoPE and the residual stream, which the forward code computes in float32 whatever the
     weights (see gemma.py). fp32: everything float32.
     """

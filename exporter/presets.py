@@ -18,6 +18,7 @@ import torch
 from exporter.checkpoint import LoadedPolicy
 from exporter.dims import PRESETS
 from exporter.pi0 import Pi0
+from runtime.conventions import LEROBOT_03
 from runtime.spec import NormStats, PolicySpec
 
 ALOHA_DIM = 14
@@ -27,11 +28,11 @@ ALOHA_SIM_STATS = Path(__file__).parent / "assets" / "aloha_sim_stats.json"
 def preset_spec(max_state_dim: int = 32, max_action_dim: int = 32) -> PolicySpec:
     stats = json.loads(ALOHA_SIM_STATS.read_text())
     return PolicySpec(
+        conventions=LEROBOT_03.name,
         camera_keys=("observation.images.top",),
         camera_shapes=((3, 480, 640),),
         empty_cameras=2,
         image_size=(224, 224),
-        image_pad="left_top",
         state_dim=ALOHA_DIM,
         action_dim=ALOHA_DIM,
         max_state_dim=max_state_dim,
@@ -39,7 +40,6 @@ def preset_spec(max_state_dim: int = 32, max_action_dim: int = 32) -> PolicySpec
         chunk_size=50,
         num_steps=10,
         tokenizer_max_length=48,
-        prompt_style="lerobot",
         adapt_to_pi_aloha=True,
         state_norm=NormStats.from_dict(stats["observation.state"]),
         action_norm=NormStats.from_dict(stats["action"]),

@@ -37,16 +37,33 @@ def peak_rss_mib() -> float:
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
-        "--checkpoint", type=Path, metavar="DIR", help="a LeRobot v0.3 or openpi pi0 checkpoint directory"
+        "--checkpoint",
+        type=Path,
+        metavar="DIR",
+        help="a LeRobot v0.3 pi0, or openpi (PyTorch) pi0 or pi0.5, checkpoint directory",
     )
     source.add_argument("--preset", choices=sorted(PRESETS), help="a random-weight pi0 with built-in dimensions")
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the preset's weights and of the sample's inputs (default 0)"
     )
-    openpi = parser.add_argument_group("openpi checkpoints only")
-    openpi.add_argument("--asset-id", help="which assets/<id>/norm_stats.json to use when there are several")
+    openpi = parser.add_argument_group(
+        "openpi checkpoints only (openpi keeps these in its training config, not in the checkpoint)"
+    )
     openpi.add_argument(
-        "--aloha", action="store_true", help="apply ALOHA's joint/gripper conventions (AlohaInputs adapt_to_pi)"
+        "--asset-id",
+        help="which assets/<asset id>/norm_stats.json to use when there are several (e.g. lerobot/aloha_sim_transfer_cube_human)",
+    )
+    openpi.add_argument(
+        "--aloha",
+        action="store_true",
+        help="ALOHA's inputs and outputs (AlohaInputs/Outputs adapt_to_pi): cameras cam_high (required), "
+        "cam_left_wrist, cam_right_wrist (optional), joint flips and gripper maps",
+    )
+    openpi.add_argument(
+        "--max-token-len",
+        type=int,
+        metavar="N",
+        help="the training config's max_token_len (default openpi's: 48 for pi0, 200 for pi0.5)",
     )
 
 
@@ -64,6 +81,8 @@ def load_source(args: argparse.Namespace) -> LoadedPolicy:
             options["asset_id"] = args.asset_id
         if args.aloha:
             options["adapt_to_pi_aloha"] = True
+        if args.max_token_len is not None:
+            options["max_token_len"] = args.max_token_len
         from exporter.checkpoint import load_checkpoint
 
         policy = load_checkpoint(args.checkpoint, **options)

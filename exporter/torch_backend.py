@@ -43,5 +43,11 @@ class TorchBackend:
 def reference_engine(policy: LoadedPolicy, tokenizer: Path | None = None) -> Engine:
     """The policy's float32 model as an engine; prompts are tokenized with `tokenizer` when given."""
     spec = policy.spec
-    prompts = Prompts(spec.tokenizer_max_length, policy.model.dims.vocab_size, spec.prompt_style, tokenizer=tokenizer)
+    prompts = Prompts(
+        spec.tokenizer_max_length,
+        policy.model.dims.vocab_size,
+        spec.convention_set.prompt,
+        tokenizer=tokenizer,
+        state_in_prompt=spec.state_in_prompt,
+    )
     return Engine(spec, TorchBackend(policy.model), prompts, precision="fp32", source=policy.source)

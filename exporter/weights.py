@@ -53,6 +53,18 @@ _UNUSED = (
 )
 
 
+# The suffix's own modules, stored under our names: pi0's, and pi0.5's time MLP.
+SUFFIX_MODULES = (
+    "state_proj",
+    "action_in_proj",
+    "action_out_proj",
+    "action_time_mlp_in",
+    "action_time_mlp_out",
+    "time_mlp_in",
+    "time_mlp_out",
+)
+
+
 def canonical_key(key: str) -> str:
     """Strip LeRobot's `model.` prefix and map the later transformers layout onto the earlier one."""
     if key.startswith("model."):
@@ -68,7 +80,7 @@ def module_name(canonical: str) -> str | None:
         if canonical.startswith(src):
             return dst + canonical[len(src) :]
     top = canonical.split(".")[0]
-    if top in ("state_proj", "action_in_proj", "action_out_proj", "action_time_mlp_in", "action_time_mlp_out"):
+    if top in SUFFIX_MODULES:
         return canonical
     return None
 
@@ -137,15 +149,19 @@ def infer_dims(shapes: dict[str, tuple[int, ...]]) -> Pi0Dims:
         )
 
     vocab_size, lang_width = _shape(shapes, "embed_tokens.weight")
-    expert_width = _shape(shapes, "expert.layers.0.input_layernorm.weight")[0]
+    expert_width = _shape(shapes, "expert.layers.0.self_attn.q_proj.weight")[1]
+    pi05 = "time_mlp_in.weight" in shapes  # pi0.5: a time MLP, adaptive norms, no state projection
+    max_action_dim = _shape(shapes, "action_in_proj.weight")[1]
     try:
         return Pi0Dims(
             vision=vision,
             language=gemma("llm", lang_width),
             expert=gemma("expert", expert_width),
             vocab_size=vocab_size,
-            max_state_dim=_shape(shapes, "state_proj.weight")[1],
-            max_action_dim=_shape(shapes, "action_in_proj.weight")[1],
+            # pi0.5 has no state projection: its padded state width is the actions' (openpi pads both to action_dim)
+            max_state_dim=max_action_dim if pi05 else _shape(shapes, "state_proj.weight")[1],
+            max_action_dim=max_action_dim,
+            pi05=pi05,
         )
     except ValueError as e:
         raise CheckpointError(str(e)) from e

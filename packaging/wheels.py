@@ -3,7 +3,7 @@
     pi0-client    what a robot controller imports (`pi0_client/`): the client, the protocol it speaks,
                   the metadata type and the chunk broker; numpy and pyzmq only.
     pi0-runtime   the daemon and its tools (`runtime/`): pi0-client (the same protocol), numpy, pyzmq,
-                  onnxruntime, sentencepiece; pyACL is CANN's, not PyPI's.
+                  onnxruntime, sentencepiece, Pillow; pyACL is CANN's, not PyPI's.
 
 Neither depends on torch. Both carry the project's version.
 """
@@ -24,6 +24,7 @@ RUNTIME_DEPENDENCIES = [
     "pyzmq>=25",
     "onnxruntime>=1.17",
     "sentencepiece>=0.2",
+    "pillow>=10",  # openpi's image resize is Pillow's
     "tomli>=2; python_version < '3.11'",
 ]
 

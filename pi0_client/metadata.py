@@ -16,6 +16,7 @@ IMAGE_LAYOUTS = ("HxWx3", "3xHxW")
 class Camera:
     key: str
     shape: tuple[int, int, int]  # the trained size, CHW; any size is accepted and resized
+    optional: bool = False  # may be left out (the model then sees an empty slot)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Metadata:
     num_steps: int | None = None
     noise_shape: tuple[int, ...] | None = None
     precision: str | None = None
+    conventions: str | None = None  # the framework's conventions the policy follows (e.g. "openpi")
     image_layouts: tuple[str, ...] = IMAGE_LAYOUTS
     image_dtype: str = "uint8"
     extra: dict[str, Any] = field(default_factory=dict)  # what a newer server adds, kept as it came
@@ -48,7 +50,7 @@ class Metadata:
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.extra,
-            "cameras": [{"key": c.key, "shape": list(c.shape)} for c in self.cameras],
+            "cameras": [{"key": c.key, "shape": list(c.shape), "optional": c.optional} for c in self.cameras],
             "image_layouts": list(self.image_layouts),
             "image_dtype": self.image_dtype,
             "state_dim": self.state_dim,
@@ -62,6 +64,7 @@ class Metadata:
                 "fixed": list(self.prompt.fixed),
             },
             "precision": self.precision,
+            "conventions": self.conventions,
             "backend": self.backend,
             "source": self.source,
         }
@@ -70,11 +73,11 @@ class Metadata:
     def from_dict(cls, d: dict[str, Any]) -> Metadata:
         known = {
             "cameras", "image_layouts", "image_dtype", "state_dim", "action_dim", "chunk_size", "num_steps",
-            "noise_shape", "prompt", "precision", "backend", "source",
+            "noise_shape", "prompt", "precision", "conventions", "backend", "source",
         }  # fmt: skip
         prompt = d["prompt"]
         return cls(
-            cameras=tuple(Camera(c["key"], tuple(c["shape"])) for c in d["cameras"]),
+            cameras=tuple(Camera(c["key"], tuple(c["shape"]), bool(c.get("optional", False))) for c in d["cameras"]),
             state_dim=d["state_dim"],
             action_dim=d["action_dim"],
             chunk_size=d["chunk_size"],
@@ -84,6 +87,7 @@ class Metadata:
             num_steps=d.get("num_steps"),
             noise_shape=None if d.get("noise_shape") is None else tuple(d["noise_shape"]),
             precision=d.get("precision"),
+            conventions=d.get("conventions"),
             image_layouts=tuple(d.get("image_layouts", IMAGE_LAYOUTS)),
             image_dtype=d.get("image_dtype", "uint8"),
             extra={k: v for k, v in d.items() if k not in known},

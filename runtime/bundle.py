@@ -50,11 +50,13 @@ def resolve_inside(root: Path, name: str) -> Path:
 
 @dataclass
 class FixedPrompt:
-    """A prompt tokenized at export, so that the robot serves it without a tokenizer."""
+    """A prompt tokenized at export, so that the robot serves it without a tokenizer: its tokens, or
+    for a policy whose prompt holds the state (pi0.5) the table of `runtime.tokenizer.StatePromptTable`."""
 
     text: str
-    tokens: list[int]
-    mask: list[bool]
+    tokens: list[int] | None = None
+    mask: list[bool] | None = None
+    state_table: dict[str, Any] | None = None
 
 
 @dataclass

@@ -118,6 +118,13 @@ def cmd_check(args: argparse.Namespace) -> int:
             "om_compiled": bundle.manifest.atc.compiled,
             "om_soc_version": soc,
             "om_matches_device": None if report["npu_smi_soc"] is None else soc == report["npu_smi_soc"],
+            "source": bundle.manifest.source,
+            "model_type": "pi05" if bundle.manifest.model.get("pi05") else "pi0",
+            "conventions": bundle.spec.conventions,
+            "cameras": {
+                key: "optional" if key in bundle.spec.optional_cameras else "required"
+                for key in bundle.spec.camera_keys
+            },
         }
     print(json.dumps(report, indent=2))
     return 0
@@ -199,8 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     infer = commands.add_parser(
         "infer",
         help="one inference from an .npz observation",
-        description="OBS.npz keys: observation.images.<camera> (uint8 HxWx3 or 3xHxW, optional leading 1), "
-        "observation.state, and prompt (a string) or lang_tokens + lang_masks.",
+        description="OBS.npz keys, as a request names them: one array per camera under the bundle's camera keys "
+        "(`pi0-runtime check --bundle B` or the metadata list them: observation.images.<camera> for LeRobot, "
+        "cam_high/cam_left_wrist/cam_right_wrist for openpi's ALOHA; uint8 HxWx3 or 3xHxW, optional leading 1), "
+        "observation.state (the raw robot state), and prompt (a string) or lang_tokens + lang_masks.",
     )
     infer.add_argument("--bundle", type=Path, required=True)
     infer.add_argument("--obs", type=Path, required=True, metavar="OBS.npz")

@@ -17,10 +17,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from pi0_client.metadata import Camera, Metadata, PromptInfo
+from runtime import transforms
 from runtime.bundle import Bundle
+from runtime.conventions import PromptStyle
 from runtime.observation import ARRAY_FIELDS, Observation
-from runtime.pipeline import ModelInputs, initial_noise, postprocess, preprocess
-from runtime.spec import PolicySpec, PromptStyle
+from runtime.pipeline import ModelInputs, initial_noise, model_state, postprocess, preprocess
+from runtime.spec import PolicySpec
+from runtime.tokenizer import PromptTokenizer, StatePromptTable, padded
 from runtime.transforms import euler_times
 
 MAX_IMAGE_SIDE = 4096
@@ -67,42 +70,55 @@ def sample(backend: Backend, inputs: ModelInputs, noise: np.ndarray, num_steps: 
 
 class Prompts:
     """A policy's prompt handling: its fixed prompts (tokenized at export), else its tokenizer, or
-    tokens given directly. The engine's, and so the daemon's and the reference's alike."""
+    tokens given directly. The engine's, and so the daemon's and the reference's alike. With
+    `state_in_prompt` (pi0.5) the prompt's tokens depend on the state: fixed prompts then carry a
+    `StatePromptTable`, and the tokenizer formats the state's bins into the text."""
 
     def __init__(
         self,
         length: int,
         vocab_size: int,
         style: PromptStyle,
-        fixed: dict[str, tuple[list[int], list[bool]]] | None = None,
+        fixed: dict[str, tuple[list[int], list[bool]] | StatePromptTable] | None = None,
         tokenizer: Path | None = None,
+        state_in_prompt: bool = False,
     ) -> None:
         self.length = length
         self.vocab_size = vocab_size
         self.style = style
+        self.state_in_prompt = state_in_prompt
         self.fixed = {
-            text: (np.array([tokens], dtype=np.int64), np.array([mask], dtype=bool))
-            for text, (tokens, mask) in (fixed or {}).items()
+            text: value if isinstance(value, StatePromptTable) else _as_arrays(*value)
+            for text, value in (fixed or {}).items()
         }
         self.tokenizer_path = tokenizer
-        self._tokenizer = None
+        self._tokenizer: PromptTokenizer | None = None
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> Prompts:
-        section = bundle.manifest.prompt
-        fixed = {p.text: (p.tokens, p.mask) for p in section.fixed}
+        section, spec = bundle.manifest.prompt, bundle.spec
+        fixed: dict = {
+            p.text: StatePromptTable.from_dict(p.state_table) if p.state_table is not None else (p.tokens, p.mask)
+            for p in section.fixed
+        }
         return cls(
-            bundle.spec.tokenizer_max_length,
+            spec.tokenizer_max_length,
             bundle.manifest.vocab_size,
-            bundle.spec.prompt_style,
+            spec.convention_set.prompt,
             fixed,
             bundle.tokenizer,
+            spec.state_in_prompt,
         )
 
     def __call__(
-        self, prompt: str | None, tokens: np.ndarray | None = None, token_mask: np.ndarray | None = None
+        self,
+        prompt: str | None,
+        tokens: np.ndarray | None = None,
+        token_mask: np.ndarray | None = None,
+        state: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """-> (tokens [1, L] int64, mask [1, L] bool), or EngineError('bad_request', what is accepted)."""
+        """-> (tokens [1, L] int64, mask [1, L] bool), or EngineError('bad_request', what is accepted).
+        `state` is the model's (normalized) state; with `state_in_prompt` it goes into the prompt."""
         length = self.length
         if tokens is not None:
             tokens = np.asarray(tokens).reshape(1, -1)
@@ -114,20 +130,26 @@ class Prompts:
             return tokens.astype(np.int64), mask.astype(bool)
         if prompt is None:
             raise EngineError("bad_request", "give a prompt (text) or tokens")
-        if prompt in self.fixed:
-            return self.fixed[prompt]
-        if self.tokenizer_path is None:
-            raise EngineError(
-                "bad_request", f"this policy has no tokenizer; its prompts are {sorted(self.fixed)} or tokens"
-            )
-        if self._tokenizer is None:
-            from runtime.tokenizer import PromptTokenizer
-
-            self._tokenizer = PromptTokenizer(self.tokenizer_path, length, self.style)
+        bins = transforms.discretize_state(state) if self.state_in_prompt and state is not None else None
+        if self.state_in_prompt and bins is None:
+            raise EngineError("bad_request", "this policy's prompt carries the state: the state is needed")
         try:
-            return self._tokenizer(prompt)
+            if prompt in self.fixed:
+                fixed = self.fixed[prompt]
+                return padded(fixed.encode(bins), length, prompt) if isinstance(fixed, StatePromptTable) else fixed
+            if self.tokenizer_path is None:
+                raise EngineError(
+                    "bad_request", f"this policy has no tokenizer; its prompts are {sorted(self.fixed)} or tokens"
+                )
+            if self._tokenizer is None:
+                self._tokenizer = PromptTokenizer(self.tokenizer_path, length, self.style, self.state_in_prompt)
+            return self._tokenizer(prompt, bins)
         except ValueError as e:
             raise EngineError("bad_request", str(e)) from e
+
+
+def _as_arrays(tokens: list[int], mask: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([tokens], dtype=np.int64), np.array([mask], dtype=bool)
 
 
 class Engine:
@@ -151,7 +173,10 @@ class Engine:
         """What a client needs to know to build requests."""
         spec = self.spec
         return Metadata(
-            cameras=tuple(Camera(k, s) for k, s in zip(spec.camera_keys, spec.camera_shapes, strict=True)),
+            cameras=tuple(
+                Camera(k, s, optional=k in spec.optional_cameras)
+                for k, s in zip(spec.camera_keys, spec.camera_shapes, strict=True)
+            ),
             state_dim=spec.state_dim,
             action_dim=spec.action_dim,
             chunk_size=spec.chunk_size,
@@ -165,12 +190,13 @@ class Engine:
             precision=self.precision,
             backend=self.backend.name,
             source=self.source,
+            conventions=spec.conventions,
         )
 
     def _images(self, images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The cameras, checked against the policy's and stripped of a leading batch of 1."""
         keys = list(self.spec.camera_keys)
-        missing, extra = set(keys) - set(images), set(images) - set(keys)
+        missing, extra = set(keys) - set(images) - set(self.spec.optional_cameras), set(images) - set(keys)
         if extra:
             raise EngineError(
                 "bad_request",
@@ -217,8 +243,8 @@ class Engine:
         """-> actions [chunk, action_dim] in the robot's units, and a timing breakdown in ms.
         `trace`, when given, receives every stage's tensors (network inputs, noise, each step, output)."""
         start = time.perf_counter()
-        images, state = self._images(obs.images), self._state(obs.state)
-        tokens, token_mask = self.prompts(obs.prompt, obs.tokens, obs.token_mask)
+        images, state = self._images(obs.images), model_state(self.spec, self._state(obs.state))
+        tokens, token_mask = self.prompts(obs.prompt, obs.tokens, obs.token_mask, state)
         noise = self._noise(obs)
         try:
             inputs = preprocess(self.spec, images, state, tokens, token_mask)

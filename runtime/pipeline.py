@@ -1,7 +1,7 @@
 """Observation -> network inputs, and network output -> actions, as the `PolicySpec` says.
 
-Both the daemon's engine and the exporter's PyTorch reference call these two functions; the only
-thing between them is the network (VLM once, action expert `num_steps` times).
+Both the daemon's engine and the exporter's PyTorch reference call these functions; the only thing
+between them is the network (VLM once, action expert `num_steps` times).
 """
 
 from __future__ import annotations
@@ -26,6 +26,17 @@ class ModelInputs:
     state: np.ndarray  # [1, max_state_dim] float32, normalized and zero-padded
 
 
+def model_state(spec: PolicySpec, state: np.ndarray) -> np.ndarray:
+    """The robot's raw state -> the state as the model reads it (robot conventions, normalized), unpadded.
+    pi0 takes it padded as the `state` input; pi0.5 as prompt tokens (`transforms.discretize_state`)."""
+    state = np.asarray(state, dtype=np.float32).reshape(-1)
+    if spec.adapt_to_pi_aloha:
+        state = transforms.aloha_decode_state(state, spec.convention_set)
+    if spec.state_norm is not None:
+        state = transforms.normalize(state, spec.state_norm)
+    return state
+
+
 def preprocess(
     spec: PolicySpec,
     images: Mapping[str, np.ndarray],
@@ -33,24 +44,23 @@ def preprocess(
     tokens: np.ndarray,
     token_mask: np.ndarray,
 ) -> ModelInputs:
-    """One observation (camera frames by key, raw robot state, tokenized prompt), as the engine validated
-    it -> `ModelInputs`. ValueError for an image the resize cannot fit."""
-    frames = [transforms.prepare_image(images[key], spec.image_size, spec.image_pad) for key in spec.camera_keys]
-    frames += [transforms.empty_camera_image(spec.image_size)] * spec.empty_cameras
-    masks = [True] * len(spec.camera_keys) + [False] * spec.empty_cameras
-
-    state = np.asarray(state, dtype=np.float32).reshape(-1)
-    if spec.adapt_to_pi_aloha:
-        state = transforms.aloha_decode_state(state)
-    if spec.state_norm is not None:
-        state = transforms.normalize(state, spec.state_norm)
-
+    """One observation as the engine validated it (camera frames by key, any of `optional_cameras` may be
+    absent; the `model_state`; the tokenized prompt) -> `ModelInputs`. ValueError for an image the
+    resize cannot fit."""
+    conventions = spec.convention_set
+    empty = transforms.empty_camera_image(spec.image_size)
+    frames = [
+        transforms.prepare_image(images[key], spec.image_size, conventions) if key in images else empty
+        for key in spec.camera_keys
+    ]
+    frames += [empty] * spec.empty_cameras
+    masks = [key in images for key in spec.camera_keys] + [False] * spec.empty_cameras
     return ModelInputs(
         images=np.stack(frames)[None],
         image_masks=np.array([masks]),
         tokens=np.asarray(tokens, dtype=np.int64).reshape(1, -1),
         token_mask=np.asarray(token_mask, dtype=bool).reshape(1, -1),
-        state=transforms.pad_vector(state, spec.max_state_dim)[None],
+        state=transforms.pad_vector(np.asarray(state, dtype=np.float32), spec.max_state_dim)[None],
     )
 
 
@@ -60,7 +70,7 @@ def postprocess(spec: PolicySpec, x: np.ndarray) -> np.ndarray:
     if spec.action_norm is not None:
         actions = transforms.unnormalize(actions, spec.action_norm)
     if spec.adapt_to_pi_aloha:
-        actions = transforms.aloha_encode_actions(actions)
+        actions = transforms.aloha_encode_actions(actions, spec.convention_set)
     return actions
 
 

@@ -2,7 +2,8 @@
 
 A `PolicySpec` is read from a checkpoint by the exporter and written into the bundle manifest; the
 runtime rebuilds it from JSON with nothing but numpy. Every transform in `runtime.transforms` is
-parameterized by it, so the exporter's reference pipeline and the daemon agree by construction.
+parameterized by it and by its named conventions set (`runtime.conventions`), so the exporter's
+reference pipeline and the daemon agree by construction.
 """
 
 from __future__ import annotations
@@ -12,53 +13,90 @@ from typing import Any, Literal
 
 import numpy as np
 
-PadMode = Literal["left_top", "center"]
-PromptStyle = Literal["lerobot", "openpi"]
+from runtime.conventions import Conventions, conventions_named
+
+NormMode = Literal["mean_std", "quantiles"]
+
+
+def _vector(values: Any) -> np.ndarray | None:
+    return None if values is None else np.asarray(values, dtype=np.float32).reshape(-1)
 
 
 @dataclass(frozen=True, eq=False)
 class NormStats:
-    """MEAN_STD statistics: `normalize(x) = (x - mean) / (std + eps)`, `unnormalize` its inverse."""
+    """mean_std: `(x - mean) / (std + eps)`; quantiles: `(x - q01) / (q99 - q01 + eps) * 2 - 1`.
+    `unnormalize` is the inverse of each."""
 
-    mean: np.ndarray
-    std: np.ndarray
-    eps: float
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+    eps: float = 0.0
+    mode: NormMode = "mean_std"
+    q01: np.ndarray | None = None
+    q99: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mean", np.asarray(self.mean, dtype=np.float32).reshape(-1))
-        object.__setattr__(self, "std", np.asarray(self.std, dtype=np.float32).reshape(-1))
-        if self.mean.shape != self.std.shape:
-            raise ValueError(f"mean {self.mean.shape} and std {self.std.shape} differ in shape")
-        if not (np.isfinite(self.mean).all() and np.isfinite(self.std).all()):
+        for name in ("mean", "std", "q01", "q99"):
+            object.__setattr__(self, name, _vector(getattr(self, name)))
+        if self.mode not in ("mean_std", "quantiles"):
+            raise ValueError(f"normalization mode must be 'mean_std' or 'quantiles', not {self.mode!r}")
+        a, b = self.arrays
+        if a is None or b is None:
+            need = "mean and std" if self.mode == "mean_std" else "q01 and q99"
+            raise ValueError(f"{self.mode} normalization needs {need}")
+        if a.shape != b.shape:
+            raise ValueError(f"normalization statistics of shapes {a.shape} and {b.shape} differ")
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
             raise ValueError("normalization statistics contain non-finite values (never set?)")
+
+    @property
+    def arrays(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(mean, std) or (q01, q99): the two the mode uses."""
+        return (self.mean, self.std) if self.mode == "mean_std" else (self.q01, self.q99)
+
+    @property
+    def size(self) -> int:
+        return int(self.arrays[0].shape[0])
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, NormStats):
             return NotImplemented
-        return self.eps == other.eps and np.array_equal(self.mean, other.mean) and np.array_equal(self.std, other.std)
+        return (self.mode, self.eps) == (other.mode, other.eps) and all(
+            np.array_equal(a, b) for a, b in zip(self.arrays, other.arrays, strict=True)
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean.tolist(), "std": self.std.tolist(), "eps": self.eps}
+        a, b = self.arrays
+        names = ("mean", "std") if self.mode == "mean_std" else ("q01", "q99")
+        return {"mode": self.mode, names[0]: a.tolist(), names[1]: b.tolist(), "eps": self.eps}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NormStats:
-        return cls(mean=np.asarray(d["mean"]), std=np.asarray(d["std"]), eps=float(d["eps"]))
+        return cls(
+            mean=d.get("mean"),
+            std=d.get("std"),
+            q01=d.get("q01"),
+            q99=d.get("q99"),
+            eps=float(d["eps"]),
+            mode=d.get("mode", "mean_std"),
+        )
 
 
 @dataclass(frozen=True)
 class PolicySpec:
     """Everything the pipeline needs to know that is not a network weight.
 
-    camera_keys are the cameras a client sends, in the order the model sees them; `empty_cameras`
-    slots follow them, fed as images of -1 with a false mask (LeRobot's convention).
-    chunk_size is the number of action tokens the model denoises per call.
+    camera_keys are the cameras a client sends, in the order of the model's camera slots; a key in
+    `optional_cameras` may be left out (its slot is then an empty image with a false mask, as openpi's
+    ALOHA inputs do). `empty_cameras` slots follow them, always empty (LeRobot's convention).
+    chunk_size is the number of action tokens the model denoises per call. `state_in_prompt` (pi0.5):
+    the normalized state reaches the model as discretized tokens in the prompt.
     """
 
+    conventions: str  # the name of a set in runtime.conventions
     camera_keys: tuple[str, ...]
     camera_shapes: tuple[tuple[int, int, int], ...]  # source shapes, CHW
     empty_cameras: int
     image_size: tuple[int, int]  # (height, width) the vision tower takes
-    image_pad: PadMode
     state_dim: int
     action_dim: int
     max_state_dim: int
@@ -66,23 +104,24 @@ class PolicySpec:
     chunk_size: int
     num_steps: int
     tokenizer_max_length: int
-    prompt_style: PromptStyle
     adapt_to_pi_aloha: bool
     state_norm: NormStats | None = field(default=None)
     action_norm: NormStats | None = field(default=None)
+    optional_cameras: tuple[str, ...] = ()
+    state_in_prompt: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "camera_keys", tuple(self.camera_keys))
+        object.__setattr__(self, "optional_cameras", tuple(self.optional_cameras))
         object.__setattr__(self, "camera_shapes", tuple(tuple(int(v) for v in s) for s in self.camera_shapes))
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        conventions_named(self.conventions)
         if len(self.camera_keys) != len(self.camera_shapes):
             raise ValueError("camera_keys and camera_shapes differ in length")
-        if not self.camera_keys:
-            raise ValueError("a pi0 policy needs at least one camera")
-        if self.image_pad not in ("left_top", "center"):
-            raise ValueError(f"image_pad must be 'left_top' or 'center', not {self.image_pad!r}")
-        if self.prompt_style not in ("lerobot", "openpi"):
-            raise ValueError(f"prompt_style must be 'lerobot' or 'openpi', not {self.prompt_style!r}")
+        if not self.camera_keys or set(self.camera_keys) <= set(self.optional_cameras):
+            raise ValueError("a pi0 policy needs at least one camera that is always sent")
+        if not set(self.optional_cameras) <= set(self.camera_keys):
+            raise ValueError(f"optional cameras {self.optional_cameras} are not among {self.camera_keys}")
         if self.state_dim > self.max_state_dim or self.action_dim > self.max_action_dim:
             raise ValueError(
                 f"state/action dims ({self.state_dim}, {self.action_dim}) exceed the model's padded "
@@ -92,12 +131,18 @@ class PolicySpec:
             raise ValueError(f"num_steps must be >= 1, not {self.num_steps}")
         if self.adapt_to_pi_aloha and (self.state_dim != 14 or self.action_dim != 14):
             raise ValueError("adapt_to_pi_aloha needs the 14-dim ALOHA state and action")
+        if self.state_in_prompt and self.state_norm is None:
+            raise ValueError("a state given as prompt tokens is discretized after normalization: it needs statistics")
         for name, stats, dim in (
             ("state", self.state_norm, self.state_dim),
             ("action", self.action_norm, self.action_dim),
         ):
-            if stats is not None and stats.mean.shape[0] < dim:
-                raise ValueError(f"{name} statistics have {stats.mean.shape[0]} entries, need {dim}")
+            if stats is not None and stats.size < dim:
+                raise ValueError(f"{name} statistics have {stats.size} entries, need {dim}")
+
+    @property
+    def convention_set(self) -> Conventions:
+        return conventions_named(self.conventions)
 
     @property
     def num_camera_slots(self) -> int:
@@ -105,11 +150,12 @@ class PolicySpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "conventions": self.conventions,
             "camera_keys": list(self.camera_keys),
             "camera_shapes": [list(s) for s in self.camera_shapes],
+            "optional_cameras": list(self.optional_cameras),
             "empty_cameras": self.empty_cameras,
             "image_size": list(self.image_size),
-            "image_pad": self.image_pad,
             "state_dim": self.state_dim,
             "action_dim": self.action_dim,
             "max_state_dim": self.max_state_dim,
@@ -117,7 +163,7 @@ class PolicySpec:
             "chunk_size": self.chunk_size,
             "num_steps": self.num_steps,
             "tokenizer_max_length": self.tokenizer_max_length,
-            "prompt_style": self.prompt_style,
+            "state_in_prompt": self.state_in_prompt,
             "adapt_to_pi_aloha": self.adapt_to_pi_aloha,
             "state_norm": None if self.state_norm is None else self.state_norm.to_dict(),
             "action_norm": None if self.action_norm is None else self.action_norm.to_dict(),

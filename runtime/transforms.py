@@ -1,8 +1,8 @@
 """The transforms around the pi0 network, in numpy, written once.
 
 The daemon calls them on every request and the exporter's PyTorch reference pipeline calls the very
-same functions, so "the daemon preprocesses like the reference" holds by construction. Each follows
-LeRobot v0.3.x (`lerobot/policies/pi0/modeling_pi0.py`) unless a comment says otherwise.
+same functions, so "the daemon preprocesses like the reference" holds by construction. Where the
+frameworks differ, the conventions set (`runtime.conventions`) says which arithmetic applies.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from runtime.spec import NormStats, PadMode
+from runtime.conventions import Conventions, PadMode
+from runtime.spec import NormStats
 
 # --- images -------------------------------------------------------------------------------------
 
@@ -101,14 +102,38 @@ def resize_with_pad(image: np.ndarray, height: int, width: int, pad: PadMode) ->
     return np.pad(resized, ((0, 0), (top, pad_h - top), (left, pad_w - left)))
 
 
+def resize_with_pad_pil(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """openpi's resize_with_pad (openpi_client/image_tools.py): a uint8 HxWx3 image fitted into height x
+    width with Pillow's bilinear filter (which antialiases when it shrinks) and pasted centered on black;
+    an image already at that size is returned as it is. Pillow itself does the arithmetic."""
+    from PIL import Image
+
+    cur_h, cur_w = image.shape[:2]
+    if (cur_h, cur_w) == (height, width):
+        return image
+    resized_h, resized_w = fitted_size(cur_h, cur_w, height, width)
+    resized = np.asarray(Image.fromarray(image).resize((resized_w, resized_h), resample=Image.BILINEAR))
+    out = np.zeros((height, width, 3), dtype=np.uint8)
+    top, left = max(0, int((height - resized_h) / 2)), max(0, int((width - resized_w) / 2))
+    out[top : top + resized_h, left : left + resized_w] = resized
+    return out
+
+
 def to_symmetric(image: np.ndarray) -> np.ndarray:
     """[0, 1] -> [-1, 1], the range SigLIP takes."""
     return image * np.float32(2.0) - np.float32(1.0)
 
 
-def prepare_image(image: np.ndarray, size: tuple[int, int], pad: PadMode) -> np.ndarray:
-    """One camera frame (uint8 or [0, 1] float, HWC or CHW) -> float32 3xHxW in [-1, 1]."""
-    return to_symmetric(resize_with_pad(to_chw(np.asarray(image)), size[0], size[1], pad))
+def prepare_image(image: np.ndarray, size: tuple[int, int], conventions: Conventions) -> np.ndarray:
+    """One camera frame (uint8, HWC or CHW; LeRobot's path also takes float in [0, 1]) -> float32
+    3xHxW in [-1, 1], resized and padded as the conventions say."""
+    chw = to_chw(np.asarray(image))
+    if conventions.resize == "pil-bilinear":
+        if chw.dtype != np.uint8:
+            raise ValueError(f"{conventions.name} resizes uint8 images, got {chw.dtype}")
+        hwc = resize_with_pad_pil(np.ascontiguousarray(chw.transpose(1, 2, 0)), size[0], size[1])
+        return to_symmetric(to_unit_float(hwc.transpose(2, 0, 1)))
+    return to_symmetric(resize_with_pad(chw, size[0], size[1], conventions.pad))
 
 
 def empty_camera_image(size: tuple[int, int]) -> np.ndarray:
@@ -128,23 +153,34 @@ def pad_vector(x: np.ndarray, dim: int) -> np.ndarray:
 
 
 def normalize(x: np.ndarray, stats: NormStats) -> np.ndarray:
-    """MEAN_STD: (x - mean) / (std + eps); LeRobot's eps is 1e-8, openpi's 1e-6."""
+    """mean_std: (x - mean) / (std + eps) (LeRobot's eps 1e-8, openpi's 1e-6); quantiles (openpi):
+    (x - q01) / (q99 - q01 + eps) * 2 - 1."""
     n = x.shape[-1]
-    return ((x - stats.mean[:n]) / (stats.std[:n] + np.float32(stats.eps))).astype(np.float32)
+    eps = np.float32(stats.eps)
+    if stats.mode == "quantiles":
+        q01, q99 = stats.q01[:n], stats.q99[:n]
+        return ((x - q01) / (q99 - q01 + eps) * np.float32(2.0) - np.float32(1.0)).astype(np.float32)
+    return ((x - stats.mean[:n]) / (stats.std[:n] + eps)).astype(np.float32)
 
 
 def unnormalize(x: np.ndarray, stats: NormStats) -> np.ndarray:
     """Inverse of `normalize` (LeRobot multiplies by std alone; the eps is below float32's resolution)."""
     n = x.shape[-1]
-    return (x * (stats.std[:n] + np.float32(stats.eps)) + stats.mean[:n]).astype(np.float32)
+    eps = np.float32(stats.eps)
+    if stats.mode == "quantiles":
+        q01, q99 = stats.q01[:n], stats.q99[:n]
+        return ((x + np.float32(1.0)) / np.float32(2.0) * (q99 - q01 + eps) + q01).astype(np.float32)
+    return (x * (stats.std[:n] + eps) + stats.mean[:n]).astype(np.float32)
 
 
-# --- ALOHA conventions (LeRobot's adapt_to_pi_aloha) ---------------------------------------------
+# --- ALOHA conventions (LeRobot's adapt_to_pi_aloha, openpi's AlohaInputs/Outputs(adapt_to_pi=True)) ---
 # ALOHA reports grippers as linear positions and some joints with the opposite sign to the ones pi0
-# was pretrained with. Indices are for the 14-dim bimanual state: 6 joints + gripper, twice.
+# was pretrained with. Indices are for the 14-dim bimanual state: 6 joints + gripper, twice. The two
+# frameworks read the gripper's angular range differently (runtime.conventions: gripper_in/out).
 
 ALOHA_FLIPPED_JOINTS = (1, 2, 8, 9)
 ALOHA_GRIPPERS = (6, 13)
+ALOHA_GRIPPER_JOINT = (-0.6213, 1.4910)  # PUPPET_GRIPPER_JOINT_OPEN/CLOSE of the ALOHA code
 
 
 def _to_unit(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -155,25 +191,24 @@ def _from_unit(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return x * (hi - lo) + lo
 
 
-def aloha_gripper_to_angular(x: np.ndarray) -> np.ndarray:
-    """ALOHA's linear gripper position -> pi0's angular space, normalized to [0, 1]."""
+def aloha_gripper_to_angular(x: np.ndarray, angular: tuple[float, float]) -> np.ndarray:
+    """ALOHA's linear gripper position -> pi0's angular space, normalized to [0, 1] over `angular`."""
     # PUPPET_GRIPPER_POSITION_OPEN/CLOSED of the ALOHA code.
     linear = _from_unit(x, 0.01844, 0.05800)
     # Inverse of Interbotix's angular-to-linear transform (arm length 0.036, horn radius 0.022).
     arm, horn = 0.036, 0.022
     radians = np.arcsin(np.clip((horn**2 + linear**2 - arm**2) / (2 * horn * linear), -1.0, 1.0))
-    # 0.4 and 1.5 rad were measured on a real Trossen robot.
-    return _to_unit(radians, 0.4, 1.5)
+    return _to_unit(radians, *angular)
 
 
-def aloha_gripper_from_angular(x: np.ndarray) -> np.ndarray:
-    """pi0's gripper value -> ALOHA's gripper joint range (PUPPET_GRIPPER_JOINT_OPEN/CLOSE)."""
-    return _to_unit(_from_unit(x, 0.4, 1.5), -0.6213, 1.4910)
+def aloha_gripper_from_angular(x: np.ndarray, angular: tuple[float, float]) -> np.ndarray:
+    """pi0's gripper value, read over `angular` -> ALOHA's gripper joint range."""
+    return _to_unit(_from_unit(x, *angular), *ALOHA_GRIPPER_JOINT)
 
 
-def aloha_gripper_from_angular_inv(x: np.ndarray) -> np.ndarray:
-    """Exact inverse of `aloha_gripper_from_angular` (LeRobot uses it for training targets)."""
-    return _to_unit(_from_unit(x, -0.6213, 1.4910), 0.4, 1.5)
+def aloha_gripper_from_angular_inv(x: np.ndarray, angular: tuple[float, float]) -> np.ndarray:
+    """Exact inverse of `aloha_gripper_from_angular` (for training targets)."""
+    return _to_unit(_from_unit(x, *ALOHA_GRIPPER_JOINT), *angular)
 
 
 def _aloha_map(x: np.ndarray, gripper_fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
@@ -184,19 +219,28 @@ def _aloha_map(x: np.ndarray, gripper_fn: Callable[[np.ndarray], np.ndarray]) ->
     return out
 
 
-def aloha_decode_state(state: np.ndarray) -> np.ndarray:
+def aloha_decode_state(state: np.ndarray, conventions: Conventions) -> np.ndarray:
     """ALOHA state -> pi0 state (before normalization)."""
-    return _aloha_map(state, aloha_gripper_to_angular)
+    return _aloha_map(state, lambda g: aloha_gripper_to_angular(g, conventions.gripper_in))
 
 
-def aloha_encode_actions(actions: np.ndarray) -> np.ndarray:
+def aloha_encode_actions(actions: np.ndarray, conventions: Conventions) -> np.ndarray:
     """pi0 actions (after de-normalization) -> ALOHA commands."""
-    return _aloha_map(actions, aloha_gripper_from_angular)
+    return _aloha_map(actions, lambda g: aloha_gripper_from_angular(g, conventions.gripper_out))
 
 
-def aloha_encode_actions_inv(actions: np.ndarray) -> np.ndarray:
+def aloha_encode_actions_inv(actions: np.ndarray, conventions: Conventions) -> np.ndarray:
     """ALOHA commands -> pi0 actions: the inverse of `aloha_encode_actions`."""
-    return _aloha_map(actions, aloha_gripper_from_angular_inv)
+    return _aloha_map(actions, lambda g: aloha_gripper_from_angular_inv(g, conventions.gripper_out))
+
+
+# --- pi0.5: the state as prompt tokens ----------------------------------------------------------
+
+
+def discretize_state(state: np.ndarray) -> np.ndarray:
+    """openpi's pi0.5 bins of the normalized state: `np.digitize(s, linspace(-1, 1, 257)[:-1]) - 1`,
+    -1 below -1 and 255 at or above the top bin's start (models/tokenizer.py)."""
+    return np.digitize(state, bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1
 
 
 # --- flow matching ------------------------------------------------------------------------------

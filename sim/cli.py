@@ -45,7 +45,7 @@ def episode_settings(args: argparse.Namespace, metadata: Metadata, prompt: str) 
         raise SimError(f"--actions-per-chunk {per_chunk}: the policy's chunks hold {metadata.chunk_size}")
     return {
         "prompt": prompt,
-        "camera_keys": list(metadata.camera_keys),
+        "cameras": list(metadata.cameras),
         "actions_per_chunk": per_chunk,
         "max_steps": args.max_steps,
     }

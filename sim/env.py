@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from pi0_client.metadata import Camera
 from pi0_client.protocol import IMAGE_PREFIX
 from runtime.observation import Observation
 
@@ -109,13 +110,21 @@ def render_only_top(env: Any) -> None:
     task.get_observation = get_observation
 
 
-def policy_request(obs: dict[str, Any], camera_keys: list[str], prompt: str | None) -> dict[str, Any]:
-    """A gym-aloha observation -> the request a policy server takes (the client's flat dict)."""
+# The policy's camera name -> gym-aloha's: LeRobot names it `observation.images.top`, openpi's ALOHA
+# policies `cam_high` (openpi's examples/aloha_sim feeds `top` as cam_high).
+CAMERA_ALIASES = {"cam_high": "top"}
+
+
+def policy_request(obs: dict[str, Any], cameras: list[Camera], prompt: str | None) -> dict[str, Any]:
+    """A gym-aloha observation -> the request a policy server takes (the client's flat dict). A camera
+    the policy may go without (openpi's ALOHA wrists) is left out when gym-aloha has none."""
     images = {}
-    for key in camera_keys:
-        camera = key.removeprefix(IMAGE_PREFIX)
-        if camera not in obs["pixels"]:
-            raise SimError(f"the policy wants camera {key!r}; gym-aloha gives {sorted(obs['pixels'])}")
-        images[key] = obs["pixels"][camera]
+    for camera in cameras:
+        name = camera.key.removeprefix(IMAGE_PREFIX)
+        name = CAMERA_ALIASES.get(name, name)
+        if name in obs["pixels"]:
+            images[camera.key] = obs["pixels"][name]
+        elif not camera.optional:
+            raise SimError(f"the policy wants camera {camera.key!r}; gym-aloha gives {sorted(obs['pixels'])}")
     state = np.asarray(obs["agent_pos"], dtype=np.float32)
     return Observation(images, state, prompt=prompt).to_dict()

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pi0_client.client import PolicyError
-from pi0_client.metadata import Metadata
+from pi0_client.metadata import Camera, Metadata
 from runtime.observation import Observation
 from runtime.service import ServedEngine
 from runtime.stats import summarize
@@ -83,7 +83,7 @@ def run_episode(
     *,
     seed: int,
     prompt: str | None,
-    camera_keys: list[str],
+    cameras: list[Camera],
     actions_per_chunk: int,
     max_steps: int | None = None,
     on_step: Callable[[Step], None] | None = None,
@@ -98,7 +98,7 @@ def run_episode(
     while True:
         start = time.perf_counter()
         try:
-            reply = policy.infer(policy_request(obs, camera_keys, prompt))
+            reply = policy.infer(policy_request(obs, cameras, prompt))
         except PolicyError as e:  # the server refused or failed this request: the episode cannot go on
             result.error = f"policy error at step {result.steps}: {e}"
             return result

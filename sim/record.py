@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from runtime import transforms
+from runtime.conventions import LEROBOT_03, Conventions
 from runtime.spec import NormStats
 from sim.env import FPS, SimError
 from sim.harness import EpisodeResult, Step
@@ -100,13 +101,14 @@ def load_episode(directory: Path) -> Episode:
     return Episode(meta, images, arrays["observation.state"], arrays["action"], arrays["reward"])
 
 
-def aloha_norm_stats(episodes: list[Episode], eps: float = 1e-8) -> dict[str, dict[str, Any]]:
+def aloha_norm_stats(episodes: list[Episode], conventions: Conventions = LEROBOT_03) -> dict[str, dict[str, Any]]:
     """MEAN_STD statistics of recorded states and actions, in pi0's ALOHA space (states decoded,
     actions through the inverse of the encoding), as LeRobot computes them for `adapt_to_pi_aloha`."""
     if not episodes:
         raise SimError("no episodes to compute statistics from")
-    states = transforms.aloha_decode_state(np.concatenate([e.states for e in episodes]))
-    actions = transforms.aloha_encode_actions_inv(np.concatenate([e.actions for e in episodes]))
+    states = transforms.aloha_decode_state(np.concatenate([e.states for e in episodes]), conventions)
+    actions = transforms.aloha_encode_actions_inv(np.concatenate([e.actions for e in episodes]), conventions)
+    eps = conventions.norm_eps
     return {
         "observation.state": NormStats(states.mean(0), states.std(0), eps).to_dict(),
         "action": NormStats(actions.mean(0), actions.std(0), eps).to_dict(),

@@ -135,3 +135,24 @@ def test_daemon_serves_on_the_acl_backend(om_bundle: Path, monkeypatch: pytest.M
         assert result["actions"].shape == (50, 14)
     assert d.stop() == 0
     assert "acl" in d.log()
+
+
+def test_openpi_pi05_fixture_through_acl(acl, tmp_path: Path, ascend_tools: Path) -> None:
+    """pi0.5's expert graph takes no state: the ACL backend copies x_t and t per step and nothing else."""
+    from runtime.backends.acl import AclBackend
+
+    fixture = FIXTURES / "openpi-pi05-tiny"
+    data = np.load(fixture / "golden.npz", allow_pickle=False)
+    out = tmp_path / "bundle"
+    policy = load_checkpoint(fixture / "checkpoint", adapt_to_pi_aloha=True, max_token_len=80)
+    build_bundle(policy, out, BundleOptions(atc_mode="always"), **QUIET)
+    bundle = load_bundle(out)
+    images = {k.split("::", 1)[1]: data[k][0] for k in data.files if k.startswith("image::")}
+    obs = Observation(
+        images, data["state"][0], tokens=data["lang_tokens"], token_mask=data["lang_masks"], noise=data["noise"]
+    )
+    acl.COUNTS.clear()
+    actions, _ = Engine.from_bundle(bundle, AclBackend(bundle)).infer(obs)
+    assert np.abs(actions - data["actions_fp32"][0]).max() <= 1e-4
+    steps = bundle.spec.num_steps
+    assert acl.COUNTS["H2D"] == 4 + 2 * steps and acl.COUNTS["D2H"] == steps

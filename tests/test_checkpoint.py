@@ -33,7 +33,7 @@ def test_fixture_dims_match_its_readme() -> None:
 def test_fixture_conventions() -> None:
     spec = load_checkpoint(FIXTURES / "lerobot-pi0-tiny-aloha-sim" / "checkpoint").spec
     assert spec.camera_keys == ("observation.images.top",) and spec.empty_cameras == 2
-    assert spec.adapt_to_pi_aloha and spec.image_pad == "left_top" and spec.prompt_style == "lerobot"
+    assert spec.adapt_to_pi_aloha and spec.conventions == "lerobot-0.3" and not spec.state_in_prompt
     assert (spec.state_dim, spec.action_dim, spec.chunk_size, spec.num_steps) == (14, 14, 16, 10)
     assert spec.state_norm is not None and spec.state_norm.eps == 1e-8
 
@@ -49,11 +49,12 @@ def test_preset_round_trips_through_a_lerobot_checkpoint(tmp_path: Path, layout:
         torch.testing.assert_close(theirs[name], ours[name], rtol=0, atol=0)
 
 
-def write_openpi(tmp_path: Path, preset, stats_len: int = 32) -> Path:
-    """A checkpoint as openpi's convert_jax_model_to_pytorch.py writes it (from our preset's weights)."""
+def write_openpi(tmp_path: Path, preset, stats_len: int = 14) -> Path:
+    """A checkpoint as openpi's convert_jax_model_to_pytorch.py writes it (from our preset's weights):
+    config.json's action_dim is the model's padded width, the robot's is the norm stats' length."""
     tensors = {lerobot_key(name, "new").removeprefix("model."): t for name, t in preset.model.state_dict().items()}
     write_safetensors(tmp_path / "model.safetensors", tensors)
-    (tmp_path / "config.json").write_text(json.dumps({"action_dim": 14, "action_horizon": 50, "precision": "float32"}))
+    (tmp_path / "config.json").write_text(json.dumps({"action_dim": 32, "action_horizon": 50, "precision": "float32"}))
     rng = np.random.default_rng(0)
     stats = {
         key: {"mean": rng.normal(size=stats_len).tolist(), "std": rng.uniform(0.5, 2, stats_len).tolist()}
@@ -69,9 +70,15 @@ def test_openpi_checkpoint(tmp_path: Path) -> None:
     loaded = load_checkpoint(write_openpi(tmp_path, preset), adapt_to_pi_aloha=True)
     assert loaded.source == "openpi"
     spec = loaded.spec
-    assert spec.camera_keys == ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
-    assert (spec.image_pad, spec.prompt_style, spec.tokenizer_max_length) == ("center", "openpi", 48)
+    assert spec.camera_keys == ("cam_high", "cam_left_wrist", "cam_right_wrist")
+    assert spec.optional_cameras == ("cam_left_wrist", "cam_right_wrist")
+    assert (spec.conventions, spec.tokenizer_max_length, spec.state_dim, spec.action_dim) == ("openpi", 48, 14, 14)
     assert spec.state_norm.eps == 1e-6 and spec.adapt_to_pi_aloha and spec.chunk_size == 50
+    generic = load_checkpoint(tmp_path, max_token_len=20).spec  # no robot transforms: openpi's slot names
+    assert (
+        generic.camera_keys == ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb") and not generic.optional_cameras
+    )
+    assert generic.tokenizer_max_length == 20
     for name, tensor in preset.model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[name], tensor, rtol=0, atol=0)
 
@@ -82,9 +89,18 @@ def test_openpi_asset_choice(tmp_path: Path) -> None:
     (tmp_path / "assets" / "other" / "norm_stats.json").write_text(
         (tmp_path / "assets" / "trossen" / "norm_stats.json").read_text()
     )
-    with pytest.raises(CheckpointError, match=r"asset ids found: \['other', 'trossen'\]"):
+    (tmp_path / "assets" / "lerobot" / "aloha_sim").mkdir(parents=True)  # a repo id: two folders deep
+    (tmp_path / "assets" / "lerobot" / "aloha_sim" / "norm_stats.json").write_text(
+        (tmp_path / "assets" / "trossen" / "norm_stats.json").read_text()
+    )
+    with pytest.raises(CheckpointError, match=r"several assets \['lerobot/aloha_sim', 'other', 'trossen'\]"):
         load_checkpoint(tmp_path)
-    assert load_checkpoint(tmp_path, asset_id="other").source == "openpi"
+    with pytest.raises(
+        CheckpointError, match=r"no assets/nope/norm_stats.json; asset ids found: \['lerobot/aloha_sim'"
+    ):
+        load_checkpoint(tmp_path, asset_id="nope")
+    assert load_checkpoint(tmp_path, asset_id="other").details == {"asset_id": "other"}
+    assert load_checkpoint(tmp_path, asset_id="lerobot/aloha_sim").details == {"asset_id": "lerobot/aloha_sim"}
 
 
 def test_unrecognized_directories_are_refused(tmp_path: Path) -> None:

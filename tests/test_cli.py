@@ -42,7 +42,11 @@ def test_inspect_fixture() -> None:
     out = run("inspect", "--checkpoint", str(FIXTURES / "lerobot-pi0-tiny" / "checkpoint"))
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    assert report["source"] == "lerobot"
+    assert (report["framework"], report["model_type"], report["conventions"]["name"]) == (
+        "lerobot",
+        "pi0",
+        "lerobot-0.3",
+    )
     assert report["dims"]["language"] == {
         "width": 64,
         "depth": 4,

@@ -56,8 +56,8 @@ def test_metadata_round_trip_keeps_unknown_fields() -> None:
         noise_shape=(1, 50, 32),
         precision="fp16",
     )
-    wire = {**metadata.to_dict(), "conventions": "lerobot-0.3"}
+    wire = {**metadata.to_dict(), "rtc": {"max_delay": 10}}
     again = Metadata.from_dict(wire)
-    assert again.extra == {"conventions": "lerobot-0.3"} and again.to_dict() == wire
+    assert again.extra == {"rtc": {"max_delay": 10}} and again.to_dict() == wire
     assert again.camera_keys == ("observation.images.top",)
     assert Metadata.from_dict(metadata.to_dict()) == metadata

@@ -23,7 +23,7 @@ from exporter.validate import compare
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.bundle import AtcSection, BundleError, load_bundle
 from runtime.engine import sample
-from runtime.pipeline import postprocess, preprocess
+from runtime.pipeline import model_state, postprocess, preprocess
 
 
 @pytest.fixture(scope="module", params=[(name, p) for name in GOLDEN_CHECKPOINTS for p in ("fp32", "fp16")], ids=str)
@@ -37,7 +37,8 @@ def fixture_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 def run_bundle(bundle_dir: Path, golden: Golden) -> np.ndarray:
     """The golden observation through the bundle alone: runtime transforms, onnxruntime graphs, Euler loop."""
     bundle = load_bundle(bundle_dir)
-    inputs = preprocess(bundle.spec, golden.images, golden.state, golden.tokens, golden.token_mask)
+    state = model_state(bundle.spec, golden.state)
+    inputs = preprocess(bundle.spec, golden.images, state, golden.tokens, golden.token_mask)
     x = sample(OnnxRuntimeBackend(bundle), inputs, golden.noise, bundle.spec.num_steps)
     return postprocess(bundle.spec, x)
 
@@ -91,7 +92,7 @@ def test_fixed_prompts_only_sizes_the_token_budget(tmp_path: Path) -> None:
     for only, out in outs.items():
         bundle = load_bundle(out)
         tokens, mask = Prompts.from_bundle(bundle)("pick")
-        inputs = preprocess(bundle.spec, golden.images, golden.state, tokens, mask)
+        inputs = preprocess(bundle.spec, golden.images, model_state(bundle.spec, golden.state), tokens, mask)
         actions[only] = postprocess(bundle.spec, sample(OnnxRuntimeBackend(bundle), inputs, golden.noise, 10))
     assert compare(actions[True], actions[False])["max_abs"] <= 1e-5
     with pytest.raises(EngineError, match="no tokenizer"):

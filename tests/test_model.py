@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.gemma import RMSNorm, rope
+from exporter.gemma import AdaptiveRMSNorm, RMSNorm, gated, rope
 from exporter.pi0 import Pi0, attention_mask_2d, time_embedding
 from exporter.presets import build_preset
 from exporter.torch_backend import TorchBackend
@@ -20,9 +20,23 @@ def test_rms_norm_by_hand() -> None:
     norm = RMSNorm(2)
     x = torch.tensor([[3.0, 4.0]])
     rms = math.sqrt((9 + 16) / 2)
-    torch.testing.assert_close(norm(x), torch.tensor([[3 / rms, 4 / rms]]))
+    torch.testing.assert_close(norm(x)[0], torch.tensor([[3 / rms, 4 / rms]]))
     norm.weight.data = torch.tensor([1.0, -0.5])  # Gemma scales by (1 + weight)
-    torch.testing.assert_close(norm(x), torch.tensor([[6 / rms, 2 / rms]]))
+    torch.testing.assert_close(norm(x)[0], torch.tensor([[6 / rms, 2 / rms]]))
+    assert norm(x)[1] is None
+
+
+def test_adaptive_rms_norm_by_hand() -> None:
+    """pi0.5: dense(cond) -> scale, shift, gate; norm(x) * (1 + scale) + shift, and the gate apart."""
+    norm = AdaptiveRMSNorm(2, cond_dim=1)
+    norm.dense.weight.data = torch.tensor([[1.0], [0.0], [0.5], [0.0], [2.0], [3.0]])
+    norm.dense.bias.data = torch.zeros(6)
+    x = torch.tensor([[[3.0, 4.0]]])
+    rms = math.sqrt((9 + 16) / 2)
+    normed, gate = norm(x, torch.tensor([[1.0]]))  # scale (1, 0), shift (0.5, 0), gate (2, 3)
+    torch.testing.assert_close(normed, torch.tensor([[[2 * 3 / rms + 0.5, 4 / rms]]]))
+    torch.testing.assert_close(gate, torch.tensor([[[2.0, 3.0]]]))
+    torch.testing.assert_close(gated(x, torch.ones_like(x), gate), torch.tensor([[[5.0, 7.0]]]))
 
 
 def test_rope_by_hand() -> None:

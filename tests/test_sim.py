@@ -20,7 +20,9 @@ from exporter.checkpoint import load_checkpoint
 from exporter.readers.lerobot_v03 import save_lerobot
 from exporter.tokenizer_train import train_tokenizer
 from pi0_client.client import PolicyClient, PolicyError
+from pi0_client.metadata import Camera
 from runtime import transforms
+from runtime.conventions import LEROBOT_03
 from sim import env as sim_env
 from sim.cli import main as pi0_sim
 from sim.harness import LocalPolicy, run_episode
@@ -139,7 +141,12 @@ def test_oracle_refuses_what_it_cannot_plan_from(oracle) -> None:
 
 def test_oracle_follows_any_actions_per_chunk(env) -> None:
     result = run_episode(
-        env, LocalPolicy(TransferCubeOracle()), seed=2, prompt=None, camera_keys=[TOP], actions_per_chunk=7
+        env,
+        LocalPolicy(TransferCubeOracle()),
+        seed=2,
+        prompt=None,
+        cameras=[Camera(TOP, (3, 480, 640))],
+        actions_per_chunk=7,
     )
     assert result.success and result.max_reward == 4 and result.requests == -(-result.steps // 7)
 
@@ -177,6 +184,24 @@ def test_pi0_daemon_drives_a_short_episode(dummy_bundle: Path, tmp_path: Path) -
     assert report["sim_step_ms"]["n"] == 20
     assert report["policy"]["source"] == "preset:pi0-dummy" and report["policy"]["backend"] == "onnxruntime"
     assert imageio.get_reader(video).count_frames() == 20
+
+
+@pytest.mark.parametrize("name", ["openpi-pi0-tiny", "openpi-pi05-tiny"])
+def test_openpi_bundles_drive_the_sim_with_openpis_camera_names(name: str, tmp_path: Path) -> None:
+    """openpi's ALOHA policies name the top camera cam_high and go without the wrist cameras gym-aloha
+    lacks; the pi0.5 one has the daemon put the state into its prompt. (The pi0 fixture ships no
+    tokenizer: both use the pi0.5 fixture's 320-piece one, which fits their vocabulary.)"""
+    out = tmp_path / "bundle"
+    options = BundleOptions(tokenizer=FIXTURES / "openpi-pi05-tiny" / "tokenizer.model")
+    policy = load_checkpoint(FIXTURES / name / "checkpoint", adapt_to_pi_aloha=True, max_token_len=80)
+    build_bundle(policy, out, options, **QUIET)
+    report_path = tmp_path / "report.json"
+    argv = ["run", "--bundle", str(out), "--prompt", "Transfer cube", "--max-steps", "8", "--actions-per-chunk", "4"]
+    assert pi0_sim([*argv, "--report", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    episode = report["episodes"][0]
+    assert report["errors"] == 0 and episode["steps"] == 8 and episode["requests"] == 2, episode
+    assert report["policy"]["conventions"] == "openpi" and report["policy"]["source"] == "openpi"
 
 
 def test_error_replies_end_episodes_not_the_run(dummy_bundle: Path, tmp_path: Path) -> None:
@@ -225,7 +250,7 @@ def test_recording_format(recorded: Path) -> None:
 def test_norm_stats_of_recordings_normalize_them(recorded: Path) -> None:
     episode = load_episode(recorded)
     stats = aloha_norm_stats([episode])
-    states = transforms.aloha_decode_state(episode.states)
+    states = transforms.aloha_decode_state(episode.states, LEROBOT_03)
     normalized = (states - np.array(stats["observation.state"]["mean"])) / (
         np.array(stats["observation.state"]["std"]) + stats["observation.state"]["eps"]
     )

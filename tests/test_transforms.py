@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime import transforms as T
+from runtime.conventions import LEROBOT_03, OPENPI
 from runtime.spec import NormStats
 
 
@@ -72,13 +73,29 @@ def test_resize_with_pad_camera_frame() -> None:
 
 def test_prepare_image_layouts_agree_and_scale() -> None:
     hwc = np.random.default_rng(1).integers(0, 256, (240, 320, 3), dtype=np.uint8)
-    from_hwc = T.prepare_image(hwc, (224, 224), "left_top")
-    from_chw = T.prepare_image(hwc.transpose(2, 0, 1), (224, 224), "left_top")
+    from_hwc = T.prepare_image(hwc, (224, 224), LEROBOT_03)
+    from_chw = T.prepare_image(hwc.transpose(2, 0, 1), (224, 224), LEROBOT_03)
     np.testing.assert_array_equal(from_hwc, from_chw)
     assert from_hwc.dtype == np.float32 and from_hwc.min() >= -1 and from_hwc.max() <= 1
     assert (from_hwc[:, :56] == -1).all()  # padding is black, i.e. -1 after scaling
     np.testing.assert_array_equal(T.to_symmetric(np.array([0.0, 0.5, 1.0], np.float32)), [-1.0, 0.0, 1.0])
     assert (T.empty_camera_image((224, 224)) == -1).all()
+
+
+def test_openpi_resize_is_pillows_centered_and_leaves_224_alone() -> None:
+    frame = np.random.default_rng(3).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    out = T.prepare_image(frame.transpose(2, 0, 1), (224, 224), OPENPI)
+    # 480x640 -> 168x224, 28 black rows above and below (openpi_client's int((224 - 168) / 2)).
+    assert (out[:, :28] == -1).all() and (out[:, 196:] == -1).all() and not (out[:, 28] == -1).all()
+    from PIL import Image
+
+    pillow = np.asarray(Image.fromarray(frame).resize((224, 168), resample=Image.BILINEAR))
+    np.testing.assert_array_equal(out[:, 28:196], pillow.transpose(2, 0, 1).astype(np.float32) / 255 * 2 - 1)
+    at_size = frame[:224, :224]
+    expected = at_size.transpose(2, 0, 1).astype(np.float32) / np.float32(255) * np.float32(2) - np.float32(1)
+    np.testing.assert_array_equal(T.prepare_image(at_size, (224, 224), OPENPI), expected)
+    with pytest.raises(ValueError, match="uint8"):
+        T.prepare_image(frame.astype(np.float32) / 255, (224, 224), OPENPI)
 
 
 def test_pad_vector() -> None:
@@ -100,31 +117,66 @@ def test_mean_std_by_hand_and_round_trip() -> None:
     np.testing.assert_allclose(T.normalize(np.array([0.6]), lerobot), [1.0], rtol=1e-6)
 
 
+def test_quantiles_by_hand_and_round_trip() -> None:
+    stats = NormStats(q01=[0.0, -2.0], q99=[2.0, 2.0], eps=0.0, mode="quantiles")
+    np.testing.assert_array_equal(T.normalize(np.array([1.0, 2.0]), stats), [0.0, 1.0])
+    openpi = NormStats(q01=[0.0, -2.0, 1.0], q99=[2.0, 2.0, 1.0], eps=1e-6, mode="quantiles")
+    x = np.array([0.5, -1.0], dtype=np.float32)
+    np.testing.assert_allclose(
+        T.normalize(x, openpi), [(0.5 / (2 + 1e-6)) * 2 - 1, (1.0 / (4 + 1e-6)) * 2 - 1], rtol=1e-6
+    )
+    np.testing.assert_allclose(T.unnormalize(T.normalize(x, openpi), openpi), x, rtol=1e-6)
+    with pytest.raises(ValueError, match="q01 and q99"):
+        NormStats(mean=[0.0], std=[1.0], mode="quantiles")
+
+
+def test_discretized_state_bins_by_hand() -> None:
+    # openpi: np.digitize(s, linspace(-1, 1, 257)[:-1]) - 1, so bins of width 2/256 from -1.
+    state = np.array([-1.5, -1.0, -0.99, 0.0, 0.999, 1.0, 3.0])
+    np.testing.assert_array_equal(T.discretize_state(state), [-1, 0, 1, 128, 255, 255, 255])
+
+
 def test_aloha_grippers_by_hand() -> None:
     # Fully open (0.058 m): the arcsin argument is exactly 1, so the angle is pi/2.
-    np.testing.assert_allclose(T.aloha_gripper_to_angular(np.array([1.0])), [(math.pi / 2 - 0.4) / 1.1], rtol=1e-6)
-    np.testing.assert_allclose(T.aloha_gripper_from_angular(np.array([0.0])), [(0.4 + 0.6213) / 2.1123], rtol=1e-6)
+    lerobot, openpi = LEROBOT_03.gripper_in, OPENPI.gripper_in
+    np.testing.assert_allclose(
+        T.aloha_gripper_to_angular(np.array([1.0]), lerobot), [(math.pi / 2 - 0.4) / 1.1], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        T.aloha_gripper_to_angular(np.array([1.0]), openpi), [(math.pi / 2 - 0.5476) / (1.6296 - 0.5476)], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        T.aloha_gripper_from_angular(np.array([0.0]), LEROBOT_03.gripper_out), [(0.4 + 0.6213) / 2.1123], rtol=1e-6
+    )
+    # openpi does not scale the model's gripper output, only shifts it: x + 0.5476.
+    np.testing.assert_allclose(
+        T.aloha_gripper_from_angular(np.array([0.25]), OPENPI.gripper_out),
+        [(0.25 + 0.5476 + 0.6213) / 2.1123],
+        rtol=1e-6,
+    )
 
 
 def test_aloha_state_decoding_flips_joints() -> None:
     state = np.arange(1, 15, dtype=np.float32) / 20
-    decoded = T.aloha_decode_state(state)
+    decoded = T.aloha_decode_state(state, LEROBOT_03)
     for i in range(14):
         if i in (1, 2, 8, 9):
             assert decoded[i] == -state[i]
         elif i in (6, 13):
-            assert decoded[i] == pytest.approx(T.aloha_gripper_to_angular(state[i]))
+            assert decoded[i] == pytest.approx(T.aloha_gripper_to_angular(state[i], LEROBOT_03.gripper_in))
         else:
             assert decoded[i] == state[i]
     assert state[1] > 0, "the input must not be modified"
 
 
-def test_aloha_action_conventions_round_trip() -> None:
+@pytest.mark.parametrize("conventions", [LEROBOT_03, OPENPI], ids=lambda c: c.name)
+def test_aloha_action_conventions_round_trip(conventions) -> None:
     actions = np.random.default_rng(2).normal(size=(1, 50, 14)).astype(np.float32)
-    encoded = T.aloha_encode_actions(actions)
+    encoded = T.aloha_encode_actions(actions, conventions)
     assert not np.allclose(encoded, actions)
-    np.testing.assert_allclose(T.aloha_encode_actions_inv(encoded), actions, atol=1e-5)
-    np.testing.assert_allclose(T.aloha_encode_actions(T.aloha_encode_actions_inv(encoded)), encoded, atol=1e-5)
+    np.testing.assert_allclose(T.aloha_encode_actions_inv(encoded, conventions), actions, atol=1e-5)
+    again = T.aloha_encode_actions(T.aloha_encode_actions_inv(encoded, conventions), conventions)
+    np.testing.assert_allclose(again, encoded, atol=1e-5)
 
 
 def test_euler_times() -> None:

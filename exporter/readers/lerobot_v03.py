@@ -15,10 +15,10 @@ import torch
 from exporter.checkpoint import CheckpointError, LoadedPolicy
 from exporter.safetensors_io import SafetensorsFile, write_safetensors
 from exporter.weights import build_model, check_spec_fits, lerobot_key, read_weights
+from runtime.conventions import LEROBOT_03
 from runtime.spec import NormStats, PolicySpec
 
 NAME = "lerobot"
-LEROBOT_NORM_EPS = 1e-8
 
 
 def detect(directory: Path) -> bool:
@@ -55,11 +55,11 @@ def _lerobot_spec(config: dict[str, Any], stats: dict[str, NormStats | None]) ->
         raise CheckpointError("the checkpoint has no action statistics (unnormalize_outputs.buffer_action.*)")
     height, width = config.get("resize_imgs_with_padding") or (224, 224)
     return PolicySpec(
+        conventions=LEROBOT_03.name,
         camera_keys=tuple(cameras),
         camera_shapes=tuple(tuple(features[k]["shape"]) for k in cameras),
         empty_cameras=int(config.get("empty_cameras", 0)),
         image_size=(height, width),
-        image_pad="left_top",
         state_dim=features["observation.state"]["shape"][0],
         action_dim=config["output_features"]["action"]["shape"][0],
         max_state_dim=config["max_state_dim"],
@@ -68,7 +68,6 @@ def _lerobot_spec(config: dict[str, Any], stats: dict[str, NormStats | None]) ->
         chunk_size=config["n_action_steps"],
         num_steps=config["num_steps"],
         tokenizer_max_length=config["tokenizer_max_length"],
-        prompt_style="lerobot",
         adapt_to_pi_aloha=bool(config.get("adapt_to_pi_aloha", False)),
         state_norm=stats["state"],
         action_norm=stats["action"],
@@ -82,8 +81,8 @@ def load(directory: Path, dtype: torch.dtype = torch.float32) -> LoadedPolicy:
     weights, names, extras = read_weights(directory / "model.safetensors")
     model = build_model(weights, names, dtype)
     stats = {
-        "state": _stats(weights, extras, "normalize_inputs.buffer_observation_state", LEROBOT_NORM_EPS),
-        "action": _stats(weights, extras, "unnormalize_outputs.buffer_action", LEROBOT_NORM_EPS),
+        "state": _stats(weights, extras, "normalize_inputs.buffer_observation_state", LEROBOT_03.norm_eps),
+        "action": _stats(weights, extras, "unnormalize_outputs.buffer_action", LEROBOT_03.norm_eps),
     }
     spec = _lerobot_spec(config, stats)
     check_spec_fits(spec, model)
@@ -93,7 +92,7 @@ def load(directory: Path, dtype: torch.dtype = torch.float32) -> LoadedPolicy:
 def save_lerobot(policy: LoadedPolicy, directory: str | Path, layout: str = "old") -> Path:
     """Write a policy as a LeRobot v0.3 pi0 checkpoint (config.json + model.safetensors)."""
     spec = policy.spec
-    if spec.image_pad != "left_top" or spec.prompt_style != "lerobot":
+    if spec.conventions != LEROBOT_03.name or spec.state_in_prompt or spec.optional_cameras:
         raise ValueError("only a policy with LeRobot's conventions can be saved as a LeRobot checkpoint")
     if spec.state_norm is None or spec.action_norm is None:
         raise ValueError("a LeRobot pi0 checkpoint carries MEAN_STD statistics for state and action")

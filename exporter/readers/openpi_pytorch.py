@@ -1,6 +1,6 @@
-"""openpi PyTorch checkpoints, as `convert_jax_model_to_pytorch.py` writes them: `model.safetensors` (the
-later layout, no `model.` prefix), `config.json` (`action_dim`, `action_horizon`, ...) and
-`assets/<id>/norm_stats.json`.
+"""openpi PyTorch checkpoints, pi0 and pi0.5, as `convert_jax_model_to_pytorch.py` writes them:
+`model.safetensors` (the later layout, no `model.` prefix), `config.json` (`action_dim`, `action_horizon`,
+...) and `assets/<asset id>/norm_stats.json`, the asset id being a repo id that may hold slashes.
 """
 
 from __future__ import annotations
@@ -12,16 +12,51 @@ import torch
 
 from exporter.checkpoint import CheckpointError, LoadedPolicy
 from exporter.weights import build_model, check_spec_fits, read_weights
+from runtime.conventions import OPENPI
 from runtime.spec import NormStats, PolicySpec
 
 NAME = "openpi"
-OPENPI_NORM_EPS = 1e-6
-OPENPI_CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
-OPENPI_MAX_TOKEN_LEN = 48  # openpi's Pi0Config.max_token_len for pi0
+# openpi's camera slots, and the ALOHA cameras its AlohaInputs maps onto them (cam_high is required,
+# a missing wrist camera is a zero image with mask False; policies/aloha_policy.py).
+OPENPI_SLOTS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+ALOHA_CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
+ALOHA_OPTIONAL = ("cam_left_wrist", "cam_right_wrist")
+ALOHA_FRAME = (3, 480, 640)
+# openpi's Pi0Config.max_token_len: 48 for pi0, 200 for pi0.5; a training config may set another.
+MAX_TOKEN_LEN = {"pi0": 48, "pi05": 200}
+NUM_STEPS = 10  # openpi's sample_actions default
 
 
 def detect(directory: Path) -> bool:
-    return any((directory / "assets").glob("*/norm_stats.json"))
+    return (directory / "model.safetensors").is_file() and bool(norm_stats_files(directory))
+
+
+def norm_stats_files(directory: Path) -> dict[str, Path]:
+    """assets/<asset id>/norm_stats.json by asset id; an id may hold slashes (a repo id)."""
+    assets = directory / "assets"
+    return {f.parent.relative_to(assets).as_posix(): f for f in sorted(assets.rglob("norm_stats.json"))}
+
+
+def read_norm_stats(directory: Path, asset_id: str | None) -> tuple[str, dict]:
+    """The asset id chosen and its statistics; the only one when there is one, else the one named."""
+    files = norm_stats_files(directory)
+    if asset_id is None and len(files) != 1:
+        raise CheckpointError(
+            f"{directory} has norm stats for several assets {sorted(files)}: name one with --asset-id"
+        )
+    asset_id = asset_id if asset_id is not None else next(iter(files))
+    if asset_id not in files:
+        raise CheckpointError(f"{directory}: no assets/{asset_id}/norm_stats.json; asset ids found: {sorted(files)}")
+    return asset_id, json.loads(files[asset_id].read_text())["norm_stats"]
+
+
+def openpi_stats(stats: dict, quantiles: bool) -> NormStats:
+    """openpi's NormStats (mean, std, q01, q99) in the mode the model uses: quantiles for pi0.5."""
+    if quantiles:
+        if stats.get("q01") is None or stats.get("q99") is None:
+            raise CheckpointError("a pi0.5 policy normalizes with quantiles, but the norm stats have no q01/q99")
+        return NormStats(q01=stats["q01"], q99=stats["q99"], eps=OPENPI.norm_eps, mode="quantiles")
+    return NormStats(mean=stats["mean"], std=stats["std"], eps=OPENPI.norm_eps)
 
 
 def load(
@@ -29,41 +64,43 @@ def load(
     dtype: torch.dtype = torch.float32,
     asset_id: str | None = None,
     adapt_to_pi_aloha: bool = False,
-    num_steps: int = 10,
+    num_steps: int = NUM_STEPS,
+    max_token_len: int | None = None,
 ) -> LoadedPolicy:
-    """openpi keeps the data conventions in its training config, not in the checkpoint: the camera
-    slots are openpi's three (base, left wrist, right wrist), images 224x224, and ALOHA's conventions
-    are on only when asked for (`adapt_to_pi_aloha`, as openpi's AlohaInputs(adapt_to_pi=True))."""
+    """openpi keeps the data conventions in its training config, not in the checkpoint. What the
+    checkpoint shows is taken from it: pi0 or pi0.5 from the weights, the robot's state and action
+    dims from the norm stats (config.json's `action_dim` is the model's padded width). The rest comes
+    from the caller: the asset id when there are several, ALOHA's inputs and outputs
+    (`adapt_to_pi_aloha`: openpi's AlohaInputs/Outputs(adapt_to_pi=True); else the three camera slots
+    by openpi's names, all required), the token budget (openpi's default for the model type unless
+    `max_token_len`) and the flow steps."""
     config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
-    candidates = sorted((directory / "assets").glob("*/norm_stats.json"))
-    if asset_id is not None:
-        candidates = [c for c in candidates if c.parent.name == asset_id]
-    if len(candidates) != 1:
-        found = [c.parent.name for c in sorted((directory / "assets").glob("*/norm_stats.json"))]
-        raise CheckpointError(f"{directory}: need exactly one assets/<id>/norm_stats.json (asset ids found: {found})")
-    norm = json.loads(candidates[0].read_text())["norm_stats"]
+    asset_id, norm = read_norm_stats(directory, asset_id)
     weights, names, extras = read_weights(directory / "model.safetensors")
     if extras:
         raise CheckpointError(f"{directory}: unexpected tensor {next(iter(extras))} in an openpi checkpoint")
     model = build_model(weights, names, dtype)
-    action_dim = int(config.get("action_dim", len(norm["actions"]["mean"])))
+    pi05 = model.dims.pi05
+    state_norm, action_norm = openpi_stats(norm["state"], pi05), openpi_stats(norm["actions"], pi05)
+    cameras = ALOHA_CAMERAS if adapt_to_pi_aloha else OPENPI_SLOTS
     spec = PolicySpec(
-        camera_keys=OPENPI_CAMERAS,
-        camera_shapes=((3, 224, 224),) * len(OPENPI_CAMERAS),
+        conventions=OPENPI.name,
+        camera_keys=cameras,
+        camera_shapes=(ALOHA_FRAME if adapt_to_pi_aloha else (3, 224, 224),) * len(cameras),
+        optional_cameras=ALOHA_OPTIONAL if adapt_to_pi_aloha else (),
         empty_cameras=0,
         image_size=(224, 224),
-        image_pad="center",
-        state_dim=action_dim,
-        action_dim=action_dim,
+        state_dim=state_norm.size,
+        action_dim=action_norm.size,
         max_state_dim=model.dims.max_state_dim,
         max_action_dim=model.dims.max_action_dim,
         chunk_size=int(config.get("action_horizon", 50)),
         num_steps=num_steps,
-        tokenizer_max_length=OPENPI_MAX_TOKEN_LEN,
-        prompt_style="openpi",
+        tokenizer_max_length=max_token_len or MAX_TOKEN_LEN[model.dims.model_type],
         adapt_to_pi_aloha=adapt_to_pi_aloha,
-        state_norm=NormStats(norm["state"]["mean"], norm["state"]["std"], OPENPI_NORM_EPS),
-        action_norm=NormStats(norm["actions"]["mean"], norm["actions"]["std"], OPENPI_NORM_EPS),
+        state_norm=state_norm,
+        action_norm=action_norm,
+        state_in_prompt=pi05,
     )
     check_spec_fits(spec, model)
-    return LoadedPolicy(model=model, spec=spec, source=NAME)
+    return LoadedPolicy(model=model, spec=spec, source=NAME, details={"asset_id": asset_id})

@@ -183,7 +183,7 @@ class AclBackend:
 
     def velocity(self, cache: None, state: np.ndarray, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
         inputs = self.expert.inputs[1]
-        if not self._state_sent:  # the state is the same for every step of a request
+        if not self._state_sent and "state" in inputs:  # the same for every step; pi0.5's expert takes none
             self._to_device(inputs["state"], state)
             self._state_sent = True
         self._to_device(inputs["x_t"], x_t)

@@ -73,7 +73,8 @@ class OnnxRuntimeBackend:
     def velocity(self, cache: PrefixCache, state: np.ndarray, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
         binding = cache.binding
         for name, value in zip(STEP_INPUTS, (state, x_t, t), strict=True):
-            binding.bind_cpu_input(name, self._cast(EXPERT, name, value))
+            if name in self.input_dtypes[EXPERT]:  # pi0.5's expert takes no state
+                binding.bind_cpu_input(name, self._cast(EXPERT, name, value))
         self.expert.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
