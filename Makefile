@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[export,runtime,sim,dev]'
+	$(PY) -m pip install --quiet -e '.[export,runtime,sim,dev,jax]'
 	@# MuJoCo renders headless through EGL (libegl1 + Mesa) or, as the fallback, OSMesa (libosmesa6);
 	@# the packaging tests run lintian, debootstrap and systemd-nspawn.
 	@if ldconfig -p | grep -q 'libEGL.so.1 ' && ldconfig -p | grep -q libOSMesa \

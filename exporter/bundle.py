@@ -26,6 +26,7 @@ import torch
 
 from exporter import atc
 from exporter.checkpoint import LoadedPolicy
+from exporter.lora import lora_forward
 from exporter.onnx_export import OPSET, example_inputs, export_graphs, graph_io
 from exporter.onnx_lint import lint
 from exporter.pi0 import to_precision_
@@ -82,7 +83,7 @@ def _fixed_prompt(spec: PolicySpec, tokenizer: PromptTokenizer, prompt: str) -> 
     """A prompt tokenized now; for a state-in-prompt policy (pi0.5), the table of its tokens for any state."""
     if spec.state_in_prompt:
         try:
-            table = StatePromptTable.build(tokenizer, prompt, spec.state_dim)
+            table = StatePromptTable.build(tokenizer, prompt, spec.prompt_state_dim)
         except ValueError as e:
             raise BundleBuildError(f"{e}; ship the tokenizer instead (leave out --fixed-prompts-only)") from e
         return FixedPrompt(prompt, state_table=table.to_dict())
@@ -114,7 +115,7 @@ def token_budget(spec: PolicySpec, options: BundleOptions) -> int:
     tokenizer = prompt_tokenizer(spec, options)
     if spec.state_in_prompt:
         lengths = [StatePromptTable.from_dict(_fixed_prompt(spec, tokenizer, p).state_table) for p in options.prompts]
-        return min(spec.tokenizer_max_length, max(t.longest(spec.state_dim) for t in lengths))
+        return min(spec.tokenizer_max_length, max(t.longest(spec.prompt_state_dim) for t in lengths))
     return max(int(tokenizer(prompt)[1].sum()) for prompt in options.prompts)
 
 
@@ -152,6 +153,13 @@ def build_bundle(
     inputs = ModelInputs(x["images"], x["image_masks"], x["tokens"], x["token_mask"], x["state"])
     # The reference is the model as the checkpoint defines it, empty camera slots included.
     ref = reference(model, inputs, x["noise"], full_spec.num_steps) if options.validate else None
+    lora_ref = None
+    if options.validate and policy.adapters is not None:  # the unmerged LoRA forward, to prove the merge
+        with lora_forward(model, policy.adapters):
+            lora_ref = reference(model, inputs, x["noise"], full_spec.num_steps)
+        log(
+            f"      LoRA: {len(policy.adapters.adapters)} adapters merged; the bundle is also checked against the unmerged forward"
+        )
     if full_spec.empty_cameras != spec.empty_cameras:
         log(f"      the graphs leave out the {full_spec.empty_cameras} always-empty camera slot(s)")
     if full_spec.tokenizer_max_length != spec.tokenizer_max_length:
@@ -186,6 +194,7 @@ def build_bundle(
             "opset": OPSET,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
+        checkpoint=policy.details,
         empty_cameras_dropped=full_spec.empty_cameras - spec.empty_cameras,
         checkpoint_token_budget=full_spec.tokenizer_max_length,
     )
@@ -193,7 +202,7 @@ def build_bundle(
 
     if ref is not None:
         log("[3/5] validating the graphs with onnxruntime against PyTorch ...")
-        report = validate(OnnxRuntimeBackend(load_bundle(work, verify=False)), ref, options.precision, spec)
+        report = validate(OnnxRuntimeBackend(load_bundle(work, verify=False)), ref, options.precision, spec, lora_ref)
         (work / "report.json").write_text(json.dumps(report, indent=2))
         manifest.validation = "report.json"
         log(format_report(report))

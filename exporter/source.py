@@ -40,9 +40,15 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint",
         type=Path,
         metavar="DIR",
-        help="a LeRobot v0.3 pi0, or openpi (PyTorch) pi0 or pi0.5, checkpoint directory",
+        help="a LeRobot (v0.3 pi0, >= 0.4 pi0/pi05) or openpi (PyTorch pi0/pi0.5, or a JAX training step dir) checkpoint directory",
     )
     source.add_argument("--preset", choices=sorted(PRESETS), help="a random-weight pi0 with built-in dimensions")
+    parser.add_argument(
+        "--format",
+        choices=["auto", "lerobot-0.3", "lerobot-0.4", "openpi", "openpi-jax"],
+        default="auto",
+        help="the checkpoint's format (default: told by its files: LeRobot >= 0.4 saves policy_preprocessor.json)",
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the preset's weights and of the sample's inputs (default 0)"
     )
@@ -58,6 +64,18 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="ALOHA's inputs and outputs (AlohaInputs/Outputs adapt_to_pi): cameras cam_high (required), "
         "cam_left_wrist, cam_right_wrist (optional), joint flips and gripper maps",
+    )
+    openpi.add_argument(
+        "--action-horizon",
+        type=int,
+        metavar="N",
+        help="the training config's action_horizon (JAX checkpoints do not store it; converted ones: config.json)",
+    )
+    openpi.add_argument(
+        "--lora-alpha",
+        type=float,
+        metavar="A",
+        help="JAX LoRA checkpoints: the LoRAConfig alpha (default: the rank, as every openpi LoRA variant sets it)",
     )
     openpi.add_argument(
         "--max-token-len",
@@ -76,13 +94,14 @@ def load_source(args: argparse.Namespace) -> LoadedPolicy:
         policy = build_preset(args.preset, seed=args.seed)
     else:
         log(f"loading {args.checkpoint} ...")
-        options = {}
+        options = {"source_format": args.format}
         if args.asset_id is not None:
             options["asset_id"] = args.asset_id
         if args.aloha:
             options["adapt_to_pi_aloha"] = True
-        if args.max_token_len is not None:
-            options["max_token_len"] = args.max_token_len
+        for name in ("max_token_len", "action_horizon", "lora_alpha"):
+            if getattr(args, name) is not None:
+                options[name] = getattr(args, name)
         from exporter.checkpoint import load_checkpoint
 
         policy = load_checkpoint(args.checkpoint, **options)

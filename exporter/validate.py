@@ -85,9 +85,13 @@ def graph_inputs(ref: Reference, spec: PolicySpec) -> tuple[ModelInputs, np.ndar
     return inputs, np.concatenate([np.arange(slots * per_image), language])
 
 
-def validate(backend: OnnxRuntimeBackend, ref: Reference, precision: str, spec: PolicySpec) -> dict:
+def validate(
+    backend: OnnxRuntimeBackend, ref: Reference, precision: str, spec: PolicySpec, lora_ref: Reference | None = None
+) -> dict:
     """Compare the backend (graphs for `spec`) with the reference; the report says, per check, whether
-    it passed. Graphs without the empty camera slots are compared on the prefix positions they keep."""
+    it passed. Graphs without the empty camera slots are compared on the prefix positions they keep.
+    `lora_ref`: the checkpoint's unmerged LoRA forward, which the bundle (merged weights) must match too,
+    so that every export proves its merge."""
     inputs, kept = graph_inputs(ref, spec)
     ref_keys, ref_values = ref.prefix_keys[:, :, kept], ref.prefix_values[:, :, kept]
     cache = backend.prefix(inputs)
@@ -104,12 +108,15 @@ def validate(backend: OnnxRuntimeBackend, ref: Reference, precision: str, spec: 
         "expert": compare(velocity, ref.velocity),
         "end_to_end": compare(actions, ref.actions),
     }
+    if lora_ref is not None:
+        results["vs_lora_forward"] = compare(actions, lora_ref.actions)
     thresholds = THRESHOLDS[precision]
-    e2e = results["end_to_end"]
     failures = [
-        f"end-to-end {metric} {e2e[metric]:.3g} {'<' if metric == 'cosine' else '>'} {limit:g}"
+        f"{name} {metric} {r[metric]:.3g} {'<' if metric == 'cosine' else '>'} {limit:g}"
+        for name, r in results.items()
+        if name in ("end_to_end", "vs_lora_forward")
         for metric, limit in thresholds.items()
-        if not (e2e[metric] >= limit if metric == "cosine" else e2e[metric] <= limit)
+        if not (r[metric] >= limit if metric == "cosine" else r[metric] <= limit)
     ]
     return {
         "precision": precision,
@@ -123,9 +130,9 @@ def validate(backend: OnnxRuntimeBackend, ref: Reference, precision: str, spec: 
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{'graph':<12} {'max abs':>10} {'mean abs':>10} {'cosine':>12}"]
+    lines = [f"{'graph':<16} {'max abs':>10} {'mean abs':>10} {'cosine':>12}"]
     for name, r in report["results"].items():
-        lines.append(f"{name:<12} {r['max_abs']:>10.3g} {r['mean_abs']:>10.3g} {r['cosine']:>12.8f}")
+        lines.append(f"{name:<16} {r['max_abs']:>10.3g} {r['mean_abs']:>10.3g} {r['cosine']:>12.8f}")
     verdict = "passed" if report["passed"] else "FAILED: " + "; ".join(report["failures"])
     lines.append(f"{report['precision']} thresholds {report['thresholds']}: {verdict}")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ transformers < 4.52 (`paligemma.language_model.model.`, `paligemma.vision_tower.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -197,21 +198,28 @@ def read_weights(path: Path) -> tuple[SafetensorsFile, dict[str, str], dict[str,
 
 def build_model(weights: SafetensorsFile, names: dict[str, str], dtype: torch.dtype) -> Pi0:
     """Infer the dimensions, build the model without allocating, and assign the mapped tensors."""
-    dims = infer_dims({name: weights.shape(key) for name, key in names.items()})
+    shapes = {name: weights.shape(key) for name, key in names.items()}
+    return model_from(shapes, lambda name: weights.tensor(names[name], dtype), str(weights.path))
+
+
+def model_from(shapes: dict[str, tuple[int, ...]], tensor: Callable[[str], torch.Tensor], origin: str) -> Pi0:
+    """Our model from tensors by our module names: dims from their shapes, built without allocating,
+    each name checked (missing, unexpected, wrong shape) before `tensor(name)` is asked for it."""
+    dims = infer_dims(shapes)
     with torch.device("meta"):
         model = Pi0(dims)
     expected = model.state_dict()
-    missing = [name for name in expected if name not in names]
+    missing = [name for name in expected if name not in shapes]
     if missing:
-        raise CheckpointError(f"{weights.path}: missing tensor for {missing[0]} ({len(missing)} missing in all)")
-    for name, key in names.items():
+        raise CheckpointError(f"{origin}: missing tensor for {missing[0]} ({len(missing)} missing in all)")
+    for name, shape in shapes.items():
         if name not in expected:
-            raise CheckpointError(f"{weights.path}: unexpected tensor {key}")
-        if weights.shape(key) != tuple(expected[name].shape):
+            raise CheckpointError(f"{origin}: unexpected tensor {name}")
+        if tuple(shape) != tuple(expected[name].shape):
             raise CheckpointError(
-                f"{weights.path}: tensor {key} has shape {weights.shape(key)}, expected {tuple(expected[name].shape)}"
+                f"{origin}: tensor {name} has shape {tuple(shape)}, expected {tuple(expected[name].shape)}"
             )
-    model.load_state_dict({name: weights.tensor(key, dtype) for name, key in names.items()}, assign=True)
+    model.load_state_dict({name: tensor(name) for name in shapes}, assign=True)
     return model.eval().requires_grad_(False)
 
 

@@ -95,6 +95,7 @@ class Manifest:
     atc: AtcSection
     graphs: dict[str, GraphEntry]
     exporter: dict[str, Any] = field(default_factory=dict)  # version, torch, opset, created
+    checkpoint: dict[str, Any] = field(default_factory=dict)  # what the reader found: asset id, pipeline, LoRA merged
     empty_cameras_dropped: int = 0  # the checkpoint's always-empty camera slots left out of the graphs
     checkpoint_token_budget: int | None = None  # the checkpoint's own, when the graphs take fewer
     validation: str | None = None  # the report's file

@@ -2,21 +2,9 @@
 its set; the bundle carries the name; every transform reads the set, so two frameworks are never mixed.
 When two frameworks disagree, both are right for their own checkpoints.
 
-| what | lerobot-0.3 | openpi |
-|---|---|---|
-| image resize | bilinear on the float image, no antialias (`F.interpolate`) | Pillow's bilinear on the uint8 HWC image (antialiases when shrinking); an image already at size is not touched |
-| padding | left and top, 0 (black) | centered (`int(pad / 2)` before), 0 (black) |
-| a missing camera | refused (every input feature is required) | ALOHA wrists: a zero image with mask False (`AlohaInputs`) |
-| MEAN_STD | `(x - mean) / (std + 1e-8)` | `(x - mean) / (std + 1e-6)` |
-| quantiles | (LeRobot 0.3 has none) | `(x - q01) / (q99 - q01 + 1e-6) * 2 - 1` (pi0.5) |
-| prompt | text + "\\n" if missing, BOS first | stripped, `_`/newlines to spaces, BOS first, then the "\\n" token (pi0); pi0.5: `Task: ..., State: <bins>;\\nAction: ` |
-| ALOHA gripper in | linear -> radians -> unit over (0.4, 1.5) | linear -> radians -> unit over (0.5476, 1.6296) |
-| ALOHA gripper out | unit over (0.4, 1.5) -> radians -> unit over (-0.6213, 1.4910) | `x + 0.5476` -> unit over (-0.6213, 1.4910) |
-
-Sources: LeRobot 0.3.3 `lerobot/policies/pi0/modeling_pi0.py` (resize_with_pad, aloha_gripper_*,
-prepare_language), `lerobot/policies/normalize.py`; openpi `packages/openpi-client/src/openpi_client/image_tools.py`
-(resize_with_pad), `src/openpi/policies/aloha_policy.py` (AlohaInputs/Outputs), `src/openpi/transforms.py`
-(Normalize/Unnormalize), `src/openpi/models/tokenizer.py` (PaligemmaTokenizer.tokenize).
+The whole table, each choice with the upstream file it comes from, is docs/conventions.md: image resize
+and padding, what a missing camera becomes, the normalization arithmetic, the prompt's format, pi0.5's
+state in the prompt, ALOHA's joint and gripper maps.
 """
 
 from __future__ import annotations
@@ -27,6 +15,7 @@ from typing import Literal
 PadMode = Literal["left_top", "center"]
 Resize = Literal["float-bilinear", "pil-bilinear"]
 PromptStyle = Literal["lerobot", "openpi"]
+PromptState = Literal["robot", "padded"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +24,9 @@ class Conventions:
     resize: Resize
     pad: PadMode
     prompt: PromptStyle
-    norm_eps: float  # added to std (MEAN_STD) or to q99 - q01 (quantiles)
+    norm_eps: float  # the default eps of its normalization (a checkpoint may state its own)
+    pad_value: float  # what resize-with-pad fills with, in [0, 1] units (before the scaling to [-1, 1])
+    prompt_state: PromptState  # pi0.5: the state's values written into the prompt (the robot's, or padded)
     # ALOHA grippers (with adapt_to_pi_aloha): the angular range the normalized gripper input is scaled
     # over, and the one the model's gripper output is read in (openpi's output is only shifted: width 1).
     gripper_in: tuple[float, float]
@@ -49,9 +40,28 @@ LEROBOT_03 = Conventions(
     pad="left_top",
     prompt="lerobot",
     norm_eps=1e-8,
+    pad_value=0.0,
+    prompt_state="robot",
     gripper_in=(0.4, 1.5),
     gripper_out=(0.4, 1.5),
     sources=("lerobot 0.3.3: lerobot/policies/pi0/modeling_pi0.py", "lerobot 0.3.3: lerobot/policies/normalize.py"),
+)
+LEROBOT_04 = Conventions(
+    name="lerobot-0.4",
+    resize="float-bilinear",
+    pad="center",
+    prompt="lerobot",
+    norm_eps=1e-8,
+    pad_value=-1.0,
+    prompt_state="padded",
+    gripper_in=(0.4, 1.5),  # unused: LeRobot >= 0.4 has no ALOHA conversion
+    gripper_out=(0.4, 1.5),
+    sources=(
+        "lerobot 0.4.4: lerobot/policies/pi0/modeling_pi0.py (resize_with_pad_torch, _preprocess_images)",
+        "lerobot 0.4.4: lerobot/processor/normalize_processor.py",
+        "lerobot 0.4.4: lerobot/policies/pi0/processor_pi0.py (pi0_new_line_processor)",
+        "lerobot 0.4.4: lerobot/policies/pi05/processor_pi05.py (pi05_prepare_state_tokenizer_processor_step)",
+    ),
 )
 OPENPI = Conventions(
     name="openpi",
@@ -59,6 +69,8 @@ OPENPI = Conventions(
     pad="center",
     prompt="openpi",
     norm_eps=1e-6,
+    pad_value=0.0,
+    prompt_state="robot",
     gripper_in=(0.5476, 1.6296),
     gripper_out=(0.5476, 1.5476),
     sources=(
@@ -68,7 +80,7 @@ OPENPI = Conventions(
         "openpi: src/openpi/models/tokenizer.py",
     ),
 )
-CONVENTIONS = {c.name: c for c in (LEROBOT_03, OPENPI)}
+CONVENTIONS = {c.name: c for c in (LEROBOT_03, LEROBOT_04, OPENPI)}
 
 
 def conventions_named(name: str) -> Conventions:

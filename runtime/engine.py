@@ -21,7 +21,7 @@ from runtime import transforms
 from runtime.bundle import Bundle
 from runtime.conventions import PromptStyle
 from runtime.observation import ARRAY_FIELDS, Observation
-from runtime.pipeline import ModelInputs, initial_noise, model_state, postprocess, preprocess
+from runtime.pipeline import ModelInputs, initial_noise, model_state, postprocess, preprocess, prompt_state
 from runtime.spec import PolicySpec
 from runtime.tokenizer import PromptTokenizer, StatePromptTable, padded
 from runtime.transforms import euler_times
@@ -118,7 +118,8 @@ class Prompts:
         state: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """-> (tokens [1, L] int64, mask [1, L] bool), or EngineError('bad_request', what is accepted).
-        `state` is the model's (normalized) state; with `state_in_prompt` it goes into the prompt."""
+        `state` is the model's (normalized) state as the prompt writes it; with `state_in_prompt` it goes into
+        the prompt."""
         length = self.length
         if tokens is not None:
             tokens = np.asarray(tokens).reshape(1, -1)
@@ -244,7 +245,7 @@ class Engine:
         `trace`, when given, receives every stage's tensors (network inputs, noise, each step, output)."""
         start = time.perf_counter()
         images, state = self._images(obs.images), model_state(self.spec, self._state(obs.state))
-        tokens, token_mask = self.prompts(obs.prompt, obs.tokens, obs.token_mask, state)
+        tokens, token_mask = self.prompts(obs.prompt, obs.tokens, obs.token_mask, prompt_state(self.spec, state))
         noise = self._noise(obs)
         try:
             inputs = preprocess(self.spec, images, state, tokens, token_mask)

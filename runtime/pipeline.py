@@ -37,6 +37,14 @@ def model_state(spec: PolicySpec, state: np.ndarray) -> np.ndarray:
     return state
 
 
+def prompt_state(spec: PolicySpec, state: np.ndarray) -> np.ndarray:
+    """The model state as pi0.5's prompt writes it: the robot's dims (openpi), or padded with zeros to
+    max_state_dim (LeRobot >= 0.4, whose padding reads as bin 128)."""
+    if spec.convention_set.prompt_state == "padded":
+        return transforms.pad_vector(np.asarray(state, dtype=np.float32), spec.max_state_dim)
+    return state
+
+
 def preprocess(
     spec: PolicySpec,
     images: Mapping[str, np.ndarray],

@@ -15,7 +15,9 @@ import numpy as np
 
 from runtime.conventions import Conventions, conventions_named
 
-NormMode = Literal["mean_std", "quantiles"]
+NormMode = Literal["mean_std", "quantiles", "quantile10"]
+EpsRule = Literal["add", "lerobot"]
+STATS_OF_MODE = {"mean_std": ("mean", "std"), "quantiles": ("q01", "q99"), "quantile10": ("q10", "q90")}
 
 
 def _vector(values: Any) -> np.ndarray | None:
@@ -24,8 +26,10 @@ def _vector(values: Any) -> np.ndarray | None:
 
 @dataclass(frozen=True, eq=False)
 class NormStats:
-    """mean_std: `(x - mean) / (std + eps)`; quantiles: `(x - q01) / (q99 - q01 + eps) * 2 - 1`.
-    `unnormalize` is the inverse of each."""
+    """mean_std: `(x - mean) / (std + eps)`; quantiles (q01, q99) and quantile10 (q10, q90): `(x - lo) /
+    (hi - lo) * 2 - 1`. Where the eps goes is the framework's (`eps_rule`): openpi's "add" puts it on both
+    sides of mean_std and into every quantile range; LeRobot's "lerobot" leaves it out of the inverse of
+    mean_std and uses it only in place of a zero quantile range. `unnormalize` is the inverse of each."""
 
     mean: np.ndarray | None = None
     std: np.ndarray | None = None
@@ -33,16 +37,20 @@ class NormStats:
     mode: NormMode = "mean_std"
     q01: np.ndarray | None = None
     q99: np.ndarray | None = None
+    q10: np.ndarray | None = None
+    q90: np.ndarray | None = None
+    eps_rule: EpsRule = "add"
 
     def __post_init__(self) -> None:
-        for name in ("mean", "std", "q01", "q99"):
+        for name in ("mean", "std", "q01", "q99", "q10", "q90"):
             object.__setattr__(self, name, _vector(getattr(self, name)))
-        if self.mode not in ("mean_std", "quantiles"):
-            raise ValueError(f"normalization mode must be 'mean_std' or 'quantiles', not {self.mode!r}")
+        if self.mode not in STATS_OF_MODE:
+            raise ValueError(f"normalization mode must be one of {sorted(STATS_OF_MODE)}, not {self.mode!r}")
+        if self.eps_rule not in ("add", "lerobot"):
+            raise ValueError(f"eps_rule must be 'add' or 'lerobot', not {self.eps_rule!r}")
         a, b = self.arrays
         if a is None or b is None:
-            need = "mean and std" if self.mode == "mean_std" else "q01 and q99"
-            raise ValueError(f"{self.mode} normalization needs {need}")
+            raise ValueError(f"{self.mode} normalization needs {' and '.join(STATS_OF_MODE[self.mode])}")
         if a.shape != b.shape:
             raise ValueError(f"normalization statistics of shapes {a.shape} and {b.shape} differ")
         if not (np.isfinite(a).all() and np.isfinite(b).all()):
@@ -50,8 +58,9 @@ class NormStats:
 
     @property
     def arrays(self) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(mean, std) or (q01, q99): the two the mode uses."""
-        return (self.mean, self.std) if self.mode == "mean_std" else (self.q01, self.q99)
+        """(mean, std), (q01, q99) or (q10, q90): the two the mode uses."""
+        first, second = STATS_OF_MODE[self.mode]
+        return getattr(self, first), getattr(self, second)
 
     @property
     def size(self) -> int:
@@ -60,25 +69,19 @@ class NormStats:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, NormStats):
             return NotImplemented
-        return (self.mode, self.eps) == (other.mode, other.eps) and all(
+        return (self.mode, self.eps, self.eps_rule) == (other.mode, other.eps, other.eps_rule) and all(
             np.array_equal(a, b) for a, b in zip(self.arrays, other.arrays, strict=True)
         )
 
     def to_dict(self) -> dict[str, Any]:
         a, b = self.arrays
-        names = ("mean", "std") if self.mode == "mean_std" else ("q01", "q99")
-        return {"mode": self.mode, names[0]: a.tolist(), names[1]: b.tolist(), "eps": self.eps}
+        first, second = STATS_OF_MODE[self.mode]
+        return {"mode": self.mode, first: a.tolist(), second: b.tolist(), "eps": self.eps, "eps_rule": self.eps_rule}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NormStats:
-        return cls(
-            mean=d.get("mean"),
-            std=d.get("std"),
-            q01=d.get("q01"),
-            q99=d.get("q99"),
-            eps=float(d["eps"]),
-            mode=d.get("mode", "mean_std"),
-        )
+        arrays = {k: d.get(k) for k in ("mean", "std", "q01", "q99", "q10", "q90")}
+        return cls(**arrays, eps=float(d["eps"]), mode=d.get("mode", "mean_std"), eps_rule=d.get("eps_rule", "add"))
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,11 @@ class PolicySpec:
     @property
     def convention_set(self) -> Conventions:
         return conventions_named(self.conventions)
+
+    @property
+    def prompt_state_dim(self) -> int:
+        """How many state values a pi0.5 prompt writes (see `runtime.pipeline.prompt_state`)."""
+        return self.max_state_dim if self.convention_set.prompt_state == "padded" else self.state_dim
 
     @property
     def num_camera_slots(self) -> int:

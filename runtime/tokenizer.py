@@ -48,8 +48,6 @@ class PromptTokenizer:
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {path}")
-        if state_in_prompt and style != "openpi":
-            raise ValueError("only openpi's prompt format carries the state")
         self.processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
         self.max_length = max_length
         self.style = style
@@ -61,14 +59,14 @@ class PromptTokenizer:
 
     def encode(self, prompt: str, state_bins: np.ndarray | None = None) -> list[int]:
         sp = self.processor
-        if self.style == "lerobot":
-            text = prompt if prompt.endswith("\n") else prompt + "\n"
-            return [sp.bos_id(), *sp.encode(text)]
-        if self.state_in_prompt:
+        if self.state_in_prompt:  # pi0.5: openpi's format, which LeRobot >= 0.4 copies
             if state_bins is None:
                 raise ValueError("this policy's prompt carries the state: give the state's bins")
             state = " ".join(str(int(b)) for b in state_bins)
             return [sp.bos_id(), *sp.encode(f"Task: {self.clean(prompt)}, State: {state};\nAction: ")]
+        if self.style == "lerobot":
+            text = prompt if prompt.endswith("\n") else prompt + "\n"
+            return [sp.bos_id(), *sp.encode(text)]
         return [sp.bos_id(), *sp.encode(self.clean(prompt)), *sp.encode("\n")]
 
     def __call__(self, prompt: str, state_bins: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -83,11 +83,12 @@ def fitted_size(cur_h: int, cur_w: int, height: int, width: int) -> tuple[int, i
     return resized_h, resized_w
 
 
-def resize_with_pad(image: np.ndarray, height: int, width: int, pad: PadMode) -> np.ndarray:
+def resize_with_pad(image: np.ndarray, height: int, width: int, pad: PadMode, value: float = 0.0) -> np.ndarray:
     """Fit a CHW image (uint8, or float in [0, 1]) into height x width keeping its aspect ratio, as
-    float32 [0, 1], padding with 0 (black).
+    float32 [0, 1] padded with `value` (0: black; LeRobot >= 0.4 pads with -1 here, before its x * 2 - 1).
 
-    LeRobot v0.3 pads on the left and top ("left_top"); openpi pads both sides evenly ("center").
+    LeRobot v0.3 pads on the left and top ("left_top"); LeRobot >= 0.4 both sides, the odd pixel at the
+    bottom and right ("center").
     """
     _, cur_h, cur_w = image.shape
     resized_h, resized_w = fitted_size(cur_h, cur_w, height, width)
@@ -99,7 +100,7 @@ def resize_with_pad(image: np.ndarray, height: int, width: int, pad: PadMode) ->
         top, left = pad_h // 2, pad_w // 2
     else:
         raise ValueError(f"unknown pad mode {pad!r}")
-    return np.pad(resized, ((0, 0), (top, pad_h - top), (left, pad_w - left)))
+    return np.pad(resized, ((0, 0), (top, pad_h - top), (left, pad_w - left)), constant_values=np.float32(value))
 
 
 def resize_with_pad_pil(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -133,7 +134,7 @@ def prepare_image(image: np.ndarray, size: tuple[int, int], conventions: Convent
             raise ValueError(f"{conventions.name} resizes uint8 images, got {chw.dtype}")
         hwc = resize_with_pad_pil(np.ascontiguousarray(chw.transpose(1, 2, 0)), size[0], size[1])
         return to_symmetric(to_unit_float(hwc.transpose(2, 0, 1)))
-    return to_symmetric(resize_with_pad(chw, size[0], size[1], conventions.pad))
+    return to_symmetric(resize_with_pad(chw, size[0], size[1], conventions.pad, conventions.pad_value))
 
 
 def empty_camera_image(size: tuple[int, int]) -> np.ndarray:
@@ -152,25 +153,38 @@ def pad_vector(x: np.ndarray, dim: int) -> np.ndarray:
     return np.pad(x.astype(np.float32, copy=False), widths)
 
 
-def normalize(x: np.ndarray, stats: NormStats) -> np.ndarray:
-    """mean_std: (x - mean) / (std + eps) (LeRobot's eps 1e-8, openpi's 1e-6); quantiles (openpi):
-    (x - q01) / (q99 - q01 + eps) * 2 - 1."""
-    n = x.shape[-1]
+def _quantile_range(stats: NormStats, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi - lo) over the first n dims, with the eps where the framework puts it."""
+    lo, hi = (a[:n] for a in stats.arrays)
+    span = hi - lo
     eps = np.float32(stats.eps)
-    if stats.mode == "quantiles":
-        q01, q99 = stats.q01[:n], stats.q99[:n]
-        return ((x - q01) / (q99 - q01 + eps) * np.float32(2.0) - np.float32(1.0)).astype(np.float32)
-    return ((x - stats.mean[:n]) / (stats.std[:n] + eps)).astype(np.float32)
+    return lo, (np.where(span == 0, eps, span) if stats.eps_rule == "lerobot" else span + eps)
+
+
+def normalize(x: np.ndarray, stats: NormStats) -> np.ndarray:
+    """mean_std: (x - mean) / (std + eps) (LeRobot's eps 1e-8, openpi's 1e-6); quantiles / quantile10:
+    openpi's (x - q01) / (q99 - q01 + eps) * 2 - 1, LeRobot's 2 (x - lo) / (hi - lo) - 1."""
+    n = x.shape[-1]
+    two, one = np.float32(2.0), np.float32(1.0)
+    if stats.mode == "mean_std":
+        return ((x - stats.mean[:n]) / (stats.std[:n] + np.float32(stats.eps))).astype(np.float32)
+    lo, span = _quantile_range(stats, n)
+    if stats.eps_rule == "lerobot":
+        return (two * (x - lo) / span - one).astype(np.float32)
+    return ((x - lo) / span * two - one).astype(np.float32)
 
 
 def unnormalize(x: np.ndarray, stats: NormStats) -> np.ndarray:
-    """Inverse of `normalize` (LeRobot multiplies by std alone; the eps is below float32's resolution)."""
+    """Inverse of `normalize`; LeRobot's mean_std inverse multiplies by std alone."""
     n = x.shape[-1]
-    eps = np.float32(stats.eps)
-    if stats.mode == "quantiles":
-        q01, q99 = stats.q01[:n], stats.q99[:n]
-        return ((x + np.float32(1.0)) / np.float32(2.0) * (q99 - q01 + eps) + q01).astype(np.float32)
-    return (x * (stats.std[:n] + eps) + stats.mean[:n]).astype(np.float32)
+    two, one = np.float32(2.0), np.float32(1.0)
+    if stats.mode == "mean_std":
+        std = stats.std[:n] if stats.eps_rule == "lerobot" else stats.std[:n] + np.float32(stats.eps)
+        return (x * std + stats.mean[:n]).astype(np.float32)
+    lo, span = _quantile_range(stats, n)
+    if stats.eps_rule == "lerobot":
+        return ((x + one) * span / two + lo).astype(np.float32)
+    return ((x + one) / two * span + lo).astype(np.float32)
 
 
 # --- ALOHA conventions (LeRobot's adapt_to_pi_aloha, openpi's AlohaInputs/Outputs(adapt_to_pi=True)) ---

@@ -142,3 +142,52 @@ def ascend_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The stand-ins for `atc` and `npu-smi` on PATH for one test."""
     monkeypatch.setenv("PATH", ascend_tools_path(tmp_path / "ascend-bin"))
     return tmp_path / "ascend-bin"
+
+
+# --- the CLIs as a user runs them, and the acceptance thresholds ------------------------------------
+
+BIN = Path(__import__("sys").executable).parent
+
+
+def export_cli(checkpoint: Path, out: Path, precision: str, *extra: str) -> Path:
+    """`pi0-export bundle --checkpoint C --precision P --out O EXTRA...`; fails the test on a non-zero exit."""
+    import subprocess
+
+    command = [BIN / "pi0-export", "bundle", "--checkpoint", checkpoint, "--precision", precision, "--out", out, *extra]
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def inspect_cli(checkpoint: Path, *extra: str) -> dict:
+    """`pi0-export inspect --checkpoint C EXTRA...` -> its JSON report; fails the test on a non-zero exit."""
+    import json
+    import subprocess
+
+    command = [BIN / "pi0-export", "inspect", "--checkpoint", checkpoint, *extra]
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def infer_cli(bundle: Path, arrays: dict, noise: np.ndarray, tmp: Path) -> np.ndarray:
+    """`pi0-runtime infer --bundle B --obs OBS.npz --noise N.npy --out A.npy` -> the actions."""
+    import subprocess
+
+    np.savez(tmp / "obs.npz", **arrays)
+    np.save(tmp / "noise.npy", noise)
+    command = [BIN / "pi0-runtime", "infer", "--bundle", bundle, "--obs", tmp / "obs.npz", "--noise", tmp / "noise.npy"]
+    result = subprocess.run([str(c) for c in [*command, "--out", tmp / "a.npy"]], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return np.load(tmp / "a.npy")
+
+
+def check_actions(actions: np.ndarray, want: np.ndarray, precision: str) -> None:
+    """fp32: max abs <= 1e-4; fp16: cosine >= 0.999 and mean abs <= 1e-2 (against the framework's fp32)."""
+    from exporter.validate import compare
+
+    m = compare(actions, want)
+    if precision == "fp32":
+        assert m["max_abs"] <= 1e-4, m
+    else:
+        assert m["cosine"] >= 0.999 and m["mean_abs"] <= 1e-2, m

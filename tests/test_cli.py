@@ -62,7 +62,7 @@ def test_inspect_fixture() -> None:
     "args,message",
     [
         (("inspect", "--checkpoint", "/nonexistent"), "checkpoint directory not found"),
-        (("sample", "--checkpoint", str(FIXTURES)), "neither a LeRobot pi0 checkpoint"),
+        (("sample", "--checkpoint", str(FIXTURES)), "neither a LeRobot pi0/pi05 checkpoint"),
     ],
 )
 def test_errors_are_one_clear_line(args: tuple[str, ...], message: str) -> None:

@@ -5,14 +5,11 @@ postprocessing alone, so that a mismatch names its stage), then whole, through `
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES
+from conftest import FIXTURES, check_actions, export_cli, infer_cli, inspect_cli
 
 from exporter.checkpoint import load_checkpoint
 from exporter.torch_backend import TorchBackend
@@ -23,7 +20,6 @@ from runtime.engine import sample
 from runtime.pipeline import ModelInputs, model_state, postprocess, preprocess
 from runtime.tokenizer import PromptTokenizer
 
-BIN = Path(sys.executable).parent
 FIXTURE_NAMES = ("openpi-pi0-tiny", "openpi-pi05-tiny")
 GOLDEN_FILES = ("golden", "golden_224", "golden_1cam")  # three 480x640 cameras; three at 224x224; cam_high only
 MAX_TOKEN_LEN = {"openpi-pi0-tiny": 16, "openpi-pi05-tiny": 80}  # the fixtures' training configs
@@ -103,11 +99,8 @@ def test_postprocessing_alone(name: str) -> None:
 
 
 def export(name: str, out: Path, precision: str, *extra: str) -> Path:
-    command = [BIN / "pi0-export", "bundle", "--checkpoint", FIXTURES / name / "checkpoint", "--aloha"]
-    command += ["--max-token-len", str(MAX_TOKEN_LEN[name]), "--precision", precision, "--out", out, *extra]
-    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    return out
+    flags = ("--aloha", "--max-token-len", str(MAX_TOKEN_LEN[name]), *extra)
+    return export_cli(FIXTURES / name / "checkpoint", out, precision, *flags)
 
 
 @pytest.fixture(scope="module")
@@ -123,27 +116,14 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], P
 
 
 def check(actions: np.ndarray, golden: OpenpiGolden, precision: str) -> None:
-    m = compare(actions, golden.actions_fp32)
-    if precision == "fp32":
-        assert m["max_abs"] <= 1e-4, m
-    else:
-        assert m["cosine"] >= 0.999 and m["mean_abs"] <= 1e-2, m
+    check_actions(actions, golden.actions_fp32, precision)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_cli_export_then_infer(golden: OpenpiGolden, bundles, precision: str, tmp_path: Path) -> None:
-    obs = tmp_path / "obs.npz"
-    np.savez(
-        obs,
-        **golden.images,
-        **{"observation.state": golden.state, "lang_tokens": golden.tokens, "lang_masks": golden.token_mask},
-    )
-    np.save(tmp_path / "noise.npy", golden.noise)
-    bundle = bundles[golden.name, precision]
-    command = [BIN / "pi0-runtime", "infer", "--bundle", bundle, "--obs", obs, "--noise", tmp_path / "noise.npy"]
-    result = subprocess.run([str(c) for c in [*command, "--out", tmp_path / "a.npy"]], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    check(np.load(tmp_path / "a.npy"), golden, precision)
+    arrays = {**golden.images, "observation.state": golden.state}
+    arrays.update(lang_tokens=golden.tokens, lang_masks=golden.token_mask)
+    check(infer_cli(bundles[golden.name, precision], arrays, golden.noise, tmp_path), golden, precision)
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
@@ -166,10 +146,7 @@ def test_daemon_serves_openpi_bundles(name: str, precision: str, bundles, start_
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_inspect_names_the_framework_model_type_and_conventions(name: str) -> None:
-    command = [BIN / "pi0-export", "inspect", "--checkpoint", FIXTURES / name / "checkpoint", "--aloha"]
-    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    report = inspect_cli(FIXTURES / name / "checkpoint", "--aloha")
     assert report["framework"] == "openpi" and report["conventions"]["name"] == "openpi"
     assert report["model_type"] == ("pi05" if "pi05" in name else "pi0")
     assert report["asset_id"] == "lerobot/aloha_sim_transfer_cube_human"

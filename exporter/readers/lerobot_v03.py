@@ -18,12 +18,14 @@ from exporter.weights import build_model, check_spec_fits, lerobot_key, read_wei
 from runtime.conventions import LEROBOT_03
 from runtime.spec import NormStats, PolicySpec
 
-NAME = "lerobot"
+FORMAT = "lerobot-0.3"
+SOURCE = "lerobot"
+PREPROCESSOR = "policy_preprocessor.json"  # what LeRobot >= 0.4 saves beside the weights
 
 
 def detect(directory: Path) -> bool:
     config = directory / "config.json"
-    return config.is_file() and "type" in json.loads(config.read_text())
+    return config.is_file() and not (directory / PREPROCESSOR).is_file() and "type" in json.loads(config.read_text())
 
 
 def _stats(weights: SafetensorsFile, extras: dict[str, str], prefix: str, eps: float) -> NormStats | None:
@@ -75,6 +77,11 @@ def _lerobot_spec(config: dict[str, Any], stats: dict[str, NormStats | None]) ->
 
 
 def load(directory: Path, dtype: torch.dtype = torch.float32) -> LoadedPolicy:
+    if (directory / PREPROCESSOR).is_file():
+        raise CheckpointError(
+            f"{directory} is a LeRobot >= 0.4 checkpoint ({PREPROCESSOR} beside the weights): read it as "
+            "lerobot-0.4 (--format lerobot-0.4, or let the format be detected)"
+        )
     config = json.loads((directory / "config.json").read_text())
     if config.get("type") != "pi0":
         raise CheckpointError(f"{directory}/config.json is a LeRobot {config.get('type')!r} policy, not pi0")
@@ -86,7 +93,7 @@ def load(directory: Path, dtype: torch.dtype = torch.float32) -> LoadedPolicy:
     }
     spec = _lerobot_spec(config, stats)
     check_spec_fits(spec, model)
-    return LoadedPolicy(model=model, spec=spec, source=NAME)
+    return LoadedPolicy(model=model, spec=spec, source=SOURCE)
 
 
 def save_lerobot(policy: LoadedPolicy, directory: str | Path, layout: str = "old") -> Path:

@@ -6,16 +6,19 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from exporter.checkpoint import CheckpointError, LoadedPolicy
+from exporter.pi0 import Pi0
 from exporter.weights import build_model, check_spec_fits, read_weights
 from runtime.conventions import OPENPI
 from runtime.spec import NormStats, PolicySpec
 
-NAME = "openpi"
+FORMAT = SOURCE = "openpi"
 # openpi's camera slots, and the ALOHA cameras its AlohaInputs maps onto them (cam_high is required,
 # a missing wrist camera is a zero image with mask False; policies/aloha_policy.py).
 OPENPI_SLOTS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
@@ -59,48 +62,56 @@ def openpi_stats(stats: dict, quantiles: bool) -> NormStats:
     return NormStats(mean=stats["mean"], std=stats["std"], eps=OPENPI.norm_eps)
 
 
-def load(
-    directory: Path,
-    dtype: torch.dtype = torch.float32,
-    asset_id: str | None = None,
-    adapt_to_pi_aloha: bool = False,
-    num_steps: int = NUM_STEPS,
-    max_token_len: int | None = None,
-) -> LoadedPolicy:
-    """openpi keeps the data conventions in its training config, not in the checkpoint. What the
-    checkpoint shows is taken from it: pi0 or pi0.5 from the weights, the robot's state and action
-    dims from the norm stats (config.json's `action_dim` is the model's padded width). The rest comes
-    from the caller: the asset id when there are several, ALOHA's inputs and outputs
-    (`adapt_to_pi_aloha`: openpi's AlohaInputs/Outputs(adapt_to_pi=True); else the three camera slots
-    by openpi's names, all required), the token budget (openpi's default for the model type unless
-    `max_token_len`) and the flow steps."""
-    config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
-    asset_id, norm = read_norm_stats(directory, asset_id)
-    weights, names, extras = read_weights(directory / "model.safetensors")
-    if extras:
-        raise CheckpointError(f"{directory}: unexpected tensor {next(iter(extras))} in an openpi checkpoint")
-    model = build_model(weights, names, dtype)
+@dataclass(frozen=True)
+class OpenpiOptions:
+    """What openpi keeps in its training config rather than the checkpoint, as the caller tells it."""
+
+    asset_id: str | None = None
+    adapt_to_pi_aloha: bool = False  # openpi's AlohaInputs/Outputs(adapt_to_pi=True)
+    num_steps: int = NUM_STEPS
+    max_token_len: int | None = None  # default: openpi's for the model type
+    action_horizon: int | None = None
+
+
+def openpi_policy(model: Pi0, directory: Path, options: OpenpiOptions, chunk_size: int, details: dict) -> LoadedPolicy:
+    """Our model with openpi's conventions around it: pi0 or pi0.5 from the weights, the robot's state and
+    action dims from the norm stats, ALOHA's inputs and outputs when asked (else the three camera slots by
+    openpi's names, all required), the token budget and the flow steps from the options."""
+    asset_id, norm = read_norm_stats(directory, options.asset_id)
     pi05 = model.dims.pi05
     state_norm, action_norm = openpi_stats(norm["state"], pi05), openpi_stats(norm["actions"], pi05)
-    cameras = ALOHA_CAMERAS if adapt_to_pi_aloha else OPENPI_SLOTS
+    aloha = options.adapt_to_pi_aloha
+    cameras = ALOHA_CAMERAS if aloha else OPENPI_SLOTS
     spec = PolicySpec(
         conventions=OPENPI.name,
         camera_keys=cameras,
-        camera_shapes=(ALOHA_FRAME if adapt_to_pi_aloha else (3, 224, 224),) * len(cameras),
-        optional_cameras=ALOHA_OPTIONAL if adapt_to_pi_aloha else (),
+        camera_shapes=(ALOHA_FRAME if aloha else (3, 224, 224),) * len(cameras),
+        optional_cameras=ALOHA_OPTIONAL if aloha else (),
         empty_cameras=0,
         image_size=(224, 224),
         state_dim=state_norm.size,
         action_dim=action_norm.size,
         max_state_dim=model.dims.max_state_dim,
         max_action_dim=model.dims.max_action_dim,
-        chunk_size=int(config.get("action_horizon", 50)),
-        num_steps=num_steps,
-        tokenizer_max_length=max_token_len or MAX_TOKEN_LEN[model.dims.model_type],
-        adapt_to_pi_aloha=adapt_to_pi_aloha,
+        chunk_size=chunk_size,
+        num_steps=options.num_steps,
+        tokenizer_max_length=options.max_token_len or MAX_TOKEN_LEN[model.dims.model_type],
+        adapt_to_pi_aloha=aloha,
         state_norm=state_norm,
         action_norm=action_norm,
         state_in_prompt=pi05,
     )
     check_spec_fits(spec, model)
-    return LoadedPolicy(model=model, spec=spec, source=NAME, details={"asset_id": asset_id})
+    return LoadedPolicy(model=model, spec=spec, source=SOURCE, details={"asset_id": asset_id, **details})
+
+
+def load(directory: Path, dtype: torch.dtype = torch.float32, **options: Any) -> LoadedPolicy:
+    """A converted checkpoint: the weights from model.safetensors, `action_horizon` from config.json
+    (unless given); the rest as `OpenpiOptions` say."""
+    opts = OpenpiOptions(**options)
+    config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
+    weights, names, extras = read_weights(directory / "model.safetensors")
+    if extras:
+        raise CheckpointError(f"{directory}: unexpected tensor {next(iter(extras))} in an openpi checkpoint")
+    model = build_model(weights, names, dtype)
+    return openpi_policy(model, directory, opts, opts.action_horizon or int(config.get("action_horizon", 50)), {})
