@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     bundle = commands.add_parser(
         "bundle",
         help="export the VLM and action-expert graphs, validate them, compile them with atc, write a bundle",
-        description="Export a pi0 policy into a self-describing bundle directory for pi0-runtime: vlm.onnx and "
+        description="Export a pi0 or pi0.5 policy into a self-describing bundle directory for pi0-runtime: vlm.onnx and "
         "expert.onnx (opset 15), manifest.json (conventions, statistics, checksums), report.json (validation "
         "against the float32 PyTorch model) and, where CANN's atc is installed, Ascend OM files.",
     )
