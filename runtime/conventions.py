@@ -9,7 +9,7 @@ state in the prompt, ALOHA's joint and gripper maps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 PadMode = Literal["left_top", "center"]
@@ -46,16 +46,14 @@ LEROBOT_03 = Conventions(
     gripper_out=(0.4, 1.5),
     sources=("lerobot 0.3.3: lerobot/policies/pi0/modeling_pi0.py", "lerobot 0.3.3: lerobot/policies/normalize.py"),
 )
-LEROBOT_04 = Conventions(
+# LeRobot >= 0.4 keeps 0.3's resize arithmetic, prompt and eps; it pads evenly, with -1 before scaling,
+# writes pi0.5's state padded, and has no ALOHA conversion (the gripper ranges are never read).
+LEROBOT_04 = replace(
+    LEROBOT_03,
     name="lerobot-0.4",
-    resize="float-bilinear",
     pad="center",
-    prompt="lerobot",
-    norm_eps=1e-8,
     pad_value=-1.0,
     prompt_state="padded",
-    gripper_in=(0.4, 1.5),  # unused: LeRobot >= 0.4 has no ALOHA conversion
-    gripper_out=(0.4, 1.5),
     sources=(
         "lerobot 0.4.4: lerobot/policies/pi0/modeling_pi0.py (resize_with_pad_torch, _preprocess_images)",
         "lerobot 0.4.4: lerobot/processor/normalize_processor.py",

@@ -57,10 +57,14 @@ def preprocess(
     resize cannot fit."""
     conventions = spec.convention_set
     empty = transforms.empty_camera_image(spec.image_size)
-    frames = [
-        transforms.prepare_image(images[key], spec.image_size, conventions) if key in images else empty
-        for key in spec.camera_keys
-    ]
+    frames = []
+    for key in spec.camera_keys:
+        try:
+            frames.append(
+                transforms.prepare_image(images[key], spec.image_size, conventions) if key in images else empty
+            )
+        except ValueError as e:
+            raise ValueError(f"camera {key}: {e}") from e
     frames += [empty] * spec.empty_cameras
     masks = [key in images for key in spec.camera_keys] + [False] * spec.empty_cameras
     return ModelInputs(

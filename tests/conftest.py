@@ -187,6 +187,9 @@ def check_actions(actions: np.ndarray, want: np.ndarray, precision: str) -> None
     from exporter.validate import compare
 
     m = compare(actions, want)
+    print(
+        f"\n{precision}: max abs {m['max_abs']:.2e}, mean abs {m['mean_abs']:.2e}, cosine {m['cosine']:.8f}"
+    )  # pytest -s
     if precision == "fp32":
         assert m["max_abs"] <= 1e-4, m
     else:

@@ -149,7 +149,7 @@ BAD_REQUESTS = {
     "too thin an image": (  # found by the fuzzer: its resized height rounded to 0 (was an `internal` error)
         lambda o: {**o, "observation.images.top": np.zeros((1, 700, 3), np.uint8)},
         "bad_request",
-        "too thin",
+        r"camera observation.images.top: .*too thin",
     ),
     "NaN state": (lambda o: {**o, "observation.state": np.full(14, np.nan, np.float32)}, "bad_request", "NaN"),
     "short state": (lambda o: {**o, "observation.state": np.zeros(3, np.float32)}, "bad_request", "14 floats"),
