@@ -1,5 +1,5 @@
 """openpi checkpoints straight from JAX training (tests/fixtures/openpi-jax-*-tiny; their READMEs say what
-ran): a full fine-tune and a LoRA one, through `pi0-export bundle` + `pi0-runtime infer`, against openpi's
+ran): a pi0 full fine-tune, a pi0 LoRA one and a pi0.5, through `pi0-export bundle` + `pi0-runtime infer`, against openpi's
 own JAX policy; the LoRA merge proven against openpi's merged run and, in every export's report, against
 the unmerged LoRA forward."""
 
@@ -15,9 +15,14 @@ from conftest import FIXTURES, check_actions, export_cli, infer_cli, inspect_cli
 from exporter.checkpoint import CheckpointError, load_checkpoint
 from exporter.lora import lora_eqns
 from exporter.readers import openpi_jax
+from pi0_client import PolicyClient
 
-FULL, LORA = "openpi-jax-pi0-tiny", "openpi-jax-pi0-lora-tiny"
-TRAINING_CONFIG = ("--aloha", "--action-horizon", "16", "--max-token-len", "16")  # the fixtures' pi0_aloha_sim
+FULL, LORA, PI05 = "openpi-jax-pi0-tiny", "openpi-jax-pi0-lora-tiny", "openpi-jax-pi05-tiny"
+TRAINING_CONFIG = {  # what the fixtures' training configs knew (pi0_aloha_sim's; pi0.5: 80 tokens, its tokenizer)
+    FULL: ("--aloha", "--action-horizon", "16", "--max-token-len", "16"),
+    LORA: ("--aloha", "--action-horizon", "16", "--max-token-len", "16"),
+    PI05: ("--aloha", "--action-horizon", "16", "--max-token-len", "80", "--tokenizer", str(FIXTURES / PI05 / "tokenizer.model")),
+}  # fmt: skip
 
 
 def golden(name: str) -> dict:
@@ -27,15 +32,17 @@ def golden(name: str) -> dict:
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
-        name: export_cli(FIXTURES / name / "checkpoint", tmp_path_factory.mktemp(name) / "b", "fp32", *TRAINING_CONFIG)
-        for name in (FULL, LORA)
+        name: export_cli(
+            FIXTURES / name / "checkpoint", tmp_path_factory.mktemp(name) / "b", "fp32", *TRAINING_CONFIG[name]
+        )
+        for name in (FULL, LORA, PI05)
     }
 
 
-@pytest.mark.parametrize("name", [FULL, LORA])
+@pytest.mark.parametrize("name", [FULL, LORA, PI05])
 def test_cli_export_then_infer(name: str, bundles, tmp_path: Path) -> None:
     d = golden(name)
-    images = {k.split("::", 1)[1]: v[0] for k, v in d.items() if k.startswith("image::")}  # cam_high, cam_left_wrist
+    images = {k.split("::", 1)[1]: v[0] for k, v in d.items() if k.startswith("image::")}  # openpi's ALOHA names
     arrays = {
         **images,
         "observation.state": d["state"][0],
@@ -46,6 +53,21 @@ def test_cli_export_then_infer(name: str, bundles, tmp_path: Path) -> None:
     check_actions(actions, d["actions_fp32"][0], "fp32")  # openpi's JAX policy with the adapters live
     if name == LORA:
         check_actions(actions, d["actions_merged_fp32"][0], "fp32")  # openpi's own merge
+
+
+def test_pi05_daemon_puts_the_state_into_the_prompt_as_openpi_did(bundles, start_daemon) -> None:
+    """The prompt as text: the daemon discretizes the quantile-normalized state into it, as openpi's
+    `TokenizePrompt(discrete_state_input=True)` did for the golden's tokens."""
+    d = golden(PI05)
+    images = {k.split("::", 1)[1]: v[0] for k, v in d.items() if k.startswith("image::")}
+    daemon = start_daemon(bundles[PI05])
+    with PolicyClient(daemon.endpoint, timeout_s=60) as client:
+        meta = client.metadata()
+        assert meta.conventions == "openpi" and meta.prompt.tokenizer
+        reply = client.infer(
+            {**images, "observation.state": d["state"][0], "prompt": "Transfer cube", "noise": d["noise"]}
+        )
+    check_actions(reply["actions"], d["actions_fp32"][0], "fp32")
 
 
 def test_the_report_proves_the_merge_and_the_manifest_records_it(bundles) -> None:
@@ -76,6 +98,12 @@ def test_what_a_jax_checkpoint_cannot_tell_is_asked_for() -> None:
         load_checkpoint(FIXTURES / FULL / "checkpoint", adapt_to_pi_aloha=True)
 
 
+def test_inspect_reads_a_jax_pi05() -> None:
+    report = inspect_cli(FIXTURES / PI05 / "checkpoint", *TRAINING_CONFIG[PI05][:-2])  # no --tokenizer
+    assert report["format"] == "openpi-jax" and report["model_type"] == "pi05" and "lora" not in report
+    assert report["spec"]["state_dim"] == 14 and report["conventions"]["name"] == "openpi"
+
+
 def test_an_adapter_that_cannot_be_placed_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     read = openpi_jax.read_params
 
@@ -90,7 +118,7 @@ def test_an_adapter_that_cannot_be_placed_is_an_error(monkeypatch: pytest.Monkey
 
 
 def test_inspect_lists_the_adapters() -> None:
-    report = inspect_cli(FIXTURES / LORA / "checkpoint", *TRAINING_CONFIG)
+    report = inspect_cli(FIXTURES / LORA / "checkpoint", *TRAINING_CONFIG[LORA])
     assert report["format"] == "openpi-jax" and report["lora"]["merged"]
     assert {"module": "llm.layers.0.self_attn.o_proj", "from": "PaliGemma/llm/layers/attn/attn_vec_einsum/lora_{a,b}",
             "rank": 4, "alpha": 4.0, "scale": 1.0} in report["lora"]["adapters"]  # fmt: skip

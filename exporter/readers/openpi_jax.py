@@ -27,6 +27,7 @@ from exporter.weights import SUFFIX_MODULES, model_from
 FORMAT = "openpi-jax"
 PARAMS = "params"
 UNUSED = ("PaliGemma/llm/final_norm/scale",)  # the language model's final norm: the prefix's output is never read
+NORMS = {"input_layernorm": "pre_attention_norm", "post_attention_layernorm": "pre_ffw_norm"}  # ours: openpi's
 ATTN_EQNS = {"q_einsum": "BTD,NDH->BTNH", "kv_einsum": "BSD,2KDH->2BSKH", "attn_vec_einsum": "BTNH,NHD->BTD"}
 
 
@@ -117,8 +118,7 @@ def _gemma(m: _Mapper, tower: str, suffix: str) -> None:
     linear = m.take(f"{layers}/mlp{suffix}/linear")  # [L, F, D]
     if kv.shape[2] != 1:
         raise CheckpointError(f"kv_einsum{suffix} has {kv.shape[2]} key/value heads; pi0's Gemmas have one")
-    pre_attention = m.take(f"{layers}/pre_attention_norm{suffix}/scale")
-    pre_ffw = m.take(f"{layers}/pre_ffw_norm{suffix}/scale")
+    norms = {ours: _norm(m, f"{layers}/{theirs}{suffix}") for ours, theirs in NORMS.items()}
     for layer in range(q.shape[0]):
         prefix = f"{tower}.layers.{layer}"
         n, d, h = q.shape[1:]
@@ -129,8 +129,20 @@ def _gemma(m: _Mapper, tower: str, suffix: str) -> None:
         m.put(f"{prefix}.mlp.gate_proj.weight", gating[layer, 0].T)
         m.put(f"{prefix}.mlp.up_proj.weight", gating[layer, 1].T)
         m.put(f"{prefix}.mlp.down_proj.weight", linear[layer].T)
-        m.put(f"{prefix}.input_layernorm.weight", pre_attention[layer])
-        m.put(f"{prefix}.post_attention_layernorm.weight", pre_ffw[layer])
+        for ours, params in norms.items():
+            for name, value in params.items():
+                m.put(f"{prefix}.{ours}.{name}", value[layer])
+
+
+def _norm(m: _Mapper, path: str) -> dict[str, np.ndarray]:
+    """gemma.RMSNorm's parameters: `scale` (used as 1 + scale), or pi0.5's adaptive norm, a `Dense_0` of
+    the time condition giving scale, shift and gate (kernel [..., W, 3W] -> our dense.weight [..., 3W, W])."""
+    if f"{path}/scale" in m.arrays:
+        return {"weight": m.take(f"{path}/scale")}
+    return {
+        "dense.weight": np.swapaxes(m.take(f"{path}/Dense_0/kernel"), -1, -2),
+        "dense.bias": m.take(f"{path}/Dense_0/bias"),
+    }
 
 
 def _adapters(m: _Mapper, tower: str, suffix: str, depth: int, alpha: float | None) -> list[Adapter]:
@@ -201,18 +213,14 @@ def load(
             "(no weight's shape shows it): give --action-horizon"
         )
     m = _Mapper(read_params(directory / PARAMS))
-    if any(
-        k.startswith("PaliGemma/llm/layers/") and "norm" in k and k.endswith(("/Dense_0/kernel", "/dense"))
-        for k in m.arrays
-    ):
-        raise CheckpointError("pi0.5's adaptive norms in a JAX checkpoint are not mapped yet")
     _vision(m)
     m.put("embed_tokens.weight", m.take("PaliGemma/llm/embedder/input_embedding"))
     depth = m.arrays["PaliGemma/llm/layers/attn/q_einsum/w"].shape[0]
     adapters = [*_adapters(m, "llm", "", depth, lora_alpha), *_adapters(m, "expert", "_1", depth, lora_alpha)]
     _gemma(m, "llm", "")
     _gemma(m, "expert", "_1")
-    m.put("expert.norm.weight", m.take("PaliGemma/llm/final_norm_1/scale"))
+    for name, value in _norm(m, "PaliGemma/llm/final_norm_1").items():
+        m.put(f"expert.norm.{name}", value)
     for module in SUFFIX_MODULES:
         if f"{module}/kernel" in m.arrays:
             m.put(f"{module}.weight", m.take(f"{module}/kernel").T)
