@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import (  # noqa: E402
     ascend_estimate,
     export_full,
+    fp16_islands,
     fraction_of_peak,
     lerobot_side_by_side,
     load_memory,
@@ -34,6 +35,7 @@ BENCHMARKS = {
     "service": service,
     "fraction_of_peak": fraction_of_peak,
     "pi05_engine": pi05_engine,
+    "fp16_islands": fp16_islands,
     "load_memory": load_memory,
     "export_full": export_full,
     "lerobot_side_by_side": lerobot_side_by_side,

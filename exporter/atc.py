@@ -9,6 +9,10 @@ Flags, and why:
   everything it can to fp16 and would undo the islands. (CANN < 8.0 spells it
   `--precision_mode=must_keep_origin_dtype`.)
 - `--input_format=ND`: the inputs are plain tensors (images are 5-D), not NCHW feature maps.
+- `--keep_dtype=<graph>.keep_dtype.cfg`, when calibration kept matmuls in float32 (fp16 bundles): one
+  ONNX node name per line (CANN's format). CANN documents that under `origin` the flag takes no effect,
+  because origin already keeps every op's dtype, our float32 islands included; the file travels with the
+  bundle so that the islands survive a compile with a casting mode too (e.g. `--precision_mode_v2=fp16`).
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ class AtcError(RuntimeError):
     """atc was needed and is missing, or it failed."""
 
 
-def atc_command(onnx_file: str, om_stem: str, soc_version: str) -> list[str]:
+def atc_command(onnx_file: str, om_stem: str, soc_version: str, keep_dtype: str | None = None) -> list[str]:
     """One graph's atc command line, with paths relative to the bundle directory."""
+    keep = [f"--keep_dtype={keep_dtype}"] if keep_dtype else []
     return [
         "atc",
         f"--model={onnx_file}",
@@ -36,6 +41,7 @@ def atc_command(onnx_file: str, om_stem: str, soc_version: str) -> list[str]:
         f"--soc_version={soc_version}",
         "--precision_mode_v2=origin",
         "--input_format=ND",
+        *keep,
         "--log=error",
     ]
 

@@ -5,7 +5,9 @@ Layout (documented in docs/bundle.md):
     vlm.onnx           (+ vlm.onnx.data when over 2 GB)
     expert.onnx        (+ expert.onnx.data)
     tokenizer.model    when a tokenizer was given (or the preset's own)
-    report.json        validation against the float32 PyTorch model
+    report.json        validation against the float32 PyTorch model, the model's own yardsticks (float64
+                       floor, bf16), the calibrated ranges and the matmuls kept float32
+    <graph>.keep_dtype.cfg   ATC's --keep_dtype list: the ONNX nodes of those float32 matmuls
     om/*.om, om/*.atc.log   when compiled with atc; otherwise atc.sh with the exact commands
 
 The bundle is assembled in `<out>.partial` and renamed into place only when everything passed, so a
@@ -29,8 +31,9 @@ from exporter.checkpoint import LoadedPolicy
 from exporter.lora import lora_forward
 from exporter.onnx_export import OPSET, example_inputs, export_graphs, graph_io
 from exporter.onnx_lint import lint
-from exporter.pi0 import to_precision_
-from exporter.validate import format_report, reference, validate
+from exporter.precision import RangeRecorder, calibration_report, island_nodes, islands, to_precision_
+from exporter.torch_backend import reference_engine
+from exporter.validate import format_report, reference, validate, yardsticks
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.bundle import (
     MANIFEST,
@@ -42,7 +45,9 @@ from runtime.bundle import (
     load_bundle,
     sha256_file,
 )
+from runtime.engine import EngineError
 from runtime.npu import detect_soc
+from runtime.observation import Observation
 from runtime.pipeline import ModelInputs
 from runtime.spec import PolicySpec
 from runtime.tokenizer import PromptTokenizer, StatePromptTable
@@ -71,6 +76,12 @@ class BundleOptions:
     # Serve the `prompts` only: ship no tokenizer, and size the language token budget to the longest
     # of them (padding is masked, so the actions are the same; validation checks it).
     fixed_prompts_only: bool = False
+    # Observations (OBS.npz, the request's field names) to calibrate fp16 ranges on, beside the
+    # validation's own inputs: frames from the robot or from `pi0-sim record`.
+    calibration: tuple[Path, ...] = ()
+    # False: every tower matmul in fp16 whatever calibration found. Only for measuring what the islands
+    # cost; such a bundle fails validation wherever they were needed.
+    fp32_islands: bool = True
 
 
 def prompt_tokenizer(spec: PolicySpec, options: BundleOptions) -> PromptTokenizer:
@@ -148,11 +159,28 @@ def build_bundle(
     )
     model = policy.model
 
-    log("[1/5] tracing inputs and the float32 reference ...")
+    log("[1/5] the float32 reference, calibrating fp16 ranges ...")
     x = example_inputs(full_spec, model, options.seed, real_tokens=min(spec.tokenizer_max_length, 7))
     inputs = ModelInputs(x["images"], x["image_masks"], x["tokens"], x["token_mask"], x["state"])
     # The reference is the model as the checkpoint defines it, empty camera slots included.
-    ref = reference(model, inputs, x["noise"], full_spec.num_steps) if options.validate else None
+    with RangeRecorder(model) as recorder:
+        ref = reference(model, inputs, x["noise"], full_spec.num_steps)
+        _calibrate_on(policy, options, log)
+    kept = islands(recorder.ranges) if options.precision == "fp16" and options.fp32_islands else []
+    calibration = calibration_report(recorder.ranges, kept, 1 + len(options.calibration), full_spec.num_steps)
+    log(
+        f"      largest matmul magnitude {calibration['largest']:.3g} (fp16 max 65504); "
+        + (
+            f"{len(kept)} of {len(recorder.ranges)} matmuls kept float32 "
+            f"({100 * calibration['kept_flops_share']:.2f}% of {calibration['matmul_gflops_per_inference']:.3g} GFLOPs)"
+            if options.precision == "fp16"
+            else "fp32 export: nothing to keep"
+        )
+    )
+    marks = None
+    if options.validate:
+        log("      the model's own yardsticks: float64 (its float32 floor) and bf16 ...")
+        marks = yardsticks(model, ref)
     lora_ref = None
     if options.validate and policy.adapters is not None:  # the unmerged LoRA forward, to prove the merge
         with lora_forward(model, policy.adapters):
@@ -168,16 +196,24 @@ def build_bundle(
         )
 
     log(f"[2/5] exporting vlm.onnx and expert.onnx ({options.precision}, opset {OPSET}) ...")
-    to_precision_(model, options.precision)
+    to_precision_(model, options.precision, kept)
     files = export_graphs(model, spec, work, options.seed)
+    keep_dtype = {}
     for name, paths in files.items():
         problems = lint(paths[0])
         if problems:
             raise BundleBuildError(f"{name}.onnx fails the ATC lint: " + "; ".join(problems))
         log(f"      {name}.onnx: {sum(p.stat().st_size for p in paths) / 2**20:.1f} MiB, lint clean")
+        nodes = island_nodes(paths[0], model, kept)
+        if nodes:
+            keep_dtype[name] = f"{name}.keep_dtype.cfg"
+            (work / keep_dtype[name]).write_text("\n".join(nodes) + "\n")
+            log(f"      {name}: {len(nodes)} nodes kept float32, listed in {keep_dtype[name]} for atc")
 
     soc = options.soc_version or detect_soc() or atc.DEFAULT_SOC
-    commands = {name: atc.atc_command(paths[0].name, f"om/{name}", soc) for name, paths in files.items()}
+    commands = {
+        name: atc.atc_command(paths[0].name, f"om/{name}", soc, keep_dtype.get(name)) for name, paths in files.items()
+    }
     dims = model.dims
     policy.model = model = None  # the graphs are written; the reference outputs are all validation needs
     manifest = Manifest(
@@ -200,9 +236,11 @@ def build_bundle(
     )
     _write_manifest(work, manifest)
 
-    if ref is not None:
+    if options.validate:
         log("[3/5] validating the graphs with onnxruntime against PyTorch ...")
-        report = validate(OnnxRuntimeBackend(load_bundle(work, verify=False)), ref, options.precision, spec, lora_ref)
+        backend = OnnxRuntimeBackend(load_bundle(work, verify=False))
+        report = validate(backend, ref, options.precision, spec, marks, lora_ref)
+        report["calibration"] = calibration
         (work / "report.json").write_text(json.dumps(report, indent=2))
         manifest.validation = "report.json"
         log(format_report(report))
@@ -213,6 +251,7 @@ def build_bundle(
             work.rename(failed)
             raise BundleBuildError(f"validation failed; the bundle is kept for inspection in {failed}")
     else:
+        (work / "report.json").write_text(json.dumps({"passed": None, "calibration": calibration}, indent=2))
         log("[3/5] validation skipped (--no-validate)")
 
     use_atc = options.atc_mode == "always" or (options.atc_mode == "auto" and shutil.which("atc"))
@@ -237,6 +276,19 @@ def build_bundle(
     work.rename(out)
     log(f"bundle written to {out}")
     return out
+
+
+def _calibrate_on(policy: LoadedPolicy, options: BundleOptions, log: Callable[[str], None]) -> None:
+    """Run the float32 reference on the user's calibration observations (under the caller's recorder)."""
+    if not options.calibration:
+        return
+    engine = reference_engine(policy, options.tokenizer)
+    for path in options.calibration:
+        try:
+            engine.infer(Observation.from_npz(path))
+        except (EngineError, ValueError, OSError) as e:
+            raise BundleBuildError(f"calibration observation {path}: {e}") from e
+    log(f"      calibrated on {len(options.calibration)} observation(s) of yours as well")
 
 
 def _write_manifest(work: Path, manifest: Manifest) -> None:

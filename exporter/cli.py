@@ -105,6 +105,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             seed=args.seed,
             drop_empty_cameras=not args.keep_empty_cameras,
             fixed_prompts_only=args.fixed_prompts_only,
+            calibration=tuple(args.calibration or ()),
         )
         start = time.perf_counter()
         build_bundle(policy, args.out, options, log=log)
@@ -153,8 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=["fp32", "fp16"],
         default="fp32",
-        help="weights' precision in the graphs: fp16 for the 310P (norms, softmax, RoPE and residuals stay "
-        "fp32); default fp32",
+        help="weights' precision in the graphs: fp16 for the 310P (norms, softmax, RoPE, residuals and any "
+        "matmul calibrated near fp16's range stay fp32); default fp32",
+    )
+    bundle.add_argument(
+        "--calibration",
+        nargs="+",
+        type=Path,
+        metavar="OBS.npz",
+        help="observations (the request's field names, as `pi0-runtime infer --obs` takes) to calibrate fp16 "
+        "ranges on, beside the validation inputs: frames from your robot. Matmuls whose inputs or outputs "
+        "reach 2^13 stay float32 (report.json lists them)",
     )
     bundle.add_argument(
         "--num-steps", type=int, metavar="N", help="flow-matching steps (default: the checkpoint's, usually 10)"

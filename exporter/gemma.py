@@ -8,10 +8,11 @@ pi0.5's action expert conditions every norm on the flow time (adaptive RMSNorm, 
 transformers_replace GemmaRMSNorm with `cond_dim`): a dense layer of the condition gives scale, shift
 and gate; the norm is `norm(x) * (1 + scale) + shift` and the sub-layer's residual `x + y * gate`.
 
-Precision: the residual stream is always float32 and the matmuls run in the weights' dtype. Norms
-return the weights' dtype; each sub-layer's output is added back in float32. With float32 weights
-every cast is a no-op; with float16 weights these are the "fp32 islands" that keep Gemma's large
-residual activations (> 65 504) from overflowing.
+Precision (`exporter/layers.py`): the residual stream, norms, RoPE and softmax are always float32
+(`wide`); each matmul runs in its own weights' dtype (float16 where calibration allows, else float32)
+and each sub-layer's output is added back in float32. With float32 weights every cast is a no-op; with
+float16 weights these are the "fp32 islands" that keep Gemma's large residual activations (> 65 504)
+from overflowing.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exporter.dims import GemmaDims
+from exporter.layers import Linear, wide
 
 RMS_NORM_EPS = 1e-6
 ROPE_MAX_WAVELENGTH = 10_000
@@ -31,7 +33,7 @@ BIG_NEG = -2.3819763e38  # the masked-logit value of big_vision / openpi
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
+    xf = wide(x)
     return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_NORM_EPS)
 
 
@@ -41,8 +43,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
-        """-> the normed x in the weights' dtype, and no gate (`cond` is for the adaptive norm's surface)."""
-        return (_rms(x) * (1.0 + self.weight.float())).to(self.weight.dtype), None
+        """-> the normed x (float32), and no gate (`cond` is for the adaptive norm's surface)."""
+        return _rms(x) * (1.0 + wide(self.weight)), None
 
 
 class AdaptiveRMSNorm(nn.Module):
@@ -50,14 +52,13 @@ class AdaptiveRMSNorm(nn.Module):
 
     def __init__(self, dim: int, cond_dim: int) -> None:
         super().__init__()
-        self.dense = nn.Linear(cond_dim, 3 * dim)
+        self.dense = Linear(cond_dim, 3 * dim)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, S, W], cond [B, cond_dim] -> (norm(x) * (1 + scale) + shift in the weights' dtype, gate [B, 1, W])."""
+        """x [B, S, W], cond [B, cond_dim] -> (norm(x) * (1 + scale) + shift in float32, gate [B, 1, W])."""
         assert cond is not None, "the adaptive norm needs its condition"
-        scale, shift, gate = self.dense(cond.to(self.dense.weight.dtype))[:, None].chunk(3, dim=-1)
-        normed = _rms(x) * (1.0 + scale.float()) + shift.float()
-        return normed.to(self.dense.weight.dtype), gate
+        scale, shift, gate = self.dense(cond)[:, None].chunk(3, dim=-1)
+        return _rms(x) * (1.0 + wide(scale)) + wide(shift), gate
 
 
 def make_norm(dims: GemmaDims, adaptive: bool) -> nn.Module:
@@ -66,7 +67,7 @@ def make_norm(dims: GemmaDims, adaptive: bool) -> nn.Module:
 
 def gated(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     """The residual: `x + y`, or pi0.5's `x + y * gate`, in float32."""
-    return x + (y.float() if gate is None else y.float() * gate.float())
+    return x + (wide(y) if gate is None else wide(y) * wide(gate))
 
 
 @functools.lru_cache(maxsize=8)
@@ -79,17 +80,18 @@ def rope_timescales(head_dim: int) -> np.ndarray:
 def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of x [B, S, heads, D] at float positions [B, S]; rotates the two halves of D."""
     half = x.shape[-1] // 2
-    timescales = torch.from_numpy(rope_timescales(x.shape[-1]))
-    radians = positions[..., None, None].float() / timescales  # [B, S, 1, half]
+    xw = wide(x)
+    timescales = torch.from_numpy(rope_timescales(x.shape[-1])).to(xw.dtype)
+    radians = positions[..., None, None].to(xw.dtype) / timescales  # [B, S, 1, half]
     sin, cos = torch.sin(radians), torch.cos(radians)
-    x1, x2 = x.float().split(half, dim=-1)
+    x1, x2 = xw.split(half, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Multi-query attention: q [B, S, H, D], k and v [B, T, D], mask bool [B, S, T] -> [B, S, H*D]."""
     b, s, h, d = q.shape
-    scores = (q.transpose(1, 2).float() @ k[:, None].float().transpose(-1, -2)) * d**-0.5  # [B, H, S, T]
+    scores = (wide(q.transpose(1, 2)) @ wide(k[:, None]).transpose(-1, -2)) * d**-0.5  # [B, H, S, T]
     scores = torch.where(mask[:, None], scores, BIG_NEG)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return (probs @ v[:, None]).transpose(1, 2).reshape(b, s, h * d)
@@ -99,10 +101,10 @@ class GemmaAttention(nn.Module):
     def __init__(self, dims: GemmaDims) -> None:
         super().__init__()
         self.num_heads, self.head_dim = dims.num_heads, dims.head_dim
-        self.q_proj = nn.Linear(dims.width, dims.num_heads * dims.head_dim, bias=False)
-        self.k_proj = nn.Linear(dims.width, dims.head_dim, bias=False)
-        self.v_proj = nn.Linear(dims.width, dims.head_dim, bias=False)
-        self.o_proj = nn.Linear(dims.num_heads * dims.head_dim, dims.width, bias=False)
+        self.q_proj = Linear(dims.width, dims.num_heads * dims.head_dim, bias=False)
+        self.k_proj = Linear(dims.width, dims.head_dim, bias=False)
+        self.v_proj = Linear(dims.width, dims.head_dim, bias=False)
+        self.o_proj = Linear(dims.num_heads * dims.head_dim, dims.width, bias=False)
 
     def queries(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         b, s, _ = h.shape
@@ -117,12 +119,16 @@ class GemmaAttention(nn.Module):
 class GemmaMLP(nn.Module):
     def __init__(self, dims: GemmaDims) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(dims.width, dims.mlp_dim, bias=False)
-        self.up_proj = nn.Linear(dims.width, dims.mlp_dim, bias=False)
-        self.down_proj = nn.Linear(dims.mlp_dim, dims.width, bias=False)
+        self.gate_proj = Linear(dims.width, dims.mlp_dim, bias=False)
+        self.up_proj = Linear(dims.width, dims.mlp_dim, bias=False)
+        self.down_proj = Linear(dims.mlp_dim, dims.width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        """The product runs in the widest of its factors' and down_proj's dtypes: a product that
+        calibration found near fp16's range has down_proj kept in float32, and so the product too."""
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        dtype = torch.promote_types(torch.promote_types(gate.dtype, up.dtype), self.down_proj.weight.dtype)
+        return self.down_proj(F.gelu(gate.to(dtype), approximate="tanh") * up.to(dtype))
 
 
 class GemmaBlock(nn.Module):

@@ -86,6 +86,11 @@ class LoraLinear(nn.Module):
         self.base_weight = base_weight
         self.adapter = adapter
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, read where the model reads a Linear's (its dtype sets the MLP product's)."""
+        return self.base_weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.base_weight.to(x.dtype), self.bias) + self.adapter.path(x)
 

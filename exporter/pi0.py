@@ -30,6 +30,7 @@ from torch import nn
 
 from exporter.dims import Pi0Dims
 from exporter.gemma import GemmaStack
+from exporter.layers import Linear, wide
 from exporter.siglip import SiglipVision
 
 TIME_MIN_PERIOD, TIME_MAX_PERIOD = 4e-3, 4.0
@@ -56,7 +57,7 @@ def time_frequencies(width: int) -> np.ndarray:
 
 def time_embedding(t: torch.Tensor, width: int) -> torch.Tensor:
     """Sinusoidal embedding of the flow time t [B] -> [B, width]: sin first, periods 4e-3 .. 4."""
-    phase = t.float()[:, None] * torch.from_numpy(time_frequencies(width))[None]
+    phase = wide(t)[:, None] * torch.from_numpy(time_frequencies(width)).to(wide(t).dtype)[None]
     return torch.cat([torch.sin(phase), torch.cos(phase)], dim=-1)
 
 
@@ -66,19 +67,19 @@ class Pi0(nn.Module):
         self.dims = dims
         vis, lang, exp = dims.vision, dims.language, dims.expert
         self.vision = SiglipVision(vis)
-        self.projector = nn.Linear(vis.width, lang.width)
+        self.projector = Linear(vis.width, lang.width)
         self.embed_tokens = nn.Embedding(dims.vocab_size, lang.width)
         self.llm = GemmaStack(lang, final_norm=False)
         self.expert = GemmaStack(exp, final_norm=True, adaptive=dims.pi05)
-        self.action_in_proj = nn.Linear(dims.max_action_dim, exp.width)
+        self.action_in_proj = Linear(dims.max_action_dim, exp.width)
         if dims.pi05:
-            self.time_mlp_in = nn.Linear(exp.width, exp.width)
-            self.time_mlp_out = nn.Linear(exp.width, exp.width)
+            self.time_mlp_in = Linear(exp.width, exp.width)
+            self.time_mlp_out = Linear(exp.width, exp.width)
         else:
-            self.state_proj = nn.Linear(dims.max_state_dim, exp.width)
-            self.action_time_mlp_in = nn.Linear(2 * exp.width, exp.width)
-            self.action_time_mlp_out = nn.Linear(exp.width, exp.width)
-        self.action_out_proj = nn.Linear(exp.width, dims.max_action_dim)
+            self.state_proj = Linear(dims.max_state_dim, exp.width)
+            self.action_time_mlp_in = Linear(2 * exp.width, exp.width)
+            self.action_time_mlp_out = Linear(exp.width, exp.width)
+        self.action_out_proj = Linear(exp.width, dims.max_action_dim)
 
     # --- prefix: the VLM graph --------------------------------------------------------------------
 
@@ -91,9 +92,9 @@ class Pi0(nn.Module):
         image_embs = self.projector(self.vision(images.flatten(0, 1))).reshape(b, cams * n, -1)
         # Image tokens are not scaled: LeRobot divides them by sqrt(width) inside transformers'
         # get_image_features and multiplies them back by sqrt(width) in embed_prefix.
-        lang_embs = self.embed_tokens(tokens).float() * math.sqrt(self.dims.language.width)
+        lang_embs = wide(self.embed_tokens(tokens)) * math.sqrt(self.dims.language.width)
         image_valid = image_masks[:, :, None].expand(b, cams, n).reshape(b, cams * n)
-        return torch.cat([image_embs.float(), lang_embs], dim=1), torch.cat([image_valid, token_mask], dim=1)
+        return torch.cat([wide(image_embs), lang_embs], dim=1), torch.cat([image_valid, token_mask], dim=1)
 
     def prefix_kv(
         self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor
@@ -154,21 +155,4 @@ class Pi0(nn.Module):
         positions = offset + torch.arange(s, dtype=torch.float32)[None]
         for i, layer in enumerate(self.expert.layers):
             x, _, _ = layer(x, positions, mask, context=(prefix_keys[i], prefix_values[i]), cond=cond)
-        return self.action_out_proj(self.expert.norm(x[:, first_action:], cond)[0].float())
-
-
-def to_precision_(model: Pi0, precision: str) -> Pi0:
-    """Put the model's weights in the export precision, in place, one tensor at a time.
-
-    fp16: the towers (vision, projector, embeddings, both Gemmas) go to float16, for the 310P's cube
-    units; the small suffix projections (and pi0.5's time MLP) stay float32 (as LeRobot keeps them), and so do the norms,
-    softmax, RoPE and the residual stream, which the forward code computes in float32 whatever the
-    weights (see gemma.py). fp32: everything float32.
-    """
-    if precision not in ("fp32", "fp16"):
-        raise ValueError(f"precision must be 'fp32' or 'fp16', not {precision!r}")
-    dtype = torch.float16 if precision == "fp16" else torch.float32
-    for tower in (model.vision, model.projector, model.embed_tokens, model.llm, model.expert):
-        for param in tower.parameters():
-            param.data = param.data.to(dtype)
-    return model
+        return self.action_out_proj(self.expert.norm(x[:, first_action:], cond)[0])

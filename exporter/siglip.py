@@ -3,7 +3,7 @@
 Patchify with a stride-14 convolution, add a learned position embedding, pre-LN transformer blocks
 (multi-head attention with biases, GELU-tanh MLP), a final LayerNorm. No pooling head: pi0 keeps
 all 256 tokens. Parameter names inside blocks follow HF so a checkpoint maps over by prefix.
-Precision as in gemma.py: float32 residual stream and LayerNorms, matmuls in the weights' dtype.
+Precision as in gemma.py: float32 residual stream and LayerNorms, each matmul in its own weights' dtype.
 """
 
 from __future__ import annotations
@@ -13,42 +13,44 @@ import torch.nn.functional as F
 from torch import nn
 
 from exporter.dims import VisionDims
+from exporter.layers import Conv2d, Linear, wide
 
 LAYER_NORM_EPS = 1e-6
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the weights' dtype; returns the weights' dtype."""
+    """LayerNorm computed (and returned) in float32 whatever the weights' dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight, self.bias
-        return F.layer_norm(x.float(), self.normalized_shape, w.float(), b.float(), self.eps).to(w.dtype)
+        xw = wide(x)
+        w, b = self.weight.to(xw.dtype), self.bias.to(xw.dtype)
+        return F.layer_norm(xw, self.normalized_shape, w, b, self.eps)
 
 
 class SiglipAttention(nn.Module):
     def __init__(self, dims: VisionDims) -> None:
         super().__init__()
         self.num_heads, self.head_dim = dims.num_heads, dims.head_dim
-        self.q_proj = nn.Linear(dims.width, dims.width)
-        self.k_proj = nn.Linear(dims.width, dims.width)
-        self.v_proj = nn.Linear(dims.width, dims.width)
-        self.out_proj = nn.Linear(dims.width, dims.width)
+        self.q_proj = Linear(dims.width, dims.width)
+        self.k_proj = Linear(dims.width, dims.width)
+        self.v_proj = Linear(dims.width, dims.width)
+        self.out_proj = Linear(dims.width, dims.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, w = x.shape
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        scores = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim**-0.5
-        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+        scores = (wide(q) @ wide(k).transpose(-1, -2)) * self.head_dim**-0.5
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
         return self.out_proj((probs @ v).transpose(1, 2).reshape(b, n, w))
 
 
 class SiglipMLP(nn.Module):
     def __init__(self, dims: VisionDims) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dims.width, dims.mlp_dim)
-        self.fc2 = nn.Linear(dims.mlp_dim, dims.width)
+        self.fc1 = Linear(dims.width, dims.mlp_dim)
+        self.fc2 = Linear(dims.mlp_dim, dims.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -63,24 +65,23 @@ class SiglipBlock(nn.Module):
         self.mlp = SiglipMLP(dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x)).float()
-        return x + self.mlp(self.layer_norm2(x)).float()
+        x = x + wide(self.self_attn(self.layer_norm1(x)))
+        return x + wide(self.mlp(self.layer_norm2(x)))
 
 
 class SiglipVision(nn.Module):
-    """[N, 3, 224, 224] in [-1, 1] -> [N, 256, width] (in the weights' dtype)."""
+    """[N, 3, 224, 224] in [-1, 1] -> [N, 256, width] (float32)."""
 
     def __init__(self, dims: VisionDims) -> None:
         super().__init__()
-        self.patch_embedding = nn.Conv2d(3, dims.width, kernel_size=dims.patch_size, stride=dims.patch_size)
+        self.patch_embedding = Conv2d(3, dims.width, kernel_size=dims.patch_size, stride=dims.patch_size)
         self.position_embedding = nn.Embedding(dims.num_patches, dims.width)
         self.layers = nn.ModuleList(SiglipBlock(dims) for _ in range(dims.depth))
         self.post_layernorm = LayerNorm(dims.width, eps=LAYER_NORM_EPS)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        dtype = self.patch_embedding.weight.dtype
-        x = self.patch_embedding(images.to(dtype)).flatten(2).transpose(1, 2).float()
-        x = x + self.position_embedding.weight[None].float()
+        x = wide(self.patch_embedding(images).flatten(2).transpose(1, 2))
+        x = x + self.position_embedding.weight[None].to(x.dtype)
         for layer in self.layers:
             x = layer(x)
         return self.post_layernorm(x)

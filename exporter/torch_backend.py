@@ -20,21 +20,27 @@ PrefixCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class TorchBackend:
+    """`dtype`: what float inputs are cast to (float64 when the model runs in float64 for the floor)."""
+
     name = "pytorch"
 
-    def __init__(self, model: Pi0) -> None:
-        self.model = model
+    def __init__(self, model: Pi0, dtype: torch.dtype = torch.float32) -> None:
+        self.model, self.dtype = model, dtype
+
+    def as_tensor(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.asarray(array))
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
     @torch.no_grad()
     def prefix(self, inputs: ModelInputs) -> PrefixCache:
         """The prefix's keys, values and validity, kept as tensors for the steps."""
-        t = torch.from_numpy
+        t = self.as_tensor
         return self.model.prefix_kv(t(inputs.images), t(inputs.image_masks), t(inputs.tokens), t(inputs.token_mask))
 
     @torch.no_grad()
     def velocity(self, cache: PrefixCache, state: np.ndarray, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
-        as_tensor = torch.from_numpy
-        return self.model.velocity(as_tensor(state), as_tensor(x_t), as_tensor(t), *cache).numpy()
+        t_ = self.as_tensor
+        return self.model.velocity(t_(state), t_(x_t), t_(t), *cache).numpy()
 
     def close(self) -> None:
         pass

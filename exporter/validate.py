@@ -1,11 +1,17 @@
-"""Validation: the exported graphs under onnxruntime against the float32 PyTorch model.
+"""Validation: the exported graphs under onnxruntime against the float32 PyTorch model, judged by the
+model's own precision.
 
 Three comparisons on the same deterministic inputs, all in the normalized (network) space:
 - vlm: the prefix keys and values of every layer;
 - expert: one velocity at t = 1, fed the *reference* prefix cache, so its error is the expert's own;
 - end to end: the VLM graph once and the expert graph num_steps times in the Euler loop, against
   the PyTorch sampler from the same noise.
-Thresholds apply end to end: fp32 max abs <= 1e-4; fp16 cosine >= 0.999 and mean abs <= 1e-2.
+The same three are measured for two yardsticks of the model itself: its float32 noise floor (the
+PyTorch model in float64 against float32) and its error in bfloat16, the precision pi0 was trained and
+is served in upstream. Absolute thresholds that a tiny fixture passes say nothing at real widths, so
+the criteria are relative (end to end, and against the unmerged LoRA forward where there is one):
+- fp32: max abs <= max(1e-4, FLOOR_MULTIPLE x the floor's max abs);
+- fp16: cosine >= 0.999, and max abs and mean abs no worse than the model's own bf16 run.
 The reference always runs the model as the checkpoint defines it; graphs that leave out the
 always-empty camera slots are fed the same inputs without them.
 """
@@ -15,18 +21,21 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
 from exporter.pi0 import Pi0
+from exporter.precision import weights_in
 from exporter.torch_backend import TorchBackend
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.engine import denoise, sample
 from runtime.pipeline import ModelInputs
 from runtime.spec import PolicySpec
 
-THRESHOLDS = {
-    "fp32": {"max_abs": 1e-4},
-    "fp16": {"cosine": 0.999, "mean_abs": 1e-2},
-}
+FP32_MAX_ABS = 1e-4  # where the floor is tiny (the fixtures)
+FLOOR_MULTIPLE = 10.0  # onnxruntime's accumulation order against PyTorch's: a few floors apart
+FP16_COSINE = 0.999
+# Against another implementation's output where no yardstick of the model ran (open-loop parity):
+ABSOLUTE = {"fp32": {"max_abs": FP32_MAX_ABS}, "fp16": {"cosine": FP16_COSINE, "mean_abs": 1e-2}}
 
 
 def compare(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
@@ -53,15 +62,60 @@ class Reference:
     actions: np.ndarray  # normalized, padded: the sampler's x(t=0)
 
 
-def reference(model: Pi0, inputs: ModelInputs, noise: np.ndarray, num_steps: int) -> Reference:
-    """Run the float32 model once (before it is cast for export) and keep what validation needs."""
-    backend = TorchBackend(model)
+def reference(
+    model: Pi0, inputs: ModelInputs, noise: np.ndarray, num_steps: int, dtype: torch.dtype = torch.float32,
+    context: Reference | None = None,
+) -> Reference:  # fmt: skip
+    """Run the model (in its present weights, inputs cast to `dtype`) and keep what validation needs.
+    With `context`, the expert's single velocity is fed that reference's prefix cache (its own error)."""
+    backend = TorchBackend(model, dtype)
     inputs = replace(inputs, tokens=inputs.tokens.astype(np.int64))
     cache = backend.prefix(inputs)
-    velocity = backend.velocity(cache, inputs.state, noise, np.ones(1, np.float32))
+    keys, values, mask = cache
+    own = (
+        cache
+        if context is None
+        else (backend.as_tensor(context.prefix_keys), backend.as_tensor(context.prefix_values), mask)
+    )
+    velocity = backend.velocity(own, inputs.state, noise, np.ones(1, np.float32))
     actions = denoise(backend, cache, inputs.state, noise, num_steps)
-    keys, values, _ = cache
-    return Reference(inputs, noise, num_steps, keys.numpy(), values.numpy(), velocity, actions)
+    as_np = lambda x: x.float().numpy() if x.dtype == torch.bfloat16 else x.numpy()  # noqa: E731
+    return Reference(inputs, noise, num_steps, as_np(keys), as_np(values), velocity, actions)
+
+
+def against(ref: Reference, other: Reference) -> dict[str, dict[str, float]]:
+    """`other`'s three figures against the float32 reference."""
+    return {
+        "vlm": compare(
+            np.concatenate([other.prefix_keys, other.prefix_values]),
+            np.concatenate([ref.prefix_keys, ref.prefix_values]),
+        ),
+        "expert": compare(other.velocity, ref.velocity),
+        "end_to_end": compare(other.actions, ref.actions),
+    }
+
+
+def yardsticks(model: Pi0, ref: Reference) -> dict[str, dict[str, dict[str, float]]]:
+    """The model's float32 noise floor (float64 against float32) and its bf16 error, on ref's inputs.
+    The model's float32 weights are untouched afterwards (`weights_in` puts them back)."""
+    with weights_in(model, torch.float64):
+        floor = reference(model, ref.inputs, ref.noise, ref.num_steps, torch.float64, context=ref)
+    with weights_in(model, torch.bfloat16, towers_only=True):
+        bf16 = reference(model, ref.inputs, ref.noise, ref.num_steps, context=ref)
+    return {"floor_fp64": against(ref, floor), "bf16": against(ref, bf16)}
+
+
+def thresholds(precision: str, marks: dict[str, dict[str, dict[str, float]]] | None) -> dict[str, float]:
+    """The end-to-end criteria for `precision`, from the model's own yardsticks (see the module doc);
+    without yardsticks (a LoRA reference's, say), fp32's absolute bound and fp16's cosine."""
+    if precision == "fp32":
+        floor = marks["floor_fp64"]["end_to_end"]["max_abs"] if marks else 0.0
+        return {"max_abs": max(FP32_MAX_ABS, FLOOR_MULTIPLE * floor)}
+    limits = {"cosine": FP16_COSINE}
+    if marks:
+        bf16 = marks["bf16"]["end_to_end"]
+        limits.update(max_abs=bf16["max_abs"], mean_abs=bf16["mean_abs"])
+    return limits
 
 
 def graph_inputs(ref: Reference, spec: PolicySpec) -> tuple[ModelInputs, np.ndarray]:
@@ -86,12 +140,17 @@ def graph_inputs(ref: Reference, spec: PolicySpec) -> tuple[ModelInputs, np.ndar
 
 
 def validate(
-    backend: OnnxRuntimeBackend, ref: Reference, precision: str, spec: PolicySpec, lora_ref: Reference | None = None
+    backend: OnnxRuntimeBackend,
+    ref: Reference,
+    precision: str,
+    spec: PolicySpec,
+    marks: dict[str, dict[str, dict[str, float]]] | None = None,
+    lora_ref: Reference | None = None,
 ) -> dict:
-    """Compare the backend (graphs for `spec`) with the reference; the report says, per check, whether
-    it passed. Graphs without the empty camera slots are compared on the prefix positions they keep.
-    `lora_ref`: the checkpoint's unmerged LoRA forward, which the bundle (merged weights) must match too,
-    so that every export proves its merge."""
+    """Compare the backend (graphs for `spec`) with the reference; `marks`: the model's own yardsticks
+    (`yardsticks`), which set the criteria. Graphs without the empty camera slots are compared on the
+    prefix positions they keep. `lora_ref`: the checkpoint's unmerged LoRA forward, which the bundle
+    (merged weights) must match too, so that every export proves its merge."""
     inputs, kept = graph_inputs(ref, spec)
     ref_keys, ref_values = ref.prefix_keys[:, :, kept], ref.prefix_values[:, :, kept]
     cache = backend.prefix(inputs)
@@ -110,29 +169,37 @@ def validate(
     }
     if lora_ref is not None:
         results["vs_lora_forward"] = compare(actions, lora_ref.actions)
-    thresholds = THRESHOLDS[precision]
+    limits = thresholds(precision, marks)
     failures = [
-        f"{name} {metric} {r[metric]:.3g} {'<' if metric == 'cosine' else '>'} {limit:g}"
+        f"{name} {metric} {r[metric]:.3g} {'<' if metric == 'cosine' else '>'} {limit:.3g}"
         for name, r in results.items()
         if name in ("end_to_end", "vs_lora_forward")
-        for metric, limit in thresholds.items()
+        for metric, limit in limits.items()
         if not (r[metric] >= limit if metric == "cosine" else r[metric] <= limit)
     ]
     return {
         "precision": precision,
         "num_steps": ref.num_steps,
         "space": "normalized actions (before de-normalization)",
-        "thresholds": thresholds,
+        "thresholds": limits,
+        "criteria": "fp32: max abs <= max(1e-4, 10 x floor); fp16: cosine >= 0.999, max and mean abs <= bf16's",
         "results": results,
+        "yardsticks": marks or {},
         "passed": not failures,
         "failures": failures,
     }
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{'graph':<16} {'max abs':>10} {'mean abs':>10} {'cosine':>12}"]
+    """Per graph: the bundle's error, and beside it the floor's and bf16's (max abs)."""
+    marks = report.get("yardsticks") or {}
+    lines = [f"{'graph':<16} {'max abs':>10} {'mean abs':>10} {'cosine':>12} {'floor fp64':>11} {'bf16':>10}"]
     for name, r in report["results"].items():
-        lines.append(f"{name:<16} {r['max_abs']:>10.3g} {r['mean_abs']:>10.3g} {r['cosine']:>12.8f}")
+        floor = marks.get("floor_fp64", {}).get(name, {}).get("max_abs")
+        bf16 = marks.get("bf16", {}).get(name, {}).get("max_abs")
+        extra = "".join(f" {v:>10.3g}" if v is not None else f" {'':>10}" for v in (floor, bf16))
+        lines.append(f"{name:<16} {r['max_abs']:>10.3g} {r['mean_abs']:>10.3g} {r['cosine']:>12.8f}{extra}")
+    limits = ", ".join(f"{k} {v:.3g}" for k, v in report["thresholds"].items())
     verdict = "passed" if report["passed"] else "FAILED: " + "; ".join(report["failures"])
-    lines.append(f"{report['precision']} thresholds {report['thresholds']}: {verdict}")
+    lines.append(f"{report['precision']} criteria ({limits}): {verdict}")
     return "\n".join(lines)

@@ -4,16 +4,25 @@ from pi0_client import PolicyClient, ActionChunkBroker
 """
 
 from pi0_client.broker import ActionChunkBroker
-from pi0_client.client import BusyError, PolicyClient, PolicyError, ServerUnavailableError
+from pi0_client.client import (
+    BusyError,
+    ConnectionDroppedError,
+    PolicyClient,
+    PolicyError,
+    RequestTooLargeError,
+    ServerUnavailableError,
+)
 from pi0_client.metadata import Camera, Metadata, PromptInfo
 
 __all__ = [
     "ActionChunkBroker",
     "BusyError",
     "Camera",
+    "ConnectionDroppedError",
     "Metadata",
     "PolicyClient",
     "PolicyError",
     "PromptInfo",
+    "RequestTooLargeError",
     "ServerUnavailableError",
 ]

@@ -8,6 +8,10 @@ A REQ socket with the ZeroMQ guide's lazy-pirate pattern: when a reply does not 
 `timeout_s`, the socket is closed and reopened and the request sent again (`retries` times), so a
 restarted daemon is picked up and a late reply to an abandoned request can never be read as the
 answer to a new one. Error replies raise typed exceptions.
+
+A frame over the server's `max_frame_bytes` is not answered: the server drops the connection before
+reading it. Once `metadata()` has told the limits, such a request is refused here, before sending
+(`RequestTooLargeError`); otherwise the dropped connection is reported as `ConnectionDroppedError`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import numpy as np
 import zmq
 import zmq.auth
+from zmq.utils.monitor import recv_monitor_message
 
 from pi0_client import protocol
 from pi0_client.metadata import Metadata
@@ -36,8 +41,17 @@ class BusyError(PolicyError):
     """The server's queue is full: retry later."""
 
 
+class RequestTooLargeError(PolicyError):
+    """A frame or the request exceeds the limits the server's metadata states; nothing was sent."""
+
+
 class ServerUnavailableError(TimeoutError):
     """No reply after every retry."""
+
+
+class ConnectionDroppedError(ServerUnavailableError):
+    """No reply, and the server closed the connection: it does so for a frame over its `max_frame_bytes`
+    (or it restarted)."""
 
 
 class PolicyClient:
@@ -67,26 +81,53 @@ class PolicyClient:
         self.retries = retries
         self.context = context or zmq.Context.instance()
         self.socket: zmq.Socket | None = None
+        self.monitor: zmq.Socket | None = None
+        self.limits: tuple[int | None, int | None] = (None, None)  # max frame, max request: from metadata()
 
     def _connect(self) -> zmq.Socket:
         sock = self.context.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
         if self.curve is not None:
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self.curve
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint)
         return sock
 
+    def _was_dropped(self) -> bool:
+        """Whether the server closed this socket's connection since it was opened."""
+        dropped = False
+        while self.monitor is not None and self.monitor.poll(0):
+            dropped |= recv_monitor_message(self.monitor)["event"] == zmq.EVENT_DISCONNECTED
+        return dropped
+
     def _drop_socket(self) -> None:
         if self.socket is not None:
+            self.socket.disable_monitor()
+            self.monitor.close(linger=0)
             self.socket.close(linger=0)
-            self.socket = None
+            self.socket = self.monitor = None
+
+    def _check_size(self, arrays: dict[str, np.ndarray]) -> None:
+        max_frame, max_request = self.limits
+        sizes = {name: np.asarray(a).nbytes for name, a in arrays.items()}
+        for name, size in sizes.items():
+            if max_frame is not None and size > max_frame:
+                raise RequestTooLargeError(
+                    "too_large", f"{name} is {size} bytes; the server drops frames over {max_frame} (max_frame_bytes)"
+                )
+        if max_request is not None and sum(sizes.values()) > max_request:
+            raise RequestTooLargeError(
+                "too_large", f"the arrays add up to {sum(sizes.values())} bytes; the server takes {max_request}"
+            )
 
     def request(
         self, kind: str, header: dict[str, Any] | None = None, arrays: dict[str, np.ndarray] | None = None
     ) -> tuple[dict, dict]:
         """Send one request and return (header, arrays) of its successful reply."""
         request_id = uuid.uuid4().hex
+        self._check_size(arrays or {})
         frames = protocol.encode({**(header or {}), "kind": kind, "id": request_id}, arrays)
+        dropped = False
         for _ in range(self.retries + 1):
             if self.socket is None:
                 self.socket = self._connect()
@@ -94,11 +135,17 @@ class PolicyClient:
             if self.socket.poll(self.timeout_ms, zmq.POLLIN):
                 reply, reply_arrays = protocol.decode(self.socket.recv_multipart(copy=False))
                 break
+            dropped |= self._was_dropped()
             self._drop_socket()  # lazy pirate: a REQ socket cannot send again before it receives
         else:
-            raise ServerUnavailableError(
-                f"no reply from {self.endpoint} in {self.retries + 1} tries of {self.timeout_ms} ms"
-            )
+            tries = f"{self.retries + 1} tries of {self.timeout_ms} ms"
+            if dropped:
+                largest = max((np.asarray(a).nbytes for a in (arrays or {}).values()), default=0)
+                raise ConnectionDroppedError(
+                    f"{self.endpoint} closed the connection without replying ({tries}); it does so for a frame "
+                    f"over its max_frame_bytes (this request's largest: {largest} bytes; see metadata()), or it restarted"
+                )
+            raise ServerUnavailableError(f"no reply from {self.endpoint} in {tries}")
         if reply.get("id") not in (request_id, None):
             raise PolicyError("protocol", f"reply to request {reply.get('id')!r}, expected {request_id!r}")
         if not reply.get("ok"):
@@ -119,7 +166,10 @@ class PolicyClient:
         return result
 
     def metadata(self) -> Metadata:
-        return Metadata.from_dict(self.request("metadata")[0]["metadata"])
+        """The server's description; also teaches this client the server's size limits."""
+        meta = Metadata.from_dict(self.request("metadata")[0]["metadata"])
+        self.limits = (meta.max_frame_bytes, meta.max_request_bytes)
+        return meta
 
     def stats(self) -> dict[str, Any]:
         return self.request("stats")[0]["stats"]

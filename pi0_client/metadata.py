@@ -41,6 +41,10 @@ class Metadata:
     conventions: str | None = None  # the framework's conventions the policy follows (e.g. "openpi")
     image_layouts: tuple[str, ...] = IMAGE_LAYOUTS
     image_dtype: str = "uint8"
+    # The server's intake limits (docs/protocol.md): a frame over max_frame_bytes gets the connection
+    # dropped without a reply; a request over max_request_bytes gets `bad_request`.
+    max_frame_bytes: int | None = None
+    max_request_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # what a newer server adds, kept as it came
 
     @property
@@ -67,13 +71,16 @@ class Metadata:
             "conventions": self.conventions,
             "backend": self.backend,
             "source": self.source,
+            "max_frame_bytes": self.max_frame_bytes,
+            "max_request_bytes": self.max_request_bytes,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Metadata:
         known = {
             "cameras", "image_layouts", "image_dtype", "state_dim", "action_dim", "chunk_size", "num_steps",
-            "noise_shape", "prompt", "precision", "conventions", "backend", "source",
+            "noise_shape", "prompt", "precision", "conventions", "backend", "source", "max_frame_bytes",
+            "max_request_bytes",
         }  # fmt: skip
         prompt = d["prompt"]
         return cls(
@@ -90,5 +97,7 @@ class Metadata:
             conventions=d.get("conventions"),
             image_layouts=tuple(d.get("image_layouts", IMAGE_LAYOUTS)),
             image_dtype=d.get("image_dtype", "uint8"),
+            max_frame_bytes=d.get("max_frame_bytes"),
+            max_request_bytes=d.get("max_request_bytes"),
             extra={k: v for k, v in d.items() if k not in known},
         )

@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 
 from runtime.auth import generate_keys
-from runtime.backends import BACKENDS, make_backend
+from runtime.backends import BACKENDS, make_backend, resolve_backend
 from runtime.bundle import BundleError, load_bundle
 from runtime.config import DEFAULTS, load_config, server_config
 from runtime.engine import Engine, EngineError
+from runtime.intake import cgroup_memory_max, check_memory_for
 from runtime.npu import cann_environment, detect_soc, environment_file, find_set_env
 from runtime.observation import Observation
 from runtime.store import DEFAULT_STORE, BundleStore, StoreError
@@ -47,6 +48,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("loading bundle %s ...", config["bundle"])
     bundle = load_bundle(config["bundle"])
     settings = server_config(config, bundle.spec.action_dim)
+    graphs = bundle.manifest.graphs.values()
+    weights = sum((bundle.root / f).stat().st_size for g in graphs for f in (g.onnx, g.onnx_data) if f)
+    check_memory_for(weights, resolve_backend(bundle, config["backend"]), cgroup_memory_max())
 
     def engine_factory() -> Engine:
         return Engine.from_bundle(bundle, make_backend(bundle, config["backend"], config["threads"]))
@@ -296,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (BundleError, EngineError, StoreError, ValueError, FileNotFoundError, PermissionError) as e:
+    except (BundleError, EngineError, StoreError, ValueError, FileNotFoundError, PermissionError, MemoryError) as e:
         log.error("%s", e)
         return 2
 

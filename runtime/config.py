@@ -18,6 +18,10 @@ DEFAULTS: dict[str, Any] = {
     "threads": 0,  # onnxruntime intra-op threads; 0: one per core
     "queue_size": _SERVER.queue_size,
     "hang_timeout_s": _SERVER.hang_timeout_s,
+    # Intake (runtime/intake.py): the largest frame a client may send (None: from the bundle's cameras,
+    # each at max(2x its trained size, 1920x1080)); a larger one gets the connection dropped.
+    "max_frame_bytes": _SERVER.max_frame_bytes,
+    "log_interval_s": _SERVER.log_interval_s,  # refusals: first in full, then one summary per kind per interval
     "limits": {},  # the [limits] table: joint_min, joint_max, max_step (one per action dimension), clamp
     # CURVE (see runtime/auth.py): the daemon's secret key file and a directory of allowed client keys.
     "curve_server_key": None,
@@ -59,6 +63,8 @@ def server_config(config: dict[str, Any], action_dim: int) -> ServerConfig:
         endpoint=config["endpoint"],
         queue_size=config["queue_size"],
         hang_timeout_s=config["hang_timeout_s"],
+        max_frame_bytes=config["max_frame_bytes"],
+        log_interval_s=config["log_interval_s"],
         limits=ActionLimits.from_config(config["limits"], action_dim),
         curve=curve,
     )

@@ -3,7 +3,9 @@
 The main thread owns the socket: it hands each request's frames to the service, sends what the service
 answers at once (`metadata`/`stats`/`ping`, refusals), and puts `infer` jobs in a bounded queue (full: an
 immediate `busy` reply). One worker thread runs the jobs in order and hands each reply back over an
-inproc pipe; the main thread sends it. Every request gets exactly one reply.
+inproc pipe; the main thread sends it. Every request gets exactly one reply, except one with a frame
+over `max_frame_bytes`: libzmq drops that connection before allocating the frame (`runtime.intake`).
+Frames beyond what a request can have are released as they are read.
 
 systemd: READY=1 after the bundle is loaded and a warm-up inference ran; WATCHDOG=1 only while the
 worker is not stuck on a request (a hung backend stops the pings, and systemd restarts us); STATUS=
@@ -27,8 +29,9 @@ import zmq
 from pi0_client import protocol
 from runtime import systemd
 from runtime.auth import CurveConfig
+from runtime.intake import RCVHWM, REQUEST_FRAMES, SNDHWM, give_back_memory
 from runtime.limits import ActionLimits
-from runtime.service import InferJob, ServedEngine, Service
+from runtime.service import InferJob, Peer, ServedEngine, Service
 from runtime.stats import summarize
 
 log = logging.getLogger("pi0-runtime")
@@ -43,11 +46,15 @@ class ServerConfig:
     warm_up: bool = True  # one synthetic inference before READY=1
     limits: ActionLimits = field(default_factory=ActionLimits)
     curve: CurveConfig | None = None  # for network endpoints: only allow-listed client keys are served
+    max_frame_bytes: int | None = None  # None: derived from the bundle's cameras (runtime.intake)
+    log_interval_s: float = 10.0  # refusals: the first of a kind in full, then one summary line per interval
 
 
 class Server:
     def __init__(self, engine_factory: Callable[[], ServedEngine], config: ServerConfig) -> None:
-        self.service = Service(engine_factory, config.limits)
+        self.service = Service(
+            engine_factory, config.limits, config.queue_size, config.max_frame_bytes, config.log_interval_s
+        )
         self.config = config
         self.requests: queue.Queue = queue.Queue(maxsize=config.queue_size)
         # A plain flag, not a threading.Event: the signal handler sets it, and a handler that takes a
@@ -82,14 +89,36 @@ class Server:
     def _shutting_down(self, request_id: Any) -> list[Any]:
         return protocol.encode(protocol.error_header(request_id, "shutting_down", "the server is stopping"))
 
-    def _handle(self, router: zmq.Socket, message: list[Any]) -> None:
-        if len(message) < 3 or message[1].bytes != b"":
-            reply = self.service.refuse(None, "bad_request", "expected [empty delimiter, header, arrays...]")
-            if message:
-                self._send(router, message[0], reply)
-            return
+    def _receive(self, router: zmq.Socket) -> tuple[list[Any], int]:
+        """One message, frame by frame: [identity, delimiter, header, arrays...] up to what a request can
+        have; the frames beyond are released as they are read. -> (frames kept, frames dropped)."""
+        frames: list[Any] = []
+        dropped, more = 0, True
+        while more:
+            frame = router.recv(copy=False)
+            more = frame.more
+            if len(frames) < 2 + REQUEST_FRAMES:
+                frames.append(frame)
+            else:
+                dropped += 1  # released here: nothing keeps it
+        return frames, dropped
+
+    def _handle(self, router: zmq.Socket) -> None:
+        message, dropped = self._receive(router)
         identity = message[0]
-        result = self.service.handle(message[2:])
+        peer = Peer(bytes(identity.bytes), _peer_address(message[-1]))
+        if dropped:
+            total = len(message) - 2 + dropped
+            reply = self.service.refuse(
+                None, "bad_request", f"{total} frames; a request has at most {REQUEST_FRAMES} (header + arrays)", peer
+            )
+            self._send(router, identity, reply)
+            return
+        if len(message) < 3 or message[1].bytes != b"":
+            reply = self.service.refuse(None, "bad_request", "expected [empty delimiter, header, arrays...]", peer)
+            self._send(router, identity, reply)
+            return
+        result = self.service.handle(message[2:], peer)
         if not isinstance(result, InferJob):
             self._send(router, identity, result)
         elif self.stopping:
@@ -98,8 +127,8 @@ class Server:
             try:
                 self.requests.put_nowait((identity, result))
             except queue.Full:
-                message = f"{self.config.queue_size} requests are already waiting; retry later"
-                self._send(router, identity, self.service.refuse(result.request_id, "busy", message))
+                text = f"{self.config.queue_size} requests are already waiting; retry later"
+                self._send(router, identity, self.service.refuse(result.request_id, "busy", text, peer))
 
     def _request_stop(self, *_: object) -> None:
         self.stopping = True
@@ -118,6 +147,9 @@ class Server:
     def serve(self) -> int:
         router = self.context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 2000)
+        router.setsockopt(zmq.MAXMSGSIZE, self.service.intake.max_frame_bytes)
+        router.setsockopt(zmq.RCVHWM, RCVHWM)
+        router.setsockopt(zmq.SNDHWM, SNDHWM)
         authenticator = self.config.curve.secure(self.context, router) if self.config.curve else None
         router.bind(self.config.endpoint)
         replies = self.context.socket(zmq.PAIR)
@@ -133,6 +165,11 @@ class Server:
             log.info("ready on %s (warm-up %.1f ms)", self.config.endpoint, timing["total_ms"])
         else:
             log.info("ready on %s", self.config.endpoint)
+        log.info("intake: %s", self.service.intake.describe())
+        # Everything the loop will import lazily, imported now: once a flood of connections has taken
+        # every descriptor the unit allows, an import (numpy's percentile pulls in numpy.ma) fails with
+        # EMFILE and would end the loop (seen under LimitNOFILE in the nspawn test).
+        summarize([0.0, 1.0])
         systemd.notify("READY=1")
         systemd.notify(self.status_line())
         ping_every = systemd.watchdog_interval()
@@ -145,7 +182,9 @@ class Server:
             if replies in events:
                 router.send_multipart(replies.recv_multipart())
             if router in events and not self.stopping:
-                self._handle(router, router.recv_multipart(copy=False))
+                self._handle(router)
+            if self.service.refusals.flush():
+                give_back_memory()  # after a burst of refused requests and connections
             now = time.monotonic()
             if ping_every and now - last_ping >= ping_every and self.healthy():
                 systemd.notify("WATCHDOG=1")
@@ -184,3 +223,11 @@ class Server:
         self.service.close()
         log.info("stopped")
         return 0
+
+
+def _peer_address(frame: zmq.Frame) -> str | None:
+    """The sender's address as libzmq reports it (TCP: its IP), for the refusal summaries."""
+    try:
+        return frame.get("Peer-Address")
+    except zmq.ZMQError:  # ipc/inproc: no address
+        return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,8 +19,10 @@ import numpy as np
 from pi0_client import protocol
 from pi0_client.metadata import Metadata
 from runtime.engine import EngineError
+from runtime.intake import Intake
 from runtime.limits import ActionLimits
 from runtime.observation import Observation, ObservationError
+from runtime.refusals import RefusalLog
 from runtime.stats import Stats
 
 log = logging.getLogger("pi0-runtime")
@@ -47,46 +49,79 @@ class InferJob:
     received: float  # time.perf_counter() when it arrived
 
 
+@dataclass(frozen=True)
+class Peer:
+    """Who sent a request, as far as the transport knows: a connection id and its address."""
+
+    connection: Any = None
+    address: str | None = None
+
+
 class Service:
-    def __init__(self, engine_factory: Callable[[], ServedEngine], limits: ActionLimits | None = None) -> None:
+    def __init__(
+        self,
+        engine_factory: Callable[[], ServedEngine],
+        limits: ActionLimits | None = None,
+        queue_size: int = 4,
+        max_frame_bytes: int | None = None,
+        log_interval_s: float = 10.0,
+    ) -> None:
         self.engine_factory = engine_factory
         self.engine = engine_factory()
         self.limits = limits or ActionLimits()
+        self.intake = Intake.for_metadata(self.engine.metadata(), queue_size, max_frame_bytes)
         self.stats = Stats()
+        self.refusals = RefusalLog(log_interval_s)
 
-    def refuse(self, request_id: Any, code: str, message: str) -> list[Any]:
-        """Count, log and encode one error reply."""
+    def refuse(self, request_id: Any, code: str, message: str, peer: Peer | None = None) -> list[Any]:
+        """Count, log (rate-limited) and encode one error reply."""
         self.stats.counts[code] += 1
-        log.warning("request %s refused (%s): %s", request_id, code, message)
+        peer = peer or Peer()
+        self.refusals.record(code, request_id, message, peer.connection, peer.address)
         return protocol.encode(protocol.error_header(request_id, code, message))
 
-    def handle(self, frames: list[Any]) -> list[Any] | InferJob:
+    def metadata(self) -> Metadata:
+        """The engine's metadata with this server's intake limits, so a client can check before sending."""
+        return replace(
+            self.engine.metadata(),
+            max_frame_bytes=self.intake.max_frame_bytes,
+            max_request_bytes=self.intake.max_request_bytes,
+        )
+
+    def handle(self, frames: list[Any], peer: Peer | None = None) -> list[Any] | InferJob:
         """One request's frames (header, arrays) -> the reply's frames, or the `infer` job to run."""
         received = time.perf_counter()
         try:
             header, arrays = protocol.decode(frames)
         except protocol.ProtocolError as e:
-            return self.refuse(None, e.code, e.message)
+            return self.refuse(None, e.code, e.message, peer)
         except Exception as e:  # a decoder bug must cost one reply, not the serving loop
             log.exception("could not decode a request")
-            return self.refuse(None, "internal", f"could not decode the request: {type(e).__name__}")
+            return self.refuse(None, "internal", f"could not decode the request: {type(e).__name__}", peer)
         request_id, kind = header.get("id"), header.get("kind")
         self.stats.counts[f"kind:{kind}"] += 1
         if kind == "ping":
             return protocol.encode({"id": request_id, "ok": True, "kind": "ping"})
         if kind == "metadata":
-            metadata = self.engine.metadata().to_dict()
+            metadata = self.metadata().to_dict()
             return protocol.encode({"id": request_id, "ok": True, "kind": "metadata", "metadata": metadata})
         if kind == "stats":
             return protocol.encode({"id": request_id, "ok": True, "kind": "stats", "stats": self.stats.summary()})
         if kind != "infer":
             return self.refuse(
-                request_id, "unknown_kind", f"unknown request kind {kind!r}; expected one of {list(protocol.KINDS)}"
+                request_id,
+                "unknown_kind",
+                f"unknown request kind {kind!r}; expected one of {list(protocol.KINDS)}",
+                peer,
             )
+        size = sum(a.nbytes for a in arrays.values())
+        if size > self.intake.max_request_bytes:
+            message = f"request of {size} bytes exceeds this server's {self.intake.max_request_bytes} (metadata max_request_bytes)"
+            return self.refuse(request_id, "bad_request", message, peer)
         try:
             return InferJob(request_id, Observation.from_request(header, arrays), received)
         except ObservationError as e:
-            return self.refuse(request_id, "bad_request", str(e))
+            return self.refuse(request_id, "bad_request", str(e), peer)
 
     def run(self, job: InferJob) -> list[Any]:
         """Run the engine on one job -> the reply's frames (actions, or an error)."""

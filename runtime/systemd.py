@@ -1,6 +1,10 @@
-"""Living under systemd: sd_notify for a `Type=notify` service (systemd-python where installed, else the
-plain protocol: one datagram to the unix socket named by $NOTIFY_SOCKET; '@' means the abstract
-namespace), logging to stdout for the journal, and restarting the unit after a bundle change."""
+"""Living under systemd: sd_notify for a `Type=notify` service (the protocol itself: one datagram per
+message to the unix socket named by $NOTIFY_SOCKET; '@' means the abstract namespace), logging to stdout
+for the journal, and restarting the unit after a bundle change.
+
+The notify socket is opened once and kept: sd_notify(3) opens one per message, which fails once a flood
+of connections has taken every descriptor the unit allows (LimitNOFILE=), and a watchdog ping that
+cannot be sent gets a healthy daemon killed."""
 
 from __future__ import annotations
 
@@ -35,27 +39,26 @@ def restart_service(unit: str = SERVICE) -> bool:
     return True
 
 
-def notify(message: str) -> bool:
-    """Send e.g. "READY=1", "WATCHDOG=1", "STATUS=...", "STOPPING=1". False when not under systemd."""
-    try:
-        from systemd import daemon  # type: ignore[import-not-found]
+_notify_socket: socket.socket | None = None
 
-        return bool(daemon.notify(message))
-    except ImportError:
-        pass
+
+def notify(message: str) -> bool:
+    """Send e.g. "READY=1", "WATCHDOG=1", "STATUS=...", "STOPPING=1". False when not under systemd or
+    when the message could not be sent."""
+    global _notify_socket
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.connect(address)
-            # Never wait: the serving loop sends these, and a reader that falls behind (a full socket)
-            # must not stall it. systemd reads at once; a dropped ping only makes the next one count.
-            sock.send(message.encode(), socket.MSG_DONTWAIT)
-        except OSError:  # BlockingIOError included
-            return False
+    try:
+        if _notify_socket is None:
+            _notify_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        # Never wait: the serving loop sends these, and a reader that falls behind (a full socket) must
+        # not stall it. systemd reads at once; a dropped ping only makes the next one count.
+        _notify_socket.sendto(message.encode(), socket.MSG_DONTWAIT, address)
+    except OSError:  # BlockingIOError included
+        return False
     return True
 
 

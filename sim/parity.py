@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.validate import THRESHOLDS, compare
+from exporter.validate import ABSOLUTE, compare
 from runtime.engine import Engine, Prompts
 from runtime.observation import Observation
 from runtime.pipeline import initial_noise
@@ -54,7 +54,7 @@ def open_loop_parity(
     overall = compare(np.stack(ours), np.stack(theirs))
     overall["mean_abs_worst_step"] = max(r["mean_abs"] for r in rows)
     overall["cosine_worst_step"] = min(r["cosine"] for r in rows)
-    thresholds = THRESHOLDS[precision]
+    thresholds = ABSOLUTE[precision]
     passed = all(
         overall[name] >= limit if name == "cosine" else overall[name] <= limit for name, limit in thresholds.items()
     )

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -138,10 +139,106 @@ def test_fp16_survives_activations_beyond_fp16_range(tmp_path: Path) -> None:
     assert report["passed"] and np.isfinite(e2e["max_abs"]) and e2e["cosine"] >= 0.999
 
 
+def _hot_matmuls(seed: int = 1):
+    """pi0-dummy with a projector and a Gemma MLP whose *outputs* pass 65 504 (not only the residual sum):
+    bf16 and float32 hold them, a float16 matmul returns inf."""
+    policy = build_preset("pi0-dummy", seed=seed)
+    with torch.no_grad():
+        policy.model.projector.weight *= 3e4
+        policy.model.llm.layers[0].mlp.gate_proj.weight *= 3e4  # its output passes 65 504
+        policy.model.llm.layers[0].mlp.up_proj.weight *= 30  # in range; the product is not
+    return policy
+
+
+def test_fp16_keeps_the_matmuls_whose_outputs_pass_fp16_range(tmp_path: Path, ascend_tools: Path, monkeypatch) -> None:
+    """Calibration finds them, keeps them float32 (graph and ATC's --keep_dtype list, which the atc
+    stand-in checks names by name), and the fp16 bundle passes the criteria set by the model's own bf16
+    run; without the islands it cannot."""
+    monkeypatch.setenv("STANDIN_NPU_CHIP", "310P1")
+    build_bundle(_hot_matmuls(), tmp_path / "bundle", BundleOptions(precision="fp16", atc_mode="always"), **QUIET)
+    report = json.loads((tmp_path / "bundle" / "report.json").read_text())
+    calibration = report["calibration"]
+    ops = calibration["ops"]
+    print(f"\nhot: {calibration['kept_fp32']}, share {calibration['kept_flops_share']:.4f}, {report['results']}")
+    mlp = "llm.layers.0.mlp"
+    assert ops["projector"]["max_out"] > 65504 and ops[f"{mlp}.gate_proj"]["max_out"] > 65504
+    assert ops[f"{mlp}.up_proj"]["max_out"] < 8192 < 65504 < ops[f"{mlp}.down_proj"]["max_in"]  # the product
+    kept = set(calibration["kept_fp32"])
+    assert {"projector", f"{mlp}.gate_proj", f"{mlp}.down_proj"} <= kept and f"{mlp}.up_proj" not in kept
+    assert "llm.layers.1.mlp.down_proj" not in kept and 0 < calibration["kept_flops_share"] < 0.5
+    e2e, bf16 = report["results"]["end_to_end"], report["yardsticks"]["bf16"]["end_to_end"]
+    assert report["passed"] and np.isfinite(e2e["max_abs"]) and e2e["cosine"] >= 0.999
+    assert e2e["max_abs"] <= bf16["max_abs"] and e2e["mean_abs"] <= bf16["mean_abs"]
+    keep = (tmp_path / "bundle" / "vlm.keep_dtype.cfg").read_text().split()
+    assert {"/projector/MatMul", "/layers.0/mlp/gate_proj/MatMul", "/layers.0/mlp/down_proj/MatMul"} <= set(keep)
+    assert len(keep) == len(kept)  # one node per kept matmul: all of them are in the VLM graph
+    atc_log = (tmp_path / "bundle" / "om" / "vlm.atc.log").read_text()
+    assert f"keep_dtype: {len(keep)} operator(s)" in atc_log and "ATC run success" in atc_log
+
+    plain = BundleOptions(precision="fp16", atc_mode="never", fp32_islands=False)  # every matmul fp16
+    with pytest.raises(BundleBuildError, match="validation failed"):
+        build_bundle(_hot_matmuls(), tmp_path / "plain", plain, **QUIET)
+    failed = json.loads((tmp_path / "plain.failed" / "report.json").read_text())
+    assert not np.isfinite(failed["results"]["end_to_end"]["max_abs"])
+
+
+def test_calibration_on_the_users_frames_finds_what_the_validation_inputs_miss(tmp_path: Path) -> None:
+    """A patch embedding that is hot only for saturated red frames (random and constant images cancel
+    out): the validation's inputs never reach 65 504, a red frame passed with --calibration does, and
+    only the bundle calibrated on it serves that frame with finite actions."""
+    from exporter.torch_backend import reference_engine
+    from runtime.engine import Engine, EngineError
+    from runtime.observation import Observation
+
+    def hot_for_red():
+        policy = build_preset("pi0-dummy", seed=1)
+        with torch.no_grad():
+            w = policy.model.vision.patch_embedding.weight
+            w.zero_()
+            w[:, 0], w[:, 1] = 200.0, -200.0  # red (R = +1, G = -1) adds up to 2 x 196 x 200 = 78 400
+        return policy
+
+    reference = reference_engine(hot_for_red())
+    synthetic = Observation.synthetic(reference.metadata(), seed=3)
+    images = {k: np.broadcast_to(np.array([255, 0, 0], np.uint8), v.shape).copy() for k, v in synthetic.images.items()}
+    red = replace(synthetic, images=images, noise=np.random.default_rng(0).standard_normal((1, 50, 32), np.float32))
+    red.save_npz(tmp_path / "red.npz")
+    want = reference.infer(red)[0]
+
+    plain, calibrated = tmp_path / "plain", tmp_path / "calibrated"
+    build_bundle(hot_for_red(), plain, BundleOptions(precision="fp16"), **QUIET)
+    build_bundle(
+        hot_for_red(), calibrated, BundleOptions(precision="fp16", calibration=(tmp_path / "red.npz",)), **QUIET
+    )
+    plain_cal = json.loads((plain / "report.json").read_text())["calibration"]
+    cal = json.loads((calibrated / "report.json").read_text())["calibration"]
+    assert plain_cal["inputs"] == 1 and plain_cal["ops"]["vision.patch_embedding"]["max_out"] < 8192
+    assert cal["inputs"] == 2 and cal["ops"]["vision.patch_embedding"]["max_out"] > 65504
+    assert "vision.patch_embedding" in cal["kept_fp32"] and "vision.patch_embedding" not in plain_cal["kept_fp32"]
+
+    def served(bundle_dir: Path) -> np.ndarray:
+        bundle = load_bundle(bundle_dir)
+        return Engine.from_bundle(bundle, OnnxRuntimeBackend(bundle)).infer(red)[0]
+
+    with pytest.raises(EngineError, match="non-finite actions"):  # fp16 inf from the conv: refused, never sent
+        served(plain)
+    m = compare(served(calibrated), want)
+    assert m["cosine"] >= 0.999, m
+
+
+def test_a_calibration_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    with pytest.raises(BundleBuildError, match=r"calibration observation .*bad\.npz"):
+        build_bundle(
+            build_preset("pi0-dummy"), tmp_path / "b", BundleOptions(calibration=(tmp_path / "bad.npz",)), **QUIET
+        )
+
+
 def test_failed_validation_exits_nonzero_and_keeps_the_evidence(tmp_path: Path, monkeypatch) -> None:
     import exporter.validate as validate
 
-    monkeypatch.setitem(validate.THRESHOLDS, "fp32", {"max_abs": 0.0})
+    monkeypatch.setattr(validate, "FP32_MAX_ABS", 0.0)
+    monkeypatch.setattr(validate, "FLOOR_MULTIPLE", 0.0)
     with pytest.raises(BundleBuildError, match="validation failed"):
         build_bundle(build_preset("pi0-dummy"), tmp_path / "b", BundleOptions(), **QUIET)
     assert not (tmp_path / "b").exists()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zmq
 import zmq.auth as zmq_auth
 from conftest import observation_for
 
@@ -260,6 +261,39 @@ def broken_but_consistent(bundle: Path, out: Path) -> Path:
     return out
 
 
+def flood_beyond_limit_nofile(endpoint: str, obs: dict, booted: Booted, n: int = 1300) -> None:
+    """More connections than the unit's LimitNOFILE=1024, each with a malformed request, while a
+    controller connected before keeps asking: it is served throughout, the daemon is not restarted (its
+    watchdog pings need no new descriptor), the flood costs a few log lines, and once it ends new
+    connections are served again."""
+    context = zmq.Context()
+    context.set(zmq.MAX_SOCKETS, n + 16)
+    served = []
+    with PolicyClient(endpoint, timeout_s=30, retries=0) as controller:
+        served.append(controller.infer(obs)["actions"])
+        flood = []
+        for _ in range(n):
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+            sock.send_multipart([b"", b"\xc1"])
+            flood.append(sock)
+        for _ in range(3):
+            served.append(controller.infer(obs)["actions"])
+        deadline = time.monotonic() + 20  # the ones the daemon could accept are answered by then
+        answered = sum(bool(sock.poll(max(0, int(1000 * (deadline - time.monotonic()))))) for sock in flood)
+        for sock in flood:
+            sock.close(linger=0)
+    context.term()
+    print(f"\nflood of {n} connections under LimitNOFILE=1024: {answered} answered while it lasted")
+    assert all(np.isfinite(a).all() for a in served) and 900 < answered < n
+    with PolicyClient(endpoint, timeout_s=30, retries=2) as late:
+        assert np.isfinite(late.infer(obs)["actions"]).all()
+    journal = booted.run("journalctl", "-u", "pi0-runtime", "--no-pager").stdout
+    assert booted.show("pi0-runtime.service", "NRestarts")["NRestarts"] == "0", journal[-3000:]
+    assert 1 <= journal.count("refused") <= 10, journal[-2000:]
+
+
 def test_service_under_real_systemd(
     chroot_serving: Path, dummy_bundle: Path, aloha_sim_bundle: Path, tmp_path: Path
 ) -> None:
@@ -311,6 +345,9 @@ def test_service_under_real_systemd(
         with PolicyClient(endpoint, timeout_s=30) as client:
             actions = client.infer(observation_for(dummy_bundle, "transfer the cube"))["actions"]
         assert actions.shape == (spec.chunk_size, spec.action_dim) and np.isfinite(actions).all()
+        limits = booted.show("pi0-runtime.service", "MemoryHigh", "MemoryMax", "LimitNOFILE")
+        assert limits == {"MemoryHigh": str(3 * 2**30), "MemoryMax": str(4 * 2**30), "LimitNOFILE": "1024"}
+        flood_beyond_limit_nofile(endpoint, observation_for(dummy_bundle, "transfer the cube"), booted)
         time.sleep(16)  # WatchdogSec=30: pings every 15 s
         assert booted.show("pi0-runtime.service", "WatchdogTimestamp")["WatchdogTimestamp"]
 

@@ -160,11 +160,6 @@ BAD_REQUESTS = {
         "bad_request",
         r"unexpected arrays \['observation.joy'\]",
     ),
-    "huge frame": (
-        lambda o: {**o, "observation.images.top": np.zeros((protocol.MAX_FRAME_BYTES + 1,), np.uint8)},
-        "bad_request",
-        "exceeds",
-    ),
 }
 
 

@@ -14,11 +14,18 @@ from runtime.bundle import Bundle, BundleError
 BACKENDS = ("auto", "acl", "onnxruntime")
 
 
-def make_backend(bundle: Bundle, name: str = "auto", threads: int = 0) -> Any:
-    """The backend asked for; `auto` takes ACL when pyACL is importable and the bundle has OM files."""
+def resolve_backend(bundle: Bundle, name: str = "auto") -> str:
+    """`auto` -> `acl` when pyACL is importable and the bundle has OM files, else `onnxruntime`."""
+    if name != "auto":
+        return name
     has_om = all(g.om is not None for g in bundle.graphs.values())
-    if name == "auto":
-        name = "acl" if has_om and importlib.util.find_spec("acl") is not None else "onnxruntime"
+    return "acl" if has_om and importlib.util.find_spec("acl") is not None else "onnxruntime"
+
+
+def make_backend(bundle: Bundle, name: str = "auto", threads: int = 0) -> Any:
+    """The backend asked for (`resolve_backend` says what `auto` takes)."""
+    has_om = all(g.om is not None for g in bundle.graphs.values())
+    name = resolve_backend(bundle, name)
     if name == "acl":
         if not has_om:
             raise BundleError("the acl backend needs OM files: this bundle was not compiled with atc")

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import onnx
 
-KNOWN = {"model", "framework", "output", "soc_version", "precision_mode_v2", "precision_mode", "input_format", "log"}
+KNOWN = {
+    "model", "framework", "output", "soc_version", "precision_mode_v2", "precision_mode", "input_format", "log",
+    "keep_dtype",
+}  # fmt: skip
 PRECISION_MODES = {"origin", "force_fp16", "mixed_float16", "mixed_bfloat16", "cube_fp16in_fp32out", "mixed_hif8"}
 
 
@@ -56,6 +59,15 @@ def main(argv: list[str]) -> None:
         dims = value.type.tensor_type.shape.dim
         if not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
             fail(f"E10001: input {value.name} has a dynamic shape and no --input_shape was given")
+    if "keep_dtype" in args:  # one op name (or OpType::Type) per line; a name the model lacks is an error here
+        keep = Path(args["keep_dtype"])
+        if not keep.is_file():
+            fail(f"E10001: --keep_dtype file {keep} not found")
+        names = {node.name for node in model.graph.node}
+        for line in keep.read_text().splitlines():
+            if line.strip() and not line.startswith(("#", "OpType::")) and line.strip() not in names:
+                fail(f"E10001: --keep_dtype names {line.strip()!r}, which is not an operator of {model_path.name}")
+        print(f"keep_dtype: {len(keep.read_text().split())} operator(s) keep their dtype")
     output = Path(args["output"] + ".om")
     if not output.parent.is_dir():
         fail(f"E10001: output directory {output.parent} does not exist")

@@ -1,0 +1,263 @@
+"""fp16 at pi0's real widths: calibrated fp32 islands, and validation judged by the model's own precision.
+
+LeRobot 0.3.3 makes a pi0 checkpoint at pi0's real widths with a reduced depth (vision 3, language and
+expert 2, 2 cameras; `benchmarks/lerobot_worker.py`, as the side-by-side benchmark). Its random init is
+not what a trained pi0 looks like, so the weights are set to a realistic scale (`realistic_`) and the
+checkpoint written back in LeRobot's format; a second copy is made deliberately hot (`hot_`: massive
+activations of the kind documented for Gemma/LLaMA-class models, in a projector channel and in the
+residual stream after the first MLP). Each is exported by `pi0-export bundle` in fp32 and fp16 in a fresh
+process, as a user runs it; the figures are its report.json's. Then, on this CPU, the engine's latency
+on each bundle, and on the hot model's fp16 bundle built without islands (which fails validation: it is
+timed only to price the islands). The 310P cost of the islands is estimated from the kept weights' extra
+bytes and FLOPs against the chip's published figures (never run on a 310P).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.ascend_estimate import PEAK_BYTES_PER_S, PEAK_FP16_FLOPS
+from benchmarks.lerobot_side_by_side import Worker
+from benchmarks.render import grid
+from exporter.bundle import BundleOptions, build_bundle
+from exporter.checkpoint import load_checkpoint
+from exporter.precision import tower_matmuls
+from exporter.readers.lerobot_v03 import save_lerobot
+from exporter.tokenizer_train import train_tokenizer
+from runtime.backends.onnxruntime import OnnxRuntimeBackend
+from runtime.bundle import load_bundle
+from runtime.engine import Engine, EngineError
+from runtime.observation import Observation
+
+CASE = {"cameras": ["top", "wrist"], "empty_cameras": 0}
+STATE_DIM = 14
+# An assumption, not a published figure: the 310P's cube units multiply fp16; an fp32 matmul is taken to
+# run at 1/8 of the fp16 peak.
+FP32_MATMUL_FRACTION = 1 / 8
+HOT_CHANNEL = 7
+
+
+@torch.no_grad()
+def realistic_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Weights at the scale of a trained pi0 rather than a random init's: matrices N(0, 1/fan_in), biases
+    N(0, 0.02^2), Gemma's RMSNorm weights (used as 1 + w) N(0, 0.1^2), SigLIP's LayerNorms 1 + N(0, 0.05^2),
+    token embedding N(0, 0.03^2) (x sqrt(2048) in the forward: ~1.4), position embedding N(0, 0.02^2)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def normal(t: torch.Tensor, std: float, mean: float = 0.0) -> None:
+        t.copy_(torch.randn(t.shape, generator=g) * std + mean)
+
+    for name, param in model.named_parameters():
+        if "embed_tokens" in name:
+            normal(param, 0.03)
+        elif "position_embedding" in name:
+            normal(param, 0.02)
+        elif "layer_norm" in name or "post_layernorm" in name:
+            normal(param, 0.05, 1.0) if name.endswith("weight") else normal(param, 0.02)
+        elif "layernorm" in name or name.endswith("norm.weight"):
+            normal(param, 0.1)
+        elif name.endswith("bias"):
+            normal(param, 0.02)
+        else:
+            normal(param, param[0].numel() ** -0.5)  # fan_in: every input of one output row
+
+
+@torch.no_grad()
+def hot_(model: torch.nn.Module) -> None:
+    """Massive activations: one projector output channel and one residual channel (written by the first
+    language layer's MLP) reach ~1e5, past fp16's 65 504; bf16 and float32 hold them."""
+    model.projector.weight[HOT_CHANNEL] *= 3e4
+    model.llm.layers[0].mlp.down_proj.weight[HOT_CHANNEL] *= 1e5
+
+
+def make_checkpoints(tmp: Path, tokenizer: Path) -> dict[str, Path]:
+    lerobot = tmp / "lerobot"
+    maker = Worker(sys.stderr)
+    maker(cmd="make", out=str(lerobot), state_dim=STATE_DIM, seed=0, tokenizer=str(tokenizer), **CASE)
+    maker.close()
+    out = {}
+    for label, heat in (("realistic", False), ("hot", True)):
+        policy = load_checkpoint(lerobot)
+        realistic_(policy.model)
+        if heat:
+            hot_(policy.model)
+        out[label] = save_lerobot(policy, tmp / label)
+    return out
+
+
+def export(checkpoint: Path, out: Path, precision: str, tokenizer: Path) -> dict:
+    command = [
+        str(Path(sys.executable).with_name("pi0-export")), "bundle", "--checkpoint", str(checkpoint), "--out", str(out),
+        "--precision", precision, "--tokenizer", str(tokenizer), "--atc", "never",
+    ]  # fmt: skip
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    bundle = out if result.returncode == 0 else out.with_name(out.name + ".failed")
+    report = json.loads((bundle / "report.json").read_text())
+    return {"exit": result.returncode, "seconds": seconds, "report": report, "bundle": str(bundle)}
+
+
+def latency_ms(bundle: Path, n: int) -> float:
+    """Median `Engine.infer` over n requests after one warm-up. A bundle whose actions come out
+    non-finite (the hot model without islands) is timed all the same: the engine computes the whole
+    chunk before it refuses to send it."""
+    loaded = load_bundle(bundle, verify=False)
+    engine = Engine.from_bundle(loaded, OnnxRuntimeBackend(loaded))
+    request = Observation.synthetic(engine.metadata())
+    seconds = []
+    try:
+        for i in range(n + 1):
+            start = time.perf_counter()
+            try:
+                engine.infer(request)
+            except EngineError as e:
+                if e.code != "bad_output":
+                    raise
+            if i:
+                seconds.append(time.perf_counter() - start)
+    finally:
+        engine.close()
+    return 1e3 * float(np.median(seconds))
+
+
+def islands_on_the_310p(checkpoint: Path, kept: list[str], num_steps: int, flops: dict) -> dict:
+    """Extra time per chunk of the kept matmuls on a 310P: their weights read in fp32 (2 more bytes per
+    parameter: the VLM's once, the expert's at every step) and their FLOPs at the assumed fp32 rate."""
+    model = load_checkpoint(checkpoint).model
+    modules = tower_matmuls(model)
+    extra_bytes = sum(
+        2 * modules[name].weight.numel() * (num_steps if name.startswith("expert.") else 1) for name in kept
+    )
+    kept_flops = flops["kept_flops_share"] * flops["matmul_gflops_per_inference"] * 1e9
+    compute_ms = kept_flops / (PEAK_FP16_FLOPS * FP32_MATMUL_FRACTION) * 1e3 - kept_flops / PEAK_FP16_FLOPS * 1e3
+    return {"extra_bytes": extra_bytes, "memory_ms": extra_bytes / PEAK_BYTES_PER_S * 1e3, "compute_ms": compute_ms}
+
+
+def run(n: int = 3) -> dict:
+    results: dict = {"depth": {"vision": 3, "language": 2, "expert": 2}, "cases": {}}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        tokenizer = train_tokenizer(tmp / "tokenizer.model")
+        print("[fp16_islands] LeRobot makes the checkpoint ...", file=sys.stderr, flush=True)
+        checkpoints = make_checkpoints(tmp, tokenizer)
+        for label, checkpoint in checkpoints.items():
+            case: dict = {}
+            for precision in ("fp32", "fp16"):
+                print(f"[fp16_islands] {label} {precision}: export ...", file=sys.stderr, flush=True)
+                exported = export(checkpoint, tmp / f"{label}-{precision}", precision, tokenizer)
+                if exported["exit"] == 0:
+                    exported["latency_ms"] = latency_ms(Path(exported["bundle"]), n)
+                case[precision] = exported
+            calibration = case["fp16"]["report"]["calibration"]
+            print(f"[fp16_islands] {label}: fp16 without islands (timing only) ...", file=sys.stderr, flush=True)
+            plain = tmp / f"{label}-fp16-plain"
+            options = BundleOptions(precision="fp16", tokenizer=tokenizer, atc_mode="never", validate=False, fp32_islands=False)  # fmt: skip
+            build_bundle(load_checkpoint(checkpoint), plain, options, log=lambda _: None)
+            case["fp16_without_islands_latency_ms"] = latency_ms(plain, n)
+            case["islands_310p"] = islands_on_the_310p(
+                checkpoint, calibration["kept_fp32"], case["fp16"]["report"]["num_steps"], calibration
+            )
+            for exported in (case["fp32"], case["fp16"]):
+                exported["report"]["calibration"].pop("ops")  # hundreds of rows; the bundle keeps them
+            results["cases"][label] = case
+    return results
+
+
+# --- docs/benchmarks.md ---------------------------------------------------------------------------
+
+
+def _kept_gflops(calibration: dict) -> str:
+    total = calibration["matmul_gflops_per_inference"]
+    return f"{calibration['kept_flops_share'] * total:.1f} of {total:.0f}"
+
+
+def _e2e(exported: dict) -> dict:
+    return exported["report"]["results"]["end_to_end"]
+
+
+HEADERS = [
+    "model", "bundle", "largest", "kept fp32 (FLOPs)", "error max abs / cosine", "floor", "bf16", "criteria",
+    "verdict", "export s", "CPU ms",
+]  # fmt: skip
+
+
+def sections(result: dict) -> list[str]:
+    rows = []
+    for label, case in result["cases"].items():
+        for precision in ("fp32", "fp16"):
+            exported = case[precision]
+            report, e2e = exported["report"], _e2e(exported)
+            marks = report["yardsticks"]
+            calibration = report["calibration"]
+            rows.append([
+                label, precision, f"{calibration['largest']:.3g}",
+                f"{len(calibration['kept_fp32'])} ({100 * calibration['kept_flops_share']:.2f}%)",
+                f"{e2e['max_abs']:.3g} / {e2e['cosine']:.7f}",
+                f"{marks['floor_fp64']['end_to_end']['max_abs']:.3g}", f"{marks['bf16']['end_to_end']['max_abs']:.3g}",
+                ", ".join(f"{k} {v:.3g}" for k, v in report["thresholds"].items()),
+                "passed" if report["passed"] else "FAILED", f"{exported['seconds']:.0f}",
+                f"{exported.get('latency_ms', float('nan')):.0f}",
+            ])  # fmt: skip
+    cost = [
+        [
+            label,
+            ", ".join(case["fp16"]["report"]["calibration"]["kept_fp32"]) or "none",
+            _kept_gflops(case["fp16"]["report"]["calibration"]),
+            f"{case['fp16']['latency_ms']:.0f}",
+            f"{case['fp16_without_islands_latency_ms']:.0f}",
+            f"{case['islands_310p']['extra_bytes'] / 2**20:.1f} MiB",
+            f"{case['islands_310p']['memory_ms'] + case['islands_310p']['compute_ms']:.3f}",
+        ]
+        for label, case in result["cases"].items()
+    ]
+    depth = result["depth"]
+    return [
+        "## fp16 at real widths: calibrated fp32 islands (`benchmarks/fp16_islands.py`)",
+        f"LeRobot 0.3.3 makes a pi0 checkpoint at pi0's real widths (vision depth {depth['vision']}, language and "
+        f"expert depth {depth['language']}, 2 cameras, chunk 50, 10 steps); its weights are set to a trained model's "
+        "scale (matrices N(0, 1/fan_in), RMSNorm weights N(0, 0.1²), token embedding N(0, 0.03²)) and written back "
+        "in LeRobot's format (`realistic`); a copy is made hot (`hot`: one projector output channel and one residual "
+        "channel after the first MLP reach ~1e5, massive activations of the kind documented for Gemma/LLaMA-class "
+        "models). Each exported by `pi0-export bundle` in a fresh process. Largest: the largest magnitude any tower "
+        "matmul saw (input, output or weight). Kept: matmuls kept float32 and their share of the towers' matmul FLOPs. "
+        "Error: end to end against the float32 reference (normalized actions). Floor: the model in float64 against "
+        "float32; bf16: the model with bf16 towers against float32 (report.json's yardsticks). Criteria as "
+        "docs/bundle.md states them. Latency: `Engine.infer` on onnxruntime on this CPU, median of 3.",
+        grid(HEADERS, rows),
+        "What the islands cost. CPU: the fp16 bundle with its islands against the same model's fp16 bundle built with "
+        "every matmul in fp16 (`fp32_islands=False`, which for the hot model fails validation: timed only). 310P: an "
+        "estimate, never run on one: the kept weights read in fp32 (2 more bytes per parameter, the expert's at "
+        "every step) at 204.8 GB/s, plus their FLOPs at an *assumed* fp32 matmul rate of 1/8 of the 70 TFLOPS fp16 "
+        "peak (not a published figure). Where nothing is kept (`realistic`) the two CPU bundles are the same graph: "
+        "their difference is this machine's run-to-run noise.",
+        grid(
+            [
+                "model",
+                "kept float32",
+                "their GFLOPs / chunk",
+                "fp16 CPU ms",
+                "all-fp16 CPU ms",
+                "extra bytes / chunk",
+                "310P extra ms / chunk",
+            ],
+            cost,
+        ),
+    ]
+
+
+def targets(result: dict) -> list[tuple[str, str, str]]:
+    verdicts = [
+        f"{label} {p}: {'passed' if case[p]['report']['passed'] else 'FAILED'}"
+        for label, case in result["cases"].items()
+        for p in ("fp32", "fp16")
+    ]
+    return [("real-width LeRobot pi0, realistic and hot, fp32 and fp16 bundles", "all pass", "; ".join(verdicts))]
