@@ -47,7 +47,11 @@ TOKEN_MASK = "lang_masks"
 NOISE = "noise"
 PROMPT = "prompt"
 SEED = "seed"
-HEADER_FIELDS = (PROMPT, SEED)
+# Real-time chunking (docs/protocol.md): the previous chunk's actions not yet executed, and how many of
+# them the robot executes while this request is computed.
+PREV_ACTIONS = "prev_actions"
+DELAY = "delay"
+HEADER_FIELDS = (PROMPT, SEED, DELAY)
 
 
 def split_observation(obs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -11,6 +11,7 @@ PyTorch model (`exporter.torch_backend`), so the two differ only in the network.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,7 +22,16 @@ from runtime import transforms
 from runtime.bundle import Bundle
 from runtime.conventions import PromptStyle
 from runtime.observation import ARRAY_FIELDS, Observation
-from runtime.pipeline import ModelInputs, initial_noise, model_state, postprocess, preprocess, prompt_state
+from runtime.pipeline import (
+    ModelInputs,
+    actions_to_model,
+    initial_noise,
+    model_state,
+    postprocess,
+    preprocess,
+    prompt_state,
+)
+from runtime.rtc import Inpainting, inpainting
 from runtime.spec import PolicySpec
 from runtime.tokenizer import PromptTokenizer, StatePromptTable, padded
 from runtime.transforms import euler_times
@@ -49,10 +59,17 @@ class EngineError(Exception):
 
 
 def denoise(
-    backend: Backend, cache: Any, state: np.ndarray, noise: np.ndarray, num_steps: int, trace: dict | None = None
+    backend: Backend,
+    cache: Any,
+    state: np.ndarray,
+    noise: np.ndarray,
+    num_steps: int,
+    trace: dict | None = None,
+    guide: Callable[[np.ndarray, float], np.ndarray] | None = None,
 ) -> np.ndarray:
     """The Euler loop: x(t=1) = noise -> x(t=0), dt = -1/num_steps, the prefix cache left in the backend.
-    `trace`, when given, receives every step's x_t and v_t (for alignment work)."""
+    `trace`, when given, receives every step's x_t and v_t (for alignment work). `guide(x, t)`, when
+    given, adjusts x after each step (real-time chunking's inpainting: runtime.rtc)."""
     dt = np.float32(-1.0 / num_steps)
     x = np.asarray(noise, dtype=np.float32)
     for i, t in enumerate(euler_times(num_steps)):
@@ -60,6 +77,8 @@ def denoise(
         if trace is not None:
             trace[f"step{i:02d}.t"], trace[f"step{i:02d}.x_t"], trace[f"step{i:02d}.v_t"] = np.float32(t), x, v
         x = x + dt * v
+        if guide is not None:
+            x = guide(x, max(0.0, float(t + dt)))
     return x
 
 
@@ -238,6 +257,29 @@ class Engine:
             raise EngineError("bad_request", f"noise must be {list(shape)} finite floats")
         return noise.astype(np.float32).reshape(shape)
 
+    def _guide(self, obs: Observation, noise: np.ndarray) -> tuple[Inpainting | None, np.ndarray | None]:
+        """Real-time chunking's inpainting for a request that carries the previous chunk's actions."""
+        if obs.prev_actions is None:
+            return None, None
+        prev = np.asarray(obs.prev_actions)
+        spec = self.spec
+        if (
+            prev.ndim != 2
+            or prev.shape[1] != spec.action_dim
+            or not 1 <= prev.shape[0] <= spec.chunk_size
+            or not np.issubdtype(prev.dtype, np.floating)
+            or not np.isfinite(prev).all()
+        ):
+            raise EngineError(
+                "bad_request",
+                f"prev_actions must be [n, {spec.action_dim}] finite floats with 1 <= n <= {spec.chunk_size}, "
+                f"got {prev.dtype} {list(prev.shape)}",
+            )
+        if obs.delay > prev.shape[0]:
+            raise EngineError("bad_request", f"delay {obs.delay} exceeds the {prev.shape[0]} prev_actions given")
+        prev = prev.astype(np.float32)
+        return inpainting(actions_to_model(spec, prev), obs.delay, spec.chunk_size, noise), prev
+
     def infer(
         self, obs: Observation, trace: dict[str, np.ndarray] | None = None
     ) -> tuple[np.ndarray, dict[str, float]]:
@@ -247,6 +289,7 @@ class Engine:
         images, state = self._images(obs.images), model_state(self.spec, self._state(obs.state))
         tokens, token_mask = self.prompts(obs.prompt, obs.tokens, obs.token_mask, prompt_state(self.spec, state))
         noise = self._noise(obs)
+        guide, prev = self._guide(obs, noise)
         try:
             inputs = preprocess(self.spec, images, state, tokens, token_mask)
         except ValueError as e:  # an image the resize cannot fit (too thin)
@@ -255,10 +298,12 @@ class Engine:
 
         cache = self.backend.prefix(inputs)
         t_vlm = time.perf_counter()
-        x = denoise(self.backend, cache, inputs.state, noise, self.spec.num_steps, trace)
+        x = denoise(self.backend, cache, inputs.state, noise, self.spec.num_steps, trace, guide)
         t_expert = time.perf_counter()
 
         actions = postprocess(self.spec, x)[0]
+        if prev is not None:  # executed while this chunk was computed: exactly the previous chunk's
+            actions[: obs.delay] = prev[: obs.delay]
         if trace is not None:
             trace.update({f"input.{k}": v for k, v in vars(inputs).items()})
             trace.update({"noise": noise, "x_final": x, "actions": actions})

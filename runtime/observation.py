@@ -2,7 +2,8 @@
 `pi0-runtime infer`'s .npz file, the sim and the scripted oracle.
 
 Field names on the wire are `pi0_client.protocol`'s (LeRobot's feature names: `observation.images.<camera>`,
-`observation.state`, `lang_tokens`, `lang_masks`, `noise`, and `prompt`, `seed` in the header). An array
+`observation.state`, `lang_tokens`, `lang_masks`, `noise`, `prev_actions`, and `prompt`, `seed`, `delay` in
+the header). An array
 that is none of the named fields is a camera frame, under whatever key the policy's conventions name its
 cameras; whether the keys are the policy's own is for the engine to say, which knows them.
 
@@ -19,10 +20,20 @@ from typing import Any
 import numpy as np
 
 from pi0_client.metadata import Metadata
-from pi0_client.protocol import NOISE, PROMPT, SEED, STATE, TOKEN_MASK, TOKENS, split_observation
+from pi0_client.protocol import (
+    DELAY,
+    NOISE,
+    PREV_ACTIONS,
+    PROMPT,
+    SEED,
+    STATE,
+    TOKEN_MASK,
+    TOKENS,
+    split_observation,
+)
 from runtime.tokenizer import BOS_ID, PAD_ID
 
-ARRAY_FIELDS = (STATE, TOKENS, TOKEN_MASK, NOISE)
+ARRAY_FIELDS = (STATE, TOKENS, TOKEN_MASK, NOISE, PREV_ACTIONS)
 
 
 class ObservationError(ValueError):
@@ -38,6 +49,10 @@ class Observation:
     token_mask: np.ndarray | None = None  # [1, L] bool, with `tokens`
     noise: np.ndarray | None = None  # x at t = 1, for alignment work; else drawn from `seed`
     seed: int | None = None
+    # Real-time chunking: the previous chunk's actions not yet executed [R, action_dim] (robot units), and
+    # the inference delay d in control steps: the new chunk's first d actions are those (runtime.rtc).
+    prev_actions: np.ndarray | None = None
+    delay: int | None = None
 
     @classmethod
     def from_request(cls, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Observation:
@@ -49,6 +64,11 @@ class Observation:
             raise ObservationError(f"{PROMPT!r} must be a string")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
             raise ObservationError(f"{SEED!r} must be a non-negative integer")
+        delay = header.get(DELAY)
+        if delay is not None and (not isinstance(delay, int) or isinstance(delay, bool) or delay < 0):
+            raise ObservationError(f"{DELAY!r} must be a non-negative integer (control steps)")
+        if (delay is None) != (PREV_ACTIONS not in arrays):
+            raise ObservationError(f"real-time chunking needs both {PREV_ACTIONS!r} and {DELAY!r}")
         return cls(
             images={k: v for k, v in arrays.items() if k not in ARRAY_FIELDS},
             state=arrays[STATE],
@@ -57,6 +77,8 @@ class Observation:
             token_mask=arrays.get(TOKEN_MASK),
             noise=arrays.get(NOISE),
             seed=seed,
+            prev_actions=arrays.get(PREV_ACTIONS),
+            delay=delay,
         )
 
     @classmethod
@@ -66,9 +88,15 @@ class Observation:
 
     def to_request(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """-> (header fields, arrays by field name), as `pi0_client.protocol.encode` takes them."""
-        header = {k: v for k, v in ((PROMPT, self.prompt), (SEED, self.seed)) if v is not None}
+        header = {k: v for k, v in ((PROMPT, self.prompt), (SEED, self.seed), (DELAY, self.delay)) if v is not None}
         arrays = {**self.images, STATE: self.state}
-        for name, value in ((TOKENS, self.tokens), (TOKEN_MASK, self.token_mask), (NOISE, self.noise)):
+        optional = (
+            (TOKENS, self.tokens),
+            (TOKEN_MASK, self.token_mask),
+            (NOISE, self.noise),
+            (PREV_ACTIONS, self.prev_actions),
+        )
+        for name, value in optional:
             if value is not None:
                 arrays[name] = value
         return header, arrays

@@ -86,6 +86,17 @@ def postprocess(spec: PolicySpec, x: np.ndarray) -> np.ndarray:
     return actions
 
 
+def actions_to_model(spec: PolicySpec, actions: np.ndarray) -> np.ndarray:
+    """Inverse of `postprocess`: robot actions [n, action_dim] -> the model's space [n, max_action_dim]
+    (zero-padded), e.g. the previous chunk's actions that real-time chunking holds the new one to."""
+    x = np.asarray(actions, dtype=np.float32)
+    if spec.adapt_to_pi_aloha:
+        x = transforms.aloha_encode_actions_inv(x, spec.convention_set)
+    if spec.action_norm is not None:
+        x = transforms.unnormalize_inv(x, spec.action_norm)
+    return transforms.pad_vector(x, spec.max_action_dim)
+
+
 def initial_noise(spec: PolicySpec, rng: np.random.Generator) -> np.ndarray:
     """x at t = 1: standard Gaussian [1, chunk, max_action_dim] (never zeros), from the caller's generator."""
     return rng.standard_normal((1, spec.chunk_size, spec.max_action_dim), dtype=np.float32)

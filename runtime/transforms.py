@@ -187,6 +187,17 @@ def unnormalize(x: np.ndarray, stats: NormStats) -> np.ndarray:
     return ((x + one) / two * span + lo).astype(np.float32)
 
 
+def unnormalize_inv(x: np.ndarray, stats: NormStats) -> np.ndarray:
+    """Exact inverse of `unnormalize` (robot-space actions back into the model's space)."""
+    n = x.shape[-1]
+    two, one = np.float32(2.0), np.float32(1.0)
+    if stats.mode == "mean_std":
+        std = stats.std[:n] if stats.eps_rule == "lerobot" else stats.std[:n] + np.float32(stats.eps)
+        return ((x - stats.mean[:n]) / std).astype(np.float32)
+    lo, span = _quantile_range(stats, n)
+    return ((x - lo) * two / span - one).astype(np.float32)
+
+
 # --- ALOHA conventions (LeRobot's adapt_to_pi_aloha, openpi's AlohaInputs/Outputs(adapt_to_pi=True)) ---
 # ALOHA reports grippers as linear positions and some joints with the opposite sign to the ones pi0
 # was pretrained with. Indices are for the 14-dim bimanual state: 6 joints + gripper, twice. The two
