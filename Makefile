@@ -33,6 +33,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[export,runtime,sim,dev,jax]'
+	@# openpi's own robot-side client, unchanged, for the websocket tests; --no-deps: its numpy<2 pin is
+	@# stale (its code runs on numpy 2; the tests show it) and what it imports is in the dev extra.
+	$(PY) -m pip install --quiet --no-deps openpi-client==0.1.2
 	@# MuJoCo renders headless through EGL (libegl1 + Mesa) or, as the fallback, OSMesa (libosmesa6);
 	@# the packaging tests run lintian, debootstrap and systemd-nspawn.
 	@if ldconfig -p | grep -q 'libEGL.so.1 ' && ldconfig -p | grep -q libOSMesa \
@@ -66,7 +69,7 @@ test: setup
 # The long fuzz run: 25,000 generated messages per strategy, four strategies (100,000 in all) plus deep
 # nesting, through the server's request handling with the real engine (`make test` runs 300 each).
 fuzz: setup
-	PI0_FUZZ_EXAMPLES=25000 $(PY) -m pytest -q -s -p no:cacheprovider tests/test_fuzz.py
+	PI0_FUZZ_EXAMPLES=25000 $(PY) -m pytest -q -s -p no:cacheprovider tests/test_fuzz.py tests/test_websocket.py
 
 # 16 clients x 500 requests on the pi0-dummy daemon (every reply counted), then 10,000 more for RSS.
 load: setup

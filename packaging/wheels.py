@@ -25,6 +25,7 @@ RUNTIME_DEPENDENCIES = [
     "onnxruntime>=1.17",
     "sentencepiece>=0.2",
     "pillow>=10",  # openpi's image resize is Pillow's
+    "websockets>=13",  # openpi's websocket protocol, beside ZeroMQ
     "tomli>=2; python_version < '3.11'",
 ]
 

@@ -177,6 +177,10 @@ class PolicyClient:
     def ping(self) -> bool:
         return bool(self.request("ping")[0]["ok"])
 
+    def reset(self) -> None:
+        """Nothing to forget (each request stands alone): openpi's `BasePolicy` surface, so that
+        openpi-client's ActionChunkBroker and runtime agents can wrap a PolicyClient as they are."""
+
     def close(self) -> None:
         self._drop_socket()
 

@@ -155,7 +155,7 @@ class _Reader:
         out = {}
         for _ in range(n):
             key = self.value(depth + 1)
-            if not isinstance(key, str | int):
-                raise WireError("map keys must be strings or integers")
+            if not isinstance(key, str | int | bytes):  # bytes: openpi's ndarray maps (b"__ndarray__", ...)
+                raise WireError("map keys must be strings, integers or bytes")
             out[key] = self.value(depth + 1)
         return out

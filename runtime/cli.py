@@ -40,7 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from runtime.server import Server
 
     config = load_config(args.config)
-    for key in ("bundle", "endpoint", "backend", "threads"):
+    for key in ("bundle", "endpoint", "backend", "threads", "websocket_endpoint"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     if config["bundle"] is None:
@@ -202,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--backend", choices=BACKENDS, help="default auto: acl when pyACL and OM files are there")
     serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: one per core)")
+    serve.add_argument(
+        "--websocket",
+        dest="websocket_endpoint",
+        metavar="HOST:PORT",
+        help="also serve openpi's websocket protocol there, for openpi-client robot code (e.g. 127.0.0.1:8000)",
+    )
     serve.add_argument(
         "--config", type=Path, help="TOML file with the settings above plus queue_size, hang_timeout_s; flags win"
     )

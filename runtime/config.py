@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from runtime.auth import AuthConfigError, CurveConfig, check_exposure
+from runtime.auth import AuthConfigError, CurveConfig, check_exposure, is_network_endpoint
 from runtime.limits import ActionLimits
 from runtime.server import ServerConfig
 
@@ -27,6 +27,10 @@ DEFAULTS: dict[str, Any] = {
     "curve_server_key": None,
     "curve_allowed_clients": None,
     "allow_insecure_network": False,
+    # openpi's websocket protocol (runtime/websocket.py): "host:port", e.g. "127.0.0.1:8000"; off when unset.
+    # Off loopback it needs API keys: a file of allowed keys, one per line (`Authorization: Api-Key ...`).
+    "websocket_endpoint": None,
+    "websocket_api_keys": None,
 }
 
 
@@ -51,6 +55,29 @@ def load_config(path: Path | None) -> dict[str, Any]:
     return config
 
 
+def websocket_settings(config: dict[str, Any]) -> tuple[tuple[str, int] | None, frozenset[str]]:
+    """The websocket endpoint (host, port) and its API keys; refuses one reachable from the network
+    without keys (unless allow_insecure_network)."""
+    endpoint, keys_file = config["websocket_endpoint"], config["websocket_api_keys"]
+    if endpoint is None:
+        return None, frozenset()
+    host, _, port = str(endpoint).rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"websocket_endpoint {endpoint!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
+    keys = frozenset()
+    if keys_file is not None:
+        lines = Path(keys_file).read_text().splitlines()
+        keys = frozenset(k.strip() for k in lines if k.strip() and not k.startswith("#"))
+        if not keys:
+            raise AuthConfigError(f"{keys_file} lists no API keys")
+    if not keys and is_network_endpoint(f"tcp://{host}:{port}") and not config["allow_insecure_network"]:
+        raise AuthConfigError(
+            f"websocket endpoint {endpoint} is reachable from the network and no API keys are configured: set "
+            "websocket_api_keys (a file of keys, one per line), bind loopback, or set allow_insecure_network = true"
+        )
+    return (host.strip("[]"), int(port)), keys
+
+
 def server_config(config: dict[str, Any], action_dim: int) -> ServerConfig:
     """The settings as the server takes them; refuses a network endpoint without CURVE (unless allowed)."""
     curve = None
@@ -59,6 +86,7 @@ def server_config(config: dict[str, Any], action_dim: int) -> ServerConfig:
             raise AuthConfigError("CURVE needs both curve_server_key and curve_allowed_clients")
         curve = CurveConfig.from_files(Path(config["curve_server_key"]), Path(config["curve_allowed_clients"]))
     check_exposure(config["endpoint"], curve, config["allow_insecure_network"])
+    websocket, api_keys = websocket_settings(config)
     return ServerConfig(
         endpoint=config["endpoint"],
         queue_size=config["queue_size"],
@@ -67,4 +95,6 @@ def server_config(config: dict[str, Any], action_dim: int) -> ServerConfig:
         log_interval_s=config["log_interval_s"],
         limits=ActionLimits.from_config(config["limits"], action_dim),
         curve=curve,
+        websocket=websocket,
+        api_keys=api_keys,
     )

@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ from runtime.intake import RCVHWM, REQUEST_FRAMES, SNDHWM, give_back_memory
 from runtime.limits import ActionLimits
 from runtime.service import InferJob, Peer, ServedEngine, Service
 from runtime.stats import summarize
+from runtime.websocket import WebsocketEndpoint
 
 log = logging.getLogger("pi0-runtime")
 
@@ -47,6 +49,8 @@ class ServerConfig:
     limits: ActionLimits = field(default_factory=ActionLimits)
     curve: CurveConfig | None = None  # for network endpoints: only allow-listed client keys are served
     max_frame_bytes: int | None = None  # None: derived from the bundle's cameras (runtime.intake)
+    websocket: tuple[str, int] | None = None  # openpi's websocket endpoint (host, port), off when None
+    api_keys: frozenset[str] = frozenset()  # for the websocket endpoint; required off loopback
     log_interval_s: float = 10.0  # refusals: the first of a kind in full, then one summary line per interval
 
 
@@ -73,21 +77,41 @@ class Server:
         pipe = self.context.socket(zmq.PAIR)
         pipe.connect("inproc://replies")
         while (item := self.requests.get()) is not None:
-            identity, job = item
+            reply_to, job = item
             self.busy_since = time.perf_counter()
-            frames = self.service.run(job)
+            header, arrays = self.service.execute(job)
             self.busy_since = None
-            # Replies are small: copying beats pyzmq's zero-copy bookkeeping (measured 0.33 -> 0.12 ms a hop).
-            pipe.send_multipart([identity, b"", *frames], copy=True)
+            if isinstance(reply_to, Future):  # a websocket request: its connection's task takes it
+                reply_to.set_result((header, arrays))
+            else:
+                # Replies are small: copying beats pyzmq's zero-copy bookkeeping (measured 0.33 -> 0.12 ms a hop).
+                pipe.send_multipart([reply_to, b"", *protocol.encode(header, arrays)], copy=True)
         pipe.close()
+
+    def submit(self, reply_to: Any, job: InferJob) -> bool:
+        """Queue a job for the worker (a ZeroMQ identity or a Future to answer); False when the queue is
+        full or the server is stopping (the caller answers `busy` / `shutting_down`)."""
+        if self.stopping:
+            if isinstance(reply_to, Future):
+                reply_to.set_result((self._shutting_down_header(job.request_id), {}))
+                return True
+            return False
+        try:
+            self.requests.put_nowait((reply_to, job))
+        except queue.Full:
+            return False
+        return True
 
     # --- main thread -------------------------------------------------------------------------------
 
     def _send(self, router: zmq.Socket, identity: Any, frames: list[Any]) -> None:
         router.send_multipart([identity, b"", *frames], copy=True)
 
+    def _shutting_down_header(self, request_id: Any) -> dict[str, Any]:
+        return protocol.error_header(request_id, "shutting_down", "the server is stopping")
+
     def _shutting_down(self, request_id: Any) -> list[Any]:
-        return protocol.encode(protocol.error_header(request_id, "shutting_down", "the server is stopping"))
+        return protocol.encode(self._shutting_down_header(request_id))
 
     def _receive(self, router: zmq.Socket) -> tuple[list[Any], int]:
         """One message, frame by frame: [identity, delimiter, header, arrays...] up to what a request can
@@ -123,12 +147,9 @@ class Server:
             self._send(router, identity, result)
         elif self.stopping:
             self._send(router, identity, self._shutting_down(result.request_id))
-        else:
-            try:
-                self.requests.put_nowait((identity, result))
-            except queue.Full:
-                text = f"{self.config.queue_size} requests are already waiting; retry later"
-                self._send(router, identity, self.service.refuse(result.request_id, "busy", text, peer))
+        elif not self.submit(identity, result):
+            text = f"{self.config.queue_size} requests are already waiting; retry later"
+            self._send(router, identity, self.service.refuse(result.request_id, "busy", text, peer))
 
     def _request_stop(self, *_: object) -> None:
         self.stopping = True
@@ -156,6 +177,10 @@ class Server:
         replies.bind("inproc://replies")
         worker = threading.Thread(target=self._work, name="engine", daemon=True)
         worker.start()
+        websocket = None
+        if self.config.websocket is not None:
+            websocket = WebsocketEndpoint(self, *self.config.websocket, api_keys=self.config.api_keys)
+            websocket.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._request_stop)
 
@@ -195,6 +220,8 @@ class Server:
             if self.stopping:
                 break
         code = self._stop(router, replies, worker)
+        if websocket is not None:
+            websocket.stop()
         if authenticator is not None:
             authenticator.stop()
         return code
@@ -209,10 +236,13 @@ class Server:
                 self._send(router, message[0], self._shutting_down(None))
         while True:
             try:
-                identity, job = self.requests.get_nowait()
+                reply_to, job = self.requests.get_nowait()
             except queue.Empty:
                 break
-            self._send(router, identity, self._shutting_down(job.request_id))
+            if isinstance(reply_to, Future):
+                reply_to.set_result((self._shutting_down_header(job.request_id), {}))
+            else:
+                self._send(router, reply_to, self._shutting_down(job.request_id))
         self.requests.put(None)
         while worker.is_alive() or replies.poll(0):
             if replies.poll(100):

@@ -73,12 +73,16 @@ class Service:
         self.stats = Stats()
         self.refusals = RefusalLog(log_interval_s)
 
-    def refuse(self, request_id: Any, code: str, message: str, peer: Peer | None = None) -> list[Any]:
-        """Count, log (rate-limited) and encode one error reply."""
+    def refusal(self, request_id: Any, code: str, message: str, peer: Peer | None = None) -> dict[str, Any]:
+        """Count and log (rate-limited) one refusal -> its reply header."""
         self.stats.counts[code] += 1
         peer = peer or Peer()
         self.refusals.record(code, request_id, message, peer.connection, peer.address)
-        return protocol.encode(protocol.error_header(request_id, code, message))
+        return protocol.error_header(request_id, code, message)
+
+    def refuse(self, request_id: Any, code: str, message: str, peer: Peer | None = None) -> list[Any]:
+        """`refusal`, encoded as the ZeroMQ reply's frames."""
+        return protocol.encode(self.refusal(request_id, code, message, peer))
 
     def metadata(self) -> Metadata:
         """The engine's metadata with this server's intake limits, so a client can check before sending."""
@@ -125,14 +129,19 @@ class Service:
 
     def run(self, job: InferJob) -> list[Any]:
         """Run the engine on one job -> the reply's frames (actions, or an error)."""
+        return protocol.encode(*self.execute(job))
+
+    def execute(self, job: InferJob) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Run the engine on one job -> the reply's header and arrays (`actions`), or an error header;
+        each transport encodes it its own way."""
         try:
             actions, timing = self.engine.infer(job.observation)
         except EngineError as e:
-            return self.refuse(job.request_id, e.code, e.message)
+            return self.refusal(job.request_id, e.code, e.message), {}
         except Exception as e:  # a backend failure: answer, then start from a fresh engine
             log.exception("request %s failed in the backend; rebuilding the engine", job.request_id)
             self._rebuild_engine()
-            return self.refuse(job.request_id, "internal", f"backend error: {e}")
+            return self.refusal(job.request_id, "internal", f"backend error: {e}"), {}
         reply = {"id": job.request_id, "ok": True, "kind": "infer", "timing": timing}
         if self.limits.active:
             actions, reply["limits"] = self.limits.apply(actions)
@@ -148,7 +157,7 @@ class Service:
         timing["queue_ms"] = (time.perf_counter() - job.received) * 1e3 - timing["total_ms"]
         self.stats.counts["ok"] += 1
         self.stats.record(timing)
-        return protocol.encode(reply, {"actions": actions})
+        return reply, {"actions": actions}
 
     def warm_up(self) -> dict[str, float]:
         """One inference on a synthetic observation, so the first real request is not the slow one."""

@@ -43,11 +43,15 @@ def episode_settings(args: argparse.Namespace, metadata: Metadata, prompt: str) 
     per_chunk = args.actions_per_chunk or metadata.chunk_size
     if not 1 <= per_chunk <= metadata.chunk_size:
         raise SimError(f"--actions-per-chunk {per_chunk}: the policy's chunks hold {metadata.chunk_size}")
+    if args.rtc and not args.delay:
+        raise SimError("--rtc needs --delay D (the control steps an inference is taken to last)")
     return {
         "prompt": prompt,
         "cameras": list(metadata.cameras),
         "actions_per_chunk": per_chunk,
         "max_steps": args.max_steps,
+        "delay": args.delay,
+        "rtc": args.rtc,
     }
 
 
@@ -67,9 +71,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.bundle is not None:
             log.info("starting the daemon on %s ...", args.bundle)
             endpoint = stack.enter_context(bundle_daemon(args)).endpoint
-        client = stack.enter_context(PolicyClient(endpoint, timeout_s=args.timeout))
+        if args.openpi:
+            from sim.openpi import OpenpiClientPolicy
+
+            if args.delay or args.rtc:
+                raise SimError("--delay/--rtc drive our client; openpi's broker asks only when its chunk is used up")
+            client = OpenpiClientPolicy(args.openpi, args.actions_per_chunk)
+            endpoint = f"ws://{args.openpi}"
+        else:
+            client = stack.enter_context(PolicyClient(endpoint, timeout_s=args.timeout))
         metadata = client.metadata()
         settings = episode_settings(args, metadata, prompt)
+        if args.openpi:  # openpi's broker hands out one action per call and asks every `actions_per_chunk`
+            settings["actions_per_chunk"] = 1
         per_chunk = settings["actions_per_chunk"]
         log.info(
             "policy %s (%s); %s, %d actions per chunk",
@@ -84,6 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for i, seed in enumerate(range(args.seed, args.seed + args.episodes)):
             if video is not None:
                 video.new_episode(seed)
+            client.reset()  # a broker's leftover actions belong to the last episode
             start = time.perf_counter()
             try:
                 result = run_episode(env, client, seed=seed, on_step=video, **settings)
@@ -262,9 +277,29 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument(
         "--bundle", type=Path, help="start `pi0-runtime serve` on this bundle for the run, then stop it"
     )
+    target.add_argument(
+        "--openpi",
+        metavar="HOST:PORT",
+        help="a daemon's openpi websocket endpoint, driven by openpi-client's own WebsocketClientPolicy and "
+        "ActionChunkBroker (pip install openpi-client), as openpi's robot code drives it",
+    )
     run.add_argument("--backend", help="the daemon's backend with --bundle (default: its own choice)")
     add_task_arguments(run)
     run.add_argument("--episodes", type=int, default=1, help="how many episodes (default 1)")
+    run.add_argument(
+        "--delay",
+        type=int,
+        default=0,
+        metavar="D",
+        help="take each inference to last D control steps (50 Hz): the next chunk is asked for D steps before the "
+        "current one runs out and takes over at its index D; requests slower than that are counted as stalls",
+    )
+    run.add_argument(
+        "--rtc",
+        action="store_true",
+        help="real-time chunking (with --delay): send the current chunk's remaining actions, so the next chunk "
+        "joins it without a jump; the report has the action step and jerk at chunk boundaries",
+    )
     run.add_argument(
         "--video", type=Path, metavar="OUT.mp4", help="write the episodes as seen, with step/reward/latency"
     )

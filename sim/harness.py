@@ -1,5 +1,13 @@
 """The closed loop: gym-aloha observation -> policy -> the first K actions of its chunk -> repeat.
 
+With `delay` d, inference is taken to last d control steps, as on a robot that does not stop for it: the
+next chunk is asked for d steps before the K actions run out, from the observation of that moment, and
+the robot meanwhile executes those d actions of the old chunk; the new chunk then takes over at its
+index d. With `rtc`, the request carries the old chunk's remaining actions (real-time chunking,
+`runtime.rtc`), so the new chunk's first d actions are the ones executed and the rest of the overlap is
+pulled towards the old plan; without it the new chunk's first d actions are dropped (stale). A request
+whose round trip is longer than d steps (at the env's 50 Hz) would have stalled a real controller: counted.
+
 The policy is anything with the client's surface (`infer(obs) -> {"actions": ...}`, `metadata()`):
 `pi0_client.PolicyClient` for a server (the daemon or the oracle), or `LocalPolicy` for an engine
 in this process (recording without a server).
@@ -19,7 +27,7 @@ from pi0_client.metadata import Camera, Metadata
 from runtime.observation import Observation
 from runtime.service import ServedEngine
 from runtime.stats import summarize
-from sim.env import STATE_DIM, SimError, policy_request
+from sim.env import FPS, STATE_DIM, SimError, policy_request
 
 
 class Policy(Protocol):
@@ -64,6 +72,31 @@ class EpisodeResult:
     server_ms: list[float] = field(default_factory=list)  # the server's own total per request
     sim_step_ms: list[float] = field(default_factory=list)
     error: str | None = None  # why the episode stopped early: an error reply, or the physics diverged
+    executed: list[np.ndarray] = field(default_factory=list)  # every action sent to the env
+    boundaries: list[int] = field(default_factory=list)  # steps at which a new chunk took over
+    stalls: int = 0  # requests whose round trip exceeded the delay: a real controller would have waited
+    plan_jumps: list[float] = field(default_factory=list)  # at each switch: |new chunk's action - old plan's|
+
+    def boundary_figures(self) -> dict[str, float]:
+        """At each chunk boundary b: the plan jump (the new chunk's first executed action against what the
+        old chunk had planned for that step), the action step |a[b] - a[b-1]| and the jerk |a[b+1] -
+        3a[b] + 3a[b-1] - a[b-2]| (max over joints); for scale, the median step within chunks."""
+        a = np.asarray(self.executed)
+        steps, jerks = [], []
+        for b in self.boundaries:
+            if b >= 2 and b + 1 < len(a):
+                steps.append(float(np.abs(a[b] - a[b - 1]).max()))
+                jerks.append(float(np.abs(a[b + 1] - 3 * a[b] + 3 * a[b - 1] - a[b - 2]).max()))
+        inside = [float(np.abs(a[i] - a[i - 1]).max()) for i in range(1, len(a)) if i not in set(self.boundaries)]
+        return {
+            "boundaries": len(steps),
+            "max_plan_jump": max(self.plan_jumps, default=float("nan")),
+            "mean_plan_jump": float(np.mean(self.plan_jumps)) if self.plan_jumps else float("nan"),
+            "max_step": max(steps, default=float("nan")),
+            "mean_step": float(np.mean(steps)) if steps else float("nan"),
+            "max_jerk": max(jerks, default=float("nan")),
+            "median_step_within_chunks": float(np.median(inside)) if inside else float("nan"),
+        }
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -74,6 +107,8 @@ class EpisodeResult:
             "requests": self.requests,
             "error": self.error,
             "latency_ms": summarize(self.latency_ms),
+            "at_chunk_boundaries": self.boundary_figures(),
+            "stalls": self.stalls,
         }
 
 
@@ -87,21 +122,30 @@ def run_episode(
     actions_per_chunk: int,
     max_steps: int | None = None,
     on_step: Callable[[Step], None] | None = None,
+    delay: int = 0,
+    rtc: bool = False,
 ) -> EpisodeResult:
     """One episode from `env.reset(seed)` until success, the env's time limit or `max_steps`, or until
     the policy answers with an error or MuJoCo gives up on the physics (both recorded in `error`; the
-    policy's actions are never altered). No reply at all (`ServerUnavailableError`) propagates."""
+    policy's actions are never altered). No reply at all (`ServerUnavailableError`) propagates.
+    `delay` and `rtc`: see the module's doc."""
     from dm_control.rl.control import PhysicsError  # after make_env: importing MuJoCo fixes its GL backend
 
+    if not 0 <= delay < actions_per_chunk or (rtc and not delay):
+        raise SimError(f"delay {delay} must be below actions_per_chunk {actions_per_chunk}, and > 0 for RTC")
     obs, _ = env.reset(seed=seed)
     result = EpisodeResult(seed=seed, success=False, max_reward=0.0, steps=0, requests=0)
-    while True:
+
+    def ask(seen: dict, prev: np.ndarray | None) -> tuple[np.ndarray, float] | None:
+        request = policy_request(seen, cameras, prompt)
+        if prev is not None:
+            request.update(prev_actions=prev, delay=delay)
         start = time.perf_counter()
         try:
-            reply = policy.infer(policy_request(obs, cameras, prompt))
+            reply = policy.infer(request)
         except PolicyError as e:  # the server refused or failed this request: the episode cannot go on
             result.error = f"policy error at step {result.steps}: {e}"
-            return result
+            return None
         latency = (time.perf_counter() - start) * 1e3
         result.requests += 1
         result.latency_ms.append(latency)
@@ -112,22 +156,49 @@ def run_episode(
             raise SimError(
                 f"the policy answered {actions.dtype} {list(actions.shape)}; expected [chunk, {STATE_DIM}] finite"
             )
-        for action in actions[:actions_per_chunk]:
-            seen = obs
-            tick = time.perf_counter()
-            try:
-                obs, reward, terminated, truncated, info = env.step(action.astype(np.float64))
-            except PhysicsError as e:
-                result.error = f"physics diverged at step {result.steps}: {e}"
+        return actions, latency
+
+    asked = ask(obs, None)
+    if asked is None:
+        return result
+    (chunk, latency), index, pending = asked, 0, None
+    while True:
+        usable = min(actions_per_chunk, len(chunk))
+        if delay and pending is None and index == usable - delay:
+            pending = ask(obs, chunk[index:] if rtc else None)
+            if pending is None:
                 return result
-            result.sim_step_ms.append((time.perf_counter() - tick) * 1e3)
-            result.steps += 1
-            result.max_reward = max(result.max_reward, float(reward))
-            result.success = bool(info.get("is_success", False))
-            if on_step is not None:
-                on_step(Step(result.steps - 1, seen, action, float(reward), latency))
-            if terminated or truncated or (max_steps is not None and result.steps >= max_steps):
-                return result
+            result.stalls += pending[1] > delay / FPS * 1e3
+        action = chunk[index]
+        seen = obs
+        tick = time.perf_counter()
+        try:
+            obs, reward, terminated, truncated, info = env.step(action.astype(np.float64))
+        except PhysicsError as e:
+            result.error = f"physics diverged at step {result.steps}: {e}"
+            return result
+        result.sim_step_ms.append((time.perf_counter() - tick) * 1e3)
+        result.executed.append(np.asarray(action, dtype=np.float32))
+        result.steps += 1
+        result.max_reward = max(result.max_reward, float(reward))
+        result.success = bool(info.get("is_success", False))
+        if on_step is not None:
+            on_step(Step(result.steps - 1, seen, action, float(reward), latency))
+        if terminated or truncated or (max_steps is not None and result.steps >= max_steps):
+            return result
+        index += 1
+        if index >= usable:
+            if pending is not None:  # computed while the last `delay` actions ran: it takes over at index delay
+                planned = chunk[usable] if usable < len(chunk) else None
+                (chunk, latency), index, pending = pending, delay, None
+                if planned is not None:
+                    result.plan_jumps.append(float(np.abs(chunk[index] - planned).max()))
+            else:
+                asked = ask(obs, None)
+                if asked is None:
+                    return result
+                (chunk, latency), index = asked, 0
+            result.boundaries.append(result.steps)
 
 
 def report(results: list[EpisodeResult], **context: Any) -> dict[str, Any]:
@@ -142,4 +213,21 @@ def report(results: list[EpisodeResult], **context: Any) -> dict[str, Any]:
         "latency_ms": summarize(x for r in results for x in r.latency_ms),
         "server_total_ms": summarize(x for r in results for x in r.server_ms),
         "sim_step_ms": summarize(x for r in results for x in r.sim_step_ms),
+        "at_chunk_boundaries": _boundaries(results),
+        "stalls": sum(r.stalls for r in results),
+    }
+
+
+def _boundaries(results: list[EpisodeResult]) -> dict[str, float]:
+    figures = [r.boundary_figures() for r in results if r.boundaries]
+    if not figures:
+        return {}
+    return {
+        "boundaries": sum(f["boundaries"] for f in figures),
+        "max_plan_jump": max(f["max_plan_jump"] for f in figures),
+        "mean_plan_jump": float(np.mean([f["mean_plan_jump"] for f in figures])),
+        "max_step": max(f["max_step"] for f in figures),
+        "mean_step": float(np.mean([f["mean_step"] for f in figures])),
+        "max_jerk": max(f["max_jerk"] for f in figures),
+        "median_step_within_chunks": float(np.median([f["median_step_within_chunks"] for f in figures])),
     }

@@ -120,6 +120,15 @@ def daemon(dummy_bundle: Path, start_daemon):
     return start_daemon(dummy_bundle)
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 STUBS = Path(__file__).parent / "stubs"
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import zmq
 import zmq.auth as zmq_auth
-from conftest import observation_for
+from conftest import free_port, observation_for
 
 from pi0_client.client import PolicyClient, ServerUnavailableError
 from runtime.bundle import load_bundle
@@ -81,6 +81,10 @@ def test_wheels_work_without_torch(dist: Path, tmp_path: Path, name: str, import
     else:
         assert not any(m.startswith("pi0_client/") for m in modules)
         assert any(r.startswith("Requires-Dist: pi0-client==") for r in requires)
+        # openpi's websocket protocol adds websockets, and nothing that unpickles: no msgpack library either
+        # (openpi's ndarray encoding is decoded by pi0_client.wire).
+        assert any(r.split()[1].startswith("websockets") for r in requires)
+        assert not any(w in line for line in requires for w in ("msgpack", "pickle", "dill"))
     # Import from the unpacked wheels alone (not this checkout) with torch made unimportable.
     module = imports.split(".")[0]
     blocked = "; ".join(f"sys.modules['{m}'] = None" for m in ("torch", "tensorstore", "jax", "orbax"))
@@ -142,12 +146,6 @@ def test_package_installs_user_store_and_venv(chroot: Path) -> None:
         ["systemd-analyze", "verify", f"--root={chroot}", "pi0-runtime.service"], capture_output=True, text=True
     )
     assert verify.returncode == 0 and verify.stderr == "", verify.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -330,3 +330,34 @@ def test_installed_command_explains_itself() -> None:
         timeout=120,
     )
     assert missing.returncode == 2 and "nowhere is not a recorded episode" in missing.stdout
+
+
+def test_real_time_chunking_joins_chunks_without_a_jump(dummy_bundle: Path, tmp_path: Path) -> None:
+    """The same seed with a 3-step inference delay, with and without RTC: with it, the new chunk takes over
+    where the old plan was going (the plan jump at each switch shrinks); docs/sim.md has the figures. The
+    random-weight pi0-dummy jitters from step to step, so the executed step and jerk at boundaries are
+    about what they are inside chunks either way."""
+    reports = {}
+    for label, flags in (("plain", []), ("rtc", ["--rtc"])):
+        out = tmp_path / f"{label}.json"
+        argv = ["run", "--bundle", str(dummy_bundle), "--max-steps", "80", "--actions-per-chunk", "20", "--delay", "3"]
+        assert pi0_sim([*argv, "--report", str(out), *flags]) == 0
+        reports[label] = json.loads(out.read_text())["at_chunk_boundaries"]
+    print(f"\nat chunk boundaries: without RTC {reports['plain']}, with RTC {reports['rtc']}")
+    assert reports["plain"]["boundaries"] == reports["rtc"]["boundaries"] == 4
+    assert reports["rtc"]["max_plan_jump"] < reports["plain"]["mean_plan_jump"] / 5
+
+
+def test_openpi_client_drives_the_sim_through_the_daemon(dummy_bundle: Path, tmp_path: Path, start_daemon) -> None:
+    """openpi-client's WebsocketClientPolicy and ActionChunkBroker, unchanged, run an episode."""
+    from conftest import free_port
+
+    port = free_port()
+    daemon = start_daemon(dummy_bundle, "--websocket", f"127.0.0.1:{port}")
+    out = tmp_path / "report.json"
+    argv = ["run", "--openpi", f"127.0.0.1:{port}", "--max-steps", "30", "--actions-per-chunk", "10"]
+    assert pi0_sim([*argv, "--report", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["episodes"][0]["steps"] == 30 and report["errors"] == 0
+    with PolicyClient(daemon.endpoint, timeout_s=30) as client:
+        assert client.stats()["counts"]["kind:infer"] == 3  # 30 ticks, a chunk asked for every 10

@@ -1,0 +1,181 @@
+"""openpi's websocket protocol, spoken by `openpi-client` from PyPI, unchanged, against the real daemon
+(`pi0-runtime serve --websocket`): metadata on connect, inference with openpi's ALOHA key set (the same
+actions as over ZeroMQ for the same seed), its ActionChunkBroker, errors as a text frame and close 1011,
+reconnects, /healthz, API keys, the one-at-a-time queue shared with ZeroMQ, and a fuzz pass."""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import websockets.sync.client
+from conftest import free_port
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from openpi_client import msgpack_numpy
+from openpi_client.action_chunk_broker import ActionChunkBroker as OpenpiBroker
+from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+from pi0_client import PolicyClient
+from runtime.supervise import Daemon
+
+PROMPT = "transfer the cube"
+EXAMPLES = max(60, int(os.environ.get("PI0_FUZZ_EXAMPLES", "60")) // 100)  # `make fuzz` runs more
+
+
+@pytest.fixture(scope="module")
+def served(dummy_bundle: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The daemon on the pi0-dummy bundle, ZeroMQ over ipc and openpi's websocket on loopback."""
+    port = free_port()
+    daemon = Daemon.serve(dummy_bundle, "--websocket", f"127.0.0.1:{port}", quiet=True, watchdog_usec=200_000)
+    daemon.start()
+    yield daemon, port
+    daemon.stop()
+
+
+def aloha_obs(seed: int) -> dict:
+    """What openpi's ALOHA robot code sends: CHW uint8 frames under openpi's camera names, the state, the prompt."""
+    rng = np.random.default_rng(seed)
+    return {
+        "images": {"cam_high": rng.integers(0, 256, (3, 480, 640), dtype=np.uint8)},
+        "state": rng.normal(size=14).astype(np.float32),
+        "prompt": PROMPT,
+    }
+
+
+pytestmark = pytest.mark.system
+
+
+def test_openpi_client_infers_what_zeromq_gives(served) -> None:
+    daemon, port = served
+    policy = WebsocketClientPolicy("127.0.0.1", port)
+    meta = policy.get_server_metadata()
+    assert meta["cameras"][0]["key"] == "observation.images.top" and meta["action_dim"] == 14
+    obs = {**aloha_obs(1), "seed": 7}
+    result = policy.infer(obs)
+    assert result["actions"].shape == (50, 14) and result["actions"].dtype == np.float32
+    assert result["server_timing"]["infer_ms"] > 0 and result["policy_timing"]["infer_ms"] > 0
+    frame = np.ascontiguousarray(obs["images"]["cam_high"].transpose(1, 2, 0))
+    with PolicyClient(daemon.endpoint, timeout_s=30) as client:
+        want = client.infer(
+            {"observation.images.top": frame, "observation.state": obs["state"], "prompt": PROMPT, "seed": 7}
+        )
+    np.testing.assert_array_equal(result["actions"], want["actions"])
+    second = policy.infer({**aloha_obs(2), "seed": 7})
+    assert "prev_total_ms" in second["server_timing"]
+
+
+def test_openpi_action_chunk_broker_asks_once_per_horizon(served) -> None:
+    daemon, port = served
+    with PolicyClient(daemon.endpoint, timeout_s=30) as client:
+        before = client.stats()["counts"].get("kind:infer", 0)
+        broker = OpenpiBroker(WebsocketClientPolicy("127.0.0.1", port), action_horizon=10)
+        actions = [broker.infer(aloha_obs(i))["actions"] for i in range(25)]
+        after = client.stats()["counts"]["kind:infer"]
+    assert all(a.shape == (14,) for a in actions) and after - before == 3
+
+
+def test_openpis_broker_wraps_our_zeromq_client_too(served, dummy_bundle: Path) -> None:
+    """openpi's ActionChunkBroker takes a PolicyClient as its policy (openpi's BasePolicy surface)."""
+    daemon, _ = served
+    from conftest import observation_for
+
+    with PolicyClient(daemon.endpoint, timeout_s=30) as client:
+        broker = OpenpiBroker(client, action_horizon=10)
+        obs = observation_for(dummy_bundle, PROMPT)
+        assert all(broker.infer(obs)["actions"].shape == (14,) for _ in range(12))
+        broker.reset()
+
+
+def test_errors_are_a_text_frame_then_close_1011_and_a_new_connection_is_served(served) -> None:
+    _, port = served
+    policy = WebsocketClientPolicy("127.0.0.1", port)
+    with pytest.raises(RuntimeError, match=r"Error in inference server:\nbad_request: the observation has no state"):
+        policy.infer({"images": aloha_obs(0)["images"], "prompt": PROMPT})
+    with pytest.raises(websockets.exceptions.ConnectionClosedError) as closed:
+        policy.infer(aloha_obs(0))
+    assert closed.value.rcvd.code == 1011
+    with pytest.raises(RuntimeError, match="camera 'cam_left' is not one of"):
+        WebsocketClientPolicy("127.0.0.1", port).infer(
+            {"images": {"cam_left": np.zeros((3, 8, 8), np.uint8)}, "state": np.zeros(14)}
+        )
+    assert WebsocketClientPolicy("127.0.0.1", port).infer(aloha_obs(3))["actions"].shape == (50, 14)
+
+
+def test_health_check(served) -> None:
+    _, port = served
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
+        assert response.status == 200 and response.read() == b"OK\n"
+
+
+def test_a_restarted_daemon_is_reached_again(dummy_bundle: Path, start_daemon) -> None:
+    port = free_port()
+    first = start_daemon(dummy_bundle, "--websocket", f"127.0.0.1:{port}")
+    before = WebsocketClientPolicy("127.0.0.1", port).infer({**aloha_obs(4), "seed": 1})["actions"]
+    first.stop()
+    start_daemon(dummy_bundle, "--websocket", f"127.0.0.1:{port}")
+    after = WebsocketClientPolicy("127.0.0.1", port).infer({**aloha_obs(4), "seed": 1})["actions"]
+    np.testing.assert_array_equal(before, after)
+
+
+def test_api_keys_off_loopback(dummy_bundle: Path, start_daemon, tmp_path: Path) -> None:
+    port = free_port()
+    keys = tmp_path / "api_keys"
+    keys.write_text("# one per line\nrobot-7f3a\n")
+    config = tmp_path / "runtime.toml"
+    config.write_text(f'websocket_endpoint = "0.0.0.0:{port}"\n')
+    refused = start_daemon(dummy_bundle, "--config", str(config), wait_ready=False)
+    assert refused.process.wait(timeout=60) == 2 and "no API keys are configured" in refused.log()
+    config.write_text(f'websocket_endpoint = "0.0.0.0:{port}"\nwebsocket_api_keys = "{keys}"\n')
+    start_daemon(dummy_bundle, "--config", str(config))
+    with pytest.raises(websockets.exceptions.InvalidStatus, match="401"):
+        WebsocketClientPolicy("127.0.0.1", port)
+    with pytest.raises(websockets.exceptions.InvalidStatus, match="401"):
+        WebsocketClientPolicy("127.0.0.1", port, api_key="robot-0000")
+    assert WebsocketClientPolicy("127.0.0.1", port, api_key="robot-7f3a").infer(aloha_obs(5))["actions"].shape == (
+        50,
+        14,
+    )
+
+
+def test_real_time_chunking_over_the_websocket(served) -> None:
+    _, port = served
+    policy = WebsocketClientPolicy("127.0.0.1", port)
+    chunk = policy.infer({**aloha_obs(6), "seed": 2})["actions"]
+    joined = policy.infer({**aloha_obs(7), "seed": 3, "prev_actions": chunk[10:], "delay": 4})["actions"]
+    np.testing.assert_allclose(joined[:4], chunk[10:14], atol=1e-6, rtol=0)
+
+
+# --- fuzz: whatever arrives, one answer (actions, or a text error and close 1011), the daemon serving on ---
+
+values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats() | st.text(max_size=20) | st.binary(max_size=64)
+    | st.builds(lambda n, d: np.zeros(n, d), st.integers(0, 64), st.sampled_from(["u1", "f4", "i8", "?"])),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+near_miss = st.fixed_dictionaries(
+    {"images": st.dictionaries(st.sampled_from(["cam_high", "cam_x"]), values, max_size=2), "state": values},
+    optional={"prompt": values, "seed": values, "delay": values, "prev_actions": values, "noise": values},
+)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(values, near_miss, st.binary(max_size=200)))
+def test_fuzz_every_message_gets_one_answer(served, message) -> None:
+    _, port = served
+    with websockets.sync.client.connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None) as ws:
+        msgpack_numpy.unpackb(ws.recv())  # the metadata
+        ws.send(message if isinstance(message, bytes) else msgpack_numpy.packb(message))
+        reply = ws.recv(timeout=30)
+        if isinstance(reply, str):
+            assert reply.split(":")[0] in ("bad_request", "bad_output"), reply
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                ws.recv(timeout=30)
+            assert closed.value.rcvd.code == 1011
+        else:
+            assert np.isfinite(msgpack_numpy.unpackb(reply)["actions"]).all()
+    assert WebsocketClientPolicy("127.0.0.1", port).infer(aloha_obs(0))["actions"].shape == (50, 14)
