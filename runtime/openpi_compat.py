@@ -92,8 +92,19 @@ def _camera(name: str, keys: tuple[str, ...]) -> str:
     raise ObservationError(f"camera {name!r} is not one of this policy's {list(keys)}")
 
 
+def _numeric(value: Any, name: str) -> np.ndarray:
+    """A field as a numeric array, or ObservationError (nested lists of mixed shapes, text, None...)."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as e:
+        raise ObservationError(f"{name!r} is not an array: {e}") from e
+    if array.dtype.kind not in NUMERIC_KINDS:
+        raise ObservationError(f"{name!r} must be numeric, got {array.dtype}")
+    return array
+
+
 def _in_order(obs: dict, names: tuple[str, ...], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-    return {keys[i]: np.asarray(obs[name]) for i, name in enumerate(names) if name in obs and i < len(keys)}
+    return {keys[i]: _numeric(obs[name], name) for i, name in enumerate(names) if name in obs and i < len(keys)}
 
 
 def observation(obs: Any, metadata: Metadata) -> Observation:
@@ -104,7 +115,7 @@ def observation(obs: Any, metadata: Metadata) -> Observation:
     if "images" in obs:
         if not isinstance(obs["images"], dict):
             raise ObservationError("'images' must map camera names to frames")
-        images = {_camera(name, keys): np.asarray(frame) for name, frame in obs["images"].items()}
+        images = {_camera(str(name), keys): _numeric(frame, f"images.{name}") for name, frame in obs["images"].items()}
         state, used = obs.get("state"), {"images", "state"}
     elif LIBERO_IMAGES[0] in obs:
         images, state, used = (
@@ -114,7 +125,12 @@ def observation(obs: Any, metadata: Metadata) -> Observation:
         )
     elif DROID_IMAGES[0] in obs:
         parts = [obs.get("observation/joint_position"), obs.get("observation/gripper_position")]
-        state = None if any(p is None for p in parts) else np.concatenate([np.ravel(p) for p in parts])
+        names = ("observation/joint_position", "observation/gripper_position")
+        state = (
+            None
+            if any(p is None for p in parts)
+            else np.concatenate([np.ravel(_numeric(p, n)) for p, n in zip(parts, names, strict=True)])
+        )
         used = {*DROID_IMAGES, "observation/joint_position", "observation/gripper_position"}
         images = _in_order(obs, DROID_IMAGES, keys)
     else:
@@ -136,8 +152,8 @@ def observation(obs: Any, metadata: Metadata) -> Observation:
     prompt = obs.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise ObservationError("'prompt' must be a string")
-    optional = {k: np.asarray(obs[k]) for k in ("noise", "prev_actions") if obs.get(k) is not None}
-    return Observation(images, np.asarray(state), prompt=prompt, seed=seed, delay=delay, **optional)
+    optional = {k: _numeric(obs[k], k) for k in ("noise", "prev_actions") if obs.get(k) is not None}
+    return Observation(images, _numeric(state, "state"), prompt=prompt, seed=seed, delay=delay, **optional)
 
 
 def reply(header: dict[str, Any], arrays: dict[str, np.ndarray], infer_ms: float) -> dict[str, Any]:

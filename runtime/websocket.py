@@ -122,6 +122,11 @@ class WebsocketEndpoint:
                 except ObservationError as e:
                     await self._fail(ws, self.service.refusal(None, "bad_request", str(e), peer))
                     return
+                except Exception as e:  # a decoding bug must cost this connection one error, not the endpoint
+                    log.exception("could not decode a websocket message")
+                    text = f"could not decode the observation: {type(e).__name__}"
+                    await self._fail(ws, self.service.refusal(None, "internal", text, peer))
+                    return
                 header, arrays = await self._infer(InferJob(None, obs, time.perf_counter()), peer)
                 if not header.get("ok"):
                     await self._fail(ws, header)

@@ -43,15 +43,16 @@ def episode_settings(args: argparse.Namespace, metadata: Metadata, prompt: str) 
     per_chunk = args.actions_per_chunk or metadata.chunk_size
     if not 1 <= per_chunk <= metadata.chunk_size:
         raise SimError(f"--actions-per-chunk {per_chunk}: the policy's chunks hold {metadata.chunk_size}")
-    if args.rtc and not args.delay:
+    delay, rtc = getattr(args, "delay", 0), getattr(args, "rtc", False)  # `record` drives without them
+    if rtc and not delay:
         raise SimError("--rtc needs --delay D (the control steps an inference is taken to last)")
     return {
         "prompt": prompt,
         "cameras": list(metadata.cameras),
         "actions_per_chunk": per_chunk,
         "max_steps": args.max_steps,
-        "delay": args.delay,
-        "rtc": args.rtc,
+        "delay": delay,
+        "rtc": rtc,
     }
 
 
