@@ -33,7 +33,7 @@ from exporter.onnx_export import OPSET, example_inputs, export_graphs, graph_io
 from exporter.onnx_lint import lint
 from exporter.precision import RangeRecorder, calibration_report, island_nodes, islands, to_precision_
 from exporter.torch_backend import reference_engine
-from exporter.validate import format_report, reference, validate, yardsticks
+from exporter.validate import format_report, reference, validate, yardstick_bytes, yardsticks
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.bundle import (
     MANIFEST,
@@ -177,10 +177,17 @@ def build_bundle(
             else "fp32 export: nothing to keep"
         )
     )
-    marks = None
+    marks, skipped = None, None
     if options.validate:
-        log("      the model's own yardsticks: float64 (its float32 floor) and bf16 ...")
-        marks = yardsticks(model, ref)
+        need, available = yardstick_bytes(model), memory_available()
+        if available is not None and need * 1.25 > available:
+            skipped = (
+                f"a float64 copy of the weights needs {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB are available"
+            )
+            log(f"      the model's own yardsticks skipped ({skipped}): absolute criteria apply")
+        else:
+            log("      the model's own yardsticks: float64 (its float32 floor) and bf16 ...")
+            marks = yardsticks(model, ref)
     lora_ref = None
     if options.validate and policy.adapters is not None:  # the unmerged LoRA forward, to prove the merge
         with lora_forward(model, policy.adapters):
@@ -241,6 +248,8 @@ def build_bundle(
         backend = OnnxRuntimeBackend(load_bundle(work, verify=False))
         report = validate(backend, ref, options.precision, spec, marks, lora_ref)
         report["calibration"] = calibration
+        if skipped:
+            report["yardsticks_skipped"] = skipped
         (work / "report.json").write_text(json.dumps(report, indent=2))
         manifest.validation = "report.json"
         log(format_report(report))
@@ -276,6 +285,17 @@ def build_bundle(
     work.rename(out)
     log(f"bundle written to {out}")
     return out
+
+
+def memory_available() -> int | None:
+    """MemAvailable from /proc/meminfo (bytes), or None where there is none."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _calibrate_on(policy: LoadedPolicy, options: BundleOptions, log: Callable[[str], None]) -> None:
