@@ -77,10 +77,11 @@ class EpisodeResult:
     stalls: int = 0  # requests whose round trip exceeded the delay: a real controller would have waited
     plan_jumps: list[float] = field(default_factory=list)  # at each switch: |new chunk's action - old plan's|
 
-    def boundary_figures(self) -> dict[str, float]:
+    def boundary_figures(self) -> dict[str, float | None]:
         """At each chunk boundary b: the plan jump (the new chunk's first executed action against what the
-        old chunk had planned for that step), the action step |a[b] - a[b-1]| and the jerk |a[b+1] -
-        3a[b] + 3a[b-1] - a[b-2]| (max over joints); for scale, the median step within chunks."""
+        old chunk had planned for that step; only with a delay), the action step |a[b] - a[b-1]| and the
+        jerk |a[b+1] - 3a[b] + 3a[b-1] - a[b-2]| (max over joints); for scale, the median step within
+        chunks. None where there is nothing to measure."""
         a = np.asarray(self.executed)
         steps, jerks = [], []
         for b in self.boundaries:
@@ -90,12 +91,12 @@ class EpisodeResult:
         inside = [float(np.abs(a[i] - a[i - 1]).max()) for i in range(1, len(a)) if i not in set(self.boundaries)]
         return {
             "boundaries": len(steps),
-            "max_plan_jump": max(self.plan_jumps, default=float("nan")),
-            "mean_plan_jump": float(np.mean(self.plan_jumps)) if self.plan_jumps else float("nan"),
-            "max_step": max(steps, default=float("nan")),
-            "mean_step": float(np.mean(steps)) if steps else float("nan"),
-            "max_jerk": max(jerks, default=float("nan")),
-            "median_step_within_chunks": float(np.median(inside)) if inside else float("nan"),
+            "max_plan_jump": max(self.plan_jumps, default=None),
+            "mean_plan_jump": float(np.mean(self.plan_jumps)) if self.plan_jumps else None,
+            "max_step": max(steps, default=None),
+            "mean_step": float(np.mean(steps)) if steps else None,
+            "max_jerk": max(jerks, default=None),
+            "median_step_within_chunks": float(np.median(inside)) if inside else None,
         }
 
     def summary(self) -> dict[str, Any]:
@@ -218,16 +219,21 @@ def report(results: list[EpisodeResult], **context: Any) -> dict[str, Any]:
     }
 
 
-def _boundaries(results: list[EpisodeResult]) -> dict[str, float]:
+def _boundaries(results: list[EpisodeResult]) -> dict[str, float | None]:
     figures = [r.boundary_figures() for r in results if r.boundaries]
+
+    def over(key: str, how: Callable[[list[float]], float]) -> float | None:
+        values = [f[key] for f in figures if f[key] is not None]
+        return float(how(values)) if values else None
+
     if not figures:
         return {}
     return {
         "boundaries": sum(f["boundaries"] for f in figures),
-        "max_plan_jump": max(f["max_plan_jump"] for f in figures),
-        "mean_plan_jump": float(np.mean([f["mean_plan_jump"] for f in figures])),
-        "max_step": max(f["max_step"] for f in figures),
-        "mean_step": float(np.mean([f["mean_step"] for f in figures])),
-        "max_jerk": max(f["max_jerk"] for f in figures),
-        "median_step_within_chunks": float(np.median([f["median_step_within_chunks"] for f in figures])),
+        "max_plan_jump": over("max_plan_jump", max),
+        "mean_plan_jump": over("mean_plan_jump", np.mean),
+        "max_step": over("max_step", max),
+        "mean_step": over("mean_step", np.mean),
+        "max_jerk": over("max_jerk", max),
+        "median_step_within_chunks": over("median_step_within_chunks", np.median),
     }
