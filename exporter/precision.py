@@ -58,6 +58,12 @@ def tower_matmuls(model: Pi0) -> dict[str, nn.Module]:
     return found
 
 
+def _magnitude(t: torch.Tensor) -> float:
+    """max |t| without a tensor of |t| (the full pi0's token embedding alone is 2 GB)."""
+    t = t.detach()
+    return float(torch.maximum(t.max(), -t.min()))
+
+
 def _flops(module: nn.Module, output: torch.Tensor) -> int:
     if isinstance(module, nn.Linear):
         return 2 * output.numel() * module.in_features
@@ -73,8 +79,7 @@ class RangeRecorder:
     def __init__(self, model: Pi0) -> None:
         self.modules = tower_matmuls(model)
         self.ranges = {
-            name: OpRange(type(m).__name__, 0.0, 0.0, float(m.weight.detach().abs().max()))
-            for name, m in self.modules.items()
+            name: OpRange(type(m).__name__, 0.0, 0.0, _magnitude(m.weight)) for name, m in self.modules.items()
         }
         self._handles: list = []
 
@@ -93,8 +98,8 @@ class RangeRecorder:
 
         def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if inputs[0].is_floating_point():
-                r.max_in = max(r.max_in, float(inputs[0].detach().abs().max()))
-            r.max_out = max(r.max_out, float(output.detach().abs().max()))
+                r.max_in = max(r.max_in, _magnitude(inputs[0]))
+            r.max_out = max(r.max_out, _magnitude(output))
             r.flops = _flops(module, output)
 
         return record

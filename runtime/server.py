@@ -89,13 +89,8 @@ class Server:
         pipe.close()
 
     def submit(self, reply_to: Any, job: InferJob) -> bool:
-        """Queue a job for the worker (a ZeroMQ identity or a Future to answer); False when the queue is
-        full or the server is stopping (the caller answers `busy` / `shutting_down`)."""
-        if self.stopping:
-            if isinstance(reply_to, Future):
-                reply_to.set_result((self._shutting_down_header(job.request_id), {}))
-                return True
-            return False
+        """Queue a job for the worker (a ZeroMQ identity, or a Future the worker completes); False when
+        the queue is full (the caller answers `busy`)."""
         try:
             self.requests.put_nowait((reply_to, job))
         except queue.Full:
@@ -107,11 +102,11 @@ class Server:
     def _send(self, router: zmq.Socket, identity: Any, frames: list[Any]) -> None:
         router.send_multipart([identity, b"", *frames], copy=True)
 
-    def _shutting_down_header(self, request_id: Any) -> dict[str, Any]:
+    def shutting_down_header(self, request_id: Any) -> dict[str, Any]:
         return protocol.error_header(request_id, "shutting_down", "the server is stopping")
 
     def _shutting_down(self, request_id: Any) -> list[Any]:
-        return protocol.encode(self._shutting_down_header(request_id))
+        return protocol.encode(self.shutting_down_header(request_id))
 
     def _receive(self, router: zmq.Socket) -> tuple[list[Any], int]:
         """One message, frame by frame: [identity, delimiter, header, arrays...] up to what a request can
@@ -240,7 +235,7 @@ class Server:
             except queue.Empty:
                 break
             if isinstance(reply_to, Future):
-                reply_to.set_result((self._shutting_down_header(job.request_id), {}))
+                reply_to.set_result((self.shutting_down_header(job.request_id), {}))
             else:
                 self._send(router, reply_to, self._shutting_down(job.request_id))
         self.requests.put(None)

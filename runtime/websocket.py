@@ -141,6 +141,8 @@ class WebsocketEndpoint:
 
     async def _infer(self, job: InferJob, peer: Peer) -> tuple[dict, dict]:
         """Through the server's queue and worker, like a ZeroMQ request."""
+        if self.server.stopping:
+            return self.server.shutting_down_header(None), {}
         future: Future = Future()
         if not self.server.submit(future, job):
             message = f"{self.server.config.queue_size} requests are already waiting; retry later"
