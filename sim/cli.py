@@ -5,6 +5,7 @@ pi0-sim run --bundle build/demo/bundle --max-steps 100        (starts and stops 
 pi0-sim oracle-serve --endpoint tcp://127.0.0.1:5556          (the scripted expert, same protocol)
 pi0-sim record --episodes 2 --out episodes/
 pi0-sim stats episodes/                                       (normalization statistics of recordings)
+pi0-sim train episodes/ --out trained/ --steps 3000           (a pi0 by flow matching; a LeRobot checkpoint)
 pi0-sim parity --bundle B --checkpoint C --episode episodes/episode_000000
 """
 
@@ -244,6 +245,18 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from exporter.tokenizer_train import train_tokenizer
+    from sim.train import TrainSettings, train
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokenizer = args.tokenizer or train_tokenizer(args.out / "tokenizer.model")
+    given = {k: getattr(args, k) for k in ("preset", "steps", "batch_size", "lr", "seed", "frame_stride")}
+    settings = TrainSettings(**{k: v for k, v in given.items() if v is not None})
+    train(args.episodes, args.out, tokenizer, settings, resume=args.resume, log=log.info)
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from sim.record import aloha_norm_stats, load_episode
 
@@ -335,6 +348,28 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("episodes", type=Path, help="a directory written by `pi0-sim record`")
     stats.add_argument("--out", type=Path, help="write the JSON here (default: print it)")
     stats.set_defaults(func=cmd_stats)
+
+    training = commands.add_parser(
+        "train",
+        help="train a pi0-architecture policy by flow matching on recorded episodes; writes a LeRobot checkpoint",
+        description="Train a pi0-architecture policy (our model code, a preset sized for a CPU) by flow matching on "
+        "`pi0-sim record` episodes, and write OUT/checkpoint/ (LeRobot v0.3: config, weights, statistics) and "
+        "OUT/tokenizer.model, ready for `pi0-export bundle`. Seeded, resumable (--resume), progress every 50 steps.",
+    )
+    training.add_argument("episodes", type=Path, help="a directory written by `pi0-sim record`")
+    training.add_argument("--out", type=Path, required=True, help="output directory (checkpoint, state, losses)")
+    training.add_argument(
+        "--tokenizer", type=Path, help="SentencePiece model (default: train the project's own into OUT)"
+    )
+    # Defaults are sim.train.TrainSettings' (not imported here: it brings torch into every pi0-sim command).
+    training.add_argument("--preset", help="model dimensions (default pi0-cpu)")
+    training.add_argument("--steps", type=int, help="optimizer steps (default 3000)")
+    training.add_argument("--batch-size", type=int, help="samples per step (default 16)")
+    training.add_argument("--lr", type=float, help="peak learning rate, cosine decay (default 3e-4)")
+    training.add_argument("--seed", type=int, help="seeds the init, the sampling and the noise (default 0)")
+    training.add_argument("--frame-stride", type=int, help="use every k-th frame of each episode (default 1)")
+    training.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    training.set_defaults(func=cmd_train)
 
     parity = commands.add_parser("parity", help="a recorded episode through the PyTorch reference and the daemon")
     parity.add_argument("--bundle", type=Path, required=True)

@@ -1,0 +1,207 @@
+"""`pi0-sim train`: a pi0-architecture policy trained by flow matching on recorded demonstrations, saved
+as a LeRobot v0.3 checkpoint so that everything after training runs the path a user's checkpoint runs
+(loader, exporter, validation, bundle, daemon, client).
+
+The data are `pi0-sim record` episodes (the scripted oracle, transfer-cube). Each frame becomes one
+sample, with the transforms the daemon applies at serving time, called from `runtime/` (one place for
+each): the camera frame resized with pad (LeRobot v0.3 conventions), the state through the ALOHA
+decoding and the recordings' own MEAN_STD statistics, the next `chunk` actions through the inverse of
+the serving post-processing (`runtime.pipeline.actions_to_model`); steps beyond an episode's end repeat
+its last action and are left out of the loss, as LeRobot's `action_is_pad` does. The prompt is the
+recordings' own, tokenized with the tokenizer the bundle will ship. Loss: pi0's flow matching, x_t =
+t noise + (1 - t) actions, target noise - actions, t ~ Beta(1.5, 1) scaled to [0.001, 1]; AdamW, linear warm-up (a tenth of the run, at most 100 steps), cosine
+decay, gradients clipped at norm 1.
+
+Seeded; resumable (`train_state.pt` in the output directory holds the weights, the optimizer, the step
+and the random generators' states; `--resume` continues from it); progress shown every `log_every`
+steps. The model is `PRESETS[preset]` (`pi0-cpu`: towers sized for a CPU).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exporter.checkpoint import LoadedPolicy
+from exporter.dims import PRESETS
+from exporter.pi0 import Pi0
+from exporter.presets import preset_spec
+from exporter.readers.lerobot_v03 import save_lerobot
+from runtime import transforms
+from runtime.pipeline import actions_to_model, model_state
+from runtime.spec import NormStats, PolicySpec
+from runtime.tokenizer import PromptTokenizer
+from sim.env import SimError
+from sim.record import aloha_norm_stats, load_episode
+
+STATE = "train_state.pt"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    preset: str = "pi0-cpu"
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    seed: int = 0
+    frame_stride: int = 1  # every k-th frame of each episode becomes a sample
+    log_every: int = 50
+    checkpoint_every: int = 500
+
+
+@dataclass
+class Demonstrations:
+    """Every sample the daemon would see, preprocessed once: images [N, 1, 3, H, W] (float16, [-1, 1]),
+    model states [N, max_state_dim], action chunks [N, chunk, max_action_dim], and which chunk steps
+    are real [N, chunk]."""
+
+    images: np.ndarray
+    states: np.ndarray
+    actions: np.ndarray
+    real: np.ndarray
+    tokens: np.ndarray
+    token_mask: np.ndarray
+    spec: PolicySpec
+
+    @classmethod
+    def load(cls, directory: Path, tokenizer: Path, stride: int = 1) -> Demonstrations:
+        paths = sorted(p for p in Path(directory).glob("episode_*") if p.is_dir())
+        if not paths:
+            raise SimError(f"{directory} holds no recorded episodes (pi0-sim record --out {directory})")
+        episodes = [load_episode(p) for p in paths]
+        stats = aloha_norm_stats(episodes)
+        spec = replace(
+            preset_spec(),
+            empty_cameras=0,
+            state_norm=NormStats.from_dict(stats["observation.state"]),
+            action_norm=NormStats.from_dict(stats["action"]),
+        )
+        prompts = {e.prompt for e in episodes}
+        if len(prompts) != 1:
+            raise SimError(f"the episodes have {len(prompts)} different prompts; train on one task: {sorted(prompts)}")
+        tokens, token_mask = PromptTokenizer(tokenizer, spec.tokenizer_max_length, spec.convention_set.prompt)(
+            prompts.pop()
+        )
+        images, states, actions, real = [], [], [], []
+        for episode in episodes:
+            (frames,) = episode.images.values()
+            robot = actions_to_model(spec, episode.actions)  # [T, max_action_dim]
+            for t in range(0, len(episode), stride):
+                ahead = np.arange(t, t + spec.chunk_size)
+                images.append(transforms.prepare_image(frames[t], spec.image_size, spec.convention_set)[None])
+                states.append(transforms.pad_vector(model_state(spec, episode.states[t]), spec.max_state_dim))
+                actions.append(robot[np.minimum(ahead, len(episode) - 1)])
+                real.append(ahead < len(episode))
+        return cls(
+            np.stack(images).astype(np.float16), np.stack(states), np.stack(actions), np.stack(real),
+            tokens, token_mask, spec,
+        )  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def batch(self, index: np.ndarray) -> dict[str, torch.Tensor]:
+        n = len(index)
+        return {
+            "images": torch.from_numpy(self.images[index].astype(np.float32)),
+            "image_masks": torch.ones(n, 1, dtype=torch.bool),
+            "tokens": torch.from_numpy(np.repeat(self.tokens, n, axis=0).astype(np.int64)),
+            "token_mask": torch.from_numpy(np.repeat(self.token_mask, n, axis=0)),
+            "state": torch.from_numpy(self.states[index]),
+            "actions": torch.from_numpy(self.actions[index]),
+            "real": torch.from_numpy(self.real[index]),
+        }
+
+
+def flow_matching_loss(
+    model: Pi0, batch: dict[str, torch.Tensor], noise: torch.Tensor, t: torch.Tensor, action_dim: int
+) -> torch.Tensor:
+    """pi0's objective: the velocity at x_t = t noise + (1 - t) actions should be noise - actions (over
+    the robot's action dims and the chunk steps that are real)."""
+    actions = batch["actions"]
+    x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
+    keys, values, prefix_mask = model.prefix_kv(
+        batch["images"], batch["image_masks"], batch["tokens"], batch["token_mask"]
+    )
+    velocity = model.velocity(batch["state"], x_t, t, keys, values, prefix_mask)
+    error = (velocity - (noise - actions))[..., :action_dim] ** 2
+    real = batch["real"][..., None].to(error.dtype)
+    return (error * real).sum() / (real.sum() * action_dim)
+
+
+def train(
+    episodes: Path,
+    out: Path,
+    tokenizer: Path,
+    settings: TrainSettings = TrainSettings(),
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train and write `out/checkpoint/` (LeRobot v0.3: config, weights, statistics) and `out/tokenizer.model`
+    beside `out/train_state.pt` and `out/losses.csv`. -> the checkpoint directory."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = Demonstrations.load(episodes, tokenizer, settings.frame_stride)
+    log(f"{len(data)} samples from {episodes} (every {settings.frame_stride} frame(s)), preset {settings.preset}")
+    torch.manual_seed(settings.seed)
+    model = Pi0(PRESETS[settings.preset]).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    rng = np.random.default_rng(settings.seed)
+    warmup = max(1, min(100, settings.steps // 10))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, settings.steps) / settings.steps)),
+    )
+    step, losses = 0, []
+    state_file = out / STATE
+    if resume:
+        if not state_file.is_file():
+            raise SimError(f"--resume: {state_file} does not exist")
+        saved = torch.load(state_file, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        rng.bit_generator.state = saved["rng"]
+        step, losses = saved["step"], saved["losses"]
+        log(f"resumed at step {step}")
+    start = time.perf_counter()
+    while step < settings.steps:
+        index = rng.integers(0, len(data), settings.batch_size)
+        batch = data.batch(index)
+        noise = torch.from_numpy(rng.standard_normal(batch["actions"].shape, dtype=np.float32))
+        t = torch.from_numpy((rng.beta(1.5, 1.0, settings.batch_size) * 0.999 + 0.001).astype(np.float32))
+        loss = flow_matching_loss(model, batch, noise, t, data.spec.action_dim)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        step += 1
+        losses.append(loss.item())
+        if step % settings.checkpoint_every == 0 or step == settings.steps:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                     "step": step, "losses": losses, "rng": rng.bit_generator.state}  # fmt: skip
+            torch.save(state, state_file.with_suffix(".tmp"))
+            state_file.with_suffix(".tmp").replace(state_file)
+        if step % settings.log_every == 0 or step == settings.steps:
+            recent = np.mean(losses[-settings.log_every :])
+            rate = (time.perf_counter() - start) / max(1, len(losses[-settings.log_every :]))
+            log(
+                f"step {step}/{settings.steps}: loss {recent:.4f}, lr {schedule.get_last_lr()[0]:.2e}, {rate:.2f} s/step"
+            )
+            start = time.perf_counter()
+    (out / "losses.csv").write_text("step,loss\n" + "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses)))
+    (out / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
+    policy = LoadedPolicy(
+        model=model.eval().requires_grad_(False), spec=data.spec, source=f"pi0-sim train:{settings.preset}"
+    )
+    checkpoint = save_lerobot(policy, out / "checkpoint")
+    log(
+        f"checkpoint written to {checkpoint} (LeRobot v0.3); export it with pi0-export bundle --tokenizer {out / 'tokenizer.model'}"
+    )
+    return checkpoint
