@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--lr", type=float, help="peak learning rate, cosine decay (default 3e-4)")
     training.add_argument("--seed", type=int, help="seeds the init, the sampling and the noise (default 0)")
     training.add_argument("--frame-stride", type=int, help="use every k-th frame of each episode (default 1)")
-    training.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    training.add_argument("--resume", action="store_true", help="continue from OUT/train_state.{safetensors,json}")
     training.set_defaults(func=cmd_train)
 
     parity = commands.add_parser("parity", help="a recorded episode through the PyTorch reference and the daemon")

@@ -12,17 +12,20 @@ recordings' own, tokenized with the tokenizer the bundle will ship. Loss: pi0's 
 t noise + (1 - t) actions, target noise - actions, t ~ Beta(1.5, 1) scaled to [0.001, 1]; AdamW, linear warm-up (a tenth of the run, at most 100 steps), cosine
 decay, gradients clipped at norm 1.
 
-Seeded; resumable (`train_state.pt` in the output directory holds the weights, the optimizer, the step
-and the random generators' states; `--resume` continues from it); progress shown every `log_every`
+Seeded; resumable (`train_state.safetensors` + `train_state.json` in the output directory hold the
+weights, the optimizer's moments, the step, the schedule and the random generator's state: no pickle;
+`--resume` continues from them); progress shown every `log_every`
 steps. The model is `PRESETS[preset]` (`pi0-cpu`: towers sized for a CPU).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +35,7 @@ from exporter.dims import PRESETS
 from exporter.pi0 import Pi0
 from exporter.presets import preset_spec
 from exporter.readers.lerobot_v03 import save_lerobot
+from exporter.safetensors_io import SafetensorsFile, write_safetensors
 from runtime import transforms
 from runtime.pipeline import actions_to_model, model_state
 from runtime.spec import NormStats, PolicySpec
@@ -39,7 +43,7 @@ from runtime.tokenizer import PromptTokenizer
 from sim.env import SimError
 from sim.record import aloha_norm_stats, load_episode
 
-STATE = "train_state.pt"
+STATE = "train_state"  # .safetensors (weights, optimizer moments) + .json (step, losses, generators): no pickle
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,47 @@ def flow_matching_loss(
     return (error * real).sum() / (real.sum() * action_dim)
 
 
+def save_state(
+    out: Path, model: Pi0, optimizer: torch.optim.Optimizer, schedule: Any, rng: np.random.Generator, step: int,
+    losses: list[float],
+) -> None:  # fmt: skip
+    """The training state as safetensors + JSON, each written whole then renamed into place."""
+    params = list(model.parameters())
+    tensors = {f"model.{name}": t.detach() for name, t in model.state_dict().items()}
+    for i, p in enumerate(params):
+        for key, value in optimizer.state.get(p, {}).items():
+            tensors[f"adam.{i}.{key}"] = torch.as_tensor(value).detach()
+    info = {"step": step, "losses": losses, "rng": rng.bit_generator.state, "schedule": schedule.state_dict(),
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]}  # fmt: skip
+    write_safetensors(out / f"{STATE}.safetensors.tmp", tensors)
+    (out / f"{STATE}.json.tmp").write_text(json.dumps(info))
+    (out / f"{STATE}.safetensors.tmp").replace(out / f"{STATE}.safetensors")
+    (out / f"{STATE}.json.tmp").replace(out / f"{STATE}.json")
+
+
+def load_state(
+    out: Path, model: Pi0, optimizer: torch.optim.Optimizer, schedule: Any, rng: np.random.Generator
+) -> tuple[int, list[float]]:
+    """What `save_state` wrote, put back into the model, optimizer, schedule and generator."""
+    weights, info = out / f"{STATE}.safetensors", out / f"{STATE}.json"
+    if not weights.is_file() or not info.is_file():
+        raise SimError(f"--resume: no training state in {out} ({weights.name}, {info.name})")
+    saved, meta = SafetensorsFile(weights), json.loads(info.read_text())
+    model.load_state_dict({name: saved.tensor(f"model.{name}").clone() for name in model.state_dict()})
+    names = set(saved.tensor_names())
+    for i, p in enumerate(model.parameters()):
+        moments = {
+            k: saved.tensor(f"adam.{i}.{k}") for k in ("step", "exp_avg", "exp_avg_sq") if f"adam.{i}.{k}" in names
+        }
+        if moments:
+            optimizer.state[p] = moments
+    for group, stored in zip(optimizer.param_groups, meta["param_groups"], strict=True):
+        group.update({k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+    schedule.load_state_dict(meta["schedule"])
+    rng.bit_generator.state = meta["rng"]
+    return meta["step"], meta["losses"]
+
+
 def train(
     episodes: Path,
     out: Path,
@@ -144,7 +189,7 @@ def train(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Train and write `out/checkpoint/` (LeRobot v0.3: config, weights, statistics) and `out/tokenizer.model`
-    beside `out/train_state.pt` and `out/losses.csv`. -> the checkpoint directory."""
+    beside `out/train_state.*` and `out/losses.csv`. -> the checkpoint directory."""
     out.mkdir(parents=True, exist_ok=True)
     data = Demonstrations.load(episodes, tokenizer, settings.frame_stride)
     log(f"{len(data)} samples from {episodes} (every {settings.frame_stride} frame(s)), preset {settings.preset}")
@@ -158,16 +203,8 @@ def train(
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, settings.steps) / settings.steps)),
     )
     step, losses = 0, []
-    state_file = out / STATE
     if resume:
-        if not state_file.is_file():
-            raise SimError(f"--resume: {state_file} does not exist")
-        saved = torch.load(state_file, weights_only=False)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        rng.bit_generator.state = saved["rng"]
-        step, losses = saved["step"], saved["losses"]
+        step, losses = load_state(out, model, optimizer, schedule, rng)
         log(f"resumed at step {step}")
     start = time.perf_counter()
     while step < settings.steps:
@@ -184,10 +221,7 @@ def train(
         step += 1
         losses.append(loss.item())
         if step % settings.checkpoint_every == 0 or step == settings.steps:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                     "step": step, "losses": losses, "rng": rng.bit_generator.state}  # fmt: skip
-            torch.save(state, state_file.with_suffix(".tmp"))
-            state_file.with_suffix(".tmp").replace(state_file)
+            save_state(out, model, optimizer, schedule, rng, step, losses)
         if step % settings.log_every == 0 or step == settings.steps:
             recent = np.mean(losses[-settings.log_every :])
             rate = (time.perf_counter() - start) / max(1, len(losses[-settings.log_every :]))
