@@ -100,9 +100,9 @@ PRESETS: dict[str, Pi0Dims] = {
         expert=GemmaDims(width=32, depth=4, mlp_dim=64, num_heads=8, head_dim=16),
         vocab_size=512,
     ),
-    # Sized for training on a CPU (`pi0-sim train`): the same pieces, narrow and shallow (~2 M parameters).
+    # Sized for training on a CPU (`pi0-sim train`): the same pieces, narrow and shallow (~3 M parameters).
     "pi0-cpu": Pi0Dims(
-        vision=VisionDims(width=64, depth=4, mlp_dim=256, num_heads=4),
+        vision=VisionDims(width=192, depth=4, mlp_dim=768, num_heads=3),  # ViT-Ti's width: checkpoints load by it
         language=GemmaDims(width=128, depth=4, mlp_dim=256, num_heads=4, head_dim=32),
         expert=GemmaDims(width=64, depth=4, mlp_dim=128, num_heads=4, head_dim=32),
         vocab_size=512,

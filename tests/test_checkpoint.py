@@ -163,3 +163,12 @@ def test_loading_holds_the_weights_once(tmp_path: Path, dtype: torch.dtype) -> N
     print(f"\n{dtype}: weights {weights:.0f} MiB, peak RSS growth {growth:.0f} MiB ({growth / weights:.2f}x)")
     assert weights > 150
     assert growth <= 1.3 * weights, f"peak RSS grew {growth / weights:.2f}x the weights"
+
+
+@pytest.mark.parametrize("name", ["pi0-dummy", "pi0-cpu"])
+def test_small_presets_round_trip_as_lerobot_checkpoints(name: str, tmp_path: Path) -> None:
+    """What `pi0-sim train` writes for its presets loads back with the same dimensions (SigLIP's heads
+    come from the ViT width table, so a preset's vision width must be in it)."""
+    policy = build_preset(name)
+    loaded = load_checkpoint(save_lerobot(policy, tmp_path / name))
+    assert loaded.model.dims == policy.model.dims
