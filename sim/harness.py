@@ -7,6 +7,8 @@ index d. With `rtc`, the request carries the old chunk's remaining actions (real
 `runtime.rtc`), so the new chunk's first d actions are the ones executed and the rest of the overlap is
 pulled towards the old plan; without it the new chunk's first d actions are dropped (stale). A request
 whose round trip is longer than d steps (at the env's 50 Hz) would have stalled a real controller: counted.
+Each request's noise seed follows from the episode's seed and the request's index, so an episode repeats
+exactly, and runs that differ in one setting (RTC on and off, say) start from the same noise.
 
 The policy is anything with the client's surface (`infer(obs) -> {"actions": ...}`, `metadata()`):
 `pi0_client.PolicyClient` for a server (the daemon or the oracle), or `LocalPolicy` for an engine
@@ -139,6 +141,7 @@ def run_episode(
 
     def ask(seen: dict, prev: np.ndarray | None) -> tuple[np.ndarray, float] | None:
         request = policy_request(seen, cameras, prompt)
+        request["seed"] = seed * 1_000_003 + result.requests  # the same seed, the same noise: runs repeat exactly
         if prev is not None:
             request.update(prev_actions=prev, delay=delay)
         start = time.perf_counter()
