@@ -87,6 +87,9 @@ class PolicyClient:
     def _connect(self) -> zmq.Socket:
         sock = self.context.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
+        # A REQ socket's send blocks while it has no usable connection (a refused CURVE handshake tears the
+        # pipe down): bounded like the reply, so it ends as "no reply", never as a hang.
+        sock.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
         if self.curve is not None:
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self.curve
         self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -131,7 +134,11 @@ class PolicyClient:
         for _ in range(self.retries + 1):
             if self.socket is None:
                 self.socket = self._connect()
-            self.socket.send_multipart(frames, copy=False)
+            try:
+                self.socket.send_multipart(frames, copy=False)
+            except zmq.Again:  # no connection took it within the timeout
+                self._drop_socket()
+                continue
             if self.socket.poll(self.timeout_ms, zmq.POLLIN):
                 reply, reply_arrays = protocol.decode(self.socket.recv_multipart(copy=False))
                 break
