@@ -22,6 +22,7 @@ import numpy as np
 from pi0_client.metadata import Camera
 from pi0_client.protocol import IMAGE_PREFIX
 from runtime.observation import Observation
+from runtime.openpi_compat import CAMERA_ALIASES
 
 GL_BACKENDS = ("egl", "osmesa")
 _GL_PROBE = "import mujoco; c = mujoco.GLContext(16, 16); c.make_current(); c.free()"
@@ -109,10 +110,6 @@ def render_only_top(env: Any) -> None:
 
     task.get_observation = get_observation
 
-
-# The policy's camera name -> gym-aloha's: LeRobot names it `observation.images.top`, openpi's ALOHA
-# policies `cam_high` (openpi's examples/aloha_sim feeds `top` as cam_high).
-CAMERA_ALIASES = {"cam_high": "top"}
 
 
 def policy_request(obs: dict[str, Any], cameras: list[Camera], prompt: str | None) -> dict[str, Any]:

@@ -12,9 +12,10 @@ import numpy as np
 
 from pi0_client.metadata import Metadata
 from pi0_client.protocol import IMAGE_PREFIX, PROMPT, STATE
+from runtime.openpi_compat import CAMERA_ALIASES
 
 # gym-aloha's (and LeRobot's) camera name -> openpi's, as openpi's examples/aloha_sim sends it.
-OPENPI_CAMERA = {"top": "cam_high"}
+OPENPI_CAMERA = {lerobot: openpi for openpi, lerobot in CAMERA_ALIASES.items()}
 
 
 class OpenpiClientPolicy:
