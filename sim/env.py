@@ -111,7 +111,6 @@ def render_only_top(env: Any) -> None:
     task.get_observation = get_observation
 
 
-
 def policy_request(obs: dict[str, Any], cameras: list[Camera], prompt: str | None) -> dict[str, Any]:
     """A gym-aloha observation -> the request a policy server takes (the client's flat dict). A camera
     the policy may go without (openpi's ALOHA wrists) is left out when gym-aloha has none."""
