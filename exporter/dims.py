@@ -102,7 +102,9 @@ PRESETS: dict[str, Pi0Dims] = {
     ),
     # Sized for training on a CPU (`pi0-sim train`): the same pieces, narrow and shallow (~3 M parameters).
     "pi0-cpu": Pi0Dims(
-        vision=VisionDims(width=192, depth=4, mlp_dim=768, num_heads=3),  # ViT-Ti's width: checkpoints load by it
+        # ViT-Ti's width (checkpoints load by it); 112 px: 64 patches, a quarter of 224's cost, and gym-aloha's
+        # cube still covers about 4x4 pixels of the resized top camera.
+        vision=VisionDims(width=192, depth=4, mlp_dim=768, num_heads=3, image_size=112),
         language=GemmaDims(width=128, depth=4, mlp_dim=256, num_heads=4, head_dim=32),
         expert=GemmaDims(width=64, depth=4, mlp_dim=128, num_heads=4, head_dim=32),
         vocab_size=512,

@@ -25,14 +25,14 @@ ALOHA_DIM = 14
 ALOHA_SIM_STATS = Path(__file__).parent / "assets" / "aloha_sim_stats.json"
 
 
-def preset_spec(max_state_dim: int = 32, max_action_dim: int = 32) -> PolicySpec:
+def preset_spec(max_state_dim: int = 32, max_action_dim: int = 32, image_size: int = 224) -> PolicySpec:
     stats = json.loads(ALOHA_SIM_STATS.read_text())
     return PolicySpec(
         conventions=LEROBOT_03.name,
         camera_keys=("observation.images.top",),
         camera_shapes=((3, 480, 640),),
         empty_cameras=2,
-        image_size=(224, 224),
+        image_size=(image_size, image_size),
         state_dim=ALOHA_DIM,
         action_dim=ALOHA_DIM,
         max_state_dim=max_state_dim,
@@ -52,4 +52,5 @@ def build_preset(name: str, seed: int = 0) -> LoadedPolicy:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     torch.manual_seed(seed)
     model = Pi0(PRESETS[name]).eval().requires_grad_(False)
-    return LoadedPolicy(model=model, spec=preset_spec(), source=f"preset:{name}")
+    spec = preset_spec(image_size=PRESETS[name].vision.image_size)
+    return LoadedPolicy(model=model, spec=spec, source=f"preset:{name}")

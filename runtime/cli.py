@@ -40,7 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from runtime.server import Server
 
     config = load_config(args.config)
-    for key in ("bundle", "endpoint", "backend", "threads", "websocket_endpoint"):
+    for key in ("bundle", "endpoint", "backend", "threads", "websocket_endpoint", "num_steps"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     if config["bundle"] is None:
@@ -53,7 +53,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_memory_for(weights, resolve_backend(bundle, config["backend"]), cgroup_memory_max())
 
     def engine_factory() -> Engine:
-        return Engine.from_bundle(bundle, make_backend(bundle, config["backend"], config["threads"]))
+        engine = Engine.from_bundle(bundle, make_backend(bundle, config["backend"], config["threads"]))
+        return engine.with_num_steps(config["num_steps"])
 
     server = Server(engine_factory, settings)
     metadata = server.engine.metadata()
@@ -202,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--backend", choices=BACKENDS, help="default auto: acl when pyACL and OM files are there")
     serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: one per core)")
+    serve.add_argument(
+        "--num-steps",
+        type=int,
+        metavar="N",
+        help="flow-matching (Euler) steps per chunk instead of the bundle's (fewer: faster, coarser actions)",
+    )
     serve.add_argument(
         "--websocket",
         dest="websocket_endpoint",

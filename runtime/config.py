@@ -16,6 +16,7 @@ DEFAULTS: dict[str, Any] = {
     "endpoint": _SERVER.endpoint,
     "backend": "auto",
     "threads": 0,  # onnxruntime intra-op threads; 0: one per core
+    "num_steps": None,  # flow-matching steps per chunk; None: the bundle's (the count it was validated with)
     "queue_size": _SERVER.queue_size,
     "hang_timeout_s": _SERVER.hang_timeout_s,
     # Intake (runtime/intake.py): the largest frame a client may send (None: from the bundle's cameras,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -185,6 +186,13 @@ class Engine:
         return cls(
             bundle.spec, backend, Prompts.from_bundle(bundle), precision=bundle.precision, source=bundle.manifest.source
         )
+
+    def with_num_steps(self, num_steps: int | None) -> Engine:
+        """This engine with `num_steps` Euler steps per chunk instead of the spec's (None: unchanged). The
+        graphs do not depend on it: the expert runs once per step."""
+        if num_steps is not None and num_steps != self.spec.num_steps:
+            self.spec = replace(self.spec, num_steps=num_steps)  # the spec refuses num_steps < 1
+        return self
 
     def close(self) -> None:
         self.backend.close()

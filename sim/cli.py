@@ -7,6 +7,7 @@ pi0-sim record --episodes 2 --out episodes/
 pi0-sim stats episodes/                                       (normalization statistics of recordings)
 pi0-sim train episodes/ --out trained/ --steps 3000           (a pi0 by flow matching; a LeRobot checkpoint)
 pi0-sim parity --bundle B --checkpoint C --episode episodes/episode_000000
+pi0-sim eval --policy fp32=B32 --policy fp16=B16 --steps 10 5 3 --modes sync rtc --episodes 50
 """
 
 from __future__ import annotations
@@ -159,6 +160,61 @@ def cmd_oracle_serve(args: argparse.Namespace) -> int:
     return server.serve()
 
 
+def cmd_reference_serve(args: argparse.Namespace) -> int:
+    from exporter.checkpoint import load_checkpoint
+    from exporter.torch_backend import reference_engine
+    from runtime.server import Server, ServerConfig
+
+    policy = load_checkpoint(args.checkpoint)
+    server = Server(
+        lambda: reference_engine(policy, args.tokenizer).with_num_steps(args.num_steps),
+        ServerConfig(endpoint=args.endpoint, queue_size=args.queue_size),
+    )
+    return server.serve()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sim.evaluate import PolicyUnderTest, Settings, evaluate, markdown_table
+
+    policies = [PolicyUnderTest.parse(p) for p in args.policy]
+    held_out = range(args.seed, args.seed + args.episodes)
+    if args.demonstrations is not None:
+        used = demonstration_seeds(args.demonstrations)
+        if overlap := sorted(used.intersection(held_out)):
+            raise SimError(f"seeds {overlap[:10]}... were used for the demonstrations in {args.demonstrations}")
+    settings = Settings(
+        seeds=tuple(held_out), workers=args.workers, actions_per_chunk=args.actions_per_chunk, delay=args.delay,
+        max_steps=args.max_steps, prompt=args.prompt, tokenizer=args.tokenizer,
+    )  # fmt: skip
+    total = len(policies) * len(args.steps) * len(args.modes)
+    log.info("%d configurations x %d episodes (seeds %d-%d), %d workers", total, args.episodes, held_out[0],
+             held_out[-1], args.workers)  # fmt: skip
+
+    def progress(row: dict[str, Any]) -> None:
+        log.info(
+            "%s, %d steps, %s: %d/%d (%.0f%%, 95%% %.0f-%.0f%%), mean return %.1f, latency p50 %.1f ms, %.0f s",
+            row["policy"], row["num_steps"], row["mode"], row["successes"], row["episodes"],
+            100 * row["success_rate"], 100 * row["ci95"][0], 100 * row["ci95"][1], row["mean_return"],
+            row["latency_p50_ms"] or float("nan"), row["wall_s"],
+        )  # fmt: skip
+
+    rows = evaluate(policies, args.steps, args.modes, settings, progress)
+    write_json(args.report, {"held_out_seeds": [held_out[0], held_out[-1]], "configurations": rows})
+    table = markdown_table(rows)
+    if args.table is not None:
+        args.table.write_text(table)
+    print(table)
+    return 0
+
+
+def demonstration_seeds(directory: Path) -> set[int]:
+    """The env seeds of a `pi0-sim record` directory's episodes."""
+    metas = sorted(Path(directory).glob("episode_*/meta.json"))
+    if not metas:
+        raise SimError(f"--demonstrations {directory}: no recorded episodes there")
+    return {json.loads(m.read_text())["seed"] for m in metas}
+
+
 def cmd_record(args: argparse.Namespace) -> int:
     from sim.harness import LocalPolicy, run_episode
     from sim.oracle import TransferCubeOracle
@@ -251,7 +307,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = args.tokenizer or train_tokenizer(args.out / "tokenizer.model")
-    given = {k: getattr(args, k) for k in ("preset", "steps", "batch_size", "lr", "seed", "frame_stride")}
+    given = {
+        k: getattr(args, k) for k in ("preset", "steps", "batch_size", "lr", "seed", "frame_stride", "snapshot_every")
+    }
     settings = TrainSettings(**{k: v for k, v in given.items() if v is not None})
     train(args.episodes, args.out, tokenizer, settings, resume=args.resume, log=log.info)
     return 0
@@ -335,6 +393,50 @@ def build_parser() -> argparse.ArgumentParser:
     oracle.add_argument("--queue-size", type=int, default=4)
     oracle.set_defaults(func=cmd_oracle_serve)
 
+    reference = commands.add_parser(
+        "reference-serve",
+        help="serve a checkpoint's PyTorch model (the exporter's reference) over the daemon's protocol",
+    )
+    reference.add_argument("--checkpoint", type=Path, required=True)
+    reference.add_argument("--tokenizer", type=Path, help="SentencePiece model for the prompt (the bundle's)")
+    reference.add_argument("--num-steps", type=int, help="flow-matching steps per chunk (default: the checkpoint's)")
+    reference.add_argument("--endpoint", default="tcp://127.0.0.1:5557", help="default tcp://127.0.0.1:5557")
+    reference.add_argument("--queue-size", type=int, default=4)
+    reference.set_defaults(func=cmd_reference_serve)
+
+    evaluation = commands.add_parser(
+        "eval",
+        help="success rates over held-out seeds: policies x denoising steps x chunk joining, episodes in parallel",
+        description="Each configuration is served once (a bundle by pi0-runtime serve --num-steps N, a checkpoint "
+        "by its PyTorch reference behind the same server) and --workers processes of `pi0-sim run` share it. "
+        "Per configuration: success rate with a 95%% Wilson interval, mean episode return, latency p50.",
+    )
+    evaluation.add_argument(
+        "--policy", action="append", required=True, metavar="NAME=DIR",
+        help="a bundle directory, or a checkpoint directory (served by the PyTorch reference; needs --tokenizer); "
+        "repeat for several",
+    )  # fmt: skip
+    evaluation.add_argument("--tokenizer", type=Path, help="the bundles' tokenizer, for checkpoints")
+    evaluation.add_argument("--steps", type=int, nargs="+", default=[10], help="denoising steps (default 10)")
+    evaluation.add_argument(
+        "--modes", nargs="+", default=["sync"], choices=["sync", "delay", "rtc"],
+        help="sync: wait for each chunk; delay: inference lasts --delay steps, stale actions dropped; rtc: the same "
+        "with real-time chunking (default sync)",
+    )  # fmt: skip
+    evaluation.add_argument("--delay", type=int, default=5, help="control steps per inference for delay/rtc (5)")
+    evaluation.add_argument("--episodes", type=int, default=50, help="episodes per configuration (default 50)")
+    evaluation.add_argument("--seed", type=int, default=0, help="first held-out seed (default 0)")
+    evaluation.add_argument(
+        "--demonstrations", type=Path, help="the training recordings: refuse seeds they used (held out for real)"
+    )
+    evaluation.add_argument("--workers", type=int, default=2, help="episode processes per configuration (2)")
+    evaluation.add_argument("--actions-per-chunk", type=int, default=25, help="actions executed per chunk (25)")
+    evaluation.add_argument("--max-steps", type=int, help="cut episodes at this many steps (default: the env's 300)")
+    evaluation.add_argument("--prompt", help="the instruction sent with every request (default: the task's)")
+    evaluation.add_argument("--report", type=Path, metavar="EVAL.json", help="every configuration's figures")
+    evaluation.add_argument("--table", type=Path, metavar="TABLE.md", help="the markdown table")
+    evaluation.set_defaults(func=cmd_eval)
+
     record = commands.add_parser("record", help="save scripted demonstrations (frames, states, actions, prompt)")
     record.add_argument("--out", type=Path, required=True, help="directory for episode_000000/, episode_000001/, ...")
     record.add_argument("--episodes", type=int, default=1)
@@ -368,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--lr", type=float, help="peak learning rate, cosine decay (default 3e-4)")
     training.add_argument("--seed", type=int, help="seeds the init, the sampling and the noise (default 0)")
     training.add_argument("--frame-stride", type=int, help="use every k-th frame of each episode (default 1)")
+    training.add_argument(
+        "--snapshot-every", type=int, help="also write OUT/checkpoints/step_N/ every N steps (a learning curve)"
+    )
     training.add_argument("--resume", action="store_true", help="continue from OUT/train_state.{safetensors,json}")
     training.set_defaults(func=cmd_train)
 

@@ -2,7 +2,8 @@
 
 gym-aloha's tasks render three 480x640 cameras (`top`, `angle`, `front_close`) on every step but
 return only `top`; `render_only_top` replaces the task's observation function with one that renders
-`top` alone (the per-step time with and without it is in docs/benchmarks.md).
+`top` alone (the per-step time with and without it is in docs/benchmarks.md), and, in a closed loop
+that looks at the frame only when it asks for a chunk, only then (`TopCamera.lazy`).
 
 MuJoCo picks its OpenGL backend from `MUJOCO_GL` when it is first imported, so `select_gl_backend`
 must run before anything imports mujoco or dm_control: EGL (headless, GPU or Mesa) when it works,
@@ -94,21 +95,44 @@ def make_env(task: Task, render_fix: bool = True) -> Any:
     return env
 
 
-def render_only_top(env: Any) -> None:
-    """Make the task render the `top` camera alone (the observation gym-aloha returns is unchanged)."""
+class TopCamera:
+    """gym-aloha's `top` camera, rendered alone. With `lazy` set, the task's observations carry an empty
+    frame and `frame()` renders the present one when someone needs it: a closed loop that asks for a
+    chunk every K steps renders K times fewer frames (the rest of the observation is unchanged)."""
+
+    EMPTY = np.zeros((0, 0, 3), dtype=np.uint8)
+
+    def __init__(self, aloha: Any) -> None:
+        self.aloha, self.lazy = aloha, False
+
+    def frame(self, physics: Any = None) -> np.ndarray:
+        physics = physics if physics is not None else self.aloha._env.physics
+        return physics.render(height=self.aloha.observation_height, width=self.aloha.observation_width, camera_id="top")
+
+    def with_frame(self, obs: dict[str, Any]) -> dict[str, Any]:
+        """`obs` (the latest observation) with its frame rendered, if it was left empty."""
+        if obs["pixels"]["top"].size:
+            return obs
+        return {**obs, "pixels": {**obs["pixels"], "top": self.frame()}}
+
+
+def render_only_top(env: Any) -> TopCamera:
+    """Make the task render the `top` camera alone (the observation gym-aloha returns is unchanged), and
+    keep the camera as `env.unwrapped.top_camera`."""
     aloha = env.unwrapped
     task = aloha._env.task
-    height, width = aloha.observation_height, aloha.observation_width
+    camera = aloha.top_camera = TopCamera(aloha)
 
     def get_observation(physics: Any) -> dict[str, Any]:
         return {
             "qpos": task.get_qpos(physics),
             "qvel": task.get_qvel(physics),
             "env_state": task.get_env_state(physics),
-            "images": {"top": physics.render(height=height, width=width, camera_id="top")},
+            "images": {"top": camera.EMPTY if camera.lazy else camera.frame(physics)},
         }
 
     task.get_observation = get_observation
+    return camera
 
 
 def policy_request(obs: dict[str, Any], cameras: list[Camera], prompt: str | None) -> dict[str, Any]:
@@ -119,6 +143,8 @@ def policy_request(obs: dict[str, Any], cameras: list[Camera], prompt: str | Non
         name = camera.key.removeprefix(IMAGE_PREFIX)
         name = CAMERA_ALIASES.get(name, name)
         if name in obs["pixels"]:
+            if not obs["pixels"][name].size:
+                raise SimError(f"camera {name!r} was not rendered for this observation (TopCamera.lazy)")
             images[camera.key] = obs["pixels"][name]
         elif not camera.optional:
             raise SimError(f"the policy wants camera {camera.key!r}; gym-aloha gives {sorted(obs['pixels'])}")

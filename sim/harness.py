@@ -70,6 +70,7 @@ class EpisodeResult:
     max_reward: float
     steps: int
     requests: int
+    episode_return: float = 0.0  # the sum of the env's rewards
     latency_ms: list[float] = field(default_factory=list)  # client round trip per request
     server_ms: list[float] = field(default_factory=list)  # the server's own total per request
     sim_step_ms: list[float] = field(default_factory=list)
@@ -106,10 +107,12 @@ class EpisodeResult:
             "seed": self.seed,
             "success": self.success,
             "max_reward": self.max_reward,
+            "return": self.episode_return,
             "steps": self.steps,
             "requests": self.requests,
             "error": self.error,
             "latency_ms": summarize(self.latency_ms),
+            "latency_ms_each": [round(x, 3) for x in self.latency_ms],
             "at_chunk_boundaries": self.boundary_figures(),
             "stalls": self.stalls,
         }
@@ -136,10 +139,15 @@ def run_episode(
 
     if not 0 <= delay < actions_per_chunk or (rtc and not delay):
         raise SimError(f"delay {delay} must be below actions_per_chunk {actions_per_chunk}, and > 0 for RTC")
+    camera = getattr(env.unwrapped, "top_camera", None)
+    if camera is not None:
+        camera.lazy = on_step is None  # frames only for requests, unless every step's observation is handed out
     obs, _ = env.reset(seed=seed)
     result = EpisodeResult(seed=seed, success=False, max_reward=0.0, steps=0, requests=0)
 
     def ask(seen: dict, prev: np.ndarray | None) -> tuple[np.ndarray, float] | None:
+        if camera is not None:
+            seen = camera.with_frame(seen)  # `seen` is always the latest observation: the physics is at it
         request = policy_request(seen, cameras, prompt)
         request["seed"] = seed * 1_000_003 + result.requests  # the same seed, the same noise: runs repeat exactly
         if prev is not None:
@@ -185,6 +193,7 @@ def run_episode(
         result.executed.append(np.asarray(action, dtype=np.float32))
         result.steps += 1
         result.max_reward = max(result.max_reward, float(reward))
+        result.episode_return += float(reward)
         result.success = bool(info.get("is_success", False))
         if on_step is not None:
             on_step(Step(result.steps - 1, seen, action, float(reward), latency))

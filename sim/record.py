@@ -80,7 +80,9 @@ class EpisodeRecorder:
         return directory
 
 
-def load_episode(directory: Path) -> Episode:
+def load_episode(directory: Path, frames: bool = True) -> Episode:
+    """One recorded episode; with `frames=False` its images are left out (an episode's frames are about
+    200 MB: a training set is read one episode at a time)."""
     meta_path, data_path = directory / "meta.json", directory / "data.npz"
     if not meta_path.is_file() or not data_path.is_file():
         raise SimError(f"{directory} is not a recorded episode: expected meta.json and data.npz in it")
@@ -90,7 +92,7 @@ def load_episode(directory: Path) -> Episode:
             f"{meta_path}: format {meta.get('format')!r} v{meta.get('version')}; expected {FORMAT!r} v{VERSION}"
         )
     with np.load(data_path, allow_pickle=False) as data:
-        arrays = {name: data[name] for name in data.files}
+        arrays = {name: data[name] for name in data.files if frames or not name.startswith("observation.images.")}
     missing = {"observation.state", "action", "reward"} - set(arrays)
     if missing:
         raise SimError(f"{data_path} lacks {sorted(missing)}")

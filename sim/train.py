@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,8 @@ class TrainSettings:
     seed: int = 0
     frame_stride: int = 1  # every k-th frame of each episode becomes a sample
     log_every: int = 50
-    checkpoint_every: int = 500
+    checkpoint_every: int = 500  # the training state (for --resume)
+    snapshot_every: int = 0  # also a LeRobot checkpoint in OUT/checkpoints/step_NNNNNN/ (a learning curve); 0: off
 
 
 @dataclass
@@ -72,16 +73,20 @@ class Demonstrations:
     tokens: np.ndarray
     token_mask: np.ndarray
     spec: PolicySpec
+    seeds: list[int]  # the recordings' env seeds: an evaluation holds them out
 
     @classmethod
-    def load(cls, directory: Path, tokenizer: Path, stride: int = 1) -> Demonstrations:
+    def load(
+        cls, directory: Path, tokenizer: Path, stride: int = 1, image_size: int = 224,
+        log: Callable[[str], None] = lambda line: None,
+    ) -> Demonstrations:  # fmt: skip
         paths = sorted(p for p in Path(directory).glob("episode_*") if p.is_dir())
         if not paths:
             raise SimError(f"{directory} holds no recorded episodes (pi0-sim record --out {directory})")
-        episodes = [load_episode(p) for p in paths]
+        episodes = [load_episode(p, frames=False) for p in paths]  # the frames: one episode at a time, below
         stats = aloha_norm_stats(episodes)
         spec = replace(
-            preset_spec(),
+            preset_spec(image_size=image_size),
             empty_cameras=0,
             state_norm=NormStats.from_dict(stats["observation.state"]),
             action_norm=NormStats.from_dict(stats["action"]),
@@ -93,18 +98,22 @@ class Demonstrations:
             prompts.pop()
         )
         images, states, actions, real = [], [], [], []
-        for episode in episodes:
+        for i, path in enumerate(paths):
+            if i % 10 == 0:
+                log(f"reading {directory}: episode {i + 1}/{len(paths)}")
+            episode = load_episode(path)
             (frames,) = episode.images.values()
             robot = actions_to_model(spec, episode.actions)  # [T, max_action_dim]
             for t in range(0, len(episode), stride):
                 ahead = np.arange(t, t + spec.chunk_size)
-                images.append(transforms.prepare_image(frames[t], spec.image_size, spec.convention_set)[None])
+                image = transforms.prepare_image(frames[t], spec.image_size, spec.convention_set)
+                images.append(image[None].astype(np.float16))
                 states.append(transforms.pad_vector(model_state(spec, episode.states[t]), spec.max_state_dim))
                 actions.append(robot[np.minimum(ahead, len(episode) - 1)])
                 real.append(ahead < len(episode))
         return cls(
-            np.stack(images).astype(np.float16), np.stack(states), np.stack(actions), np.stack(real),
-            tokens, token_mask, spec,
+            np.stack(images), np.stack(states), np.stack(actions), np.stack(real),
+            tokens, token_mask, spec, [e.meta.get("seed") for e in episodes],
         )  # fmt: skip
 
     def __len__(self) -> int:
@@ -191,10 +200,11 @@ def train(
     """Train and write `out/checkpoint/` (LeRobot v0.3: config, weights, statistics) and `out/tokenizer.model`
     beside `out/train_state.*` and `out/losses.csv`. -> the checkpoint directory."""
     out.mkdir(parents=True, exist_ok=True)
-    data = Demonstrations.load(episodes, tokenizer, settings.frame_stride)
+    dims = PRESETS[settings.preset]
+    data = Demonstrations.load(episodes, tokenizer, settings.frame_stride, dims.vision.image_size, log)
     log(f"{len(data)} samples from {episodes} (every {settings.frame_stride} frame(s)), preset {settings.preset}")
     torch.manual_seed(settings.seed)
-    model = Pi0(PRESETS[settings.preset]).train()
+    model = Pi0(dims).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     rng = np.random.default_rng(settings.seed)
     warmup = max(1, min(100, settings.steps // 10))
@@ -222,6 +232,10 @@ def train(
         losses.append(loss.item())
         if step % settings.checkpoint_every == 0 or step == settings.steps:
             save_state(out, model, optimizer, schedule, rng, step, losses)
+        if settings.snapshot_every and step % settings.snapshot_every == 0 and step < settings.steps:
+            with torch.no_grad():
+                snapshot = LoadedPolicy(model=model, spec=data.spec, source=f"pi0-sim train:{settings.preset}@{step}")
+                log(f"snapshot: {save_lerobot(snapshot, out / 'checkpoints' / f'step_{step:06d}')}")
         if step % settings.log_every == 0 or step == settings.steps:
             recent = np.mean(losses[-settings.log_every :])
             rate = (time.perf_counter() - start) / max(1, len(losses[-settings.log_every :]))
@@ -229,6 +243,17 @@ def train(
                 f"step {step}/{settings.steps}: loss {recent:.4f}, lr {schedule.get_last_lr()[0]:.2e}, {rate:.2f} s/step"
             )
             start = time.perf_counter()
+    recipe = {
+        "command": f"pi0-sim record --seed {min(data.seeds)} --episodes {len(data.seeds)} --out DEMOS && "
+        f"pi0-sim train DEMOS --out OUT --preset {settings.preset} --steps {settings.steps} --batch-size "
+        f"{settings.batch_size} --lr {settings.lr} --seed {settings.seed} --frame-stride {settings.frame_stride}",
+        "settings": asdict(settings),
+        "demonstrations": {"directory": str(episodes), "episodes": len(data.seeds), "seeds": data.seeds,
+                           "samples": len(data)},
+        "final_loss": float(np.mean(losses[-settings.log_every :])),
+        "torch": torch.__version__,
+    }  # fmt: skip
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     (out / "losses.csv").write_text("step,loss\n" + "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses)))
     (out / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
     policy = LoadedPolicy(

@@ -68,6 +68,31 @@ def test_engine_matches_the_reference_and_lerobot(golden_bundle: Path) -> None:
     assert set(timing) == {"preprocess_ms", "vlm_ms", "expert_ms", "expert_step_ms", "postprocess_ms", "total_ms"}
 
 
+def test_num_steps_at_serve_time_equals_a_bundle_exported_with_it(
+    golden_bundle: Path, tmp_path: Path, start_daemon
+) -> None:
+    """`pi0-runtime serve --num-steps 3` serves what a bundle exported with --num-steps 3 computes."""
+    three = tmp_path / "three"
+    build_bundle(
+        load_checkpoint(FIXTURES / "lerobot-pi0-tiny" / "checkpoint"), three, BundleOptions(num_steps=3), **QUIET
+    )
+    bundle = load_bundle(three)
+    assert bundle.spec.num_steps == 3 and load_bundle(golden_bundle).spec.num_steps == 10
+    length = bundle.spec.tokenizer_max_length
+    obs = {**observation(bundle.spec, np.random.default_rng(5)), "lang_tokens": np.ones(length, np.int64)}
+    obs["lang_masks"], obs["seed"] = np.ones(length, bool), 17
+    expected, _ = Engine.from_bundle(bundle, OnnxRuntimeBackend(bundle)).infer(Observation.from_dict(obs))
+    daemon = start_daemon(golden_bundle, "--num-steps", "3")
+    with PolicyClient(daemon.endpoint) as client:
+        assert client.metadata().num_steps == 3
+        served = client.infer(obs)["actions"]
+    np.testing.assert_allclose(served, expected, rtol=0, atol=1e-6)
+    ten, _ = Engine.from_bundle(load_bundle(golden_bundle), OnnxRuntimeBackend(bundle)).infer(
+        Observation.from_dict(obs)
+    )
+    assert np.abs(ten - expected).max() > 1e-3  # the step count matters: the check above can fail
+
+
 def test_non_finite_output_is_an_error(tmp_path: Path) -> None:
     policy = build_preset("pi0-dummy")
     policy.model.action_out_proj.bias.data[0] = float("nan")

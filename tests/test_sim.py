@@ -25,6 +25,7 @@ from runtime import transforms
 from runtime.conventions import LEROBOT_03
 from sim import env as sim_env
 from sim.cli import main as pi0_sim
+from sim.evaluate import wilson_interval
 from sim.harness import LocalPolicy, run_episode
 from sim.oracle import PLAN_STEPS, TransferCubeOracle, camera_projection, oracle_daemon
 from sim.record import aloha_norm_stats, load_episode
@@ -79,6 +80,42 @@ def test_render_fix_renders_one_camera_and_the_same_pixels(env) -> None:
     plain.close()
     assert renders == [["top", "angle", "front_close"], ["top"]]
     np.testing.assert_array_equal(frames[0], frames[1])
+
+
+def test_lazy_frames_render_only_for_requests_and_change_nothing(env) -> None:
+    """Without an `on_step` callback the harness renders a frame only when it asks for a chunk: the
+    requests carry the same pixels, so the episode is the same, with K times fewer renders."""
+    physics = env.unwrapped._env.physics
+    seen: list[np.ndarray] = []
+
+    class Recording(LocalPolicy):
+        def infer(self, obs: dict) -> dict:
+            seen.append(obs[TOP].copy())
+            return super().infer(obs)
+
+    episodes, renders = [], []
+    for on_step in (lambda step: None, None):
+        calls, original = [], physics.render
+        physics.render = lambda *a, _calls=calls, _render=original, **k: _calls.append(1) or _render(*a, **k)
+        try:
+            seen.clear()
+            result = run_episode(
+                env, Recording(TransferCubeOracle()), seed=4, prompt=None,
+                cameras=[Camera(TOP, (3, 480, 640))], actions_per_chunk=30, max_steps=95, on_step=on_step,
+            )  # fmt: skip
+        finally:
+            del physics.render
+        episodes.append((np.asarray(result.executed), [f.copy() for f in seen]))
+        renders.append(len(calls))
+    (eager_actions, eager_frames), (lazy_actions, lazy_frames) = episodes
+    np.testing.assert_array_equal(eager_actions, lazy_actions)
+    assert len(eager_frames) == len(lazy_frames) == 4
+    for a, b in zip(eager_frames, lazy_frames, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert renders == [1 + 95, 4], renders  # reset + every step, against one per request
+    with pytest.raises(sim_env.SimError, match="not rendered"):
+        sim_env.policy_request(env.step(eager_actions[-1])[0], [Camera(TOP, (3, 480, 640))], None)
+    env.unwrapped.top_camera.lazy = False
 
 
 def test_osmesa_is_the_fallback_and_renders_the_scene(monkeypatch: pytest.MonkeyPatch, oracle) -> None:
@@ -401,3 +438,52 @@ def test_train_writes_a_checkpoint_that_exports_and_resumes_to_the_same_weights(
         load_checkpoint(tmp_path / "straight" / "checkpoint"), bundle, BundleOptions(tokenizer=tokenizer), **QUIET
     )
     assert json.loads((bundle / "report.json").read_text())["passed"]
+
+
+# --- evaluation ------------------------------------------------------------------------------------------
+
+
+def test_wilson_interval_matches_scipy() -> None:
+    # scipy.stats.binomtest(k, 50).proportion_ci(method="wilson") for k = 40 and 0
+    assert wilson_interval(40, 50) == pytest.approx((0.6696289406777458, 0.8875624998422389), abs=1e-12)
+    assert wilson_interval(0, 50) == pytest.approx((0.0, 0.07134759913335872), abs=1e-12)
+    assert wilson_interval(50, 50) == pytest.approx((1 - 0.07134759913335872, 1.0), abs=1e-12)
+
+
+def test_eval_serves_each_configuration_and_merges_its_workers(
+    recorded: Path, aloha_bundles: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bundle (the daemon, --num-steps 2) and its checkpoint (the PyTorch reference behind the same
+    server), synchronous and with RTC: four configurations, three seeds each over two worker processes."""
+    bundle, report_path, table = aloha_bundles["tokenizer"], tmp_path / "eval.json", tmp_path / "table.md"
+    argv = [
+        "eval",
+        "--policy",
+        f"fp32={bundle}",
+        "--policy",
+        f"ref={ALOHA_SIM}",
+        "--tokenizer",
+        str(bundle / "tokenizer.model"),
+    ]
+    argv += ["--steps", "2", "--modes", "sync", "rtc", "--delay", "3", "--actions-per-chunk", "10"]
+    argv += ["--episodes", "3", "--seed", "20", "--workers", "2", "--max-steps", "25", "--prompt", "pick up"]
+    assert (
+        pi0_sim([*argv, "--demonstrations", str(recorded.parent), "--report", str(report_path), "--table", str(table)])
+        == 0
+    )
+    rows = json.loads(report_path.read_text())["configurations"]
+    assert [(r["policy"], r["served_by"], r["mode"]) for r in rows] == [
+        ("fp32", "onnxruntime", "sync"), ("fp32", "onnxruntime", "rtc"), ("ref", "pytorch", "sync"), ("ref", "pytorch", "rtc")
+    ]  # fmt: skip
+    for row in rows:
+        assert row["served_num_steps"] == row["num_steps"] == 2
+        assert row["seeds"] == [20, 21, 22] and row["episodes"] == 3 and row["errors"] == 0, row
+        assert row["successes"] == 0 and row["ci95"] == pytest.approx(list(wilson_interval(0, 3)))  # random weights
+        assert row["delay"] == (3 if row["mode"] == "rtc" else 0) and row["latency_p50_ms"] > 0
+    assert (
+        table.read_text().count("\n") == 2 + len(rows)
+        and "| ref | pytorch (fp32) | 2 | rtc, D=3 | 0/3 (0%)" in table.read_text()
+    )
+    # seeds the demonstrations used are refused: they would not measure generalization
+    assert pi0_sim([*argv[:3], "--seed", "0", "--episodes", "3", "--demonstrations", str(recorded.parent)]) == 2
+    assert "were used for the demonstrations" in caplog.text

@@ -1,0 +1,190 @@
+"""`pi0-sim eval`: task success through the served path, per policy, denoising steps and chunk joining.
+
+Each configuration (a policy x a number of flow-matching steps x a way of joining chunks) is served once,
+by the daemon for a bundle (`pi0-runtime serve --num-steps N`) or, for a checkpoint, by the exporter's
+PyTorch reference engine behind the daemon's own server (`pi0-sim reference-serve`), and `workers`
+processes of `pi0-sim run` share that server, each driving a contiguous block of the seeds; their JSON
+reports are merged. The ways of joining chunks (`MODES`): `sync` (the robot waits for each chunk),
+`delay` (inference taken to last D control steps: the next chunk is asked for D steps early and its first
+D actions, stale by then, are dropped) and `rtc` (the same with real-time chunking, `runtime.rtc`).
+
+Per configuration: successes out of n with a 95% Wilson interval, mean episode return (the sum of
+gym-aloha's rewards; transfer-cube gives 1 for touching the cube, 2 lifted, 3 in both grippers, 4 on
+success), the client's round-trip latency p50 over every request, stalls (with a delay) and errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.stats import summarize
+from runtime.supervise import Daemon
+from sim.env import SimError
+
+MODES = ("sync", "delay", "rtc")
+
+
+@dataclass(frozen=True)
+class PolicyUnderTest:
+    """A name for the table and what serves it: a bundle directory, or a checkpoint (PyTorch reference)."""
+
+    name: str
+    path: Path
+
+    @property
+    def is_bundle(self) -> bool:
+        return (self.path / "manifest.json").is_file()
+
+    @classmethod
+    def parse(cls, text: str) -> PolicyUnderTest:
+        """`NAME=PATH`, or a bare PATH named after its directory."""
+        name, _, path = text.rpartition("=")
+        directory = Path(path)
+        if not directory.is_dir():
+            raise SimError(f"--policy {text}: {directory} is not a directory (a bundle or a checkpoint)")
+        return cls(name or directory.name, directory)
+
+
+@dataclass(frozen=True)
+class Settings:
+    seeds: tuple[int, ...]
+    workers: int = 2
+    actions_per_chunk: int = 25
+    delay: int = 5  # control steps an inference is taken to last, for the `delay` and `rtc` modes
+    max_steps: int | None = None
+    prompt: str | None = None  # None: the task's own
+    tokenizer: Path | None = None  # for a checkpoint's reference server
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The 95% Wilson score interval of a success rate (sound at 0 or n successes, unlike p +- z sqrt(pq/n))."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def serve(policy: PolicyUnderTest, num_steps: int, tokenizer: Path | None) -> Daemon:
+    """The server for one policy at `num_steps` (not started)."""
+    if policy.is_bundle:
+        return Daemon.serve(policy.path, "--num-steps", str(num_steps), quiet=True)
+    if tokenizer is None:
+        raise SimError(f"{policy.name}: a checkpoint's reference server needs --tokenizer (the bundle's tokenizer)")
+    command = [sys.executable, "-m", "sim.cli", "reference-serve", "--checkpoint", str(policy.path)]
+    return Daemon([*command, "--tokenizer", str(tokenizer), "--num-steps", str(num_steps)], quiet=True)
+
+
+def blocks(seeds: tuple[int, ...], workers: int) -> list[tuple[int, ...]]:
+    """`seeds` in up to `workers` contiguous blocks of near-equal size."""
+    return [tuple(b) for b in np.array_split(np.asarray(seeds), min(workers, len(seeds))) if len(b)]
+
+
+def run_configuration(policy: PolicyUnderTest, num_steps: int, mode: str, settings: Settings) -> dict[str, Any]:
+    """Serve one configuration, drive its episodes from `workers` processes, merge their reports."""
+    if mode not in MODES:
+        raise SimError(f"unknown mode {mode!r}; choose from {MODES}")
+    start = time.perf_counter()
+    daemon_for_config = serve(policy, num_steps, settings.tokenizer)
+    with tempfile.TemporaryDirectory(prefix="pi0-eval-") as tmp, daemon_for_config as daemon:
+        workers = []
+        for i, block in enumerate(blocks(settings.seeds, settings.workers)):
+            if list(block) != list(range(block[0], block[0] + len(block))):
+                raise SimError(f"seeds must form contiguous blocks per worker: {block}")
+            argv = [sys.executable, "-m", "sim.cli", "run", "--endpoint", daemon.endpoint, "--seed", str(block[0])]
+            argv += ["--episodes", str(len(block)), "--actions-per-chunk", str(settings.actions_per_chunk)]
+            argv += ["--report", f"{tmp}/worker{i}.json"]
+            if settings.max_steps is not None:
+                argv += ["--max-steps", str(settings.max_steps)]
+            if settings.prompt is not None:
+                argv += ["--prompt", settings.prompt]
+            if mode != "sync":
+                argv += ["--delay", str(settings.delay), *(["--rtc"] if mode == "rtc" else [])]
+            log = open(f"{tmp}/worker{i}.log", "w")  # noqa: SIM115 (closed below, after the worker exits)
+            workers.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log, i))
+        episodes = []
+        for process, log, i in workers:
+            code = process.wait()
+            log.close()
+            report_path = Path(f"{tmp}/worker{i}.json")
+            if code not in (0, 1) or not report_path.is_file():
+                raise SimError(f"worker {i} exited with {code}:\n{Path(log.name).read_text()[-3000:]}")
+            episodes += json.loads(report_path.read_text())["episodes"]
+        metadata = json.loads(report_path.read_text())["policy"]
+    return summary_row(policy, num_steps, mode, settings, episodes, metadata, time.perf_counter() - start)
+
+
+def summary_row(
+    policy: PolicyUnderTest, num_steps: int, mode: str, settings: Settings, episodes: list[dict[str, Any]],
+    metadata: dict[str, Any], wall_s: float,
+) -> dict[str, Any]:  # fmt: skip
+    n, successes = len(episodes), sum(e["success"] for e in episodes)
+    low, high = wilson_interval(successes, n)
+    latency = summarize(x for e in episodes for x in e["latency_ms_each"])
+    return {
+        "policy": policy.name,
+        "path": str(policy.path),
+        "served_by": metadata.get("backend"),
+        "served_num_steps": metadata.get("num_steps"),
+        "precision": metadata.get("precision"),
+        "num_steps": num_steps,
+        "mode": mode,
+        "delay": settings.delay if mode != "sync" else 0,
+        "actions_per_chunk": settings.actions_per_chunk,
+        "episodes": n,
+        "successes": successes,
+        "success_rate": successes / n if n else 0.0,
+        "ci95": [low, high],
+        "mean_return": float(np.mean([e["return"] for e in episodes])) if n else 0.0,
+        "mean_max_reward": float(np.mean([e["max_reward"] for e in episodes])) if n else 0.0,
+        "latency_p50_ms": latency.get("p50"),
+        "stalls": sum(e["stalls"] for e in episodes),
+        "errors": sum(e["error"] is not None for e in episodes),
+        "wall_s": round(wall_s, 1),
+        "seeds": [e["seed"] for e in episodes],
+        "succeeded": [e["seed"] for e in episodes if e["success"]],
+    }
+
+
+def evaluate(
+    policies: list[PolicyUnderTest], steps: list[int], modes: list[str], settings: Settings,
+    progress: Callable[[dict[str, Any]], None] = lambda row: None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Every policy x steps x mode, one after the other (each fans out over `settings.workers`)."""
+    rows = []
+    for policy in policies:
+        for num_steps in steps:
+            for mode in modes:
+                rows.append(run_configuration(policy, num_steps, mode, settings))
+                progress(rows[-1])
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as the table docs/sim.md carries."""
+    lines = [
+        "| policy | served by | steps | chunks | success | 95% interval | mean return | latency p50 |",
+        "|---|---|---:|---|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        joining = "sync" if r["mode"] == "sync" else f"{r['mode']}, D={r['delay']}"
+        latency = "-" if r["latency_p50_ms"] is None else f"{r['latency_p50_ms']:.1f} ms"
+        lines.append(
+            f"| {r['policy']} | {r['served_by']} ({r['precision']}) | {r['num_steps']} | {joining} "
+            f"| {r['successes']}/{r['episodes']} ({100 * r['success_rate']:.0f}%) "
+            f"| {100 * r['ci95'][0]:.0f}-{100 * r['ci95'][1]:.0f}% | {r['mean_return']:.1f} "
+            f"| {latency} |"
+        )
+    return "\n".join(lines) + "\n"
