@@ -15,7 +15,7 @@ DEVICE_PYTHON ?= 3.11
 .PHONY: help setup demo test bench fuzz load lerobot-venv lint format clean wheel deb image
 
 help:
-	@echo "make demo   - set up, then export the pi0-dummy preset, serve it with the daemon and drive one sim episode"
+	@echo "make demo   - set up, then export the shipped trained pi0, serve it with the daemon and drive one sim episode"
 	@echo "make test   - set up, then run the test suite"
 	@echo "make fuzz   - the long protocol fuzz run (100,000 messages; minutes)"
 	@echo "make load   - 16 clients x 500 requests, then 10,000 requests for RSS, on the pi0-dummy daemon"
@@ -51,16 +51,20 @@ setup: $(STAMP)
 
 DEMO := build/demo
 
-DEMO_PROMPT := Pick up the cube with the right arm and transfer it to the left arm.
+# The shipped policy: pi0-cpu trained by `pi0-sim train` on 100 scripted transfer-cube demonstrations
+# (sim/policies/transfer-cube/README.md has the recipe and its success table).
+POLICY := sim/policies/transfer-cube
+DEMO_SEED := 0
 
-# The main job on the built-in default: the pi0-dummy preset exported to a validated bundle; the
-# daemon started on it (supervised like systemd: READY=1, then SIGTERM and a clean exit); one short
-# gym-aloha transfer-cube episode driven through the controller's client; the report printed (a
-# random-weight pi0 does not succeed: the figures are the loop's, the video shows what it did).
+# The main job on the built-in default: the shipped trained pi0 exported to a validated fp16 bundle (the
+# 310P's precision); the daemon started on it (supervised like systemd: READY=1, then SIGTERM and a clean
+# exit); one gym-aloha transfer-cube episode on a seed the demonstrations never used, driven through the
+# controller's client; the report printed and the video written. It fails if the cube is not transferred.
 demo: setup
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(VENV)/bin/pi0-export bundle --preset pi0-dummy --out $(DEMO)/bundle --prompt "$(DEMO_PROMPT)" --fixed-prompts-only
-	$(VENV)/bin/pi0-sim run --bundle $(DEMO)/bundle --prompt "$(DEMO_PROMPT)" --max-steps 100 --actions-per-chunk 10 \
+	$(VENV)/bin/pi0-export bundle --checkpoint $(POLICY)/checkpoint --tokenizer $(POLICY)/tokenizer.model \
+		--precision fp16 --out $(DEMO)/bundle
+	$(VENV)/bin/pi0-sim run --bundle $(DEMO)/bundle --seed $(DEMO_SEED) --actions-per-chunk 25 --min-success-rate 1 \
 		--report $(DEMO)/report.json --video $(DEMO)/episode.mp4
 
 test: setup

@@ -10,7 +10,9 @@ D actions, stale by then, are dropped) and `rtc` (the same with real-time chunki
 
 Per configuration: successes out of n with a 95% Wilson interval, mean episode return (the sum of
 gym-aloha's rewards; transfer-cube gives 1 for touching the cube, 2 lifted, 3 in both grippers, 4 on
-success), the client's round-trip latency p50 over every request, stalls (with a delay) and errors.
+success), the client's round-trip latency p50 over every request, stalls (with a delay) and errors, and
+where chunks join (with a delay) the mean plan jump: |the new chunk's first executed action - what the
+old chunk had planned for that step| (max over joints, radians or gripper units).
 """
 
 from __future__ import annotations
@@ -133,6 +135,11 @@ def summary_row(
     n, successes = len(episodes), sum(e["success"] for e in episodes)
     low, high = wilson_interval(successes, n)
     latency = summarize(x for e in episodes for x in e["latency_ms_each"])
+
+    def mean_over_episodes(key: str) -> float | None:
+        values = [e["at_chunk_boundaries"][key] for e in episodes if e["at_chunk_boundaries"].get(key) is not None]
+        return float(np.mean(values)) if values else None
+
     return {
         "policy": policy.name,
         "path": str(policy.path),
@@ -151,6 +158,10 @@ def summary_row(
         "mean_max_reward": float(np.mean([e["max_reward"] for e in episodes])) if n else 0.0,
         "latency_p50_ms": latency.get("p50"),
         "stalls": sum(e["stalls"] for e in episodes),
+        # smoothness where chunks join (`EpisodeResult.boundary_figures`), averaged over episodes
+        "mean_plan_jump": mean_over_episodes("mean_plan_jump"),
+        "mean_boundary_step": mean_over_episodes("mean_step"),
+        "median_step_within_chunks": mean_over_episodes("median_step_within_chunks"),
         "errors": sum(e["error"] is not None for e in episodes),
         "wall_s": round(wall_s, 1),
         "seeds": [e["seed"] for e in episodes],
@@ -175,16 +186,17 @@ def evaluate(
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The rows as the table docs/sim.md carries."""
     lines = [
-        "| policy | served by | steps | chunks | success | 95% interval | mean return | latency p50 |",
-        "|---|---|---:|---|---:|---|---:|---:|",
+        "| policy | served by | steps | chunks | success | 95% interval | mean return | latency p50 | plan jump |",
+        "|---|---|---:|---|---:|---|---:|---:|---:|",
     ]
     for r in rows:
         joining = "sync" if r["mode"] == "sync" else f"{r['mode']}, D={r['delay']}"
         latency = "-" if r["latency_p50_ms"] is None else f"{r['latency_p50_ms']:.1f} ms"
+        jump = "-" if r["mean_plan_jump"] is None else f"{r['mean_plan_jump']:.3f}"
         lines.append(
             f"| {r['policy']} | {r['served_by']} ({r['precision']}) | {r['num_steps']} | {joining} "
             f"| {r['successes']}/{r['episodes']} ({100 * r['success_rate']:.0f}%) "
             f"| {100 * r['ci95'][0]:.0f}-{100 * r['ci95'][1]:.0f}% | {r['mean_return']:.1f} "
-            f"| {latency} |"
+            f"| {latency} | {jump} |"
         )
     return "\n".join(lines) + "\n"

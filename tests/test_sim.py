@@ -480,6 +480,7 @@ def test_eval_serves_each_configuration_and_merges_its_workers(
         assert row["seeds"] == [20, 21, 22] and row["episodes"] == 3 and row["errors"] == 0, row
         assert row["successes"] == 0 and row["ci95"] == pytest.approx(list(wilson_interval(0, 3)))  # random weights
         assert row["delay"] == (3 if row["mode"] == "rtc" else 0) and row["latency_p50_ms"] > 0
+        assert (row["mean_plan_jump"] is None) == (row["mode"] == "sync") and row["mean_boundary_step"] > 0
     assert (
         table.read_text().count("\n") == 2 + len(rows)
         and "| ref | pytorch (fp32) | 2 | rtc, D=3 | 0/3 (0%)" in table.read_text()
@@ -487,3 +488,23 @@ def test_eval_serves_each_configuration_and_merges_its_workers(
     # seeds the demonstrations used are refused: they would not measure generalization
     assert pi0_sim([*argv[:3], "--seed", "0", "--episodes", "3", "--demonstrations", str(recorded.parent)]) == 2
     assert "were used for the demonstrations" in caplog.text
+
+
+SHIPPED = Path(sim_env.__file__).parent / "policies" / "transfer-cube"
+SHIPPED_SEEDS = (0, 1)  # held out: `make demo` drives seed 0; both succeed in every configuration of the table
+
+
+def test_the_shipped_policy_transfers_the_cube_through_the_daemon(tmp_path: Path) -> None:
+    """The trained checkpoint in the repository, exported as `make demo` exports it (fp16, the 310P's
+    precision) and served by the daemon, transfers the cube on seeds its demonstrations never used."""
+    recipe = json.loads((SHIPPED / "recipe.json").read_text())
+    assert not set(SHIPPED_SEEDS) & set(recipe["demonstrations"]["seeds"])
+    options = BundleOptions(precision="fp16", tokenizer=SHIPPED / "tokenizer.model")
+    bundle = build_bundle(load_checkpoint(SHIPPED / "checkpoint"), tmp_path / "bundle", options, **QUIET)
+    report_path = tmp_path / "report.json"
+    argv = ["run", "--bundle", str(bundle), "--seed", str(SHIPPED_SEEDS[0]), "--episodes", str(len(SHIPPED_SEEDS))]
+    assert pi0_sim([*argv, "--actions-per-chunk", "25", "--report", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["policy"]["precision"] == "fp16" and report["errors"] == 0
+    assert [e["success"] for e in report["episodes"]] == [True] * len(SHIPPED_SEEDS), report["episodes"]
+    assert all(e["max_reward"] == 4 for e in report["episodes"])
