@@ -473,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument(
         "--snapshot-every", type=int, help="also write OUT/checkpoints/step_N/ every N steps (a learning curve)"
     )
+    training.add_argument(
+        "--weights-dtype", choices=["float32", "float16"], help="the final checkpoint's weights (default float32)"
+    )
     training.add_argument("--resume", action="store_true", help="continue from OUT/train_state.{safetensors,json}")
     training.set_defaults(func=cmd_train)
 

@@ -15,7 +15,11 @@ decay, gradients clipped at norm 1.
 Seeded; resumable (`train_state.safetensors` + `train_state.json` in the output directory hold the
 weights, the optimizer's moments, the step, the schedule and the random generator's state: no pickle;
 `--resume` continues from them); progress shown every `log_every`
-steps. The model is `PRESETS[preset]` (`pi0-cpu`: towers sized for a CPU).
+steps. The model is `PRESETS[preset]` (`pi0-cpu`: towers sized for a CPU, 112 px images). The output
+directory also gets `recipe.json` (the commands, settings, the demonstrations' seeds: an evaluation holds
+them out), `losses.csv`, and with `snapshot_every` a checkpoint every N steps (a learning curve). No
+augmentation: gym-aloha's camera, lighting and table never change; only the cube's place does, and 100
+demonstrations cover its range.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class TrainSettings:
     log_every: int = 50
     checkpoint_every: int = 500  # the training state (for --resume)
     snapshot_every: int = 0  # also a LeRobot checkpoint in OUT/checkpoints/step_NNNNNN/ (a learning curve); 0: off
+    weights_dtype: str = "float32"  # the final checkpoint's; "float16" halves it (the exporter loads float32)
 
 
 @dataclass
@@ -246,7 +251,8 @@ def train(
     recipe = {
         "command": f"pi0-sim record --seed {min(data.seeds)} --episodes {len(data.seeds)} --out DEMOS && "
         f"pi0-sim train DEMOS --out OUT --preset {settings.preset} --steps {settings.steps} --batch-size "
-        f"{settings.batch_size} --lr {settings.lr} --seed {settings.seed} --frame-stride {settings.frame_stride}",
+        f"{settings.batch_size} --lr {settings.lr} --seed {settings.seed} --frame-stride {settings.frame_stride} "
+        f"--weights-dtype {settings.weights_dtype}",
         "settings": asdict(settings),
         "demonstrations": {"directory": str(episodes), "episodes": len(data.seeds), "seeds": data.seeds,
                            "samples": len(data)},
@@ -256,9 +262,8 @@ def train(
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     (out / "losses.csv").write_text("step,loss\n" + "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses)))
     (out / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
-    policy = LoadedPolicy(
-        model=model.eval().requires_grad_(False), spec=data.spec, source=f"pi0-sim train:{settings.preset}"
-    )
+    final = model.eval().requires_grad_(False).to(getattr(torch, settings.weights_dtype))
+    policy = LoadedPolicy(model=final, spec=data.spec, source=f"pi0-sim train:{settings.preset}")
     checkpoint = save_lerobot(policy, out / "checkpoint")
     log(
         f"checkpoint written to {checkpoint} (LeRobot v0.3); export it with pi0-export bundle --tokenizer {out / 'tokenizer.model'}"
