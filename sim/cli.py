@@ -179,7 +179,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     policies = [PolicyUnderTest.parse(p) for p in args.policy]
     held_out = range(args.seed, args.seed + args.episodes)
     if args.demonstrations is not None:
-        used = demonstration_seeds(args.demonstrations)
+        from sim.record import recorded_seeds
+
+        used = recorded_seeds(args.demonstrations)
         if overlap := sorted(used.intersection(held_out)):
             raise SimError(f"seeds {overlap[:10]}... were used for the demonstrations in {args.demonstrations}")
     settings = Settings(
@@ -205,14 +207,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.table.write_text(table)
     print(table)
     return 0
-
-
-def demonstration_seeds(directory: Path) -> set[int]:
-    """The env seeds of a `pi0-sim record` directory's episodes."""
-    metas = sorted(Path(directory).glob("episode_*/meta.json"))
-    if not metas:
-        raise SimError(f"--demonstrations {directory}: no recorded episodes there")
-    return {json.loads(m.read_text())["seed"] for m in metas}
 
 
 def cmd_record(args: argparse.Namespace) -> int:

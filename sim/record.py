@@ -103,6 +103,14 @@ def load_episode(directory: Path, frames: bool = True) -> Episode:
     return Episode(meta, images, arrays["observation.state"], arrays["action"], arrays["reward"])
 
 
+def recorded_seeds(directory: Path) -> set[int]:
+    """The env seeds of a `pi0-sim record` directory's episodes (read from their meta.json alone)."""
+    metas = sorted(Path(directory).glob("episode_*/meta.json"))
+    if not metas:
+        raise SimError(f"{directory}: no recorded episodes there")
+    return {json.loads(m.read_text())["seed"] for m in metas}
+
+
 def aloha_norm_stats(episodes: list[Episode], conventions: Conventions = LEROBOT_03) -> dict[str, dict[str, Any]]:
     """MEAN_STD statistics of recorded states and actions, in pi0's ALOHA space (states decoded,
     actions through the inverse of the encoding), as LeRobot computes them for `adapt_to_pi_aloha`."""
