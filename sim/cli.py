@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="success rates over held-out seeds: policies x denoising steps x chunk joining, episodes in parallel",
         description="Each configuration is served once (a bundle by pi0-runtime serve --num-steps N, a checkpoint "
         "by its PyTorch reference behind the same server) and --workers processes of `pi0-sim run` share it. "
-        "Per configuration: success rate with a 95%% Wilson interval, mean episode return, latency p50.",
+        "Per configuration: success rate with a 95% Wilson interval, mean episode return, latency p50.",
     )
     evaluation.add_argument(
         "--policy", action="append", required=True, metavar="NAME=DIR",
