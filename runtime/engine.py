@@ -188,11 +188,12 @@ class Engine:
         )
 
     def with_num_steps(self, num_steps: int | None) -> Engine:
-        """This engine with `num_steps` Euler steps per chunk instead of the spec's (None: unchanged). The
-        graphs do not depend on it: the expert runs once per step."""
-        if num_steps is not None and num_steps != self.spec.num_steps:
-            self.spec = replace(self.spec, num_steps=num_steps)  # the spec refuses num_steps < 1
-        return self
+        """An engine on the same backend taking `num_steps` Euler steps per chunk instead of the spec's
+        (None: this one). The graphs do not depend on it: the expert runs once per step."""
+        if num_steps is None or num_steps == self.spec.num_steps:
+            return self
+        spec = replace(self.spec, num_steps=num_steps)  # the spec refuses num_steps < 1
+        return Engine(spec, self.backend, self.prompts, precision=self.precision, source=self.source)
 
     def close(self) -> None:
         self.backend.close()

@@ -33,6 +33,7 @@ import numpy as np
 from runtime.stats import summarize
 from runtime.supervise import Daemon
 from sim.env import SimError
+from sim.harness import combine_boundary_figures
 
 MODES = ("sync", "delay", "rtc")
 
@@ -116,15 +117,15 @@ def run_configuration(policy: PolicyUnderTest, num_steps: int, mode: str, settin
                 argv += ["--delay", str(settings.delay), *(["--rtc"] if mode == "rtc" else [])]
             log = open(f"{tmp}/worker{i}.log", "w")  # noqa: SIM115 (closed below, after the worker exits)
             workers.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log, i))
-        episodes = []
+        episodes, metadata = [], {}
         for process, log, i in workers:
             code = process.wait()
             log.close()
             report_path = Path(f"{tmp}/worker{i}.json")
             if code not in (0, 1) or not report_path.is_file():
                 raise SimError(f"worker {i} exited with {code}:\n{Path(log.name).read_text()[-3000:]}")
-            episodes += json.loads(report_path.read_text())["episodes"]
-        metadata = json.loads(report_path.read_text())["policy"]
+            report = json.loads(report_path.read_text())
+            episodes, metadata = episodes + report["episodes"], report["policy"]
     return summary_row(policy, num_steps, mode, settings, episodes, metadata, time.perf_counter() - start)
 
 
@@ -135,10 +136,7 @@ def summary_row(
     n, successes = len(episodes), sum(e["success"] for e in episodes)
     low, high = wilson_interval(successes, n)
     latency = summarize(x for e in episodes for x in e["latency_ms_each"])
-
-    def mean_over_episodes(key: str) -> float | None:
-        values = [e["at_chunk_boundaries"][key] for e in episodes if e["at_chunk_boundaries"].get(key) is not None]
-        return float(np.mean(values)) if values else None
+    joins = combine_boundary_figures([e["at_chunk_boundaries"] for e in episodes])
 
     return {
         "policy": policy.name,
@@ -158,10 +156,10 @@ def summary_row(
         "mean_max_reward": float(np.mean([e["max_reward"] for e in episodes])) if n else 0.0,
         "latency_p50_ms": latency.get("p50"),
         "stalls": sum(e["stalls"] for e in episodes),
-        # smoothness where chunks join (`EpisodeResult.boundary_figures`), averaged over episodes
-        "mean_plan_jump": mean_over_episodes("mean_plan_jump"),
-        "mean_boundary_step": mean_over_episodes("mean_step"),
-        "median_step_within_chunks": mean_over_episodes("median_step_within_chunks"),
+        # smoothness where chunks join, over the episodes (`sim.harness.combine_boundary_figures`)
+        "mean_plan_jump": joins.get("mean_plan_jump"),
+        "mean_boundary_step": joins.get("mean_step"),
+        "median_step_within_chunks": joins.get("median_step_within_chunks"),
         "errors": sum(e["error"] is not None for e in episodes),
         "wall_s": round(wall_s, 1),
         "seeds": [e["seed"] for e in episodes],

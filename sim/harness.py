@@ -232,7 +232,13 @@ def report(results: list[EpisodeResult], **context: Any) -> dict[str, Any]:
 
 
 def _boundaries(results: list[EpisodeResult]) -> dict[str, float | None]:
-    figures = [r.boundary_figures() for r in results if r.boundaries]
+    return combine_boundary_figures([r.boundary_figures() for r in results])
+
+
+def combine_boundary_figures(figures: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Episodes' `boundary_figures` (or their reports' `at_chunk_boundaries`) as one run's: maxima of the
+    maxima, means of the means, the median of the medians; episodes without a boundary left out."""
+    figures = [f for f in figures if f.get("boundaries")]
 
     def over(key: str, how: Callable[[list[float]], float]) -> float | None:
         values = [f[key] for f in figures if f[key] is not None]
