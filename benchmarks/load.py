@@ -2,7 +2,7 @@
 bundle, counting every reply (actions, `busy`, other errors) so that a lost request shows, with the
 latency of each kind and the daemon's RSS before and after.
 
-Clients as `runtime.bench.bench_load` runs them (`busy` -> wait 5 ms, send the next; no reply in 60 s
+Clients as `devtools.load.bench_load` runs them (`busy` -> wait 5 ms, send the next; no reply in 60 s
 -> lost). The daemon runs with its default queue (4 waiting).
 """
 
@@ -15,10 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from devtools.load import bench_load
+from devtools.supervise import Daemon
 from pi0_client.client import PolicyClient
-from runtime.bench import bench_load
 from runtime.observation import Observation
-from runtime.supervise import Daemon
 
 PROMPT = "transfer the cube"
 

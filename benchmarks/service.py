@@ -23,6 +23,7 @@ from benchmarks.render import table
 from exporter.bundle import BundleOptions, build_bundle
 from exporter.presets import build_preset
 from pi0_client.protocol import decode, encode
+from runtime.backends import BackendOptions
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.bench import bench_engine, bench_server
 from runtime.bundle import Bundle, load_bundle
@@ -99,14 +100,18 @@ def copy_ledger(bundle: Bundle) -> dict[str, int]:
 
 
 def synthetic_request(bundle: Bundle) -> Observation:
-    return Observation.synthetic(Engine.from_bundle(bundle, OnnxRuntimeBackend(bundle, threads=1)).metadata())
+    return Observation.synthetic(
+        Engine.from_bundle(bundle, OnnxRuntimeBackend(bundle, BackendOptions(threads=1))).metadata()
+    )
 
 
 def thread_sweep(bundle: Bundle, n: int) -> dict[int, dict[str, float]]:
     """Engine total over onnxruntime intra-op thread counts: fewer than the cores, as many, twice as many."""
     cores = os.cpu_count() or 1
     return {
-        threads: bench_engine(Engine.from_bundle(bundle, OnnxRuntimeBackend(bundle, threads=threads)), n)["total_ms"]
+        threads: bench_engine(
+            Engine.from_bundle(bundle, OnnxRuntimeBackend(bundle, BackendOptions(threads=threads))), n
+        )["total_ms"]
         for threads in sorted({1, cores, 2 * cores})
     }
 

@@ -23,10 +23,12 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from exporter.errors import ExportError
+
 DEFAULT_SOC = "Ascend310P1"
 
 
-class AtcError(RuntimeError):
+class AtcError(ExportError):
     """atc was needed and is missing, or it failed."""
 
 

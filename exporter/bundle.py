@@ -28,6 +28,7 @@ import torch
 
 from exporter import atc
 from exporter.checkpoint import LoadedPolicy
+from exporter.errors import ExportError
 from exporter.lora import lora_forward
 from exporter.onnx_export import OPSET, example_inputs, export_graphs, graph_io
 from exporter.onnx_lint import lint
@@ -37,7 +38,8 @@ from exporter.validate import format_report, reference, validate, yardstick_byte
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.bundle import (
     MANIFEST,
-    AtcSection,
+    OM,
+    CompiledTarget,
     FixedPrompt,
     GraphEntry,
     Manifest,
@@ -45,7 +47,7 @@ from runtime.bundle import (
     load_bundle,
     sha256_file,
 )
-from runtime.engine import EngineError
+from runtime.errors import ApplianceError
 from runtime.npu import detect_soc
 from runtime.observation import Observation
 from runtime.pipeline import ModelInputs
@@ -55,7 +57,7 @@ from runtime.tokenizer import PromptTokenizer, StatePromptTable
 EXPORTER_VERSION = "0.1.0"
 
 
-class BundleBuildError(RuntimeError):
+class BundleBuildError(ExportError):
     """The bundle could not be written, or it failed validation or lint."""
 
 
@@ -85,21 +87,25 @@ class BundleOptions:
 
 
 def prompt_tokenizer(spec: PolicySpec, options: BundleOptions) -> PromptTokenizer:
-    return PromptTokenizer(
-        options.tokenizer, spec.tokenizer_max_length, spec.convention_set.prompt, spec.state_in_prompt
-    )
+    try:
+        return PromptTokenizer(
+            options.tokenizer, spec.tokenizer_max_length, spec.convention_set.prompt, spec.state_in_prompt
+        )
+    except RuntimeError as e:  # sentencepiece's word for a file that is not a model
+        raise BundleBuildError(f"tokenizer {options.tokenizer} is not a SentencePiece model ({e})") from e
 
 
 def _fixed_prompt(spec: PolicySpec, tokenizer: PromptTokenizer, prompt: str) -> FixedPrompt:
     """A prompt tokenized now; for a state-in-prompt policy (pi0.5), the table of its tokens for any state."""
-    if spec.state_in_prompt:
-        try:
-            table = StatePromptTable.build(tokenizer, prompt, spec.prompt_state_dim)
-        except ValueError as e:
-            raise BundleBuildError(f"{e}; ship the tokenizer instead (leave out --fixed-prompts-only)") from e
-        return FixedPrompt(prompt, state_table=table.to_dict())
-    tokens, mask = tokenizer(prompt)
-    return FixedPrompt(prompt, tokens[0].tolist(), mask[0].tolist())
+    try:
+        if not spec.state_in_prompt:
+            tokens, mask = tokenizer(prompt)
+            return FixedPrompt(prompt, tokens[0].tolist(), mask[0].tolist())
+        table = StatePromptTable.build(tokenizer, prompt, spec.prompt_state_dim)
+    except ValueError as e:  # longer than the token budget; for pi0.5, tokens that depend on the state
+        hint = "; ship the tokenizer instead (leave out --fixed-prompts-only)" if spec.state_in_prompt else ""
+        raise BundleBuildError(f"{e}{hint}") from e
+    return FixedPrompt(prompt, state_table=table.to_dict())
 
 
 def _prompt_section(spec: PolicySpec, options: BundleOptions, work: Path) -> PromptSection:
@@ -127,13 +133,19 @@ def token_budget(spec: PolicySpec, options: BundleOptions) -> int:
     if spec.state_in_prompt:
         lengths = [StatePromptTable.from_dict(_fixed_prompt(spec, tokenizer, p).state_table) for p in options.prompts]
         return min(spec.tokenizer_max_length, max(t.longest(spec.prompt_state_dim) for t in lengths))
-    return max(int(tokenizer(prompt)[1].sum()) for prompt in options.prompts)
+    return max(sum(_fixed_prompt(spec, tokenizer, prompt).mask) for prompt in options.prompts)
 
 
 def _graph_entry(files: list[Path]) -> GraphEntry:
-    return GraphEntry(
-        onnx=files[0].name, onnx_data=files[1].name if len(files) > 1 else None, om=None, **graph_io(files[0])
-    )
+    return GraphEntry(onnx=files[0].name, onnx_data=files[1].name if len(files) > 1 else None, **graph_io(files[0]))
+
+
+def check_out(out: str | Path) -> Path:
+    """`out` as a bundle directory to create: absent or empty, else a BundleBuildError naming it."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BundleBuildError(f"{out} exists and is not an empty directory; choose another --out")
+    return out
 
 
 def build_bundle(
@@ -145,9 +157,7 @@ def build_bundle(
     (`policy.model = None`) once the graphs are written, so that validation does not hold the PyTorch
     model and the onnxruntime sessions at once (for the full pi0: 6 GB each in fp16).
     """
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise BundleBuildError(f"{out} exists and is not an empty directory; choose another --out")
+    out = check_out(out)
     work = out.with_name(out.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -229,7 +239,7 @@ def build_bundle(
         model=asdict(dims),
         policy=spec,
         prompt=_prompt_section(spec, options, work),
-        atc=AtcSection(soc_version=soc),
+        compiled={OM: CompiledTarget(device=soc)},
         graphs={name: _graph_entry(paths) for name, paths in files.items()},
         exporter={
             "version": EXPORTER_VERSION,
@@ -267,12 +277,10 @@ def build_bundle(
     if use_atc:
         log(f"[4/5] compiling with atc for {soc} ...")
         oms = atc.compile_graphs(work, commands, log)
-        for name, om in oms.items():
-            manifest.graphs[name].om = om.relative_to(work).as_posix()
-        manifest.atc.compiled = True
+        manifest.compiled[OM].files = {name: om.relative_to(work).as_posix() for name, om in oms.items()}
     else:
         script = atc.write_script(work, commands)
-        manifest.atc.script = script.name
+        manifest.compiled[OM].script = script.name
         log(
             f"[4/5] atc not run ({'--atc never' if options.atc_mode == 'never' else 'not on PATH'}): "
             f"the exact commands are in {out / script.name}"
@@ -306,7 +314,7 @@ def _calibrate_on(policy: LoadedPolicy, options: BundleOptions, log: Callable[[s
     for path in options.calibration:
         try:
             engine.infer(Observation.from_npz(path))
-        except (EngineError, ValueError, OSError) as e:
+        except (ApplianceError, ValueError, OSError) as e:  # not an observation, or one the engine refuses
             raise BundleBuildError(f"calibration observation {path}: {e}") from e
     log(f"      calibrated on {len(options.calibration)} observation(s) of yours as well")
 

@@ -13,22 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from exporter.errors import ExportError
+from exporter.readers import READERS
 from runtime.spec import PolicySpec
 
 if TYPE_CHECKING:
     from exporter.lora import Adapters
     from exporter.pi0 import Pi0
 
-# Each reader's FORMAT -> its module; `detect` is asked in this order.
-READERS = {
-    "lerobot-0.4": "exporter.readers.lerobot_v04",
-    "lerobot-0.3": "exporter.readers.lerobot_v03",
-    "openpi": "exporter.readers.openpi_pytorch",
-    "openpi-jax": "exporter.readers.openpi_jax",
-}
 
-
-class CheckpointError(ValueError):
+class CheckpointError(ExportError):
     """A checkpoint we cannot load, with the reason in words."""
 
 
@@ -41,28 +35,37 @@ class LoadedPolicy:
     adapters: Adapters | None = None  # LoRA adapters merged into `model`, kept for the unmerged reference
 
 
+def checkpoint_directory(path: str | Path) -> Path:
+    """`path` as a checkpoint directory, or a CheckpointError naming it."""
+    directory = Path(path)
+    if not directory.exists():
+        raise CheckpointError(f"checkpoint directory not found: {directory}")
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a directory; a checkpoint is one")
+    return directory
+
+
 def load_checkpoint(
     path: str | Path, dtype: torch.dtype = torch.float32, source_format: str = "auto", **options: Any
 ) -> LoadedPolicy:
     """Load a checkpoint directory with the reader of `source_format`, or with the first reader that recognizes
-    it; `options` go to that reader (and are refused by one that takes none)."""
-    directory = Path(path)
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint directory not found: {directory}")
+    it. `options` go to that reader; one it does not list in its `OPTIONS` is refused by name. A ValueError
+    while reading (a config.json that is not JSON, statistics `PolicySpec` refuses) is a CheckpointError."""
+    directory = checkpoint_directory(path)
     if source_format != "auto" and source_format not in READERS:
         raise CheckpointError(f"unknown checkpoint format {source_format!r}; choose auto or one of {sorted(READERS)}")
-    chosen = [READERS[source_format]] if source_format != "auto" else list(READERS.values())
-    for module in chosen:
-        reader = importlib.import_module(module)
-        if source_format != "auto" or reader.detect(directory):
-            try:
-                return reader.load(directory, dtype, **options)
-            except TypeError as e:
-                if options and "unexpected keyword argument" in str(e):
-                    raise CheckpointError(
-                        f"options {sorted(options)} do not apply to {reader.FORMAT} checkpoints"
-                    ) from e
-                raise
+    try:
+        for name in [source_format] if source_format != "auto" else list(READERS):
+            reader = importlib.import_module(READERS[name])
+            if source_format == "auto" and not reader.detect(directory):
+                continue
+            unknown = sorted(set(options) - set(reader.OPTIONS))
+            if unknown:
+                takes = f"they take {sorted(reader.OPTIONS)}" if reader.OPTIONS else "they take none"
+                raise CheckpointError(f"options {unknown} do not apply to {name} checkpoints ({takes})")
+            return reader.load(directory, dtype, **options)
+    except ValueError as e:
+        raise CheckpointError(f"{directory}: {e}") from e
     raise CheckpointError(
         f'{directory} is neither a LeRobot pi0/pi05 checkpoint (config.json with "type") nor an openpi one '
         "(model.safetensors with assets/<asset id>/norm_stats.json)"

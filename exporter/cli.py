@@ -2,6 +2,11 @@
 
 pi0-export inspect (--checkpoint DIR | --preset NAME)     what a checkpoint holds, and what loading costs
 pi0-export sample  (--checkpoint DIR | --preset NAME)     run the PyTorch reference on an observation
+pi0-export bundle  (--checkpoint DIR | --preset NAME) --out BUNDLE   export, validate and compile a bundle
+
+Each command runs through `runtime.errors.run_command`: a user's mistake (a missing path, a directory
+that is no checkpoint, a bad flag value) is one line on stderr and exit status 2. The paths and numbers a
+command takes are checked before anything is loaded.
 """
 
 from __future__ import annotations
@@ -17,14 +22,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporter.checkpoint import CheckpointError
-from exporter.source import add_source_arguments, load_source, log, peak_rss_mib
+from exporter.errors import ExportError
+from exporter.source import add_source_arguments, check_positive, load_source, log, peak_rss_mib
+from runtime.errors import run_command
 
 
 def preset_tokenizer(directory: Path) -> Path:
     from exporter.tokenizer_train import train_tokenizer
 
     return train_tokenizer(directory / "tokenizer.model")
+
+
+def check_files(flag: str, *paths: Path | None) -> None:
+    """Refuse a path given to `flag` that is not a file, by flag and path (None: not given)."""
+    for path in paths:
+        if path is not None and not path.is_file():
+            raise ExportError(f"{flag} {path}: no such file")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -63,6 +76,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from runtime.engine import EngineError
     from runtime.observation import Observation
 
+    check_positive(args, "rows")
+    check_files("--tokenizer", args.tokenizer)
     policy = load_source(args)
     spec = policy.spec
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,8 +104,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    from exporter.bundle import BundleOptions, build_bundle
+    from exporter.bundle import BundleOptions, build_bundle, check_out
 
+    check_positive(args, "num_steps")
+    check_files("--tokenizer", args.tokenizer)
+    check_files("--calibration", *(args.calibration or ()))
+    check_out(args.out)
     policy = load_source(args)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = args.tokenizer or (preset_tokenizer(Path(tmp)) if args.preset else None)
@@ -212,11 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
-        log(f"error: {e}")
-        return 2
+    return run_command(lambda: args.func(args), lambda message: log(f"error: {message}"))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exporter.dims import PRESETS
+from exporter.errors import ExportError
+from exporter.readers import READERS
 
 if TYPE_CHECKING:
     from exporter.checkpoint import LoadedPolicy
+
+CHECKPOINT_NUMBERS = ("max_token_len", "action_horizon", "lora_alpha")  # flags passed on as reader options
 
 
 def log(message: str) -> None:
@@ -34,6 +38,14 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    """Refuse a numeric flag given as zero or less, by the flag's name (None: not given)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ExportError(f"--{name.replace('_', '-')} must be positive, not {value}")
+
+
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -45,7 +57,7 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--preset", choices=sorted(PRESETS), help="a random-weight pi0 with built-in dimensions")
     parser.add_argument(
         "--format",
-        choices=["auto", "lerobot-0.3", "lerobot-0.4", "openpi", "openpi-jax"],
+        choices=["auto", *sorted(READERS)],
         default="auto",
         help="the checkpoint's format (default: told by its files: LeRobot >= 0.4 saves policy_preprocessor.json)",
     )
@@ -86,6 +98,8 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_source(args: argparse.Namespace) -> LoadedPolicy:
+    """The policy `add_source_arguments`' flags name; they, and the checkpoint's path, are checked first."""
+    check_positive(args, *CHECKPOINT_NUMBERS)
     start = time.perf_counter()
     if args.preset:
         from exporter.presets import build_preset
@@ -93,18 +107,19 @@ def load_source(args: argparse.Namespace) -> LoadedPolicy:
         log(f"building preset {args.preset} (random weights, seed {args.seed}) ...")
         policy = build_preset(args.preset, seed=args.seed)
     else:
-        log(f"loading {args.checkpoint} ...")
+        from exporter.checkpoint import checkpoint_directory, load_checkpoint
+
+        directory = checkpoint_directory(args.checkpoint)
+        log(f"loading {directory} ...")
         options = {"source_format": args.format}
         if args.asset_id is not None:
             options["asset_id"] = args.asset_id
         if args.aloha:
             options["adapt_to_pi_aloha"] = True
-        for name in ("max_token_len", "action_horizon", "lora_alpha"):
+        for name in CHECKPOINT_NUMBERS:
             if getattr(args, name) is not None:
                 options[name] = getattr(args, name)
-        from exporter.checkpoint import load_checkpoint
-
-        policy = load_checkpoint(args.checkpoint, **options)
+        policy = load_checkpoint(directory, **options)
     params = sum(p.numel() for p in policy.model.parameters())
     log(
         f"ready in {time.perf_counter() - start:.1f} s: {params / 1e6:.1f} M parameters, "

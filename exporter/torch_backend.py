@@ -6,23 +6,37 @@ run the same validation, prompt handling, transforms and Euler loop, and differ 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from exporter.checkpoint import LoadedPolicy
 from exporter.pi0 import Pi0
+from runtime.backends import Capabilities
 from runtime.engine import Engine, Prompts
 from runtime.pipeline import ModelInputs
 
-PrefixCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+@dataclass
+class PrefixCache:
+    """The prefix's keys, values and validity as tensors; released by dropping them."""
+
+    tensors: tuple[torch.Tensor, ...]
+
+    def release(self) -> None:
+        self.tensors = ()
 
 
 class TorchBackend:
     """`dtype`: what float inputs are cast to (float64 when the model runs in float64 for the floor)."""
 
     name = "pytorch"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        artefact="checkpoint", library="torch", weights_in_host_memory=True, max_live_caches=None
+    )
 
     def __init__(self, model: Pi0, dtype: torch.dtype = torch.float32) -> None:
         self.model, self.dtype = model, dtype
@@ -35,12 +49,14 @@ class TorchBackend:
     def prefix(self, inputs: ModelInputs) -> PrefixCache:
         """The prefix's keys, values and validity, kept as tensors for the steps."""
         t = self.as_tensor
-        return self.model.prefix_kv(t(inputs.images), t(inputs.image_masks), t(inputs.tokens), t(inputs.token_mask))
+        return PrefixCache(
+            self.model.prefix_kv(t(inputs.images), t(inputs.image_masks), t(inputs.tokens), t(inputs.token_mask))
+        )
 
     @torch.no_grad()
     def velocity(self, cache: PrefixCache, state: np.ndarray, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
         t_ = self.as_tensor
-        return self.model.velocity(t_(state), t_(x_t), t_(t), *cache).numpy()
+        return self.model.velocity(t_(state), t_(x_t), t_(t), *cache.tensors).numpy()
 
     def close(self) -> None:
         pass

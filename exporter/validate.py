@@ -28,9 +28,10 @@ import torch
 
 from exporter.pi0 import Pi0
 from exporter.precision import weights_in
-from exporter.torch_backend import TorchBackend
+from exporter.torch_backend import PrefixCache, TorchBackend
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.engine import denoise, sample
+from runtime.graphs import PREFIX_CACHE
 from runtime.pipeline import ModelInputs
 from runtime.spec import PolicySpec
 
@@ -74,11 +75,11 @@ def reference(
     backend = TorchBackend(model, dtype)
     inputs = replace(inputs, tokens=inputs.tokens.astype(np.int64))
     cache = backend.prefix(inputs)
-    keys, values, mask = cache
+    keys, values, mask = cache.tensors
     own = (
         cache
         if context is None
-        else (backend.as_tensor(context.prefix_keys), backend.as_tensor(context.prefix_values), mask)
+        else PrefixCache((backend.as_tensor(context.prefix_keys), backend.as_tensor(context.prefix_values), mask))
     )
     velocity = backend.velocity(own, inputs.state, noise, np.ones(1, np.float32))
     actions = denoise(backend, cache, inputs.state, noise, num_steps)
@@ -161,13 +162,14 @@ def validate(
     ref_keys, ref_values = ref.prefix_keys[:, :, kept], ref.prefix_values[:, :, kept]
     cache = backend.prefix(inputs)
     got = backend.cache_to_numpy(cache)
-    valid = np.asarray(got["prefix_mask"], dtype=bool).reshape(-1)
-    ref_cache = backend.prefix_from_numpy(ref_keys, ref_values, got["prefix_mask"])
+    got_keys, got_values, got_mask = (got[name] for name in PREFIX_CACHE)
+    valid = np.asarray(got_mask, dtype=bool).reshape(-1)
+    ref_cache = backend.prefix_from_numpy(ref_keys, ref_values, got_mask)
     velocity = backend.velocity(ref_cache, inputs.state, ref.noise, np.ones(1, np.float32))
     actions = sample(backend, inputs, ref.noise, ref.num_steps)
     results = {
         "vlm": compare(  # at the valid positions: what a masked token holds is never read
-            np.concatenate([got["prefix_keys"], got["prefix_values"]])[:, :, valid],
+            np.concatenate([got_keys, got_values])[:, :, valid],
             np.concatenate([ref_keys, ref_values])[:, :, valid],
         ),
         "expert": compare(velocity, ref.velocity),

@@ -21,8 +21,10 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from runtime.errors import ApplianceError
 
-class AuthConfigError(ValueError):
+
+class AuthConfigError(ApplianceError):
     """Keys or endpoint settings that would leave the daemon open, or cannot be read."""
 
 

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import signal
 import socket
-import threading
+import subprocess
+import sys
+import tempfile
 import time
-from collections import Counter
+from typing import Any
 
-from pi0_client.client import BusyError, PolicyClient, PolicyError, ServerUnavailableError
+from pi0_client.client import PolicyClient, ServerUnavailableError
 from runtime.bundle import Bundle
 from runtime.engine import Engine
+from runtime.errors import ApplianceError
 from runtime.observation import Observation
 from runtime.stats import summarize
-from runtime.supervise import Daemon
+
+
+class BenchError(ApplianceError):
+    """The served daemon did not come up or did not stop cleanly."""
+
 
 STAGES = ("preprocess_ms", "vlm_ms", "expert_ms", "expert_step_ms", "postprocess_ms", "total_ms")
 
@@ -33,67 +41,49 @@ def _free_tcp_endpoint() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def bench_server(bundle: Bundle, n: int, backend: str = "auto", warmup: int = 2) -> dict[str, dict[str, float]]:
-    """Start `pi0-runtime serve` on loopback TCP, send n requests through PolicyClient, and report the
-    round trip and the service overhead (round trip minus the engine's own time) per request."""
-    daemon = Daemon.serve(bundle.root, "--backend", backend, endpoint=_free_tcp_endpoint(), quiet=True)
-    with daemon, PolicyClient(daemon.endpoint, timeout_s=60) as client:
-        obs = Observation.synthetic(client.metadata()).to_dict()
-        round_trips, overheads = [], []
-        for i in range(warmup + n):
-            start = time.perf_counter()
-            result = client.infer(obs)
-            elapsed = (time.perf_counter() - start) * 1e3
-            if i >= warmup:
-                round_trips.append(elapsed)
-                overheads.append(elapsed - result["timing"]["total_ms"])
+def bench_server(
+    bundle: Bundle, n: int, backend: str = "auto", warmup: int = 2, ready_timeout_s: float = 300.0
+) -> dict[str, dict[str, float]]:
+    """Start `pi0-runtime serve` on loopback TCP in a child process, send n requests through PolicyClient
+    once it answers a ping, and report the round trip and the service overhead (round trip minus the
+    engine's own time) per request. The child is stopped with SIGTERM and must exit cleanly."""
+    endpoint = _free_tcp_endpoint()
+    command = [sys.executable, "-m", "runtime.cli", "serve", "--bundle", str(bundle.root), "--backend", backend]
+    with tempfile.TemporaryFile("w+") as log_file:
+        child = subprocess.Popen([*command, "--endpoint", endpoint], stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            with PolicyClient(endpoint, timeout_s=60) as client:
+                _wait_until_serving(client, child, log_file, ready_timeout_s)
+                obs = Observation.synthetic(client.metadata()).to_dict()
+                round_trips, overheads = [], []
+                for i in range(warmup + n):
+                    start = time.perf_counter()
+                    result = client.infer(obs)
+                    elapsed = (time.perf_counter() - start) * 1e3
+                    if i >= warmup:
+                        round_trips.append(elapsed)
+                        overheads.append(elapsed - result["timing"]["total_ms"])
+        finally:
+            child.send_signal(signal.SIGTERM)
+            code = child.wait(timeout=60)
+        if code != 0:
+            log_file.seek(0)
+            raise BenchError(f"`pi0-runtime serve` exited with {code} on SIGTERM:\n{log_file.read()}")
     return {"round_trip_ms": summarize(round_trips), "service_overhead_ms": summarize(overheads)}
 
 
-def bench_load(endpoint: str, obs: dict, clients: int, requests: int) -> dict:
-    """`clients` threads, each with its own PolicyClient, `requests` infer requests each; every reply
-    counted by kind (ok, busy, error) and what got none within 60 s as lost. A client told `busy`
-    waits 5 ms before its next request, as a controller would."""
-    counts: Counter = Counter()
-    latency: dict[str, list[float]] = {"ok": [], "busy": [], "error": []}
-    lock = threading.Lock()
-
-    def client_loop(index: int) -> None:
-        with PolicyClient(endpoint, timeout_s=60, retries=0) as client:
-            for i in range(requests):
-                start = time.perf_counter()
-                try:
-                    client.infer({**obs, "seed": index * requests + i})
-                    outcome = "ok"
-                except BusyError:
-                    outcome = "busy"
-                except PolicyError:
-                    outcome = "error"
-                except ServerUnavailableError:
-                    outcome = "lost"
-                elapsed = (time.perf_counter() - start) * 1e3
-                with lock:
-                    counts[outcome] += 1
-                    if outcome in latency:
-                        latency[outcome].append(elapsed)
-                if outcome == "busy":
-                    time.sleep(0.005)
-
-    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    return {
-        "clients": clients,
-        "requests": clients * requests,
-        "counts": dict(counts),
-        "lost": clients * requests - sum(counts[k] for k in ("ok", "busy", "error")),
-        "latency_ms": {k: summarize(v) for k, v in latency.items() if v},
-        "wall_s": wall,
-    }
+def _wait_until_serving(client: PolicyClient, child: subprocess.Popen, log_file: Any, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            log_file.seek(0)
+            raise BenchError(f"`pi0-runtime serve` exited with {child.returncode}:\n{log_file.read()}")
+        try:
+            if client.ping():
+                return
+        except ServerUnavailableError:
+            pass
+    raise BenchError(f"`pi0-runtime serve` did not answer within {timeout_s:.0f} s")
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:

@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from runtime.errors import ApplianceError
 from runtime.spec import PolicySpec
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class BundleError(ValueError):
+class BundleError(ApplianceError):
     """A bundle we refuse to load, with the reason in words."""
 
 
@@ -67,18 +68,29 @@ class PromptSection:
     fixed: list[FixedPrompt] = field(default_factory=list)
 
 
+ONNX = "onnx"  # the artefact every bundle has: the graphs themselves (`GraphEntry.onnx`)
+OM = "om"  # CANN's atc output for one Ascend SoC
+
+
 @dataclass
-class AtcSection:
-    soc_version: str
-    compiled: bool = False
-    script: str | None = None  # atc.sh with the exact commands, when atc did not run
+class CompiledTarget:
+    """The graphs compiled by one target's toolchain (`Manifest.compiled[kind]`): for "om", atc's files
+    for the SoC named in `device`. `files` maps each graph to its file; it is empty where the toolchain
+    did not run here, and `script` then holds the exact commands to run where it is installed."""
+
+    device: str
+    files: dict[str, str] = field(default_factory=dict)
+    script: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.files)
 
 
 @dataclass
 class GraphEntry:
     onnx: str
     onnx_data: str | None
-    om: str | None
     inputs: list[dict[str, Any]]  # {"name", "shape", "dtype"} in the graph's order
     outputs: list[dict[str, Any]]
 
@@ -92,8 +104,8 @@ class Manifest:
     model: dict[str, Any]  # the network's dimensions (exporter.dims.Pi0Dims as a dict)
     policy: PolicySpec  # what the graphs take
     prompt: PromptSection
-    atc: AtcSection
     graphs: dict[str, GraphEntry]
+    compiled: dict[str, CompiledTarget] = field(default_factory=dict)  # artefact kind ("om") -> its files
     exporter: dict[str, Any] = field(default_factory=dict)  # version, torch, opset, created
     checkpoint: dict[str, Any] = field(default_factory=dict)  # what the reader found: asset id, pipeline, LoRA merged
     empty_cameras_dropped: int = 0  # the checkpoint's always-empty camera slots left out of the graphs
@@ -113,11 +125,11 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
-        d = dict(d)
+        d = _upgrade_atc_section(dict(d))
         prompt = dict(d["prompt"])
         prompt["fixed"] = [FixedPrompt(**f) for f in prompt.get("fixed", [])]
         d["prompt"] = PromptSection(**prompt)
-        d["atc"] = AtcSection(**d["atc"])
+        d["compiled"] = {kind: CompiledTarget(**c) for kind, c in d.get("compiled", {}).items()}
         d["graphs"] = {name: GraphEntry(**g) for name, g in d["graphs"].items()}
         d["policy"] = PolicySpec.from_dict(d["policy"])
         known = {f.name for f in fields(cls)}
@@ -130,6 +142,19 @@ class Manifest:
         (directory / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
 
 
+def _upgrade_atc_section(d: dict[str, Any]) -> dict[str, Any]:
+    """Manifests written before `compiled` (exporter 0.1 up to Step 14) kept atc's output in an `atc`
+    section ({soc_version, compiled, script}) and an `om` file per graph: read them as the "om" target."""
+    if "atc" not in d:
+        return d
+    atc = d.pop("atc")
+    graphs = {name: dict(g) for name, g in d["graphs"].items()}
+    files = {name: om for name, g in graphs.items() if (om := g.pop("om", None)) is not None}
+    d["graphs"] = graphs
+    d["compiled"] = {OM: {"device": atc["soc_version"], "files": files, "script": atc.get("script")}}
+    return d
+
+
 def _json_default(value: object) -> object:
     if isinstance(value, np.generic):
         return value.item()
@@ -139,7 +164,6 @@ def _json_default(value: object) -> object:
 @dataclass(frozen=True)
 class GraphFiles:
     onnx: Path
-    om: Path | None
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
 
@@ -178,6 +202,16 @@ class Bundle:
             tokenizer_max_length=self.manifest.checkpoint_token_budget or self.spec.tokenizer_max_length,
         )
 
+    def artefact(self, kind: str) -> dict[str, Path] | None:
+        """Each graph's file of the artefact `kind` ("onnx", or a `compiled` target such as "om"), or
+        None where the bundle does not hold that artefact for every graph."""
+        if kind == ONNX:
+            return {name: graph.onnx for name, graph in self.graphs.items()}
+        target = self.manifest.compiled.get(kind)
+        if target is None or set(target.files) != set(self.graphs):
+            return None
+        return {name: resolve_inside(self.root, file) for name, file in target.files.items()}
+
     @property
     def tokenizer(self) -> Path | None:
         name = self.manifest.prompt.tokenizer
@@ -209,14 +243,15 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
             raise BundleError(f"bundle file {name} does not match its sha256 in {MANIFEST} (altered or corrupt)")
     graphs = {}
     for name, graph in manifest.graphs.items():
-        for key in ("onnx", "onnx_data", "om"):
+        for key in ("onnx", "onnx_data"):
             file = getattr(graph, key)
             if file is not None and file not in manifest.files:
                 raise BundleError(f"graph {name}'s {key} file {file} is not among the manifest's checked files")
-        graphs[name] = GraphFiles(
-            onnx=resolve_inside(root, graph.onnx),
-            om=None if graph.om is None else resolve_inside(root, graph.om),
-            inputs=graph.inputs,
-            outputs=graph.outputs,
-        )
+        graphs[name] = GraphFiles(onnx=resolve_inside(root, graph.onnx), inputs=graph.inputs, outputs=graph.outputs)
+    for kind, target in manifest.compiled.items():
+        for name, file in target.files.items():
+            if name not in manifest.graphs:
+                raise BundleError(f"{MANIFEST}'s {kind} files name a graph {name!r} the bundle does not have")
+            if file not in manifest.files:
+                raise BundleError(f"graph {name}'s {kind} file {file} is not among the manifest's checked files")
     return Bundle(root=root, manifest=manifest, graphs=graphs)

@@ -23,14 +23,15 @@ from typing import Any
 import numpy as np
 
 from runtime.auth import generate_keys
-from runtime.backends import BACKENDS, make_backend, resolve_backend
-from runtime.bundle import BundleError, load_bundle
+from runtime.backends import BACKENDS, BackendOptions, capabilities, make_backend, resolve_backend
+from runtime.bundle import OM, load_bundle
 from runtime.config import DEFAULTS, load_config, server_config
-from runtime.engine import Engine, EngineError
+from runtime.engine import Engine
+from runtime.errors import ConfigError, run_command
 from runtime.intake import cgroup_memory_max, check_memory_for
 from runtime.npu import cann_environment, detect_soc, environment_file, find_set_env
 from runtime.observation import Observation
-from runtime.store import DEFAULT_STORE, BundleStore, StoreError
+from runtime.store import DEFAULT_STORE, BundleStore
 from runtime.systemd import SERVICE, restart_service, setup_logging
 
 log = logging.getLogger("pi0-runtime")
@@ -44,16 +45,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     if config["bundle"] is None:
-        raise ValueError("no bundle: give --bundle or set `bundle` in the config file")
+        raise ConfigError("no bundle: give --bundle or set `bundle` in the config file")
     log.info("loading bundle %s ...", config["bundle"])
     bundle = load_bundle(config["bundle"])
     settings = server_config(config, bundle.spec.action_dim)
     graphs = bundle.manifest.graphs.values()
     weights = sum((bundle.root / f).stat().st_size for g in graphs for f in (g.onnx, g.onnx_data) if f)
-    check_memory_for(weights, resolve_backend(bundle, config["backend"]), cgroup_memory_max())
+    backend = resolve_backend(bundle, config["backend"])
+    check_memory_for(weights, backend, capabilities(backend), cgroup_memory_max())
 
     def engine_factory() -> Engine:
-        engine = Engine.from_bundle(bundle, make_backend(bundle, config["backend"], config["threads"]))
+        engine = Engine.from_bundle(bundle, make_backend(bundle, backend, BackendOptions(threads=config["threads"])))
         return engine.with_num_steps(config["num_steps"])
 
     server = Server(engine_factory, settings)
@@ -116,11 +118,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     report["npu_smi_soc"] = detect_soc()
     if args.bundle:
         bundle = load_bundle(args.bundle)
-        soc = bundle.manifest.atc.soc_version
+        om = bundle.manifest.compiled.get(OM)
+        soc = None if om is None else om.device
         report["bundle"] = {
             "path": str(bundle.root),
             "verified": True,
-            "om_compiled": bundle.manifest.atc.compiled,
+            "om_compiled": bundle.artefact(OM) is not None,
             "om_soc_version": soc,
             "om_matches_device": None if report["npu_smi_soc"] is None else soc == report["npu_smi_soc"],
             "source": bundle.manifest.source,
@@ -311,11 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (BundleError, EngineError, StoreError, ValueError, FileNotFoundError, PermissionError, MemoryError) as e:
-        log.error("%s", e)
-        return 2
+    return run_command(lambda: args.func(args), log.error)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runtime.auth import AuthConfigError, CurveConfig, check_exposure, is_network_endpoint
+from runtime.errors import ConfigError
 from runtime.limits import ActionLimits
-from runtime.server import ServerConfig
+
+
+@dataclass
+class ServerConfig:
+    endpoint: str = "tcp://127.0.0.1:5555"
+    queue_size: int = 4
+    hang_timeout_s: float = 30.0
+    status_interval_s: float = 5.0
+    warm_up: bool = True  # one synthetic inference before READY=1
+    limits: ActionLimits = field(default_factory=ActionLimits)
+    curve: CurveConfig | None = None  # for network endpoints: only allow-listed client keys are served
+    max_frame_bytes: int | None = None  # None: derived from the bundle's cameras (runtime.intake)
+    websocket: tuple[str, int] | None = None  # openpi's websocket endpoint (host, port), off when None
+    api_keys: frozenset[str] = frozenset()  # for the websocket endpoint; required off loopback
+    log_interval_s: float = 10.0  # refusals: the first of a kind in full, then one summary line per interval
+
 
 _SERVER = ServerConfig()
 DEFAULTS: dict[str, Any] = {
@@ -44,14 +61,17 @@ def load_config(path: Path | None) -> dict[str, Any]:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
-    data = tomllib.loads(Path(path).read_text())
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from e
     limits = data.pop("limits", None)
     data = data.get("runtime", data)
     if limits is not None:
         data = {**data, "limits": limits}
     unknown = set(data) - set(DEFAULTS)
     if unknown:
-        raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        raise ConfigError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     config.update(data)
     return config
 
@@ -64,7 +84,7 @@ def websocket_settings(config: dict[str, Any]) -> tuple[tuple[str, int] | None, 
         return None, frozenset()
     host, _, port = str(endpoint).rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"websocket_endpoint {endpoint!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
+        raise ConfigError(f"websocket_endpoint {endpoint!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
     keys = frozenset()
     if keys_file is not None:
         lines = Path(keys_file).read_text().splitlines()

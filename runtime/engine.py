@@ -14,14 +14,16 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from pi0_client.metadata import Camera, Metadata, PromptInfo
 from runtime import transforms
+from runtime.backends import Backend
 from runtime.bundle import Bundle
 from runtime.conventions import PromptStyle
+from runtime.errors import ApplianceError, ConfigError
 from runtime.observation import ARRAY_FIELDS, Observation
 from runtime.pipeline import (
     ModelInputs,
@@ -40,17 +42,7 @@ from runtime.transforms import euler_times
 MAX_IMAGE_SIDE = 4096
 
 
-class Backend(Protocol):
-    name: str
-
-    def prefix(self, inputs: ModelInputs) -> Any: ...
-
-    def velocity(self, cache: Any, state: np.ndarray, x_t: np.ndarray, t: np.ndarray) -> np.ndarray: ...
-
-    def close(self) -> None: ...
-
-
-class EngineError(Exception):
+class EngineError(ApplianceError):
     """A request the engine refuses (`bad_request`) or whose result it withholds (`bad_output`)."""
 
     def __init__(self, code: str, message: str) -> None:
@@ -66,10 +58,10 @@ def denoise(
     noise: np.ndarray,
     num_steps: int,
     trace: dict | None = None,
-    guide: Callable[[np.ndarray, float], np.ndarray] | None = None,
+    inpaint: Callable[[np.ndarray, float], np.ndarray] | None = None,
 ) -> np.ndarray:
     """The Euler loop: x(t=1) = noise -> x(t=0), dt = -1/num_steps, the prefix cache left in the backend.
-    `trace`, when given, receives every step's x_t and v_t (for alignment work). `guide(x, t)`, when
+    `trace`, when given, receives every step's x_t and v_t (for alignment work). `inpaint(x, t)`, when
     given, adjusts x after each step (real-time chunking's inpainting: runtime.rtc)."""
     dt = np.float32(-1.0 / num_steps)
     x = np.asarray(noise, dtype=np.float32)
@@ -78,14 +70,18 @@ def denoise(
         if trace is not None:
             trace[f"step{i:02d}.t"], trace[f"step{i:02d}.x_t"], trace[f"step{i:02d}.v_t"] = np.float32(t), x, v
         x = x + dt * v
-        if guide is not None:
-            x = guide(x, max(0.0, float(t + dt)))
+        if inpaint is not None:
+            x = inpaint(x, max(0.0, float(t + dt)))
     return x
 
 
 def sample(backend: Backend, inputs: ModelInputs, noise: np.ndarray, num_steps: int) -> np.ndarray:
     """Network inputs and x(t=1) -> normalized, padded actions [1, chunk, max_action_dim]."""
-    return denoise(backend, backend.prefix(inputs), inputs.state, noise, num_steps)
+    cache = backend.prefix(inputs)
+    try:
+        return denoise(backend, cache, inputs.state, noise, num_steps)
+    finally:
+        cache.release()
 
 
 class Prompts:
@@ -192,7 +188,10 @@ class Engine:
         (None: this one). The graphs do not depend on it: the expert runs once per step."""
         if num_steps is None or num_steps == self.spec.num_steps:
             return self
-        spec = replace(self.spec, num_steps=num_steps)  # the spec refuses num_steps < 1
+        try:
+            spec = replace(self.spec, num_steps=num_steps)  # the spec refuses num_steps < 1
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         return Engine(spec, self.backend, self.prompts, precision=self.precision, source=self.source)
 
     def close(self) -> None:
@@ -266,7 +265,7 @@ class Engine:
             raise EngineError("bad_request", f"noise must be {list(shape)} finite floats")
         return noise.astype(np.float32).reshape(shape)
 
-    def _guide(self, obs: Observation, noise: np.ndarray) -> tuple[Inpainting | None, np.ndarray | None]:
+    def _inpainting(self, obs: Observation, noise: np.ndarray) -> tuple[Inpainting | None, np.ndarray | None]:
         """Real-time chunking's inpainting for a request that carries the previous chunk's actions."""
         if obs.prev_actions is None:
             return None, None
@@ -298,7 +297,7 @@ class Engine:
         images, state = self._images(obs.images), model_state(self.spec, self._state(obs.state))
         tokens, token_mask = self.prompts(obs.prompt, obs.tokens, obs.token_mask, prompt_state(self.spec, state))
         noise = self._noise(obs)
-        guide, prev = self._guide(obs, noise)
+        inpaint, prev = self._inpainting(obs, noise)
         try:
             inputs = preprocess(self.spec, images, state, tokens, token_mask)
         except ValueError as e:  # an image the resize cannot fit (too thin)
@@ -307,7 +306,10 @@ class Engine:
 
         cache = self.backend.prefix(inputs)
         t_vlm = time.perf_counter()
-        x = denoise(self.backend, cache, inputs.state, noise, self.spec.num_steps, trace, guide)
+        try:
+            x = denoise(self.backend, cache, inputs.state, noise, self.spec.num_steps, trace, inpaint)
+        finally:
+            cache.release()
         t_expert = time.perf_counter()
 
         actions = postprocess(self.spec, x)[0]

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from pi0_client import protocol
 from pi0_client.metadata import Metadata
+from runtime.backends import Capabilities
+from runtime.errors import ApplianceError
 
 GENEROUS_HW = (1080, 1920)  # every camera may send at least full HD
 HEADROOM = 2**20
@@ -95,13 +97,19 @@ def cgroup_memory_max(proc_self: Path = Path("/proc/self/cgroup"), root: Path = 
     return None if value == "max" else int(value)
 
 
-def check_memory_for(weights_bytes: int, backend: str, limit: int | None) -> None:
-    """Refuse to start a backend that holds the weights in RAM (onnxruntime) under a memory bound they
-    cannot fit: the kernel would kill the daemon while it loads, and systemd restart it, again and again."""
-    if backend != "onnxruntime" or limit is None or weights_bytes * 1.25 + 512 * 2**20 <= limit:
+class MemoryBoundError(ApplianceError):
+    """The service's memory bound cannot hold what the backend would load."""
+
+
+def check_memory_for(weights_bytes: int, backend: str, capabilities: Capabilities, limit: int | None) -> None:
+    """Refuse to start a backend that holds the weights in RAM (`Capabilities.weights_in_host_memory`:
+    onnxruntime) under a memory bound they cannot fit: the kernel would kill the daemon while it loads,
+    and systemd restart it, again and again."""
+    fits = limit is None or weights_bytes * 1.25 + 512 * 2**20 <= limit
+    if fits or not capabilities.weights_in_host_memory:
         return
-    raise MemoryError(
-        f"the onnxruntime backend holds this bundle's {weights_bytes / 2**30:.1f} GiB of weights in RAM, and the "
+    raise MemoryBoundError(
+        f"the {backend} backend holds this bundle's {weights_bytes / 2**30:.1f} GiB of weights in RAM, and the "
         f"service may use {limit / 2**30:.1f} GiB (MemoryMax=); raise it: `systemctl edit pi0-runtime`, "
         "[Service] MemoryHigh= and MemoryMax= (docs/deploy.md)"
     )

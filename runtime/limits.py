@@ -12,10 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from runtime.errors import ApplianceError
+
 MAX_REPORTED = 16  # violations listed in a reply; the count covers them all
 
 
-class LimitsConfigError(ValueError):
+class LimitsConfigError(ApplianceError):
     """The [limits] settings do not fit the policy."""
 
 

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from runtime.errors import ApplianceError
+
 
 def detect_soc() -> str | None:
     """The SoC name from `npu-smi info` (its Name column, e.g. 310P1 -> Ascend310P1), if installed."""
@@ -26,6 +28,10 @@ SET_ENV_CANDIDATES = (
 )
 
 
+class CannError(ApplianceError):
+    """CANN's environment could not be read."""
+
+
 def find_set_env() -> Path | None:
     return next((Path(p) for p in SET_ENV_CANDIDATES if Path(p).is_file()), None)
 
@@ -33,11 +39,13 @@ def find_set_env() -> Path | None:
 def cann_environment(set_env: Path) -> dict[str, str]:
     """What sourcing CANN's `set_env.sh` adds or changes, from a clean environment (no shell guesses at
     service start: the result is written once, as a systemd EnvironmentFile)."""
+    if not Path(set_env).is_file():
+        raise CannError(f"{set_env}: no such file (CANN's set_env.sh; give --set-env)")
     clean = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/nonexistent"}
     script = '. "$1" >/dev/null 2>&1 || exit 3; env -0'
     result = subprocess.run(["bash", "-c", script, "bash", str(set_env)], env=clean, capture_output=True)
     if result.returncode != 0:
-        raise RuntimeError(f"sourcing {set_env} failed (exit {result.returncode})")
+        raise CannError(f"sourcing {set_env} failed (exit {result.returncode})")
     after = dict(item.split("=", 1) for item in result.stdout.decode().split("\0") if "=" in item)
     ignored = {"PWD", "SHLVL", "_", "OLDPWD"}
     return {k: v for k, v in sorted(after.items()) if k not in ignored and clean.get(k) != v}

@@ -31,12 +31,13 @@ from pi0_client.protocol import (
     TOKENS,
     split_observation,
 )
+from runtime.errors import ApplianceError
 from runtime.tokenizer import BOS_ID, PAD_ID
 
 ARRAY_FIELDS = (STATE, TOKENS, TOKEN_MASK, NOISE, PREV_ACTIONS)
 
 
-class ObservationError(ValueError):
+class ObservationError(ApplianceError):
     """A request that is not an observation; the message says what was expected."""
 
 

@@ -16,42 +16,24 @@ finished and delivered, then exit 0.
 from __future__ import annotations
 
 import logging
-import queue
 import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
 from pi0_client import protocol
 from runtime import systemd
-from runtime.auth import CurveConfig
+from runtime.config import ServerConfig
 from runtime.intake import RCVHWM, REQUEST_FRAMES, SNDHWM, give_back_memory
-from runtime.limits import ActionLimits
 from runtime.service import InferJob, Peer, ServedEngine, Service
 from runtime.stats import summarize
 from runtime.websocket import WebsocketEndpoint
+from runtime.work import Reply, WorkQueue, shutting_down_header
 
 log = logging.getLogger("pi0-runtime")
-
-
-@dataclass
-class ServerConfig:
-    endpoint: str = "tcp://127.0.0.1:5555"
-    queue_size: int = 4
-    hang_timeout_s: float = 30.0
-    status_interval_s: float = 5.0
-    warm_up: bool = True  # one synthetic inference before READY=1
-    limits: ActionLimits = field(default_factory=ActionLimits)
-    curve: CurveConfig | None = None  # for network endpoints: only allow-listed client keys are served
-    max_frame_bytes: int | None = None  # None: derived from the bundle's cameras (runtime.intake)
-    websocket: tuple[str, int] | None = None  # openpi's websocket endpoint (host, port), off when None
-    api_keys: frozenset[str] = frozenset()  # for the websocket endpoint; required off loopback
-    log_interval_s: float = 10.0  # refusals: the first of a kind in full, then one summary line per interval
 
 
 class Server:
@@ -60,12 +42,9 @@ class Server:
             engine_factory, config.limits, config.queue_size, config.max_frame_bytes, config.log_interval_s
         )
         self.config = config
-        self.requests: queue.Queue = queue.Queue(maxsize=config.queue_size)
-        # A plain flag, not a threading.Event: the signal handler sets it, and a handler that takes a
-        # lock deadlocks when a second signal lands while the first holds it (seen: SIGTERMs in a burst).
-        self.stopping = False
-        self.busy_since: float | None = None  # when the worker took its current request
+        self.work = WorkQueue(self.service.execute, config.queue_size)
         self.context = zmq.Context.instance()
+        self._pipe: zmq.Socket | None = None  # the worker thread's end of inproc://replies
 
     @property
     def engine(self) -> ServedEngine:
@@ -74,39 +53,27 @@ class Server:
     # --- worker ------------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        pipe = self.context.socket(zmq.PAIR)
-        pipe.connect("inproc://replies")
-        while (item := self.requests.get()) is not None:
-            reply_to, job = item
-            self.busy_since = time.perf_counter()
-            header, arrays = self.service.execute(job)
-            self.busy_since = None
-            if isinstance(reply_to, Future):  # a websocket request: its connection's task takes it
-                reply_to.set_result((header, arrays))
-            else:
-                # Replies are small: copying beats pyzmq's zero-copy bookkeeping (measured 0.33 -> 0.12 ms a hop).
-                pipe.send_multipart([reply_to, b"", *protocol.encode(header, arrays)], copy=True)
-        pipe.close()
+        self._pipe = self.context.socket(zmq.PAIR)
+        self._pipe.connect("inproc://replies")
+        self.work.run()
+        self._pipe.close()
 
-    def submit(self, reply_to: Any, job: InferJob) -> bool:
-        """Queue a job for the worker (a ZeroMQ identity, or a Future the worker completes); False when
-        the queue is full (the caller answers `busy`)."""
-        try:
-            self.requests.put_nowait((reply_to, job))
-        except queue.Full:
-            return False
-        return True
+    def _reply_to(self, identity: Any) -> Reply:
+        """A ZeroMQ request's reply, sent by the worker thread over the pipe (the main thread owns the router)."""
+
+        def deliver(header: dict[str, Any], arrays: dict[str, Any]) -> None:
+            # Replies are small: copying beats pyzmq's zero-copy bookkeeping (measured 0.33 -> 0.12 ms a hop).
+            self._pipe.send_multipart([identity, b"", *protocol.encode(header, arrays)], copy=True)
+
+        return deliver
 
     # --- main thread -------------------------------------------------------------------------------
 
     def _send(self, router: zmq.Socket, identity: Any, frames: list[Any]) -> None:
         router.send_multipart([identity, b"", *frames], copy=True)
 
-    def shutting_down_header(self, request_id: Any) -> dict[str, Any]:
-        return protocol.error_header(request_id, "shutting_down", "the server is stopping")
-
     def _shutting_down(self, request_id: Any) -> list[Any]:
-        return protocol.encode(self.shutting_down_header(request_id))
+        return protocol.encode(shutting_down_header(request_id))
 
     def _receive(self, router: zmq.Socket) -> tuple[list[Any], int]:
         """One message, frame by frame: [identity, delimiter, header, arrays...] up to what a request can
@@ -140,18 +107,17 @@ class Server:
         result = self.service.handle(message[2:], peer)
         if not isinstance(result, InferJob):
             self._send(router, identity, result)
-        elif self.stopping:
+        elif self.work.stopping:
             self._send(router, identity, self._shutting_down(result.request_id))
-        elif not self.submit(identity, result):
+        elif not self.work.submit(self._reply_to(identity), result):
             text = f"{self.config.queue_size} requests are already waiting; retry later"
             self._send(router, identity, self.service.refuse(result.request_id, "busy", text, peer))
 
     def _request_stop(self, *_: object) -> None:
-        self.stopping = True
+        self.work.stopping = True
 
     def healthy(self) -> bool:
-        started = self.busy_since
-        return started is None or time.perf_counter() - started < self.config.hang_timeout_s
+        return self.work.stuck_for() < self.config.hang_timeout_s
 
     def status_line(self) -> str:
         stats = self.service.stats
@@ -174,7 +140,9 @@ class Server:
         worker.start()
         websocket = None
         if self.config.websocket is not None:
-            websocket = WebsocketEndpoint(self, *self.config.websocket, api_keys=self.config.api_keys)
+            websocket = WebsocketEndpoint(
+                self.service, self.work, *self.config.websocket, api_keys=self.config.api_keys
+            )
             websocket.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._request_stop)
@@ -201,7 +169,7 @@ class Server:
             events = dict(poller.poll(timeout=100))
             if replies in events:
                 router.send_multipart(replies.recv_multipart())
-            if router in events and not self.stopping:
+            if router in events and not self.work.stopping:
                 self._handle(router)
             if self.service.refusals.flush():
                 give_back_memory()  # after a burst of refused requests and connections
@@ -212,7 +180,7 @@ class Server:
             if now - last_status >= self.config.status_interval_s:
                 systemd.notify(self.status_line())
                 last_status = now
-            if self.stopping:
+            if self.work.stopping:
                 break
         code = self._stop(router, replies, worker)
         if websocket is not None:
@@ -229,16 +197,7 @@ class Server:
             message = router.recv_multipart(copy=False)
             if len(message) >= 3:
                 self._send(router, message[0], self._shutting_down(None))
-        while True:
-            try:
-                reply_to, job = self.requests.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(reply_to, Future):
-                reply_to.set_result((self.shutting_down_header(job.request_id), {}))
-            else:
-                self._send(router, reply_to, self._shutting_down(job.request_id))
-        self.requests.put(None)
+        self.work.finish()  # the worker answers what waits in the queue, over the pipe as always
         while worker.is_alive() or replies.poll(0):
             if replies.poll(100):
                 router.send_multipart(replies.recv_multipart())

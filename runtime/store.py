@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.bundle import MANIFEST, BundleError, load_bundle, sha256_file
+from runtime.errors import ApplianceError
 
 DEFAULT_STORE = Path("/var/lib/pi0-runtime/bundles")
 CURRENT, PREVIOUS = "current", "previous"
 
 
-class StoreError(Exception):
+class StoreError(ApplianceError):
     """The store cannot do what was asked; nothing was changed."""
 
 

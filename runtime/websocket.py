@@ -20,23 +20,22 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from runtime import openpi_compat
 from runtime.observation import ObservationError
-from runtime.service import InferJob, Peer
-
-if TYPE_CHECKING:
-    from runtime.server import Server
+from runtime.service import InferJob, Peer, Service
+from runtime.work import WorkQueue, shutting_down_header
 
 log = logging.getLogger("pi0-runtime")
 MESSAGE_SLACK = 64 * 1024  # msgpack framing around the arrays
 
 
 class WebsocketEndpoint:
-    def __init__(self, server: Server, host: str, port: int, api_keys: frozenset[str] = frozenset()) -> None:
-        self.server, self.host, self.port, self.api_keys = server, host, port, api_keys
-        self.service = server.service
+    def __init__(
+        self, service: Service, work: WorkQueue, host: str, port: int, api_keys: frozenset[str] = frozenset()
+    ) -> None:
+        self.service, self.work, self.host, self.port, self.api_keys = service, work, host, port, api_keys
         self.loop: asyncio.AbstractEventLoop | None = None
         self.ready = threading.Event()
         self.stopped: asyncio.Event | None = None
@@ -140,12 +139,12 @@ class WebsocketEndpoint:
             pass
 
     async def _infer(self, job: InferJob, peer: Peer) -> tuple[dict, dict]:
-        """Through the server's queue and worker, like a ZeroMQ request."""
-        if self.server.stopping:
-            return self.server.shutting_down_header(None), {}
+        """Through the one queue and worker, like a ZeroMQ request."""
+        if self.work.stopping:
+            return shutting_down_header(None), {}
         future: Future = Future()
-        if not self.server.submit(future, job):
-            message = f"{self.server.config.queue_size} requests are already waiting; retry later"
+        if not self.work.submit(lambda header, arrays: future.set_result((header, arrays)), job):
+            message = f"{self.work.size} requests are already waiting; retry later"
             return self.service.refusal(None, "busy", message, peer), {}
         return await asyncio.wrap_future(future)
 

@@ -24,13 +24,10 @@ from pi0_client.metadata import Camera
 from pi0_client.protocol import IMAGE_PREFIX
 from runtime.observation import Observation
 from runtime.openpi_compat import CAMERA_ALIASES
+from sim.errors import SimError
 
 GL_BACKENDS = ("egl", "osmesa")
 _GL_PROBE = "import mujoco; c = mujoco.GLContext(16, 16); c.make_current(); c.free()"
-
-
-class SimError(Exception):
-    """The simulation cannot run as asked; the message says what to change."""
 
 
 def select_gl_backend() -> str:
@@ -72,6 +69,7 @@ TASKS = {
         Task("AlohaInsertion-v0", "insertion", "Insert the peg into the socket."),
     )
 }
+DEFAULT_TASK = "AlohaTransferCube-v0"
 CAMERAS = ("top",)  # what gym-aloha returns; the other cameras it renders are discarded
 STATE_DIM = 14
 FPS = 50

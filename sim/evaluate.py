@@ -3,8 +3,9 @@
 Each configuration (a policy x a number of flow-matching steps x a way of joining chunks) is served once,
 by the daemon for a bundle (`pi0-runtime serve --num-steps N`) or, for a checkpoint, by the exporter's
 PyTorch reference engine behind the daemon's own server (`pi0-sim reference-serve`), and `workers`
-processes of `pi0-sim run` share that server, each driving a contiguous block of the seeds; their JSON
-reports are merged. The ways of joining chunks (`MODES`): `sync` (the robot waits for each chunk),
+processes share that server, each running `sim.harness.run_episodes` on a contiguous block of the seeds
+(`python -m sim.evaluate ENDPOINT SETTINGS REPORT`, `worker` below: processes, so that episodes run in
+parallel); their JSON reports are merged. The ways of joining chunks (`MODES`): `sync` (the robot waits for each chunk),
 `delay` (inference taken to last D control steps: the next chunk is asked for D steps early and its first
 D actions, stale by then, are dropped) and `rtc` (the same with real-time chunking, `runtime.rtc`).
 
@@ -17,25 +18,30 @@ old chunk had planned for that step| (max over joints, radians or gripper units)
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import math
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from devtools.supervise import Daemon
+from pi0_client.client import PolicyClient
+from runtime.errors import run_command
 from runtime.stats import summarize
-from runtime.supervise import Daemon
-from sim.env import SimError
-from sim.harness import combine_boundary_figures
+from sim.errors import SimError, bindable, existing_directory, existing_file
+from sim.harness import combine_boundary_figures, run_episodes, setup_logging, write_json
+from sim.settings import MODES, EvalSettings, RunSettings, from_arguments
 
-MODES = ("sync", "delay", "rtc")
+log = logging.getLogger("pi0-sim")
 
 
 @dataclass(frozen=True)
@@ -53,21 +59,8 @@ class PolicyUnderTest:
     def parse(cls, text: str) -> PolicyUnderTest:
         """`NAME=PATH`, or a bare PATH named after its directory."""
         name, _, path = text.rpartition("=")
-        directory = Path(path)
-        if not directory.is_dir():
-            raise SimError(f"--policy {text}: {directory} is not a directory (a bundle or a checkpoint)")
+        directory = existing_directory(Path(path), "--policy", what="a bundle or a checkpoint")
         return cls(name or directory.name, directory)
-
-
-@dataclass(frozen=True)
-class Settings:
-    seeds: tuple[int, ...]
-    workers: int = 2
-    actions_per_chunk: int = 25
-    delay: int = 5  # control steps an inference is taken to last, for the `delay` and `rtc` modes
-    max_steps: int | None = None
-    prompt: str | None = None  # None: the task's own
-    tokenizer: Path | None = None  # for a checkpoint's reference server
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -92,10 +85,21 @@ def serve(policy: PolicyUnderTest, num_steps: int, tokenizer: Path | None) -> Da
 
 def blocks(seeds: tuple[int, ...], workers: int) -> list[tuple[int, ...]]:
     """`seeds` in up to `workers` contiguous blocks of near-equal size."""
-    return [tuple(b) for b in np.array_split(np.asarray(seeds), min(workers, len(seeds))) if len(b)]
+    return [tuple(map(int, b)) for b in np.array_split(np.asarray(seeds), min(workers, len(seeds))) if len(b)]
 
 
-def run_configuration(policy: PolicyUnderTest, num_steps: int, mode: str, settings: Settings) -> dict[str, Any]:
+def worker_settings(settings: EvalSettings, mode: str, block: tuple[int, ...]) -> RunSettings:
+    """What one worker runs: the seeds of `block` (contiguous), chunks joined as `mode` says."""
+    if list(block) != list(range(block[0], block[0] + len(block))):
+        raise SimError(f"seeds must form contiguous blocks per worker: {block}")
+    return RunSettings(
+        seed=block[0], episodes=len(block), actions_per_chunk=settings.actions_per_chunk,
+        max_steps=settings.max_steps, prompt=settings.prompt, delay=0 if mode == "sync" else settings.delay,
+        rtc=mode == "rtc", end_on_success=settings.end_on_success,
+    )  # fmt: skip
+
+
+def run_configuration(policy: PolicyUnderTest, num_steps: int, mode: str, settings: EvalSettings) -> dict[str, Any]:
     """Serve one configuration, drive its episodes from `workers` processes, merge their reports."""
     if mode not in MODES:
         raise SimError(f"unknown mode {mode!r}; choose from {MODES}")
@@ -104,33 +108,35 @@ def run_configuration(policy: PolicyUnderTest, num_steps: int, mode: str, settin
     with tempfile.TemporaryDirectory(prefix="pi0-eval-") as tmp, daemon_for_config as daemon:
         workers = []
         for i, block in enumerate(blocks(settings.seeds, settings.workers)):
-            if list(block) != list(range(block[0], block[0] + len(block))):
-                raise SimError(f"seeds must form contiguous blocks per worker: {block}")
-            argv = [sys.executable, "-m", "sim.cli", "run", "--endpoint", daemon.endpoint, "--seed", str(block[0])]
-            argv += ["--episodes", str(len(block)), "--actions-per-chunk", str(settings.actions_per_chunk)]
-            argv += ["--report", f"{tmp}/worker{i}.json"]
-            if settings.max_steps is not None:
-                argv += ["--max-steps", str(settings.max_steps)]
-            if settings.prompt is not None:
-                argv += ["--prompt", settings.prompt]
-            if mode != "sync":
-                argv += ["--delay", str(settings.delay), *(["--rtc"] if mode == "rtc" else [])]
-            log = open(f"{tmp}/worker{i}.log", "w")  # noqa: SIM115 (closed below, after the worker exits)
-            workers.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log, i))
+            run = json.dumps(asdict(worker_settings(settings, mode, block)))
+            argv = [sys.executable, "-m", "sim.evaluate", daemon.endpoint, run, f"{tmp}/worker{i}.json"]
+            output = open(f"{tmp}/worker{i}.log", "w")  # noqa: SIM115 (closed below, after the worker exits)
+            workers.append((subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT), output, i))
         episodes, metadata = [], {}
-        for process, log, i in workers:
+        for process, output, i in workers:
             code = process.wait()
-            log.close()
+            output.close()
             report_path = Path(f"{tmp}/worker{i}.json")
-            if code not in (0, 1) or not report_path.is_file():
-                raise SimError(f"worker {i} exited with {code}:\n{Path(log.name).read_text()[-3000:]}")
+            if code != 0 or not report_path.is_file():
+                raise SimError(f"worker {i} exited with {code}:\n{Path(output.name).read_text()[-3000:]}")
             report = json.loads(report_path.read_text())
             episodes, metadata = episodes + report["episodes"], report["policy"]
     return summary_row(policy, num_steps, mode, settings, episodes, metadata, time.perf_counter() - start)
 
 
+def worker(argv: list[str]) -> int:
+    """`python -m sim.evaluate ENDPOINT SETTINGS REPORT`: `run_episodes` with `RunSettings(**SETTINGS)`
+    (JSON) through the server at ENDPOINT, the report written to REPORT; 2 when the server stopped answering."""
+    endpoint, settings, out = argv
+    run = RunSettings(**json.loads(settings))
+    with PolicyClient(endpoint, timeout_s=run.timeout) as client:
+        report = run_episodes(client, run, endpoint=endpoint)
+    write_json(Path(out), report)
+    return 2 if report["aborted"] else 0
+
+
 def summary_row(
-    policy: PolicyUnderTest, num_steps: int, mode: str, settings: Settings, episodes: list[dict[str, Any]],
+    policy: PolicyUnderTest, num_steps: int, mode: str, settings: EvalSettings, episodes: list[dict[str, Any]],
     metadata: dict[str, Any], wall_s: float,
 ) -> dict[str, Any]:  # fmt: skip
     n, successes = len(episodes), sum(e["success"] for e in episodes)
@@ -168,14 +174,30 @@ def summary_row(
 
 
 def evaluate(
-    policies: list[PolicyUnderTest], steps: list[int], modes: list[str], settings: Settings,
-    progress: Callable[[dict[str, Any]], None] = lambda row: None,
-) -> list[dict[str, Any]]:  # fmt: skip
-    """Every policy x steps x mode, one after the other (each fans out over `settings.workers`)."""
+    settings: EvalSettings, progress: Callable[[dict[str, Any]], None] = lambda row: None
+) -> list[dict[str, Any]]:
+    """Every policy x steps x mode, one after the other (each fans out over `settings.workers`); the
+    paths and the held-out seeds checked before anything is served."""
+    if settings.episodes < 1 or settings.workers < 1:
+        raise SimError(f"--episodes {settings.episodes}, --workers {settings.workers}: each must be at least 1")
+    policies = [PolicyUnderTest.parse(p) for p in settings.policies]
+    if settings.tokenizer is not None:
+        existing_file(settings.tokenizer, "--tokenizer", "the bundles' SentencePiece model")
+    if settings.demonstrations is not None:
+        from sim.record import recorded_seeds
+
+        used = recorded_seeds(settings.demonstrations)
+        if overlap := sorted(used.intersection(settings.seeds)):
+            raise SimError(f"seeds {overlap[:10]}... were used for the demonstrations in {settings.demonstrations}")
+    seeds = settings.seeds
+    log.info(
+        "%d configurations x %d episodes (seeds %d-%d), %d workers",
+        len(policies) * len(settings.steps) * len(settings.modes), len(seeds), seeds[0], seeds[-1], settings.workers,
+    )  # fmt: skip
     rows = []
     for policy in policies:
-        for num_steps in steps:
-            for mode in modes:
+        for num_steps in settings.steps:
+            for mode in settings.modes:
                 rows.append(run_configuration(policy, num_steps, mode, settings))
                 progress(rows[-1])
     return rows
@@ -198,3 +220,46 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {latency} | {jump} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def command(args: argparse.Namespace) -> int:
+    """`pi0-sim eval`: `evaluate`, its rows as JSON (`--report`) and as the markdown table (printed, `--table`)."""
+    settings = from_arguments(EvalSettings, args)
+
+    def progress(row: dict[str, Any]) -> None:
+        log.info(
+            "%s, %d steps, %s: %d/%d (%.0f%%, 95%% %.0f-%.0f%%), mean return %.1f, latency p50 %.1f ms, %.0f s",
+            row["policy"], row["num_steps"], row["mode"], row["successes"], row["episodes"],
+            100 * row["success_rate"], 100 * row["ci95"][0], 100 * row["ci95"][1], row["mean_return"],
+            row["latency_p50_ms"] or float("nan"), row["wall_s"],
+        )  # fmt: skip
+
+    rows = evaluate(settings, progress)
+    seeds = settings.seeds
+    write_json(args.report, {"held_out_seeds": [seeds[0], seeds[-1]], "configurations": rows})
+    table = markdown_table(rows)
+    if args.table is not None:
+        args.table.write_text(table)
+    print(table)
+    return 0
+
+
+def reference_serve_command(args: argparse.Namespace) -> int:
+    """`pi0-sim reference-serve`: a checkpoint's PyTorch model (the exporter's reference engine) behind the
+    daemon's own server."""
+    from exporter.checkpoint import load_checkpoint
+    from exporter.torch_backend import reference_engine
+    from runtime.server import Server, ServerConfig
+
+    existing_directory(args.checkpoint, "--checkpoint", what="a checkpoint")
+    if args.tokenizer is not None:
+        existing_file(args.tokenizer, "--tokenizer", "a SentencePiece model")
+    config = ServerConfig(endpoint=bindable(args.endpoint), queue_size=args.queue_size)
+    policy = load_checkpoint(args.checkpoint)
+    server = Server(lambda: reference_engine(policy, args.tokenizer).with_num_steps(args.num_steps), config)
+    return server.serve()
+
+
+if __name__ == "__main__":
+    setup_logging()
+    sys.exit(run_command(lambda: worker(sys.argv[1:]), log.error))

@@ -10,32 +10,46 @@ whose round trip is longer than d steps (at the env's 50 Hz) would have stalled 
 Each request's noise seed follows from the episode's seed and the request's index, so an episode repeats
 exactly, and runs that differ in one setting (RTC on and off, say) start from the same noise.
 
-The policy is anything with the client's surface (`infer(obs) -> {"actions": ...}`, `metadata()`):
+The policy is anything with the client's surface (`infer(obs) -> {"actions": ...}`, `metadata()`, `reset()`):
 `pi0_client.PolicyClient` for a server (the daemon or the oracle), or `LocalPolicy` for an engine
-in this process (recording without a server).
+in this process (recording without a server). `run_episodes` runs a whole run (`RunSettings`) and makes
+its report: `pi0-sim run` (`command`), each `pi0-sim eval` worker, `record` and the benchmark call it.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import logging
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from pi0_client.client import PolicyError
+from devtools.supervise import Daemon
+from pi0_client.client import PolicyClient, PolicyError, ServerUnavailableError
 from pi0_client.metadata import Camera, Metadata
 from runtime.observation import Observation
 from runtime.service import ServedEngine
 from runtime.stats import summarize
-from sim.env import FPS, STATE_DIM, SimError, policy_request
+from sim.env import FPS, STATE_DIM, make_env, policy_request, task_named
+from sim.errors import SimError, existing_directory
+from sim.settings import RunSettings, from_arguments
+
+log = logging.getLogger("pi0-sim")
 
 
 class Policy(Protocol):
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]: ...
 
     def metadata(self) -> Metadata: ...
+
+    def reset(self) -> None: ...
 
 
 class LocalPolicy:
@@ -50,6 +64,9 @@ class LocalPolicy:
 
     def metadata(self) -> Metadata:
         return self.engine.metadata()
+
+    def reset(self) -> None:
+        """Nothing to forget between episodes (each request stands alone)."""
 
 
 @dataclass
@@ -130,11 +147,13 @@ def run_episode(
     on_step: Callable[[Step], None] | None = None,
     delay: int = 0,
     rtc: bool = False,
+    end_on_success: bool = True,
 ) -> EpisodeResult:
-    """One episode from `env.reset(seed)` until success, the env's time limit or `max_steps`, or until
-    the policy answers with an error or MuJoCo gives up on the physics (both recorded in `error`; the
-    policy's actions are never altered). No reply at all (`ServerUnavailableError`) propagates.
-    `delay` and `rtc`: see the module's doc."""
+    """One episode from `env.reset(seed)` until success (unless `end_on_success` is off: then `success`
+    says it succeeded at some step), the env's time limit or `max_steps`, or until the policy answers
+    with an error or MuJoCo gives up on the physics (both recorded in `error`; the policy's actions are
+    never altered). No reply at all (`ServerUnavailableError`) propagates. `delay` and `rtc`: see the
+    module's doc."""
     from dm_control.rl.control import PhysicsError  # after make_env: importing MuJoCo fixes its GL backend
 
     if not 0 <= delay < actions_per_chunk or (rtc and not delay):
@@ -194,10 +213,12 @@ def run_episode(
         result.steps += 1
         result.max_reward = max(result.max_reward, float(reward))
         result.episode_return += float(reward)
-        result.success = bool(info.get("is_success", False))
+        succeeded = bool(info.get("is_success", False))
+        result.success = result.success or succeeded
         if on_step is not None:
             on_step(Step(result.steps - 1, seen, action, float(reward), latency))
-        if terminated or truncated or (max_steps is not None and result.steps >= max_steps):
+        ended = truncated or (terminated and (end_on_success or not succeeded))  # gym-aloha terminates at success
+        if ended or (max_steps is not None and result.steps >= max_steps):
             return result
         index += 1
         if index >= usable:
@@ -255,3 +276,143 @@ def combine_boundary_figures(figures: list[dict[str, Any]]) -> dict[str, float |
         "max_jerk": over("max_jerk", max),
         "median_step_within_chunks": over("median_step_within_chunks", np.median),
     }
+
+
+class EpisodeWatcher(Protocol):
+    """What sees every step of a run's episodes (`sim.video.EpisodeVideo`, `sim.record.EpisodeRecorder`)."""
+
+    def new_episode(self, seed: int) -> None: ...
+
+    def __call__(self, step: Step) -> None: ...
+
+    def end_episode(self, result: EpisodeResult) -> None: ...
+
+
+def episode_options(settings: RunSettings, metadata: Metadata) -> dict[str, Any]:
+    """`run_episode`'s keyword arguments for `settings`, once the policy's metadata shows it is an ALOHA policy."""
+    for name in ("state_dim", "action_dim"):
+        if getattr(metadata, name) != STATE_DIM:
+            raise SimError(f"the policy's {name} is {getattr(metadata, name)}; gym-aloha's ALOHA has {STATE_DIM}")
+    per_chunk = settings.actions_per_chunk or metadata.chunk_size
+    if not 1 <= per_chunk <= metadata.chunk_size:
+        raise SimError(f"--actions-per-chunk {per_chunk}: the policy's chunks hold {metadata.chunk_size}")
+    if settings.rtc and not settings.delay:
+        raise SimError("--rtc needs --delay D (the control steps an inference is taken to last)")
+    return {
+        "prompt": settings.task_prompt,
+        "cameras": list(metadata.cameras),
+        "actions_per_chunk": per_chunk,
+        "max_steps": settings.max_steps,
+        "delay": settings.delay,
+        "rtc": settings.rtc,
+        "end_on_success": settings.end_on_success,
+    }
+
+
+def run_episodes(
+    policy: Policy, settings: RunSettings, *, endpoint: str | None = None, watcher: EpisodeWatcher | None = None
+) -> dict[str, Any]:
+    """`settings.episodes` episodes of `settings.task` on seeds `settings.seed`, `settings.seed + 1`, ...
+    through `policy` (reset before each) -> the run's `report` (`endpoint` names the policy in it).
+    An error reply ends its episode; no reply at all ends the run, and the report's `aborted` says where.
+    `watcher`, if given, sees every step."""
+    task = task_named(settings.task)
+    metadata = policy.metadata()
+    options = episode_options(settings, metadata)
+    log.info(
+        "policy %s (%s); %s, %d actions per chunk", metadata.source, metadata.backend, task.name,
+        options["actions_per_chunk"],
+    )  # fmt: skip
+    env = make_env(task, render_fix=settings.render_fix)
+    results, aborted = [], None
+    try:
+        for i, seed in enumerate(range(settings.seed, settings.seed + settings.episodes)):
+            if watcher is not None:
+                watcher.new_episode(seed)
+            policy.reset()  # a broker's leftover actions belong to the last episode
+            start = time.perf_counter()
+            try:
+                result = run_episode(env, policy, seed=seed, on_step=watcher, **options)
+            except ServerUnavailableError as e:
+                aborted = f"episode {i + 1} (seed {seed}): {e}"
+                log.error("run aborted, %s", aborted)
+                break
+            results.append(result)
+            if watcher is not None:
+                watcher.end_episode(result)
+            if result.error:
+                log.warning("episode %d (seed %d) stopped early: %s", i + 1, seed, result.error)
+            log.info(
+                "episode %d/%d (seed %d): %s, max reward %.0f, %d steps, %d requests, latency p50 %.1f ms, %.1f s",
+                i + 1, settings.episodes, seed, "success" if result.success else "no success", result.max_reward,
+                result.steps, result.requests, result.summary()["latency_ms"].get("p50", float("nan")),
+                time.perf_counter() - start,
+            )  # fmt: skip
+    finally:
+        env.close()
+    return report(
+        results,
+        task=task.name,
+        prompt=options["prompt"],
+        endpoint=endpoint,
+        actions_per_chunk=options["actions_per_chunk"],
+        render_fix=settings.render_fix,
+        end_on_success=settings.end_on_success,
+        policy=metadata.to_dict(),
+        aborted=aborted,
+    )
+
+
+def setup_logging() -> None:
+    """`pi0-sim`'s progress lines, timestamped, on stdout."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stdout)
+
+
+def write_json(path: Path | None, data: dict[str, Any]) -> None:
+    """A command's report, when it was asked for (`--report`, `--out`)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        log.info("wrote %s", path)
+
+
+def serve_bundle(bundle: Path, backend: str | None = None) -> Daemon:
+    """`pi0-runtime serve` on `bundle` (not started), with `backend` when given."""
+    existing_directory(bundle, "--bundle", "manifest.json", "a bundle written by pi0-export bundle")
+    return Daemon.serve(bundle, *(["--backend", backend] if backend else []))
+
+
+def command(args: argparse.Namespace) -> int:
+    """`pi0-sim run`: the episodes through `--endpoint`, a daemon on `--bundle` or openpi's client; exit 1
+    below `--min-success-rate`, 2 when the server stopped answering."""
+    settings = from_arguments(RunSettings, args)
+    with contextlib.ExitStack() as stack:
+        endpoint = args.endpoint
+        if args.bundle is not None:
+            daemon = serve_bundle(args.bundle, args.backend)
+            log.info("starting the daemon on %s ...", args.bundle)
+            endpoint = stack.enter_context(daemon).endpoint
+        if args.openpi:
+            from sim.openpi import OpenpiClientPolicy
+
+            if settings.delay or settings.rtc:
+                raise SimError("--delay/--rtc drive our client; openpi's broker asks only when its chunk is used up")
+            policy: Policy = OpenpiClientPolicy(args.openpi, settings.actions_per_chunk)
+            endpoint = f"ws://{args.openpi}"
+            settings = replace(settings, actions_per_chunk=1)  # the broker hands out one action per call
+        else:
+            policy = stack.enter_context(PolicyClient(endpoint, timeout_s=settings.timeout))
+        watcher: EpisodeWatcher | None = None
+        if args.video is not None:
+            from sim.video import EpisodeVideo
+
+            watcher = stack.enter_context(EpisodeVideo(args.video))  # the file appears with the first frame
+        summary = run_episodes(policy, settings, endpoint=endpoint, watcher=watcher)
+    write_json(args.report, summary)
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("episodes", "policy")}, indent=2))
+    if summary["aborted"]:
+        return 2
+    if args.min_success_rate is not None and summary["success_rate"] < args.min_success_rate:
+        log.error("success rate %.2f is below --min-success-rate %.2f", summary["success_rate"], args.min_success_rate)
+        return 1
+    return 0

@@ -2,7 +2,8 @@
 `WebsocketClientPolicy` talks to the daemon's openpi websocket endpoint and its `ActionChunkBroker` hands
 out one action per control tick, asking the server every `action_horizon` ticks, exactly as openpi's
 ALOHA examples drive `serve_policy.py`. The observation goes as openpi's ALOHA robot code sends it
-(`images` by openpi's camera names, CHW; `state`; `prompt`)."""
+(`images` by openpi's camera names, CHW; `state`; `prompt`), with the harness's `seed` (an extra the
+daemon's openpi endpoint takes), so that an episode repeats exactly here too."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from typing import Any
 import numpy as np
 
 from pi0_client.metadata import Metadata
-from pi0_client.protocol import IMAGE_PREFIX, PROMPT, STATE
+from pi0_client.protocol import IMAGE_PREFIX, PROMPT, SEED, STATE
 from runtime.openpi_compat import CAMERA_ALIASES
+from sim.errors import SimError
 
 # gym-aloha's (and LeRobot's) camera name -> openpi's, as openpi's examples/aloha_sim sends it.
 OPENPI_CAMERA = {lerobot: openpi for openpi, lerobot in CAMERA_ALIASES.items()}
@@ -26,7 +28,10 @@ class OpenpiClientPolicy:
         host, _, port = address.rpartition(":")
         self.remote = WebsocketClientPolicy(host, int(port))
         self.meta = Metadata.from_dict(self.remote.get_server_metadata())
-        self.broker = ActionChunkBroker(self.remote, action_horizon or self.meta.chunk_size)
+        horizon = action_horizon or self.meta.chunk_size
+        if not 1 <= horizon <= self.meta.chunk_size:
+            raise SimError(f"--actions-per-chunk {horizon}: the policy's chunks hold {self.meta.chunk_size}")
+        self.broker = ActionChunkBroker(self.remote, horizon)
 
     def metadata(self) -> Metadata:
         return self.meta
@@ -39,8 +44,9 @@ class OpenpiClientPolicy:
                 name = key.removeprefix(IMAGE_PREFIX)
                 images[OPENPI_CAMERA.get(name, name)] = np.ascontiguousarray(frame.transpose(2, 0, 1))
         request = {"images": images, "state": np.asarray(obs[STATE], np.float32)}
-        if obs.get(PROMPT) is not None:
-            request["prompt"] = obs[PROMPT]
+        for name in (PROMPT, SEED):
+            if obs.get(name) is not None:
+                request[name] = obs[name]
         return {"actions": np.asarray(self.broker.infer(request)["actions"])[None]}
 
     def reset(self) -> None:

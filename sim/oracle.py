@@ -17,6 +17,7 @@ tell it from the daemon.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import sys
 import time
@@ -25,11 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from devtools.supervise import Daemon
 from pi0_client.metadata import Camera, Metadata, PromptInfo
 from runtime.engine import EngineError
 from runtime.observation import Observation
-from runtime.supervise import Daemon
-from sim.env import ensure_gl_backend
+from sim.env import ensure_gl_backend, make_env, task_named
+from sim.errors import bindable
 
 WELD_SOLIMP = (0.9, 0.95, 0.001)
 SPAWN_HEIGHT = 0.05  # gym_aloha.utils.sample_box_pose's z
@@ -290,6 +292,15 @@ class TransferCubeOracle:
 
     def close(self) -> None:
         pass
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """`pi0-sim oracle-serve`: the oracle behind the daemon's own server, until SIGTERM."""
+    from runtime.server import Server, ServerConfig
+
+    config = ServerConfig(endpoint=bindable(args.endpoint), queue_size=args.queue_size, warm_up=False)
+    make_env(task_named(args.task)).close()  # choose the GL backend and fail early if gym-aloha is missing
+    return Server(lambda: TransferCubeOracle(chunk_size=args.chunk_size), config).serve()
 
 
 def oracle_daemon(endpoint: str | None = None) -> Daemon:

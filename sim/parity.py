@@ -8,16 +8,24 @@ parity failure rather than be papered over. Differences are in the robot's units
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import logging
 from typing import Any
 
 import numpy as np
 
 from exporter.validate import ABSOLUTE, compare
+from pi0_client.client import PolicyClient
 from runtime.engine import Engine, Prompts
 from runtime.observation import Observation
 from runtime.pipeline import initial_noise
-from sim.harness import Policy
-from sim.record import Episode
+from sim.errors import SimError, existing_directory
+from sim.harness import Policy, serve_bundle, write_json
+from sim.record import Episode, load_episode
+
+log = logging.getLogger("pi0-sim")
 
 
 def open_loop_parity(
@@ -68,3 +76,42 @@ def open_loop_parity(
         "passed": passed,
         "per_step": rows,
     }
+
+
+def command(args: argparse.Namespace) -> int:
+    """`pi0-sim parity`: `open_loop_parity` of `--episode` between the checkpoint (`--checkpoint` or
+    `--preset`) and a daemon serving `--bundle`; exit 1 outside the bundle precision's thresholds."""
+    from exporter.source import load_source
+    from exporter.torch_backend import reference_engine
+    from runtime.bundle import load_bundle
+
+    existing_directory(args.bundle, "--bundle", "manifest.json", "a bundle written by pi0-export bundle")
+    if args.checkpoint is not None:
+        existing_directory(args.checkpoint, "--checkpoint", what="the checkpoint the bundle was exported from")
+    episode = load_episode(args.episode)
+    bundle = load_bundle(args.bundle)
+    reference = reference_engine(load_source(args))
+    ours, theirs = bundle.checkpoint_spec.to_dict(), reference.spec.to_dict()
+    differ = sorted(k for k in ours if ours[k] != theirs.get(k))
+    if differ:
+        raise SimError(f"the bundle and the checkpoint disagree on {differ}: was the bundle exported from it?")
+
+    def progress(done: int, total: int, row: dict[str, float]) -> None:
+        if done == total or done % 10 == 0:
+            log.info("step %d/%d: max abs %.2e, cosine %.8f", done, total, row["max_abs"], row["cosine"])
+
+    with contextlib.ExitStack() as stack:
+        endpoint = args.endpoint or stack.enter_context(serve_bundle(args.bundle, args.backend)).endpoint
+        client = stack.enter_context(PolicyClient(endpoint, timeout_s=args.timeout))
+        result = open_loop_parity(
+            episode, reference, Prompts.from_bundle(bundle), client, precision=bundle.precision,
+            seed=args.noise_seed, stride=args.stride, max_steps=args.max_steps, progress=progress,
+        )  # fmt: skip
+    result["bundle"] = str(args.bundle)
+    write_json(args.report, result)
+    shown = ("steps_compared", "overall", "thresholds", "passed")
+    print(json.dumps({k: v for k, v in result.items() if k in shown}, indent=2))
+    if not result["passed"]:
+        log.error("parity failed: %s outside %s", result["overall"], result["thresholds"])
+        return 1
+    return 0

@@ -12,19 +12,26 @@ with `allow_pickle=False`, nothing in a recording can execute.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pi0_client.client import PolicyClient
 from runtime import transforms
 from runtime.conventions import LEROBOT_03, Conventions
 from runtime.spec import NormStats
-from sim.env import FPS, SimError
-from sim.harness import EpisodeResult, Step
+from sim.env import DEFAULT_TASK, FPS
+from sim.errors import SimError, existing_directory
+from sim.harness import EpisodeResult, LocalPolicy, Policy, Step, run_episodes, write_json
+from sim.settings import RunSettings, from_arguments
 
+log = logging.getLogger("pi0-sim")
 FORMAT = "pi0-sim-episode"
 VERSION = 1
 
@@ -46,15 +53,25 @@ class Episode:
 
 
 class EpisodeRecorder:
-    """`on_step` callback for `run_episode` that keeps every step for `save`."""
+    """An `EpisodeWatcher` for `run_episodes` that saves each episode as `out/episode_NNNNNN/` (numbered
+    from 0 in the order they ran), `meta` going into every meta.json."""
 
-    def __init__(self) -> None:
+    def __init__(self, out: Path, **meta: Any) -> None:
+        self.out, self.meta = out, meta
         self.steps: list[Step] = []
+        self.saved: list[Path] = []
+
+    def new_episode(self, seed: int) -> None:
+        self.steps = []
 
     def __call__(self, step: Step) -> None:
         self.steps.append(step)
 
-    def save(self, directory: Path, result: EpisodeResult, **meta: Any) -> Path:
+    def end_episode(self, result: EpisodeResult) -> None:
+        self.saved.append(self.save(self.out / f"episode_{len(self.saved):06d}", result))
+        log.info("episode (seed %d) saved to %s", result.seed, self.saved[-1])
+
+    def save(self, directory: Path, result: EpisodeResult) -> Path:
         if not self.steps:
             raise SimError("nothing to save: the episode has no steps")
         directory.mkdir(parents=True, exist_ok=True)
@@ -68,7 +85,7 @@ class EpisodeRecorder:
         meta = {
             "format": FORMAT,
             "version": VERSION,
-            **meta,
+            **self.meta,
             "seed": result.seed,
             "fps": FPS,
             "steps": result.steps,
@@ -78,6 +95,14 @@ class EpisodeRecorder:
         }
         (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         return directory
+
+
+def episode_directories(directory: Path, flag: str = "episodes") -> list[Path]:
+    """The recorded episodes in `directory` (those with a meta.json), in order; a SimError if none."""
+    found = sorted(d for d in existing_directory(directory, flag).glob("episode_*") if (d / "meta.json").is_file())
+    if not found:
+        raise SimError(f"{flag} {directory}: no recorded episodes in it (pi0-sim record --out {directory})")
+    return found
 
 
 def load_episode(directory: Path, frames: bool = True) -> Episode:
@@ -103,12 +128,9 @@ def load_episode(directory: Path, frames: bool = True) -> Episode:
     return Episode(meta, images, arrays["observation.state"], arrays["action"], arrays["reward"])
 
 
-def recorded_seeds(directory: Path) -> set[int]:
+def recorded_seeds(directory: Path, flag: str = "--demonstrations") -> set[int]:
     """The env seeds of a `pi0-sim record` directory's episodes (read from their meta.json alone)."""
-    metas = sorted(Path(directory).glob("episode_*/meta.json"))
-    if not metas:
-        raise SimError(f"{directory}: no recorded episodes there")
-    return {json.loads(m.read_text())["seed"] for m in metas}
+    return {json.loads((d / "meta.json").read_text())["seed"] for d in episode_directories(directory, flag)}
 
 
 def aloha_norm_stats(episodes: list[Episode], conventions: Conventions = LEROBOT_03) -> dict[str, dict[str, Any]]:
@@ -126,3 +148,31 @@ def aloha_norm_stats(episodes: list[Episode], conventions: Conventions = LEROBOT
         "seeds": [e.meta.get("seed") for e in episodes],
         "recorded_from": sorted({str(e.meta.get("source")) for e in episodes}),
     }
+
+
+def record_command(args: argparse.Namespace) -> int:
+    """`pi0-sim record`: the in-process oracle's episodes (or a server's, `--endpoint`) saved under `--out`."""
+    settings = from_arguments(RunSettings, args)
+    args.out.mkdir(parents=True, exist_ok=True)  # a path that cannot be a directory fails now, not after an episode
+    with contextlib.ExitStack() as stack:
+        if args.endpoint:
+            policy: Policy = stack.enter_context(PolicyClient(args.endpoint, timeout_s=settings.timeout))
+            source = f"server:{args.endpoint}"
+        elif settings.task != DEFAULT_TASK:
+            raise SimError(f"the scripted oracle exists for {DEFAULT_TASK} only; give --endpoint to record a policy")
+        else:
+            from sim.oracle import TransferCubeOracle
+
+            policy, source = LocalPolicy(TransferCubeOracle()), "oracle:transfer_cube"
+        recorder = EpisodeRecorder(args.out, task=settings.task, prompt=settings.task_prompt, source=source)
+        summary = run_episodes(policy, settings, endpoint=args.endpoint, watcher=recorder)
+    return 2 if summary["aborted"] else 0
+
+
+def stats_command(args: argparse.Namespace) -> int:
+    """`pi0-sim stats`: the normalization statistics of a directory of recordings, printed or `--out`."""
+    stats = aloha_norm_stats([load_episode(d) for d in episode_directories(args.episodes)])
+    write_json(args.out, stats)
+    if args.out is None:
+        print(json.dumps(stats, indent=2))
+    return 0

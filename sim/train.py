@@ -24,7 +24,10 @@ demonstrations cover its range.
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -44,25 +47,11 @@ from runtime import transforms
 from runtime.pipeline import actions_to_model, model_state
 from runtime.spec import NormStats, PolicySpec
 from runtime.tokenizer import PromptTokenizer
-from sim.env import SimError
-from sim.record import aloha_norm_stats, load_episode
+from sim.errors import SimError, existing_file
+from sim.record import aloha_norm_stats, episode_directories, load_episode
+from sim.settings import TrainSettings, from_arguments, to_arguments
 
 STATE = "train_state"  # .safetensors (weights, optimizer moments) + .json (step, losses, generators): no pickle
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    preset: str = "pi0-cpu"
-    steps: int = 3000
-    batch_size: int = 16
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    seed: int = 0
-    frame_stride: int = 1  # every k-th frame of each episode becomes a sample
-    log_every: int = 50
-    checkpoint_every: int = 500  # the training state (for --resume)
-    snapshot_every: int = 0  # also a LeRobot checkpoint in OUT/checkpoints/step_NNNNNN/ (a learning curve); 0: off
-    weights_dtype: str = "float32"  # the final checkpoint's; "float16" halves it (the exporter loads float32)
 
 
 @dataclass
@@ -85,9 +74,7 @@ class Demonstrations:
         cls, directory: Path, tokenizer: Path, stride: int = 1, image_size: int = 224,
         log: Callable[[str], None] = lambda line: None,
     ) -> Demonstrations:  # fmt: skip
-        paths = sorted(p for p in Path(directory).glob("episode_*") if p.is_dir())
-        if not paths:
-            raise SimError(f"{directory} holds no recorded episodes (pi0-sim record --out {directory})")
+        paths = episode_directories(Path(directory))
         episodes = [load_episode(p, frames=False) for p in paths]  # the frames: one episode at a time, below
         stats = aloha_norm_stats(episodes)
         spec = replace(
@@ -171,13 +158,19 @@ def save_state(
     (out / f"{STATE}.json.tmp").replace(out / f"{STATE}.json")
 
 
+def state_files(out: Path) -> tuple[Path, Path]:
+    """The training state `save_state` wrote into `out` (weights, the rest); a SimError if it is not there."""
+    weights, info = out / f"{STATE}.safetensors", out / f"{STATE}.json"
+    if not weights.is_file() or not info.is_file():
+        raise SimError(f"--resume: no training state in {out} ({weights.name}, {info.name})")
+    return weights, info
+
+
 def load_state(
     out: Path, model: Pi0, optimizer: torch.optim.Optimizer, schedule: Any, rng: np.random.Generator
 ) -> tuple[int, list[float]]:
     """What `save_state` wrote, put back into the model, optimizer, schedule and generator."""
-    weights, info = out / f"{STATE}.safetensors", out / f"{STATE}.json"
-    if not weights.is_file() or not info.is_file():
-        raise SimError(f"--resume: no training state in {out} ({weights.name}, {info.name})")
+    weights, info = state_files(out)
     saved, meta = SafetensorsFile(weights), json.loads(info.read_text())
     model.load_state_dict({name: saved.tensor(f"model.{name}").clone() for name in model.state_dict()})
     names = set(saved.tensor_names())
@@ -198,12 +191,14 @@ def train(
     episodes: Path,
     out: Path,
     tokenizer: Path,
-    settings: TrainSettings = TrainSettings(),
+    settings: TrainSettings | None = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Train and write `out/checkpoint/` (LeRobot v0.3: config, weights, statistics) and `out/tokenizer.model`
-    beside `out/train_state.*` and `out/losses.csv`. -> the checkpoint directory."""
+    beside `out/train_state.*` and `out/losses.csv` (`settings`: the defaults when None). -> the checkpoint
+    directory."""
+    settings = settings or TrainSettings()
     out.mkdir(parents=True, exist_ok=True)
     dims = PRESETS[settings.preset]
     data = Demonstrations.load(episodes, tokenizer, settings.frame_stride, dims.vision.image_size, log)
@@ -250,9 +245,7 @@ def train(
             start = time.perf_counter()
     recipe = {
         "command": f"pi0-sim record --seed {min(data.seeds)} --episodes {len(data.seeds)} --out DEMOS && "
-        f"pi0-sim train DEMOS --out OUT --preset {settings.preset} --steps {settings.steps} --batch-size "
-        f"{settings.batch_size} --lr {settings.lr} --seed {settings.seed} --frame-stride {settings.frame_stride} "
-        f"--weights-dtype {settings.weights_dtype}",
+        f"pi0-sim train DEMOS --out OUT {shlex.join(to_arguments(settings))}",
         "settings": asdict(settings),
         "demonstrations": {"directory": str(episodes), "episodes": len(data.seeds), "seeds": data.seeds,
                            "samples": len(data)},
@@ -269,3 +262,22 @@ def train(
         f"checkpoint written to {checkpoint} (LeRobot v0.3); export it with pi0-export bundle --tokenizer {out / 'tokenizer.model'}"
     )
     return checkpoint
+
+
+def command(args: argparse.Namespace) -> int:
+    """`pi0-sim train`: `train` with the command line's settings, its paths checked before anything runs."""
+    episode_directories(args.episodes)
+    if args.tokenizer is not None:
+        existing_file(args.tokenizer, "--tokenizer", "a SentencePiece model")
+    if args.resume:
+        state_files(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.tokenizer is not None:
+        tokenizer = args.tokenizer
+    else:
+        from exporter.tokenizer_train import train_tokenizer
+
+        tokenizer = train_tokenizer(args.out / "tokenizer.model")
+    settings = from_arguments(TrainSettings, args)
+    train(args.episodes, args.out, tokenizer, settings, resume=args.resume, log=logging.getLogger("pi0-sim").info)
+    return 0

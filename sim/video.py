@@ -8,11 +8,11 @@ from types import TracebackType
 import numpy as np
 
 from sim.env import FPS
-from sim.harness import Step
+from sim.harness import EpisodeResult, Step
 
 
 class EpisodeVideo:
-    """`on_step` callback for `run_episode`; episodes of one run follow each other in one file."""
+    """An `EpisodeWatcher` for `run_episodes`: the episodes of one run follow each other in one file."""
 
     def __init__(self, path: Path, fps: int = FPS) -> None:
         import imageio.v2 as imageio
@@ -37,6 +37,9 @@ class EpisodeVideo:
         draw.rectangle((0, 0, frame.width, 28), fill=(0, 0, 0))
         draw.text((8, 4), text, fill=(255, 255, 255), font=self.font)
         self.writer.append_data(np.asarray(frame))
+
+    def end_episode(self, result: EpisodeResult) -> None:
+        """Nothing to do: the next episode follows in the same file."""
 
     def close(self) -> None:
         self.writer.close()

@@ -85,13 +85,16 @@ def altered_copy(bundle: Path, dest: Path, name: str = "vlm.onnx", at: float = 1
 
 def observation_for(bundle: Path, prompt: str) -> dict:
     """A synthetic request for `bundle` (frames, state) with a text prompt instead of tokens."""
+    from runtime.backends import BackendOptions
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
     from runtime.bundle import load_bundle
     from runtime.engine import Engine
     from runtime.observation import Observation
 
     loaded = load_bundle(bundle)
-    obs = Observation.synthetic(Engine.from_bundle(loaded, OnnxRuntimeBackend(loaded, threads=1)).metadata())
+    obs = Observation.synthetic(
+        Engine.from_bundle(loaded, OnnxRuntimeBackend(loaded, BackendOptions(threads=1))).metadata()
+    )
     return {**Observation(obs.images, obs.state).to_dict(), "prompt": prompt}
 
 
@@ -99,7 +102,7 @@ def observation_for(bundle: Path, prompt: str) -> dict:
 def start_daemon():
     """`start_daemon(bundle, *serve_args, ...)`: `pi0-runtime serve` in a child process, ready (READY=1)
     when returned, its log kept in a file (`log()`), stopped with SIGTERM at the end of the test."""
-    from runtime.supervise import Daemon
+    from devtools.supervise import Daemon
 
     started: list[Daemon] = []
 

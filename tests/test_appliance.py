@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from conftest import altered_copy, observation_for
 
+from devtools.supervise import Daemon
 from pi0_client.client import PolicyClient
 from runtime.bundle import BundleError
 from runtime.npu import cann_environment, environment_file
 from runtime.store import BundleStore
-from runtime.supervise import Daemon
 
 pytestmark = pytest.mark.system
 

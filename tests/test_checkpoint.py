@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from conftest import FIXTURES
 from exporter.checkpoint import CheckpointError, load_checkpoint
 from exporter.dims import GemmaDims, Pi0Dims, VisionDims
 from exporter.presets import build_preset
+from exporter.readers import READERS
 from exporter.readers.lerobot_v03 import save_lerobot
 from exporter.safetensors_io import write_safetensors
 from exporter.weights import lerobot_key
@@ -108,9 +111,30 @@ def test_unrecognized_directories_are_refused(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="neither a LeRobot"):
         load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path}: Expecting property name")):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        load_checkpoint(tmp_path / "config.json")
     (tmp_path / "config.json").write_text(json.dumps({"type": "act"}))
     with pytest.raises(CheckpointError, match="'act' policy, not pi0"):
         load_checkpoint(tmp_path)
+
+
+def test_each_reader_is_registered_under_its_format() -> None:
+    for name, module in READERS.items():
+        assert name == importlib.import_module(module).FORMAT
+
+
+def test_options_a_reader_does_not_take_are_refused_by_name(tmp_path: Path) -> None:
+    lerobot = FIXTURES / "lerobot-pi0-tiny" / "checkpoint"
+    with pytest.raises(
+        CheckpointError, match=r"options \['adapt_to_pi_aloha'\] do not apply to lerobot-0.3 .*take none"
+    ):
+        load_checkpoint(lerobot, adapt_to_pi_aloha=True)
+    openpi = write_openpi(tmp_path, build_preset("pi0-dummy"))
+    with pytest.raises(CheckpointError, match=r"options \['lora_alpha'\] do not apply to openpi checkpoints"):
+        load_checkpoint(openpi, lora_alpha=16.0, asset_id="trossen")
 
 
 def test_unknown_siglip_width_is_refused(tmp_path: Path) -> None:

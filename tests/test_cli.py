@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from conftest import FIXTURES
 
 EXE = shutil.which("pi0-export", path=str(Path(sys.executable).parent))
+TINY = FIXTURES / "lerobot-pi0-tiny"
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -58,13 +60,45 @@ def test_inspect_fixture() -> None:
     assert report["spec"]["camera_keys"] == ["observation.images.top", "observation.images.wrist"]
 
 
+# Each command with each path it reads: {missing} does not exist, {out} is the bundle to write.
+MISSING_PATHS = [
+    ("inspect", "--checkpoint", "{missing}"),
+    ("sample", "--checkpoint", "{missing}"),
+    ("sample", "--preset", "pi0-dummy", "--tokenizer", "{missing}"),
+    ("bundle", "--checkpoint", "{missing}", "--out", "{out}"),
+    ("bundle", "--preset", "pi0-dummy", "--out", "{out}", "--tokenizer", "{missing}"),
+    ("bundle", "--preset", "pi0-dummy", "--out", "{out}", "--calibration", "{missing}"),
+]
+
+
+def test_every_command_is_tried_on_a_missing_path() -> None:
+    commands = re.search(r"\{([\w,-]+)\}", run("--help").stdout)
+    assert commands and set(commands.group(1).split(",")) == {args[0] for args in MISSING_PATHS}
+
+
+@pytest.mark.parametrize("args", MISSING_PATHS, ids=" ".join)
+def test_a_missing_path_is_one_line_naming_it(args: tuple[str, ...], tmp_path: Path) -> None:
+    missing, bundle = tmp_path / "missing", tmp_path / "bundle"
+    out = run(*(arg.format(missing=missing, out=bundle) for arg in args))
+    lines = out.stderr.splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "error:" in lines[0] and str(missing) in lines[0], out.stderr
+    assert not out.stdout and not bundle.exists()
+
+
 @pytest.mark.parametrize(
     "args,message",
-    [
-        (("inspect", "--checkpoint", "/nonexistent"), "checkpoint directory not found"),
-        (("sample", "--checkpoint", str(FIXTURES)), "neither a LeRobot pi0/pi05 checkpoint"),
+    [  # a directory or a file that is not a checkpoint; flag values out of range
+        (("sample", "--checkpoint", str(FIXTURES)), f"{FIXTURES} is neither a LeRobot pi0/pi05 checkpoint"),
+        (("inspect", "--checkpoint", str(TINY / "golden.npz")), f"{TINY / 'golden.npz'} is not a directory"),
+        (
+            ("bundle", "--preset", "pi0-dummy", "--out", "{out}", "--num-steps", "0"),
+            "--num-steps must be positive, not 0",
+        ),
+        (("inspect", "--checkpoint", str(TINY / "checkpoint"), "--action-horizon", "-1"), "--action-horizon must be"),
     ],
 )
-def test_errors_are_one_clear_line(args: tuple[str, ...], message: str) -> None:
-    out = run(*args)
-    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+def test_errors_are_one_clear_line(args: tuple[str, ...], message: str, tmp_path: Path) -> None:
+    out = run(*(arg.format(out=tmp_path / "bundle") for arg in args))
+    errors = [line for line in out.stderr.splitlines() if "error:" in line]
+    assert out.returncode == 2 and len(errors) == 1 and message in errors[0], out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "bundle").exists()

@@ -16,13 +16,14 @@ import torch
 from conftest import FIXTURES, GOLDEN_CHECKPOINTS, QUIET, Golden, altered_copy
 from onnx import TensorProto, helper
 
+from exporter.atc import AtcError
 from exporter.bundle import BundleBuildError, BundleOptions, build_bundle
 from exporter.checkpoint import load_checkpoint
 from exporter.onnx_lint import lint
 from exporter.presets import build_preset
 from exporter.validate import compare
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
-from runtime.bundle import AtcSection, BundleError, load_bundle
+from runtime.bundle import OM, BundleError, CompiledTarget, load_bundle
 from runtime.engine import sample
 from runtime.pipeline import model_state, postprocess, preprocess
 
@@ -119,7 +120,8 @@ def test_fp32_bundle_manifest(fixture_bundle) -> None:
     assert vlm["outputs"][0] == {"name": "prefix_keys", "shape": [4, 1, slots * 256 + 12, 16], "dtype": kv_dtype}
     assert manifest["graphs"]["expert"]["outputs"] == [{"name": "velocity", "shape": [1, 16, 32], "dtype": "float32"}]
     assert set(manifest["files"]) == {"vlm.onnx", "expert.onnx", "report.json", "atc.sh"}
-    assert manifest["atc"] == {"soc_version": "Ascend310P1", "compiled": False, "script": "atc.sh"}
+    assert manifest["compiled"] == {"om": {"device": "Ascend310P1", "files": {}, "script": "atc.sh"}}
+    assert "atc" not in manifest and all("om" not in graph for graph in manifest["graphs"].values())
 
 
 def test_fp16_survives_activations_beyond_fp16_range(tmp_path: Path) -> None:
@@ -277,9 +279,10 @@ def test_atc_compiles_with_the_device_soc(tmp_path: Path, ascend_tools: Path, mo
     build_bundle(build_preset("pi0-dummy"), out, BundleOptions(atc_mode="auto", validate=False), **QUIET)
     bundle = load_bundle(out)
     manifest = bundle.manifest
-    assert manifest.atc == AtcSection(soc_version="Ascend310P3", compiled=True, script=None)
+    files = {"vlm": "om/vlm.om", "expert": "om/expert.om"}
+    assert manifest.compiled == {OM: CompiledTarget(device="Ascend310P3", files=files, script=None)}
     for name in ("vlm", "expert"):
-        om = bundle.graphs[name].om
+        om = bundle.artefact(OM)[name]
         assert om == out / "om" / f"{name}.om" and om.read_text().startswith("ATC-STANDIN soc=Ascend310P3")
         assert f"om/{name}.om" in manifest.files and f"om/{name}.atc.log" in manifest.files
         assert "ATC run success" in (out / "om" / f"{name}.atc.log").read_text()
@@ -287,7 +290,7 @@ def test_atc_compiles_with_the_device_soc(tmp_path: Path, ascend_tools: Path, mo
 
 def test_atc_failure_is_reported_with_its_log(tmp_path: Path, ascend_tools: Path, monkeypatch) -> None:
     monkeypatch.setenv("STANDIN_NPU_CHIP", "310P3")
-    with pytest.raises(RuntimeError, match=r"atc failed on vlm .*vlm\.atc\.log"):
+    with pytest.raises(AtcError, match=r"atc failed on vlm .*vlm\.atc\.log"):
         build_bundle(
             build_preset("pi0-dummy"), tmp_path / "b", BundleOptions(soc_version="Ascend310P1", validate=False), **QUIET
         )
@@ -296,7 +299,7 @@ def test_atc_failure_is_reported_with_its_log(tmp_path: Path, ascend_tools: Path
 def test_without_atc_the_script_has_the_exact_commands(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     assert shutil.which("atc") is None
-    with pytest.raises(RuntimeError, match="atc is not on PATH"):
+    with pytest.raises(AtcError, match="atc is not on PATH"):
         build_bundle(
             build_preset("pi0-dummy"), tmp_path / "a", BundleOptions(atc_mode="always", validate=False), **QUIET
         )

@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pi0_client import protocol
+from runtime.backends import BackendOptions
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.bundle import load_bundle
 from runtime.engine import Engine
@@ -49,7 +50,7 @@ PROMPT = "transfer the cube"  # the dummy bundle's tokenizer takes any text; thi
 def service(dummy_bundle: Path) -> Service:
     logging.getLogger("pi0-runtime").setLevel(logging.CRITICAL)  # one warning per refusal: thousands
     bundle = load_bundle(dummy_bundle)
-    return Service(lambda: Engine.from_bundle(bundle, OnnxRuntimeBackend(bundle, threads=1)))
+    return Service(lambda: Engine.from_bundle(bundle, OnnxRuntimeBackend(bundle, BackendOptions(threads=1))))
 
 
 def answer(service: Service, frames: list[bytes]) -> list[Any]:

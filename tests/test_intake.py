@@ -17,13 +17,21 @@ import pytest
 import zmq
 from conftest import observation_for
 
+from devtools.supervise import Daemon
 from pi0_client import protocol
 from pi0_client.client import ConnectionDroppedError, PolicyClient, RequestTooLargeError
 from pi0_client.metadata import Camera, Metadata, PromptInfo
-from runtime.intake import REQUEST_FRAMES, Intake, camera_frame_limit, cgroup_memory_max, check_memory_for
+from runtime.backends import capabilities
+from runtime.intake import (
+    REQUEST_FRAMES,
+    Intake,
+    MemoryBoundError,
+    camera_frame_limit,
+    cgroup_memory_max,
+    check_memory_for,
+)
 from runtime.refusals import RefusalLog
 from runtime.stats import summarize
-from runtime.supervise import Daemon
 
 MiB = 2**20
 LOG_INTERVAL_S = 1.0
@@ -229,9 +237,12 @@ def test_a_memory_bound_the_weights_cannot_fit_is_refused_at_start(tmp_path: Pat
     (unit / "memory.max").write_text(f"{4 * 2**30}\n")
     limit = cgroup_memory_max(tmp_path / "cgroup", tmp_path / "sys")
     assert limit == 4 * 2**30
-    check_memory_for(2 * 2**30, "onnxruntime", limit)  # fits
-    check_memory_for(7 * 2**30, "acl", limit)  # on the NPU the weights are not in RAM
-    with pytest.raises(MemoryError, match=r"7.0 GiB of weights .* 4.0 GiB \(MemoryMax=\); raise it"):
-        check_memory_for(7 * 2**30, "onnxruntime", limit)
+    cpu, npu = capabilities("onnxruntime"), capabilities("acl")  # what each backend declares
+    check_memory_for(2 * 2**30, "onnxruntime", cpu, limit)  # fits
+    check_memory_for(7 * 2**30, "acl", npu, limit)  # on the NPU the weights are not in RAM
+    with pytest.raises(
+        MemoryBoundError, match=r"onnxruntime backend .* 7.0 GiB of weights .* 4.0 GiB \(MemoryMax=\); raise it"
+    ):
+        check_memory_for(7 * 2**30, "onnxruntime", cpu, limit)
     (unit / "memory.max").write_text("max\n")
     assert cgroup_memory_max(tmp_path / "cgroup", tmp_path / "sys") is None

@@ -17,13 +17,13 @@ import pytest
 from conftest import QUIET, STUBS, altered_copy, ascend_tools_path, observation_for
 from test_server import RUNTIME
 
+from devtools.load import bench_load
+from devtools.supervise import Daemon
 from exporter.bundle import BundleOptions, build_bundle
 from exporter.presets import build_preset
 from pi0_client.client import PolicyClient, PolicyError, ServerUnavailableError
-from runtime.bench import bench_load
 from runtime.bundle import load_bundle
 from runtime.limits import ActionLimits, LimitsConfigError
-from runtime.supervise import Daemon
 
 pytestmark = pytest.mark.system
 

@@ -16,6 +16,7 @@ import pytest
 import zmq
 from conftest import FIXTURES, QUIET, Golden
 
+from devtools.supervise import Daemon
 from exporter.bundle import BundleOptions, build_bundle
 from exporter.checkpoint import load_checkpoint
 from exporter.presets import build_preset
@@ -26,7 +27,6 @@ from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.bundle import load_bundle
 from runtime.engine import Engine, EngineError
 from runtime.observation import Observation
-from runtime.supervise import Daemon
 
 RUNTIME = Path(sys.executable).with_name("pi0-runtime")
 

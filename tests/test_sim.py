@@ -1,5 +1,10 @@
 """The MuJoCo harness: real gym-aloha, real rendering (EGL, and OSMesa as the fallback), the real daemon
-and the scripted oracle behind the real server, driven through the client by `pi0-sim`."""
+and the scripted oracle behind the real server, driven through the client by `pi0-sim`.
+
+What a random-weight policy does in MuJoCo is nobody's to predict (it may even transfer the cube): tests
+that drive one assert only what the harness controls (steps, requests, chunk joins, errors), with
+`--no-end-on-success` so that an episode's length does not hang on it either; outcomes are asserted for
+the scripted oracle and the shipped trained policy alone. Every request carries a seed."""
 
 from __future__ import annotations
 
@@ -25,8 +30,10 @@ from runtime import transforms
 from runtime.conventions import LEROBOT_03
 from sim import env as sim_env
 from sim.cli import main as pi0_sim
+from sim.errors import SimError
 from sim.evaluate import wilson_interval
 from sim.harness import LocalPolicy, run_episode
+from sim.openpi import OpenpiClientPolicy
 from sim.oracle import PLAN_STEPS, TransferCubeOracle, camera_projection, oracle_daemon
 from sim.record import aloha_norm_stats, load_episode
 
@@ -113,7 +120,7 @@ def test_lazy_frames_render_only_for_requests_and_change_nothing(env) -> None:
     for a, b in zip(eager_frames, lazy_frames, strict=True):
         np.testing.assert_array_equal(a, b)
     assert renders == [1 + 95, 4], renders  # reset + every step, against one per request
-    with pytest.raises(sim_env.SimError, match="not rendered"):
+    with pytest.raises(SimError, match="not rendered"):
         sim_env.policy_request(env.step(eager_actions[-1])[0], [Camera(TOP, (3, 480, 640))], None)
     env.unwrapped.top_camera.lazy = False
 
@@ -125,7 +132,7 @@ def test_osmesa_is_the_fallback_and_renders_the_scene(monkeypatch: pytest.Monkey
     assert sim_env.select_gl_backend() == "osmesa"
     monkeypatch.setattr(sim_env, "GL_BACKENDS", ("no-such-backend",))
     monkeypatch.delenv("MUJOCO_GL")
-    with pytest.raises(sim_env.SimError, match="libosmesa6"):
+    with pytest.raises(SimError, match="libosmesa6"):
         sim_env.select_gl_backend()
     # A frame rendered by OSMesa in a fresh process, where the oracle finds the cube as under EGL.
     script = (
@@ -188,6 +195,18 @@ def test_oracle_follows_any_actions_per_chunk(env) -> None:
     assert result.success and result.max_reward == 4 and result.requests == -(-result.steps // 7)
 
 
+def test_episodes_can_run_on_past_success(env) -> None:
+    """`end_on_success=False` (`--no-end-on-success`): the episode runs to `max_steps` and counts as a success."""
+    options = {"seed": 2, "prompt": None, "cameras": [Camera(TOP, (3, 480, 640))], "actions_per_chunk": 50}
+    ended = run_episode(env, LocalPolicy(TransferCubeOracle()), **options)
+    assert ended.success and ended.steps < 280
+    longer = run_episode(
+        env, LocalPolicy(TransferCubeOracle()), **options, max_steps=ended.steps + 20, end_on_success=False
+    )
+    assert longer.success and longer.steps == ended.steps + 20 and longer.requests == -(-longer.steps // 50)
+    np.testing.assert_array_equal(np.asarray(longer.executed[: ended.steps]), np.asarray(ended.executed))
+
+
 # --- through the server, as a controller would -------------------------------------------------------
 
 
@@ -210,11 +229,10 @@ def test_oracle_server_succeeds_through_the_harness(tmp_path: Path) -> None:
 def test_pi0_daemon_drives_a_short_episode(dummy_bundle: Path, tmp_path: Path) -> None:
     report_path, video = tmp_path / "report.json", tmp_path / "episode.mp4"
     argv = ["run", "--bundle", str(dummy_bundle), "--max-steps", "20", "--actions-per-chunk", "10"]
-    assert pi0_sim([*argv, "--report", str(report_path), "--video", str(video)]) == 0
+    assert pi0_sim([*argv, "--no-end-on-success", "--report", str(report_path), "--video", str(video)]) == 0
     report = json.loads(report_path.read_text())
     episode = report["episodes"][0]
-    assert report["errors"] == 0 and episode["error"] is None, episode
-    assert report["successes"] == 0, episode  # random weights
+    assert report["errors"] == 0 and episode["error"] is None and report["end_on_success"] is False, episode
     assert report["prompt"] == TRANSFER_CUBE.prompt and report["actions_per_chunk"] == 10
     assert episode["steps"] == 20 and episode["requests"] == 2, episode
     assert report["latency_ms"]["n"] == report["server_total_ms"]["n"] == 2
@@ -234,7 +252,7 @@ def test_openpi_bundles_drive_the_sim_with_openpis_camera_names(name: str, tmp_p
     build_bundle(policy, out, options, **QUIET)
     report_path = tmp_path / "report.json"
     argv = ["run", "--bundle", str(out), "--prompt", "Transfer cube", "--max-steps", "8", "--actions-per-chunk", "4"]
-    assert pi0_sim([*argv, "--report", str(report_path)]) == 0
+    assert pi0_sim([*argv, "--no-end-on-success", "--report", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
     episode = report["episodes"][0]
     assert report["errors"] == 0 and episode["steps"] == 8 and episode["requests"] == 2, episode
@@ -346,7 +364,7 @@ def test_installed_command_explains_itself() -> None:
     exe = Path(sys.executable).with_name("pi0-sim")
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
-    for command in ("run", "oracle-serve", "record", "stats", "parity"):
+    for command in ("run", "oracle-serve", "reference-serve", "eval", "record", "stats", "train", "parity"):
         assert command in out.stdout
     run = subprocess.run([str(exe), "run", "--help"], capture_output=True, text=True, timeout=120).stdout
     for option in (
@@ -360,13 +378,6 @@ def test_installed_command_explains_itself() -> None:
         "--report",
     ):
         assert option in run
-    missing = subprocess.run(
-        [str(exe), "parity", "--bundle", "nowhere", "--preset", "pi0-dummy", "--episode", "nowhere"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert missing.returncode == 2 and "nowhere is not a recorded episode" in missing.stdout
 
 
 def test_real_time_chunking_joins_chunks_without_a_jump(dummy_bundle: Path, tmp_path: Path) -> None:
@@ -378,7 +389,7 @@ def test_real_time_chunking_joins_chunks_without_a_jump(dummy_bundle: Path, tmp_
     for label, flags in (("plain", []), ("rtc", ["--rtc"])):
         out = tmp_path / f"{label}.json"
         argv = ["run", "--bundle", str(dummy_bundle), "--max-steps", "80", "--actions-per-chunk", "20", "--delay", "3"]
-        assert pi0_sim([*argv, "--report", str(out), *flags]) == 0
+        assert pi0_sim([*argv, "--no-end-on-success", "--report", str(out), *flags]) == 0
         reports[label] = json.loads(out.read_text())["at_chunk_boundaries"]
     print(f"\nat chunk boundaries: without RTC {reports['plain']}, with RTC {reports['rtc']}")
     assert reports["plain"]["boundaries"] == reports["rtc"]["boundaries"] == 4
@@ -393,11 +404,29 @@ def test_openpi_client_drives_the_sim_through_the_daemon(dummy_bundle: Path, tmp
     daemon = start_daemon(dummy_bundle, "--websocket", f"127.0.0.1:{port}")
     out = tmp_path / "report.json"
     argv = ["run", "--openpi", f"127.0.0.1:{port}", "--max-steps", "30", "--actions-per-chunk", "10"]
-    assert pi0_sim([*argv, "--report", str(out)]) == 0
+    assert pi0_sim([*argv, "--no-end-on-success", "--report", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["episodes"][0]["steps"] == 30 and report["errors"] == 0
     with PolicyClient(daemon.endpoint, timeout_s=30) as client:
         assert client.stats()["counts"]["kind:infer"] == 3  # 30 ticks, a chunk asked for every 10
+
+
+def test_openpi_client_requests_carry_the_harness_seed() -> None:
+    """openpi-client sends what it is given: the harness's seed goes with the observation (the daemon's
+    openpi endpoint takes it), so the noise of an openpi-driven episode is seeded too."""
+    sent = []
+
+    class Broker:
+        def infer(self, request: dict) -> dict:
+            sent.append(request)
+            return {"actions": np.zeros(14, np.float32)}
+
+    policy = object.__new__(OpenpiClientPolicy)  # no server: only what `infer` hands the broker
+    policy.broker = Broker()
+    frame, state = np.zeros((480, 640, 3), np.uint8), np.zeros(14, np.float32)
+    reply = policy.infer({TOP: frame, "observation.state": state, "prompt": "p", "seed": 7})
+    assert reply["actions"].shape == (1, 14)
+    assert sent[0]["seed"] == 7 and sent[0]["prompt"] == "p" and sent[0]["images"]["cam_high"].shape == (3, 480, 640)
 
 
 def test_train_writes_a_checkpoint_that_exports_and_resumes_to_the_same_weights(recorded: Path, tmp_path: Path) -> None:
@@ -472,6 +501,7 @@ def test_eval_serves_each_configuration_and_merges_its_workers(
     ]
     argv += ["--steps", "2", "--modes", "sync", "rtc", "--delay", "3", "--actions-per-chunk", "10"]
     argv += ["--episodes", "3", "--seed", "20", "--workers", "2", "--max-steps", "25", "--prompt", "pick up"]
+    argv += ["--no-end-on-success"]  # random weights: every episode's length fixed whatever they do
     assert (
         pi0_sim([*argv, "--demonstrations", str(recorded.parent), "--report", str(report_path), "--table", str(table)])
         == 0
@@ -483,13 +513,12 @@ def test_eval_serves_each_configuration_and_merges_its_workers(
     for row in rows:
         assert row["served_num_steps"] == row["num_steps"] == 2
         assert row["seeds"] == [20, 21, 22] and row["episodes"] == 3 and row["errors"] == 0, row
-        assert row["successes"] == 0 and row["ci95"] == pytest.approx(list(wilson_interval(0, 3)))  # random weights
+        assert row["ci95"] == pytest.approx(list(wilson_interval(row["successes"], 3)))
         assert row["delay"] == (3 if row["mode"] == "rtc" else 0) and row["latency_p50_ms"] > 0
         assert (row["mean_plan_jump"] is None) == (row["mode"] == "sync") and row["mean_boundary_step"] > 0
-    assert (
-        table.read_text().count("\n") == 2 + len(rows)
-        and "| ref | pytorch (fp32) | 2 | rtc, D=3 | 0/3 (0%)" in table.read_text()
-    )
+    ref_rtc = rows[-1]
+    assert table.read_text().count("\n") == 2 + len(rows)
+    assert f"| ref | pytorch (fp32) | 2 | rtc, D=3 | {ref_rtc['successes']}/3 (" in table.read_text()
     # seeds the demonstrations used are refused: they would not measure generalization
     assert pi0_sim([*argv[:3], "--seed", "0", "--episodes", "3", "--demonstrations", str(recorded.parent)]) == 2
     assert "were used for the demonstrations" in caplog.text

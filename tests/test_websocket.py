@@ -19,8 +19,8 @@ from openpi_client import msgpack_numpy
 from openpi_client.action_chunk_broker import ActionChunkBroker as OpenpiBroker
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
+from devtools.supervise import Daemon
 from pi0_client import PolicyClient
-from runtime.supervise import Daemon
 
 PROMPT = "transfer the cube"
 EXAMPLES = max(60, int(os.environ.get("PI0_FUZZ_EXAMPLES", "60")) // 100)  # `make fuzz` runs more

@@ -20,6 +20,7 @@ from runtime.spec import NormStats, PolicySpec
 
 FORMAT = "lerobot-0.3"
 SOURCE = "lerobot"
+OPTIONS: tuple[str, ...] = ()  # `load` takes none
 PREPROCESSOR = "policy_preprocessor.json"  # what LeRobot >= 0.4 saves beside the weights
 
 

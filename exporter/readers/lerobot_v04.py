@@ -29,6 +29,7 @@ from runtime.spec import NormStats, PolicySpec
 
 FORMAT = "lerobot-0.4"
 SOURCE = "lerobot"
+OPTIONS: tuple[str, ...] = ()  # `load` takes none
 PREPROCESSOR, POSTPROCESSOR = "policy_preprocessor.json", "policy_postprocessor.json"
 TYPES = {"pi0": False, "pi05": True}  # LeRobot's policy type -> pi0.5
 MODES = {"MEAN_STD": "mean_std", "QUANTILES": "quantiles", "QUANTILE10": "quantile10"}

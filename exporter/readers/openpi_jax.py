@@ -21,10 +21,12 @@ import torch
 
 from exporter.checkpoint import CheckpointError, LoadedPolicy
 from exporter.lora import Adapter, merge_
+from exporter.readers.openpi_pytorch import OPTIONS as OPENPI_OPTIONS
 from exporter.readers.openpi_pytorch import OpenpiOptions, norm_stats_files, openpi_policy
 from exporter.weights import SUFFIX_MODULES, model_from
 
 FORMAT = "openpi-jax"
+OPTIONS = (*OPENPI_OPTIONS, "lora_alpha")  # what `load` takes
 PARAMS = "params"
 UNUSED = ("PaliGemma/llm/final_norm/scale",)  # the language model's final norm: the prefix's output is never read
 NORMS = {"input_layernorm": "pre_attention_norm", "post_attention_layernorm": "pre_ffw_norm"}  # ours: openpi's

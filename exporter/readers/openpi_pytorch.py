@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,9 @@ class OpenpiOptions:
     num_steps: int = NUM_STEPS
     max_token_len: int | None = None  # default: openpi's for the model type
     action_horizon: int | None = None
+
+
+OPTIONS = tuple(f.name for f in fields(OpenpiOptions))  # what `load` takes
 
 
 def openpi_policy(model: Pi0, directory: Path, options: OpenpiOptions, chunk_size: int, details: dict) -> LoadedPolicy:

@@ -1,39 +1,118 @@
 """Backends run a bundle's two graphs: the VLM once per observation, the action expert per step.
 
-A backend keeps the VLM's prefix cache where the expert reads it (device memory on an accelerator):
-`prefix` returns an opaque handle, `velocity` takes it back, and the cache never crosses to numpy.
+The seam, by name:
+- `Backend`: what the engine calls. `prefix(inputs)` runs the VLM and returns a `PrefixHandle`, an opaque
+  handle on that observation's prefix cache, which stays where the expert reads it (device memory on an
+  accelerator) and never crosses to numpy; `velocity(handle, ...)` runs one expert step on it. Several
+  handles may be alive at once (up to `Capabilities.max_live_caches`), each its own cache;
+  `handle.release()` (or dropping it) frees it for the next.
+- `Capabilities`: what a backend declares about itself, read instead of its name: the artefact it runs
+  (`runtime.bundle.ONNX`, or a compiled target such as `runtime.bundle.OM`), the library it needs, whether
+  it holds the weights in host memory, how many prefix caches may be alive at once.
+- `REGISTRY`: every backend, in the order `auto` prefers them; an entry names the module and class, so that
+  a backend's library is imported only when that backend is chosen.
+
+Adding one (say onnxruntime's CANN execution provider): a module here with a class that has `name`,
+`capabilities` and the three methods, constructed as `Cls(bundle, options)`; one line in `REGISTRY`.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
 
 from runtime.bundle import Bundle, BundleError
+from runtime.pipeline import ModelInputs
 
-BACKENDS = ("auto", "acl", "onnxruntime")
+AUTO = "auto"
 
 
-def resolve_backend(bundle: Bundle, name: str = "auto") -> str:
-    """`auto` -> `acl` when pyACL is importable and the bundle has OM files, else `onnxruntime`."""
-    if name != "auto":
+@dataclass(frozen=True)
+class Capabilities:
+    artefact: str  # which of the bundle's artefacts it runs: "onnx" or a `Manifest.compiled` kind ("om")
+    library: str  # the module that must be importable for it ("acl", "onnxruntime")
+    weights_in_host_memory: bool  # True: the service's memory bound must hold the weights (onnxruntime on CPU)
+    max_live_caches: int | None  # prefix caches alive at once; None: as many as memory holds
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    threads: int = 0  # intra-op threads where the backend computes on the CPU; 0: one per core
+    device_id: int = 0  # the accelerator, where there is one
+    live_caches: int | None = None  # prefix caches to allow at once; None: the backend's default
+
+
+class PrefixHandle(Protocol):
+    def release(self) -> None:
+        """Give the cache's memory back now (dropping the handle does it too); using it afterwards fails."""
+        ...
+
+
+class Backend(Protocol):
+    name: str
+    capabilities: ClassVar[Capabilities]
+
+    def prefix(self, inputs: ModelInputs) -> PrefixHandle: ...
+
+    def velocity(self, cache: Any, state: np.ndarray, x_t: np.ndarray, t: np.ndarray) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    module: str
+    cls: str
+
+    def load(self) -> type:
+        return getattr(importlib.import_module(self.module), self.cls)
+
+
+REGISTRY: dict[str, BackendEntry] = {
+    "acl": BackendEntry("runtime.backends.acl", "AclBackend"),
+    "onnxruntime": BackendEntry("runtime.backends.onnxruntime", "OnnxRuntimeBackend"),
+}
+BACKENDS = (AUTO, *REGISTRY)
+
+
+def backend_class(name: str) -> type:
+    if name not in REGISTRY:
+        raise BundleError(f"unknown backend {name!r}; choose one of {list(BACKENDS)}")
+    return REGISTRY[name].load()
+
+
+def capabilities(name: str) -> Capabilities:
+    return backend_class(name).capabilities
+
+
+def _usable(name: str, bundle: Bundle) -> bool:
+    caps = capabilities(name)
+    return importlib.util.find_spec(caps.library) is not None and bundle.artefact(caps.artefact) is not None
+
+
+def resolve_backend(bundle: Bundle, name: str = AUTO) -> str:
+    """`auto` -> the first backend in `REGISTRY` whose library is importable here and whose artefact the
+    bundle holds (ACL with OM files on a robot with CANN, else onnxruntime); any other name as given."""
+    if name != AUTO:
+        backend_class(name)  # an unknown name is refused here
         return name
-    has_om = all(g.om is not None for g in bundle.graphs.values())
-    return "acl" if has_om and importlib.util.find_spec("acl") is not None else "onnxruntime"
+    usable = [candidate for candidate in REGISTRY if _usable(candidate, bundle)]
+    if not usable:
+        raise BundleError(f"no backend can run this bundle here: none of {list(REGISTRY)} is installed with its files")
+    return usable[0]
 
 
-def make_backend(bundle: Bundle, name: str = "auto", threads: int = 0) -> Any:
-    """The backend asked for (`resolve_backend` says what `auto` takes)."""
-    has_om = all(g.om is not None for g in bundle.graphs.values())
+def make_backend(bundle: Bundle, name: str = AUTO, options: BackendOptions | None = None) -> Backend:
+    """The backend asked for (`resolve_backend` says what `auto` takes), on the bundle's matching artefact."""
     name = resolve_backend(bundle, name)
-    if name == "acl":
-        if not has_om:
-            raise BundleError("the acl backend needs OM files: this bundle was not compiled with atc")
-        from runtime.backends.acl import AclBackend
-
-        return AclBackend(bundle)
-    if name == "onnxruntime":
-        from runtime.backends.onnxruntime import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(bundle, threads=threads or None)
-    raise ValueError(f"unknown backend {name!r}; choose one of {list(BACKENDS)}")
+    cls = backend_class(name)
+    artefact = cls.capabilities.artefact
+    if bundle.artefact(artefact) is None:
+        target = bundle.manifest.compiled.get(artefact)
+        how = f"; {target.script} has the commands" if target is not None and target.script else ""
+        raise BundleError(f"the {name} backend runs {artefact} files, and this bundle has none{how}")
+    return cls(bundle, options or BackendOptions())

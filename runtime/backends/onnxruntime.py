@@ -1,19 +1,22 @@
 """The onnxruntime backend: the bundle's ONNX graphs on onnxruntime, CPU or CUDA when installed.
 
 The prefix cache is bound as device-resident OrtValues (IOBinding): the VLM writes it, every expert
-step reads it where it lies; only state, x_t and t go in and the velocity comes out per step.
+step reads it where it lies; only state, x_t and t go in and the velocity comes out per step. Each
+`prefix()` returns its own cache and binding, so any number may be alive at once. Inputs and outputs
+are bound by the names and order the manifest lists for each graph.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import importlib
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 import numpy as np
-import onnxruntime as ort
 
-from runtime.bundle import Bundle
-from runtime.graphs import EXPERT, EXPERT_OUTPUTS, PREFIX_CACHE, STEP_INPUTS, VLM, VLM_INPUTS
+from runtime.backends import BackendOptions, Capabilities
+from runtime.bundle import ONNX, Bundle, BundleError
+from runtime.graphs import EXPERT, PREFIX_CACHE, STEP_INPUTS, VLM
 from runtime.pipeline import ModelInputs
 
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -21,71 +24,102 @@ PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 @dataclass
 class PrefixCache:
-    """One request's prefix cache (device-resident OrtValues) and the expert binding that reads it."""
+    """One request's prefix cache (device-resident OrtValues, by name) and the expert binding that reads it."""
 
-    values: list[Any]
+    values: dict[str, Any]
     binding: Any
+    live: bool = field(default=True)
+
+    def release(self) -> None:
+        self.values, self.binding, self.live = {}, None, False
+
+
+def _ort() -> Any:
+    return importlib.import_module("onnxruntime")  # here, not at import: reading `capabilities` needs no onnxruntime
 
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        artefact=ONNX, library="onnxruntime", weights_in_host_memory=True, max_live_caches=None
+    )
 
-    def __init__(self, bundle: Bundle, threads: int | None = None, providers: list[str] | None = None) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or 0  # 0: one per core
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3
+    def __init__(
+        self, bundle: Bundle, options: BackendOptions | None = None, providers: list[str] | None = None
+    ) -> None:
+        ort = self.ort = _ort()
+        options = options or BackendOptions()
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = options.threads  # 0: one per core
+        session_options.inter_op_num_threads = 1
+        session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        session_options.log_severity_level = 3
         # No busy-waiting between runs: spinning intra-op threads would take the cores from the ZeroMQ
         # I/O thread and from numpy between runs (pi0-dummy engine on 2 cores: 49 -> 40 ms p50).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         providers = providers or [p for p in PREFERRED_PROVIDERS if p in available]
         self.providers = providers
         self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
-        self.vlm = ort.InferenceSession(str(bundle.graphs[VLM].onnx), options, providers=providers)
-        self.expert = ort.InferenceSession(str(bundle.graphs[EXPERT].onnx), options, providers=providers)
+        graphs = bundle.graphs
+        self.vlm = ort.InferenceSession(str(graphs[VLM].onnx), session_options, providers=providers)
+        self.expert = ort.InferenceSession(str(graphs[EXPERT].onnx), session_options, providers=providers)
+        self.io = {name: (graph.inputs, graph.outputs) for name, graph in graphs.items()}
         self.input_dtypes = {
-            graph: {i["name"]: np.dtype(i["dtype"]) for i in files.inputs} for graph, files in bundle.graphs.items()
+            name: {i["name"]: np.dtype(i["dtype"]) for i in graph.inputs} for name, graph in graphs.items()
         }
+        vlm_outputs = [o["name"] for o in graphs[VLM].outputs]
+        self.cache_inputs = [i["name"] for i in graphs[EXPERT].inputs if i["name"] in vlm_outputs]
+        self.step_inputs = [i["name"] for i in graphs[EXPERT].inputs if i["name"] not in vlm_outputs]
+        provided = {f.name for f in fields(ModelInputs)}
+        unknown = set(self.step_inputs) - set(STEP_INPUTS)
+        if unknown or any(i["name"] not in provided for i in graphs[VLM].inputs):
+            raise BundleError(f"the bundle's graphs take inputs this runtime does not provide: {self.io}")
 
     def _cast(self, graph: str, name: str, value: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(value, dtype=self.input_dtypes[graph][name])
 
     def prefix(self, inputs: ModelInputs) -> PrefixCache:
-        """Run the VLM; its outputs (prefix keys, values, mask) stay where onnxruntime put them."""
+        """Run the VLM; its outputs (the prefix cache) stay where onnxruntime put them."""
         binding = self.vlm.io_binding()
-        for name in VLM_INPUTS:
-            binding.bind_cpu_input(name, self._cast(VLM, name, getattr(inputs, name)))
-        for name in PREFIX_CACHE:
+        for spec in self.io[VLM][0]:
+            binding.bind_cpu_input(spec["name"], self._cast(VLM, spec["name"], getattr(inputs, spec["name"])))
+        names = [spec["name"] for spec in self.io[VLM][1]]
+        for name in names:
             binding.bind_output(name, self.device)
         self.vlm.run_with_iobinding(binding)
-        return self._expert_binding(binding.get_outputs())
+        return self._expert_binding(dict(zip(names, binding.get_outputs(), strict=True)))
 
-    def _expert_binding(self, cache: list[Any]) -> PrefixCache:
-        """Bind the cache to the expert once per request; each step then binds only state, x_t and t."""
+    def _expert_binding(self, cache: dict[str, Any]) -> PrefixCache:
+        """Bind the cache to the expert once per request; each step then binds only its step inputs."""
         binding = self.expert.io_binding()
-        for name, value in zip(PREFIX_CACHE, cache, strict=True):
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output(EXPERT_OUTPUTS[0], "cpu")
+        for name in self.cache_inputs:
+            binding.bind_ortvalue_input(name, cache[name])
+        for spec in self.io[EXPERT][1]:
+            binding.bind_output(spec["name"], "cpu")
         return PrefixCache(cache, binding)
 
     def velocity(self, cache: PrefixCache, state: np.ndarray, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+        if not cache.live:
+            raise BundleError("this prefix cache was released")
         binding = cache.binding
-        for name, value in zip(STEP_INPUTS, (state, x_t, t), strict=True):
-            if name in self.input_dtypes[EXPERT]:  # pi0.5's expert takes no state
-                binding.bind_cpu_input(name, self._cast(EXPERT, name, value))
+        values = {"state": state, "x_t": x_t, "t": t}
+        for name in self.step_inputs:  # pi0.5's expert takes no state
+            binding.bind_cpu_input(name, self._cast(EXPERT, name, values[name]))
         self.expert.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
     def cache_to_numpy(self, cache: PrefixCache) -> dict[str, np.ndarray]:
         """For validation only: copy the prefix cache out."""
-        return {name: value.numpy() for name, value in zip(PREFIX_CACHE, cache.values, strict=True)}
+        return {name: value.numpy() for name, value in cache.values.items()}
 
     def prefix_from_numpy(self, keys: np.ndarray, values: np.ndarray, mask: np.ndarray) -> PrefixCache:
         """For validation only: a prefix cache made from given arrays (e.g. the PyTorch model's)."""
         arrays = dict(zip(PREFIX_CACHE, (keys, values, mask), strict=True))
-        cache = [ort.OrtValue.ortvalue_from_numpy(self._cast(EXPERT, n, a), self.device) for n, a in arrays.items()]
+        cache = {
+            name: self.ort.OrtValue.ortvalue_from_numpy(self._cast(EXPERT, name, array), self.device)
+            for name, array in arrays.items()
+        }
         return self._expert_binding(cache)
 
     def close(self) -> None:
