@@ -9,6 +9,7 @@ load time, time per stage, peak RSS.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -17,16 +18,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.cli import main
 from benchmarks.render import table
 
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = {"preset": "pi0-dummy", "n": 1}
 
-def run(workdir: str | None = None) -> dict:
+
+def run(workdir: str | None = None, preset: str = "pi0", n: int = 3) -> dict:
     exe = Path(sys.executable).with_name("pi0-export")
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         out = Path(tmp) / "bundle"
         start = time.perf_counter()
         result = subprocess.run(
-            [exe, "bundle", "--preset", "pi0", "--precision", "fp16", "--out", str(out)],
+            [exe, "bundle", "--preset", preset, "--precision", "fp16", "--out", str(out)],
             capture_output=True,
             text=True,
         )
@@ -37,7 +42,10 @@ def run(workdir: str | None = None) -> dict:
         report = json.loads((out / "report.json").read_text())
         sizes = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
         served = subprocess.run(
-            [sys.executable, __file__, "serve", str(out)], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+            [sys.executable, "-m", "benchmarks.export_full", "serve", str(out), str(n)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
         )
         if served.returncode != 0:
             raise RuntimeError(f"the engine failed on the full bundle:\n{served.stderr[-3000:]}")
@@ -105,8 +113,9 @@ def sections(export: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["serve"]:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        print(json.dumps(serve(sys.argv[2])))
+    if sys.argv[1:2] == ["serve"]:  # run()'s second process: serve BUNDLE N
+        print(json.dumps(serve(sys.argv[2], int(sys.argv[3]))))
         sys.exit(0)
-    print(json.dumps(run(*sys.argv[1:]), indent=2))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", help="where the bundle goes (default: the system's temporary directory)")
+    main(run, SMOKE, parser)

@@ -25,10 +25,13 @@ import numpy as np
 import torch
 
 from benchmarks.ascend_estimate import PEAK_BYTES_PER_S, PEAK_FP16_FLOPS
-from benchmarks.lerobot_side_by_side import Worker
+from benchmarks.cli import main
+from benchmarks.fraction_of_peak import depths, shallow_pi0
+from benchmarks.lerobot_side_by_side import LEROBOT, lerobot_missing, make_checkpoint
 from benchmarks.render import grid
 from exporter.bundle import BundleOptions, build_bundle
 from exporter.checkpoint import load_checkpoint
+from exporter.dims import PRESETS, Pi0Dims
 from exporter.precision import tower_matmuls
 from exporter.readers.lerobot_v03 import save_lerobot
 from exporter.tokenizer_train import train_tokenizer
@@ -38,7 +41,9 @@ from runtime.engine import Engine, EngineError
 from runtime.observation import Observation
 
 CASE = {"cameras": ["top", "wrist"], "empty_cameras": 0}
-STATE_DIM = 14
+MODELS = ("realistic", "hot")
+# --smoke: the tiny model, hot only (it keeps islands: every step of the run has something to do), one request.
+SMOKE = {"n": 1, "models": ("hot",), "dims": PRESETS["pi0-dummy"], "require_lerobot": False}
 # An assumption, not a published figure: the 310P's cube units multiply fp16; an fp32 matmul is taken to
 # run at 1/8 of the fp16 peak.
 FP32_MATMUL_FRACTION = 1 / 8
@@ -78,16 +83,16 @@ def hot_(model: torch.nn.Module) -> None:
     model.llm.layers[0].mlp.down_proj.weight[HOT_CHANNEL] *= 1e5
 
 
-def make_checkpoints(tmp: Path, tokenizer: Path) -> dict[str, Path]:
-    lerobot = tmp / "lerobot"
-    maker = Worker(sys.stderr)
-    maker(cmd="make", out=str(lerobot), state_dim=STATE_DIM, seed=0, tokenizer=str(tokenizer), **CASE)
-    maker.close()
+def make_checkpoints(
+    tmp: Path, tokenizer: Path, models: tuple[str, ...], dims: Pi0Dims, lerobot: bool
+) -> dict[str, Path]:
+    made = tmp / "lerobot"
+    make_checkpoint(made, dims, CASE, tokenizer, lerobot, sys.stderr)
     out = {}
-    for label, heat in (("realistic", False), ("hot", True)):
-        policy = load_checkpoint(lerobot)
+    for label in models:
+        policy = load_checkpoint(made)
         realistic_(policy.model)
-        if heat:
+        if label == "hot":
             hot_(policy.model)
         out[label] = save_lerobot(policy, tmp / label)
     return out
@@ -142,13 +147,24 @@ def islands_on_the_310p(checkpoint: Path, kept: list[str], num_steps: int, flops
     return {"extra_bytes": extra_bytes, "memory_ms": extra_bytes / PEAK_BYTES_PER_S * 1e3, "compute_ms": compute_ms}
 
 
-def run(n: int = 3) -> dict:
-    results: dict = {"depth": {"vision": 3, "language": 2, "expert": 2}, "cases": {}}
+def run(
+    n: int = 3, models: tuple[str, ...] = MODELS, dims: Pi0Dims | None = None, require_lerobot: bool = True
+) -> dict:
+    """`models`: which of MODELS; `dims`: pi0's widths at the reduced depth unless given; `require_lerobot`
+    False: without LeRobot's venv, the checkpoint is written by our `save_lerobot` (and `skipped` says so)."""
+    dims = dims or shallow_pi0()
+    missing = lerobot_missing()
+    if missing and require_lerobot:
+        raise SystemExit(f"{missing}: LeRobot makes this benchmark's checkpoint")
+    results: dict = {"depth": depths(dims), "cases": {}}
+    if missing:
+        print(f"[fp16_islands] {LEROBOT} SKIPPED: {missing}; the checkpoint is ours", file=sys.stderr, flush=True)
+        results["skipped"] = {LEROBOT: missing}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         tokenizer = train_tokenizer(tmp / "tokenizer.model")
-        print("[fp16_islands] LeRobot makes the checkpoint ...", file=sys.stderr, flush=True)
-        checkpoints = make_checkpoints(tmp, tokenizer)
+        print("[fp16_islands] making the checkpoint ...", file=sys.stderr, flush=True)
+        checkpoints = make_checkpoints(tmp, tokenizer, models, dims, lerobot=missing is None)
         for label, checkpoint in checkpoints.items():
             case: dict = {}
             for precision in ("fp32", "fp16"):
@@ -232,6 +248,11 @@ def sections(result: dict) -> list[str]:
         "Error: end to end against the float32 reference (normalized actions). Floor: the model in float64 against "
         "float32; bf16: the model with bf16 towers against float32 (report.json's yardsticks). Criteria as "
         "docs/bundle.md states them. Latency: `Engine.infer` on onnxruntime on this CPU, median of 3.",
+        *(
+            [f"**{LEROBOT} skipped**: {result['skipped'][LEROBOT]}; the checkpoint was written by our `save_lerobot`."]
+            if "skipped" in result
+            else []
+        ),
         grid(HEADERS, rows),
         "What the islands cost. CPU: the fp16 bundle with its islands against the same model's fp16 bundle built with "
         "every matmul in fp16 (`fp32_islands=False`, which for the hot model fails validation: timed only). 310P: an "
@@ -261,3 +282,7 @@ def targets(result: dict) -> list[tuple[str, str, str]]:
         for p in ("fp32", "fp16")
     ]
     return [("real-width LeRobot pi0, realistic and hot, fp32 and fp16 bundles", "all pass", "; ".join(verdicts))]
+
+
+if __name__ == "__main__":
+    main(run, SMOKE)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.cli import main
 from exporter.bundle import BundleOptions, build_bundle
 from exporter.checkpoint import LoadedPolicy
 from exporter.dims import PRESETS, GemmaDims, Pi0Dims
@@ -29,6 +30,7 @@ from runtime.bundle import load_bundle
 from runtime.engine import Engine
 
 SHALLOW = {"vision": 3, "language": 2, "expert": 2}
+SMOKE = {"n": 1, "dims": PRESETS["pi0-dummy"], "gemm_size": 256, "gemm_repeats": 2, "validate": False}
 
 
 def shallow_pi0() -> Pi0Dims:
@@ -107,8 +109,16 @@ def expert_step_flops(dims: Pi0Dims, prefix: int, chunk: int) -> int:
     return e.depth * gemma_layer_flops(e, suffix, prefix + suffix) + heads
 
 
-def run(n: int = 10) -> dict:
-    dims = shallow_pi0()
+def depths(dims: Pi0Dims) -> dict[str, int]:
+    return {"vision": dims.vision.depth, "language": dims.language.depth, "expert": dims.expert.depth}
+
+
+def run(
+    n: int = 10, dims: Pi0Dims | None = None, gemm_size: int = 2048, gemm_repeats: int = 20, validate: bool = True
+) -> dict:
+    """`dims`: pi0's widths at the reduced depth (`shallow_pi0`) unless given; `validate`: the bundle's own
+    check against PyTorch (the smoke leaves it out: it is not what is timed)."""
+    dims = dims or shallow_pi0()
     torch.manual_seed(0)
     policy = LoadedPolicy(
         model=Pi0(dims).eval().requires_grad_(False), spec=preset_spec(), source="pi0 widths, shallow"
@@ -116,12 +126,13 @@ def run(n: int = 10) -> dict:
     params = sum(p.numel() for p in policy.model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bundle"
-        build_bundle(policy, out, BundleOptions(), log=lambda message: None)
+        build_bundle(policy, out, BundleOptions(validate=validate), log=lambda message: None)
         del policy
         bundle = load_bundle(out)
-        before = gemm_peak_gflops()  # the peak on either side of the timed requests, in the same conditions
+        # the peak on either side of the timed requests, in the same conditions
+        before = gemm_peak_gflops(gemm_size, gemm_repeats)
         timing = bench_engine(Engine.from_bundle(bundle, OnnxRuntimeBackend(bundle)), n)
-        after = gemm_peak_gflops()
+        after = gemm_peak_gflops(gemm_size, gemm_repeats)
         spec = bundle.spec
     peaks = {k: max(before[k], after[k]) for k in before}
     peak = max(peaks.values())
@@ -131,7 +142,7 @@ def run(n: int = 10) -> dict:
     seconds = {"vlm": timing["vlm_ms"]["p50"] / 1e3, "expert_step": timing["expert_step_ms"]["p50"] / 1e3}
     achieved = {k: flops[k] / seconds[k] / 1e9 for k in flops}
     return {
-        "dims": SHALLOW,
+        "dims": depths(dims),
         "parameters": params,
         "prefix_tokens": prefix,
         "gemm_peak_gflops": peaks,
@@ -172,6 +183,4 @@ def targets(peak: dict) -> list[tuple[str, str, str]]:
 
 
 if __name__ == "__main__":
-    import json
-
-    print(json.dumps(run(), indent=2))
+    main(run, SMOKE)

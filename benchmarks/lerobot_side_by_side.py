@@ -11,6 +11,8 @@ images). Both get the token ids LeRobot's tokenizer made, so the comparison is o
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -20,11 +22,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from benchmarks.cli import main
+from benchmarks.fraction_of_peak import depths, shallow_pi0
+from exporter.checkpoint import LoadedPolicy
+from exporter.dims import PRESETS, Pi0Dims
+from exporter.pi0 import Pi0
+from exporter.presets import preset_spec
+from exporter.readers.lerobot_v03 import save_lerobot
 from exporter.tokenizer_train import train_tokenizer
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.bundle import load_bundle
 from runtime.engine import Engine
+from runtime.observation import Observation
 from runtime.stats import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,14 +47,35 @@ CASES = {
 }
 PROMPT = "Transfer the cube"
 STATE_DIM, CHUNK, MAX_ACTION_DIM = 14, 50, 32
+LEROBOT = "LeRobot side"  # the part of the smoke that needs LeRobot's venv
+# --smoke: the tiny model, one round, bundles unvalidated; LeRobot's side only where its venv is.
+SMOKE = {"n": 1, "dims": PRESETS["pi0-dummy"], "validate": False, "require_lerobot": False}
+
+
+def lerobot_missing() -> str | None:
+    """Why LeRobot's side cannot run here, or None when it can."""
+    if LEROBOT_PYTHON.exists():
+        return None
+    return f"{LEROBOT_PYTHON.relative_to(ROOT)} is missing (`make lerobot-venv` makes it)"
+
+
+def lerobot_shape(dims: Pi0Dims) -> dict[str, dict[str, int]]:
+    """`dims` in the names of the transformers configs LeRobot's pi0 builds (the worker sets them)."""
+    v = dims.vision
+    vision = {"hidden_size": v.width, "num_hidden_layers": v.depth, "intermediate_size": v.mlp_dim}
+    shape = {"vision": vision | {"num_attention_heads": v.num_heads}}
+    for name, d in (("text", dims.language), ("expert", dims.expert)):
+        shape[name] = {
+            "hidden_size": d.width, "num_hidden_layers": d.depth, "intermediate_size": d.mlp_dim,
+            "num_attention_heads": d.num_heads, "head_dim": d.head_dim, "num_key_value_heads": d.num_kv_heads,
+        }  # fmt: skip
+    return shape
 
 
 class Worker:
     """One LeRobot process; requests and replies are JSON lines."""
 
     def __init__(self, log) -> None:
-        if not LEROBOT_PYTHON.exists():
-            raise SystemExit(f"{LEROBOT_PYTHON} is missing: run `make lerobot-venv` first")
         self.process = subprocess.Popen(
             [str(LEROBOT_PYTHON), str(WORKER), str(os.cpu_count() or 1)],
             stdin=subprocess.PIPE,
@@ -66,12 +98,38 @@ class Worker:
         self.process.wait(timeout=60)
 
 
-def export(checkpoint: Path, out: Path, tokenizer: Path, keep_empty: bool, log) -> None:
+def make_checkpoint(out: Path, dims: Pi0Dims, case: dict, tokenizer: Path, lerobot: bool, log) -> int:
+    """A random-weight pi0 of `dims` with the case's cameras, as a LeRobot 0.3.3 checkpoint in `out`: made by
+    LeRobot itself (`lerobot`), else (a smoke run without LeRobot's venv) written by our `save_lerobot`.
+    -> its parameter count."""
+    if lerobot:
+        maker = Worker(log)
+        shape = lerobot_shape(dims)
+        made = maker(
+            cmd="make", out=str(out), state_dim=STATE_DIM, seed=0, tokenizer=str(tokenizer), shape=shape, **case
+        )
+        maker.close()
+        return made["parameters"]
+    torch.manual_seed(0)
+    model = Pi0(dims).eval().requires_grad_(False)
+    cameras = tuple(f"observation.images.{c}" for c in case["cameras"])
+    spec = dataclasses.replace(
+        preset_spec(),
+        camera_keys=cameras,
+        camera_shapes=((3, 480, 640),) * len(cameras),
+        empty_cameras=case["empty_cameras"],
+    )
+    save_lerobot(LoadedPolicy(model=model, spec=spec, source="benchmark"), out)
+    return sum(p.numel() for p in model.parameters())
+
+
+def export(checkpoint: Path, out: Path, tokenizer: Path, keep_empty: bool, validate: bool, log) -> None:
     command = [
         str(Path(sys.executable).with_name("pi0-export")), "bundle", "--checkpoint", str(checkpoint),
         "--out", str(out), "--tokenizer", str(tokenizer), "--precision", "fp32", "--atc", "never",
     ]  # fmt: skip
-    subprocess.run(command + (["--keep-empty-cameras"] if keep_empty else []), check=True, stdout=log, stderr=log)
+    command += (["--keep-empty-cameras"] if keep_empty else []) + ([] if validate else ["--no-validate"])
+    subprocess.run(command, check=True, stdout=log, stderr=log)
 
 
 def inputs(cameras: list[str], seed: int) -> dict[str, np.ndarray]:
@@ -83,38 +141,48 @@ def inputs(cameras: list[str], seed: int) -> dict[str, np.ndarray]:
     return data
 
 
-def run_case(name: str, case: dict, tmp: Path, tokenizer: Path, n: int, log) -> dict:
-    print(f"[side-by-side] {name}: LeRobot makes the checkpoint ...", file=sys.stderr, flush=True)
-    checkpoint, maker = tmp / "checkpoint", Worker(log)
-    made = maker(cmd="make", out=str(checkpoint), state_dim=STATE_DIM, seed=0, tokenizer=str(tokenizer), **case)
-    maker.close()
+def run_case(
+    name: str, case: dict, tmp: Path, tokenizer: Path, n: int, dims: Pi0Dims, validate: bool, lerobot: bool, log
+) -> dict:
+    print(f"[side-by-side] {name}: making the checkpoint ...", file=sys.stderr, flush=True)
+    checkpoint = tmp / "checkpoint"
+    parameters = make_checkpoint(checkpoint, dims, case, tokenizer, lerobot, log)
     bundles = {"ours": tmp / "bundle"}
     if case["empty_cameras"]:
         bundles["ours, empty slots kept"] = tmp / "bundle-kept"
     for label, out in bundles.items():
         print(f"[side-by-side] {name}: exporting {label} ...", file=sys.stderr, flush=True)
-        export(checkpoint, out, tokenizer, keep_empty=label != "ours", log=log)
+        export(checkpoint, out, tokenizer, keep_empty=label != "ours", validate=validate, log=log)
 
-    lerobot, loaded = {}, {}
-    for precision in ("fp32", "bf16"):
-        lerobot[precision] = Worker(log)
-        loaded[precision] = lerobot[precision](
-            cmd="load", checkpoint=str(checkpoint), precision=precision, tokenizer=str(tokenizer)
+    workers, loaded = {}, {}
+    for precision in ("fp32", "bf16") if lerobot else ():
+        workers[precision] = Worker(log)
+        loaded[precision] = workers[precision](
+            cmd="load",
+            checkpoint=str(checkpoint),
+            precision=precision,
+            tokenizer=str(tokenizer),
+            shape=lerobot_shape(dims),
         )
-    engines = {label: Engine(load_bundle(out), OnnxRuntimeBackend(load_bundle(out))) for label, out in bundles.items()}
+    engines = {}
+    for label, out in bundles.items():
+        bundle = load_bundle(out)
+        engines[label] = Engine.from_bundle(bundle, OnnxRuntimeBackend(bundle))
     data = inputs(case["cameras"], seed=1)
     request_path = tmp / "request.npz"
     np.savez(request_path, **data)
-    token_reply = lerobot["fp32"](cmd="tokens", inputs=str(request_path))
-    ours_request = {
-        "images": {f"observation.images.{c}": data[f"image.{c}"] for c in case["cameras"]},
-        "state": data["state"],
-        "tokens": np.array([token_reply["tokens"]], dtype=np.int64),
-        "token_mask": np.array([token_reply["mask"]], dtype=bool),
-        "noise": data["noise"],
-    }
+    if lerobot:  # the prompt's tokens as LeRobot's tokenizer makes them, so that the models alone are compared
+        reply = workers["fp32"](cmd="tokens", inputs=str(request_path))
+        prompt = {
+            "tokens": np.array([reply["tokens"]], dtype=np.int64),
+            "token_mask": np.array([reply["mask"]], dtype=bool),
+        }
+    else:
+        prompt = {"prompt": PROMPT}
+    images = {f"observation.images.{c}": data[f"image.{c}"] for c in case["cameras"]}
+    request = Observation(images, data["state"], noise=data["noise"], **prompt)
 
-    runners = {f"LeRobot {p}": lerobot[p] for p in lerobot} | engines
+    runners = {f"LeRobot {p}": worker for p, worker in workers.items()} | engines
     seconds: dict[str, list[float]] = {label: [] for label in runners}
     actions: dict[str, np.ndarray] = {}
     for i in range(n + 1):  # the first round warms up and is not counted
@@ -122,7 +190,7 @@ def run_case(name: str, case: dict, tmp: Path, tokenizer: Path, n: int, log) -> 
         for label, runner in runners.items():
             if isinstance(runner, Engine):
                 start = time.perf_counter()
-                actions[label], _ = runner.infer(**ours_request)
+                actions[label], _ = runner.infer(request)
                 elapsed = time.perf_counter() - start
             else:
                 out = tmp / "actions.npy"
@@ -130,32 +198,45 @@ def run_case(name: str, case: dict, tmp: Path, tokenizer: Path, n: int, log) -> 
                 actions[label] = np.load(out, allow_pickle=False)
             if i:
                 seconds[label].append(elapsed)
-    for worker in lerobot.values():
+    for worker in workers.values():
         worker.close()
     for engine in engines.values():
         engine.close()
 
-    reference = actions["LeRobot fp32"]
     medians = {label: float(np.median(s)) for label, s in seconds.items()}
-    return {
-        "parameters": made["parameters"],
-        "lerobot_dtypes": {p: r["dtypes"] for p, r in loaded.items()},
-        "torch": loaded["fp32"]["torch"],
-        "threads": loaded["fp32"]["threads"],
+    result = {
+        "parameters": parameters,
         "prefix_tokens": {
-            label: e.spec.num_camera_slots * 256 + e.spec.tokenizer_max_length for label, e in engines.items()
+            label: e.spec.num_camera_slots * dims.image_tokens + e.spec.tokenizer_max_length
+            for label, e in engines.items()
         },
         "ms": {
             label: {**summarize(1e3 * np.array(s)), "min": 1e3 * min(s), "max": 1e3 * max(s)}
             for label, s in seconds.items()
         },
-        "speedup_vs_lerobot_fp32": {label: medians["LeRobot fp32"] / m for label, m in medians.items()},
-        "max_abs_vs_lerobot_fp32": {label: float(np.abs(a - reference).max()) for label, a in actions.items()},
         "n": n,
     }
+    if lerobot:
+        reference = actions["LeRobot fp32"]
+        result |= {
+            "lerobot_dtypes": {p: r["dtypes"] for p, r in loaded.items()},
+            "torch": loaded["fp32"]["torch"],
+            "threads": loaded["fp32"]["threads"],
+            "speedup_vs_lerobot_fp32": {label: medians["LeRobot fp32"] / m for label, m in medians.items()},
+            "max_abs_vs_lerobot_fp32": {label: float(np.abs(a - reference).max()) for label, a in actions.items()},
+        }
+    return result
 
 
-def run(n: int = 5) -> dict:
+def run(n: int = 5, dims: Pi0Dims | None = None, validate: bool = True, require_lerobot: bool = True) -> dict:
+    """`dims`: pi0's widths at the reduced depth unless given; `validate`: the exports' own check against
+    PyTorch; `require_lerobot` False: without LeRobot's venv, time ours alone and say why in `skipped`."""
+    dims = dims or shallow_pi0()
+    missing = lerobot_missing()
+    if missing and require_lerobot:
+        raise SystemExit(f"{missing}: the side by side needs LeRobot")
+    if missing:
+        print(f"[side-by-side] {LEROBOT} SKIPPED: {missing}; ours alone", file=sys.stderr, flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryFile("w+") as log:
         tokenizer = train_tokenizer(Path(tmp) / "tokenizer.model")
@@ -163,12 +244,12 @@ def run(n: int = 5) -> dict:
             for index, (name, case) in enumerate(CASES.items()):
                 case_dir = Path(tmp) / f"case{index}"
                 case_dir.mkdir()
-                results[name] = run_case(name, case, case_dir, tokenizer, n, log)
+                results[name] = run_case(name, case, case_dir, tokenizer, n, dims, validate, missing is None, log)
         except Exception:
             log.seek(0)
             print(log.read()[-5000:], file=sys.stderr)
             raise
-    return {"depth": {"vision": 3, "language": 2, "expert": 2}, "cases": results}
+    return {"depth": depths(dims), "cases": results} | ({"skipped": {LEROBOT: missing}} if missing else {})
 
 
 # --- docs/benchmarks.md ---------------------------------------------------------------------------
@@ -189,35 +270,51 @@ def sections(sbs: dict) -> list[str]:
         "Max abs is over the whole de-normalized chunk against LeRobot fp32. Targets: ours >= 1.3x LeRobot fp32 "
         "with 2 cameras; >= 2.5x with 1 camera + 2 empty slots, actions within 1e-4.",
     ]
+    if "skipped" in sbs:
+        sections.append(f"**{LEROBOT} skipped**: {sbs['skipped'][LEROBOT]}; ours alone, on a checkpoint we wrote.")
     for name, case in sbs["cases"].items():
+        lerobot = (
+            f" in LeRobot's model, LeRobot on torch {case['torch']} with {case['threads']} threads"
+            if "torch" in case
+            else ""
+        )
+        speedup, max_abs = case.get("speedup_vs_lerobot_fp32", {}), case.get("max_abs_vs_lerobot_fp32", {})
         sections.append(
-            f"**{name}** ({case['parameters'] / 1e6:,.0f} M parameters in LeRobot's model, LeRobot on torch "
-            f"{case['torch']} with {case['threads']} threads, {case['n']} timed rounds after one warm-up; "
-            "prefix tokens: "
+            f"**{name}** ({case['parameters'] / 1e6:,.0f} M parameters{lerobot}, "
+            f"{case['n']} timed rounds after one warm-up; prefix tokens: "
             + ", ".join(f"{label} {tokens}" for label, tokens in case["prefix_tokens"].items())
             + ")\n\n| implementation | p50 ms | min ms | max ms | speed-up vs LeRobot fp32 | max abs vs LeRobot fp32 |"
             "\n|---|---|---|---|---|---|\n"
             + "\n".join(
                 f"| {label} | {ms['p50']:.0f} | {ms['min']:.0f} | {ms['max']:.0f} "
-                f"| {case['speedup_vs_lerobot_fp32'][label]:.2f}x | {case['max_abs_vs_lerobot_fp32'][label]:.2g} |"
+                f"| {_figure(speedup, label, '.2f', 'x')} | {_figure(max_abs, label, '.2g')} |"
                 for label, ms in case["ms"].items()
             )
         )
     return sections
 
 
+def _figure(figures: dict[str, float], label: str, spec: str, unit: str = "") -> str:
+    """One implementation's figure against LeRobot fp32; "-" where LeRobot did not run."""
+    return format(figures[label], spec) + unit if label in figures else "-"
+
+
 def targets(sbs: dict) -> list[tuple[str, str, str]]:
-    cases = sbs["cases"]
-    two, empty = cases["2 cameras"], cases["1 camera + 2 empty slots"]
-    return [
-        ("ours / LeRobot fp32, same weights, 2 cameras", ">= 1.3x", f"{two['speedup_vs_lerobot_fp32']['ours']:.2f}x"),
-        (
-            "ours / LeRobot fp32, 1 camera + 2 empty slots; max abs diff",
-            ">= 2.5x; <= 1e-4",
-            f"{empty['speedup_vs_lerobot_fp32']['ours']:.2f}x; {empty['max_abs_vs_lerobot_fp32']['ours']:.1g}",
-        ),
+    wanted = {
+        "ours / LeRobot fp32, same weights, 2 cameras": ">= 1.3x",
+        "ours / LeRobot fp32, 1 camera + 2 empty slots; max abs diff": ">= 2.5x; <= 1e-4",
+    }
+    if "skipped" in sbs:
+        return [(target, want, f"not measured: {sbs['skipped'][LEROBOT]}") for target, want in wanted.items()]
+    two, empty = sbs["cases"]["2 cameras"], sbs["cases"]["1 camera + 2 empty slots"]
+    measured = [
+        f"{two['speedup_vs_lerobot_fp32']['ours']:.2f}x",
+        f"{empty['speedup_vs_lerobot_fp32']['ours']:.2f}x; {empty['max_abs_vs_lerobot_fp32']['ours']:.1g}",
     ]
+    return [(target, want, m) for (target, want), m in zip(wanted.items(), measured, strict=True)]
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(int(sys.argv[1]) if len(sys.argv) > 1 else 5), indent=2))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=5, help="timed rounds after the warm-up one (default 5)")
+    main(run, SMOKE, parser)

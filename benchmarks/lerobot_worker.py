@@ -5,12 +5,18 @@ transformers 4.55.4); imports nothing from this repository. One JSON request per
 reply per stdout line:
 
     {"cmd": "make", "out": DIR, "cameras": [...], "empty_cameras": N, "state_dim": N, "seed": N,
-     "tokenizer": PATH}
-        writes a LeRobot checkpoint (PI0Policy.save_pretrained) at pi0's real widths and the reduced
-        depth below, random weights, random normalization statistics
-    {"cmd": "load", "checkpoint": DIR, "precision": "fp32" | "bf16", "tokenizer": PATH}
+     "tokenizer": PATH, "shape": SHAPE}
+        writes a LeRobot checkpoint (PI0Policy.save_pretrained) of that shape, random weights, random
+        normalization statistics
+    {"cmd": "load", "checkpoint": DIR, "precision": "fp32" | "bf16", "tokenizer": PATH, "shape": SHAPE}
     {"cmd": "tokens", "inputs": NPZ}          -> the prompt's token ids as LeRobot makes them
     {"cmd": "infer", "inputs": NPZ, "out": NPZ} -> select_action's wall time; the whole chunk saved
+
+SHAPE is the towers' dimensions in the names of the transformers configs LeRobot builds
+(`{"vision": {"hidden_size": ..., "num_hidden_layers": ...}, "text": {...}, "expert": {...}}`): LeRobot's pi0
+hard-codes them (`PaliGemmaWithExpertConfig`), so they are set on its configs as they are made, in "make" and
+again in "load" (its config.json does not hold them); the driver sends pi0's real widths at a reduced depth,
+or a tiny model for its smoke run.
 
 Two things differ from a user's LeRobot, both because this machine has no network and LeRobot's pi0
 hard-codes bfloat16: the tokenizer is built from a local SentencePiece file instead of being fetched
@@ -29,7 +35,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-DEPTH = {"vision": 3, "language": 2, "expert": 2}
+Shape = dict[str, dict[str, int]]
 
 
 class Float32Torch:
@@ -41,19 +47,24 @@ class Float32Torch:
         return getattr(torch, name)
 
 
-def patch_lerobot(precision: str, tokenizer: str | None) -> None:
+def patch_lerobot(precision: str, tokenizer: str | None, shape: Shape) -> None:
     import transformers
     from lerobot.policies.pi0 import modeling_pi0, paligemma_with_expert
 
     original_init = paligemma_with_expert.PaliGemmaWithExpertConfig.__init__
 
-    def shallow_init(self, *args, **kwargs) -> None:
+    def shaped_init(self, *args, **kwargs) -> None:
         original_init(self, *args, **kwargs)
-        self.paligemma_config.vision_config.num_hidden_layers = DEPTH["vision"]
-        self.paligemma_config.text_config.num_hidden_layers = DEPTH["language"]
-        self.gemma_expert_config.num_hidden_layers = DEPTH["expert"]
+        paligemma = self.paligemma_config
+        for config, name in ((paligemma.vision_config, "vision"), (paligemma.text_config, "text"),
+                             (self.gemma_expert_config, "expert")):  # fmt: skip
+            for key, value in shape[name].items():
+                setattr(config, key, value)
+        # the projector maps SigLIP's output onto the language model's width
+        width = paligemma.text_config.hidden_size
+        paligemma.projection_dim = paligemma.vision_config.projection_dim = paligemma.hidden_size = width
 
-    paligemma_with_expert.PaliGemmaWithExpertConfig.__init__ = shallow_init
+    paligemma_with_expert.PaliGemmaWithExpertConfig.__init__ = shaped_init
     if precision == "fp32":
         modeling_pi0.torch = paligemma_with_expert.torch = Float32Torch()
 
@@ -67,7 +78,7 @@ def patch_lerobot(precision: str, tokenizer: str | None) -> None:
     modeling_pi0.AutoTokenizer = LocalTokenizer
 
 
-def make_checkpoint(out: str, cameras: list[str], empty_cameras: int, state_dim: int, seed: int) -> dict:
+def make_checkpoint(out: str, cameras: list[str], empty_cameras: int, state_dim: int, seed: int, shape: Shape) -> dict:
     from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature
     from lerobot.policies.pi0.configuration_pi0 import PI0Config
     from lerobot.policies.pi0.modeling_pi0 import PI0Policy
@@ -89,6 +100,7 @@ def make_checkpoint(out: str, cameras: list[str], empty_cameras: int, state_dim:
         n_action_steps=50,
         num_steps=10,
         empty_cameras=empty_cameras,
+        proj_width=shape["expert"]["hidden_size"],  # the action expert's width
         device="cpu",
     )
     stats = {
@@ -141,13 +153,13 @@ def main() -> None:
 
     def load(request: dict) -> dict:
         nonlocal runner
-        patch_lerobot(request["precision"], request["tokenizer"])
+        patch_lerobot(request["precision"], request["tokenizer"], request["shape"])
         runner = Runner(request["checkpoint"], request["precision"], request["tokenizer"])
         return {"dtypes": runner.dtypes, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
     def make(request: dict) -> dict:
-        patch_lerobot("fp32", request["tokenizer"])
-        args = {k: request[k] for k in ("out", "cameras", "empty_cameras", "state_dim", "seed")}
+        patch_lerobot("fp32", request["tokenizer"], request["shape"])
+        args = {k: request[k] for k in ("out", "cameras", "empty_cameras", "state_dim", "seed", "shape")}
         return make_checkpoint(**args)
 
     handlers.update(

@@ -9,18 +9,21 @@ Clients as `devtools.load.bench_load` runs them (`busy` -> wait 5 ms, send the n
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `make load` runs this file by its path
+
+from benchmarks.cli import main
 from devtools.load import bench_load
 from devtools.supervise import Daemon
 from pi0_client.client import PolicyClient
 from runtime.observation import Observation
 
 PROMPT = "transfer the cube"
+SMOKE = {"clients": 2, "requests": 3, "soak": 4, "validate": False}
 
 
 def rss_mib(pid: int) -> float:
@@ -30,15 +33,13 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def run(clients: int = 16, requests: int = 500, soak: int = 10_000) -> dict:
+def run(clients: int = 16, requests: int = 500, soak: int = 10_000, validate: bool = True) -> dict:
+    """`validate`: the bundle's own check against PyTorch (the smoke leaves it out: it is not what is loaded)."""
     exe = Path(sys.executable).parent
     with tempfile.TemporaryDirectory() as tmp:
         bundle, endpoint = Path(tmp) / "bundle", f"ipc://{tmp}/policy.sock"
-        subprocess.run(
-            [exe / "pi0-export", "bundle", "--preset", "pi0-dummy", "--out", bundle, "--prompt", PROMPT],
-            check=True,
-            capture_output=True,
-        )
+        export = [exe / "pi0-export", "bundle", "--preset", "pi0-dummy", "--out", bundle, "--prompt", PROMPT]
+        subprocess.run(export + ([] if validate else ["--no-validate"]), check=True, capture_output=True)
         daemon = Daemon.serve(bundle, endpoint=endpoint, quiet=True).start()
         try:
             with PolicyClient(endpoint, timeout_s=60) as probe:
@@ -60,5 +61,4 @@ if __name__ == "__main__":
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=500, help="per client")
     parser.add_argument("--soak", type=int, default=10_000, help="requests of the RSS run")
-    args = parser.parse_args()
-    print(json.dumps(run(args.clients, args.requests, args.soak), indent=2))
+    main(run, SMOKE, parser)

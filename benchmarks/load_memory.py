@@ -7,6 +7,7 @@ loads it and reads every weight. The baseline is the same command on the 1 MB go
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -14,9 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.cli import main
 from benchmarks.render import table
 
 ROOT = Path(__file__).resolve().parents[1]
+SMOKE = {"preset": "pi0-dummy"}
 FIXTURE = ROOT / "tests" / "fixtures" / "lerobot-pi0-tiny" / "checkpoint"
 
 
@@ -80,4 +83,7 @@ def sections(load: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(*sys.argv[1:]), indent=2))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="pi0", help="the model to write and load (default: the full-size pi0)")
+    parser.add_argument("--workdir", help="where the checkpoint goes (default: the system's temporary directory)")
+    main(run, SMOKE, parser)

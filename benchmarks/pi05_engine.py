@@ -14,14 +14,14 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from benchmarks.fraction_of_peak import gemm_peak_gflops, gemma_layer_flops, shallow_pi0
+from benchmarks.cli import main
+from benchmarks.fraction_of_peak import SMOKE, depths, gemm_peak_gflops, gemma_layer_flops, shallow_pi0
 from benchmarks.render import table
 from exporter.bundle import BundleOptions, build_bundle
 from exporter.checkpoint import LoadedPolicy
-from exporter.dims import PRESETS
+from exporter.dims import PRESETS, Pi0Dims
 from exporter.pi0 import Pi0
 from exporter.presets import preset_spec
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
@@ -60,10 +60,15 @@ def per_step_constant_flops(dims) -> int:
     return 2 * (2 * w * w + (2 * dims.expert.depth + 1) * w * 3 * w)
 
 
-def run(n: int = 10) -> dict:
+def run(
+    n: int = 10, dims: Pi0Dims | None = None, gemm_size: int = 2048, gemm_repeats: int = 20, validate: bool = True
+) -> dict:
+    """`dims`: the towers (pi0's widths at the reduced depth unless given), as pi0 and as pi0.5; `validate`:
+    each bundle's own check against PyTorch (the smoke leaves it out: it is not what is timed)."""
+    towers = dims or shallow_pi0()
     results = {}
     for name, pi05 in (("pi0", False), ("pi05", True)):
-        dims = dataclasses.replace(shallow_pi0(), pi05=pi05)
+        dims = dataclasses.replace(towers, pi05=pi05)
         torch.manual_seed(0)
         model = Pi0(dims).eval().requires_grad_(False)
         spec = pi05_spec() if pi05 else preset_spec()
@@ -71,7 +76,7 @@ def run(n: int = 10) -> dict:
         params = sum(p.numel() for p in model.parameters())
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "bundle"
-            build_bundle(policy, out, BundleOptions(), log=lambda message: None)
+            build_bundle(policy, out, BundleOptions(validate=validate), log=lambda message: None)
             del policy, model
             bundle = load_bundle(out)
             timing = bench_engine(Engine.from_bundle(bundle, OnnxRuntimeBackend(bundle)), n)
@@ -92,8 +97,9 @@ def run(n: int = 10) -> dict:
             full_step = full.expert.depth * gemma_layer_flops(full.expert, suffix, prefix + suffix)
             full_constants = per_step_constant_flops(full)
             results[name]["per_step_constants_share_full_depth"] = full_constants / (full_step + full_constants)
-    peak = gemm_peak_gflops()  # this machine's speed in the same run: VMs of the same kind differ by 2.5x
-    return {"n": n, "dims": {"vision": 3, "language": 2, "expert": 2}, "gemm_peak_gflops": peak, "models": results}
+    # this machine's speed in the same run: VMs of the same kind differ by 2.5x
+    peak = gemm_peak_gflops(gemm_size, gemm_repeats)
+    return {"n": n, "dims": depths(towers), "gemm_peak_gflops": peak, "models": results}
 
 
 # --- docs/benchmarks.md ---------------------------------------------------------------------------
@@ -129,7 +135,4 @@ def sections(result: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    import json
-    import sys
-
-    sys.stdout.write(json.dumps(run(), indent=2, default=lambda v: np.asarray(v).tolist()) + "\n")
+    main(run, SMOKE)

@@ -1,48 +1,71 @@
 """`make bench`: run every benchmark and rewrite docs/benchmarks.md with their tables.
 
 Each benchmark module has `run() -> dict` (its result, kept as JSON in build/bench/), `sections(result)`
-(its part of the doc) and, where it measures a target, `targets(result)` (rows of the doc's first table).
+(its part of the doc) and, where it measures a target, `targets(result)` (rows of the doc's first table);
+`python -m benchmarks.NAME` from the repo root prints its result as JSON (`benchmarks/cli.py`).
 Benchmarks are not tests: they assert nothing about time and may take minutes and tens of GB.
+
+`--smoke [NAME ...] [--out DIR]` runs each benchmark's `--smoke` instead (tiny sizes, seconds; in its own
+process, as above) and renders its section from that result into DIR/benchmarks.md (default: a new
+temporary directory), to show that every benchmark still runs and renders against today's code. It
+writes nothing into docs/ or build/bench/; the figures mean nothing. tests/test_benchmarks.py runs it.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import datetime
+import importlib
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import (  # noqa: E402
-    ascend_estimate,
-    export_full,
-    fp16_islands,
-    fraction_of_peak,
-    lerobot_side_by_side,
-    load_memory,
-    pi05_engine,
-    service,
-    sim_harness,
-)
+from benchmarks.cli import plain  # noqa: E402
 
 # In the order they run: latency first (a page cache busy after the 14 GB runs disturbs it most).
-BENCHMARKS = {
-    "service": service,
-    "fraction_of_peak": fraction_of_peak,
-    "pi05_engine": pi05_engine,
-    "fp16_islands": fp16_islands,
-    "load_memory": load_memory,
-    "export_full": export_full,
-    "lerobot_side_by_side": lerobot_side_by_side,
-    "ascend_estimate": ascend_estimate,
-    "sim_harness": sim_harness,
-}
+BENCHMARKS = (
+    "service",
+    "fraction_of_peak",
+    "pi05_engine",
+    "fp16_islands",
+    "load_memory",
+    "export_full",
+    "lerobot_side_by_side",
+    "ascend_estimate",
+    "sim_harness",
+)
+# Benchmarks reported elsewhere (`make load`: docs/reliability.md): smoke-run only.
+ELSEWHERE = ("load",)
 RESULTS = ROOT / "build" / "bench"
+SMOKE_TIMEOUT_S = 600
+
+
+def module(name: str) -> ModuleType:
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def benchmark_modules() -> list[str]:
+    """Every module in benchmarks/ that is a benchmark (it defines `run`), read without importing it."""
+    return sorted(
+        path.stem
+        for path in (ROOT / "benchmarks").glob("*.py")
+        if any(isinstance(node, ast.FunctionDef) and node.name == "run" for node in ast.parse(path.read_text()).body)
+    )
+
+
+def unregistered() -> list[str]:
+    """Benchmark modules that `make bench` neither renders nor smoke-runs: each must be in one of the two."""
+    return sorted(set(benchmark_modules()) - set(BENCHMARKS) - set(ELSEWHERE))
 
 
 def machine() -> str:
@@ -57,20 +80,13 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM, {platform.system()} {platform.machine()}"
 
 
-def _plain(value: object) -> object:
-    """numpy scalars and arrays as JSON numbers and lists."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"cannot store {type(value).__name__} in a benchmark result")
-
-
 def targets_section(results: dict[str, dict]) -> list[str]:
     """Every benchmark's targets against its latest result (rows only for the benchmarks that have run)."""
     rows = [
         row
-        for name, module in BENCHMARKS.items()
-        if name in results and hasattr(module, "targets")
-        for row in module.targets(results[name])
+        for name in BENCHMARKS
+        if name in results and hasattr(module(name), "targets")
+        for row in module(name).targets(results[name])
     ]
     return [
         "## Targets",
@@ -78,34 +94,97 @@ def targets_section(results: dict[str, dict]) -> list[str]:
     ]
 
 
-def main() -> None:
-    """Run the benchmarks named on the command line (all when none; `--render` runs none), keep each
-    one's result as JSON in build/bench/, and rewrite docs/benchmarks.md from all the results (dated)."""
-    chosen = [] if sys.argv[1:] == ["--render"] else sys.argv[1:] or list(BENCHMARKS)
-    unknown = set(chosen) - set(BENCHMARKS)
-    if unknown:
-        raise SystemExit(f"unknown benchmarks {sorted(unknown)}; choose from {list(BENCHMARKS)}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for name in chosen:
-        print(f"[bench] {name} ...", flush=True)
-        result = BENCHMARKS[name].run()
-        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        (RESULTS / f"{name}.json").write_text(json.dumps({"when": when, "result": result}, indent=1, default=_plain))
-    saved = {name: json.loads(path.read_text()) for name in BENCHMARKS if (path := RESULTS / f"{name}.json").exists()}
+def render(saved: dict[str, dict]) -> str:
+    """The doc from saved runs ({"when", "result"} by benchmark name)."""
     sections = [
         "# Benchmarks",
         f"Written by `make bench` (`python benchmarks/run.py [NAME ...]`).\n\nMachine: {machine()}.",
         *targets_section({name: run["result"] for name, run in saved.items()}),
     ]
-    for name, module in BENCHMARKS.items():
+    for name in BENCHMARKS:
         if name not in saved:
             sections.append(f"## {name}\n\nNot run yet: `python benchmarks/run.py {name}`.")
             continue
-        rendered = module.sections(saved[name]["result"])
+        rendered = module(name).sections(saved[name]["result"])
         sections += [rendered[0], f"_Run {saved[name]['when']}._", *rendered[1:]]
+    return "\n\n".join(sections) + "\n"
+
+
+def bench(chosen: list[str]) -> None:
+    """Run the chosen benchmarks, keep each one's result as JSON in build/bench/, and rewrite
+    docs/benchmarks.md from all the results (dated)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name in chosen:
+        print(f"[bench] {name} ...", flush=True)
+        result = module(name).run()
+        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        (RESULTS / f"{name}.json").write_text(json.dumps({"when": when, "result": result}, indent=1, default=plain))
+    saved = {name: json.loads(path.read_text()) for name in BENCHMARKS if (path := RESULTS / f"{name}.json").exists()}
     out = ROOT / "docs" / "benchmarks.md"
-    out.write_text("\n\n".join(sections) + "\n")
+    out.write_text(render(saved))
     print(f"wrote {out}")
+
+
+def smoke_process(name: str) -> subprocess.CompletedProcess:
+    """`python -m benchmarks.NAME --smoke` from the repo root, its output captured."""
+    command = [sys.executable, "-m", f"benchmarks.{name}", "--smoke"]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+
+
+def result_of(stdout: str) -> dict:
+    """A benchmark's result: the last JSON object it printed (what it runs may print others before)."""
+    return json.loads(stdout[stdout.rfind("\n{") + 1 :])
+
+
+def smoke(chosen: list[str], out: Path) -> int:
+    """Each chosen benchmark's smoke, its JSON in `out`, the doc rendered from them into out/benchmarks.md;
+    what was skipped said by name. -> 0 when every one ran, else 1."""
+    out.mkdir(parents=True, exist_ok=True)
+    saved, failed = {}, []
+    for name in chosen:
+        start = time.perf_counter()
+        done = smoke_process(name)
+        seconds = time.perf_counter() - start
+        try:
+            result = result_of(done.stdout) if done.returncode == 0 else None
+        except json.JSONDecodeError:  # no result printed: it has no --smoke, or printed something else last
+            result = None
+        if result is None:
+            print(
+                f"[smoke] {name}: FAILED (exit {done.returncode}, {seconds:.0f} s, no result):\n{done.stderr[-5000:]}"
+            )
+            failed.append(name)
+            continue
+        saved[name] = {
+            "when": f"as a smoke test in {seconds:.0f} s, at tiny sizes: the figures mean nothing",
+            "result": result,
+        }
+        (out / f"{name}.json").write_text(json.dumps(saved[name], indent=1))
+        skipped = "".join(f"; SKIPPED {part}: {why}" for part, why in result.get("skipped", {}).items())
+        print(f"[smoke] {name}: ran in {seconds:.0f} s{skipped}", flush=True)
+    (out / "benchmarks.md").write_text(render({name: run for name, run in saved.items() if name in BENCHMARKS}))
+    print(f"[smoke] {len(saved)} ran, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; wrote {out}")
+    return 1 if failed else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (default: all)")
+    parser.add_argument("--render", action="store_true", help="run none: rewrite the doc from the saved results")
+    parser.add_argument(
+        "--smoke", action="store_true", help="each benchmark's --smoke instead (tiny sizes, seconds; not into docs/)"
+    )
+    parser.add_argument("--out", type=Path, help="--smoke: where its results and doc go (default: a new temp dir)")
+    args = parser.parse_args()
+    names = [*BENCHMARKS, *ELSEWHERE] if args.smoke else list(BENCHMARKS)
+    unknown = set(args.names) - set(names)
+    if unknown:
+        raise SystemExit(f"unknown benchmarks {sorted(unknown)}; choose from {names}")
+    if missing := unregistered():
+        raise SystemExit(f"benchmarks/{missing[0]}.py defines run() but is in neither BENCHMARKS nor ELSEWHERE here")
+    if args.smoke:
+        sys.exit(smoke(args.names or names, args.out or Path(tempfile.mkdtemp(prefix="bench-smoke-"))))
+    bench([] if args.render else args.names or names)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from benchmarks.cli import main
 from benchmarks.render import table
 from exporter.bundle import BundleOptions, build_bundle
 from exporter.presets import build_preset
@@ -32,35 +33,46 @@ from runtime.observation import Observation
 from runtime.pipeline import model_state, preprocess
 from runtime.stats import summarize
 
+SMOKE = {"n": 2, "validate": False}
 CAMERAS = ("observation.images.cam_high", "observation.images.cam_left_wrist", "observation.images.cam_right_wrist")
 
 
-def _echo(endpoint: str) -> None:
+def _echo(endpoints: list[str]) -> None:
     socket = zmq.Context().socket(zmq.ROUTER)
-    socket.bind(endpoint)
+    for endpoint in endpoints:
+        socket.bind(endpoint)
     while True:
         identity, _, *_ = socket.recv_multipart(copy=False)
         socket.send_multipart([identity, b"", b"r" * 400])  # about an action chunk's reply
 
 
-def transport_floor(frames: list, endpoint: str, pause_s: float, n: int) -> dict[str, float]:
-    echo = multiprocessing.get_context("spawn").Process(target=_echo, args=(endpoint,), daemon=True)
+def _round_trips(frames: list, endpoint: str, pause_s: float, n: int) -> dict[str, float]:
+    socket = zmq.Context.instance().socket(zmq.REQ)
+    socket.connect(endpoint)
+    round_trips = []
+    for i in range(n + 2):
+        time.sleep(pause_s)
+        start = time.perf_counter()
+        socket.send_multipart(frames, copy=False)
+        socket.recv_multipart()
+        if i >= 2:
+            round_trips.append((time.perf_counter() - start) * 1e3)
+    socket.close(linger=0)
+    return summarize(round_trips)
+
+
+def transport_floor(frames: list, endpoints: dict[str, str], pauses_ms: list[float], n: int) -> dict[str, dict]:
+    """n round trips of `frames` per endpoint and pause, to one echo process bound to every endpoint."""
+    echo = multiprocessing.get_context("spawn").Process(target=_echo, args=(list(endpoints.values()),), daemon=True)
     echo.start()
     try:
-        socket = zmq.Context.instance().socket(zmq.REQ)
-        socket.connect(endpoint)
-        round_trips = []
-        for i in range(n + 2):
-            time.sleep(pause_s)
-            start = time.perf_counter()
-            socket.send_multipart(frames, copy=False)
-            socket.recv_multipart()
-            if i >= 2:
-                round_trips.append((time.perf_counter() - start) * 1e3)
-        socket.close(linger=0)
+        return {
+            f"{name}, {pause:.0f} ms pause": _round_trips(frames, endpoint, pause / 1e3, n)
+            for pause in pauses_ms
+            for name, endpoint in endpoints.items()
+        }
     finally:
         echo.kill()
-    return summarize(round_trips)
 
 
 def copy_ledger(bundle: Bundle) -> dict[str, int]:
@@ -116,14 +128,15 @@ def thread_sweep(bundle: Bundle, n: int) -> dict[int, dict[str, float]]:
     }
 
 
-def run(n: int = 50) -> dict:
+def run(n: int = 50, validate: bool = True) -> dict:
+    """`validate`: the bundle's own check against PyTorch (the smoke leaves it out: it is not what is timed)."""
     policy = build_preset("pi0-dummy")
     policy.spec = dataclasses.replace(
         policy.spec, camera_keys=CAMERAS, camera_shapes=((3, 480, 640),) * 3, empty_cameras=0
     )
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bundle"
-        build_bundle(policy, out, BundleOptions(), log=lambda message: None)
+        build_bundle(policy, out, BundleOptions(validate=validate), log=lambda message: None)
         bundle = load_bundle(out)
         engine = bench_engine(Engine.from_bundle(bundle, OnnxRuntimeBackend(bundle)), n)
         server = bench_server(bundle, n, backend="onnxruntime")
@@ -131,11 +144,8 @@ def run(n: int = 50) -> dict:
         copies = copy_ledger(bundle)
         frames = encode(*synthetic_request(bundle).to_request())
         with tempfile.TemporaryDirectory() as sockets:
-            floor = {
-                f"{name}, {pause:.0f} ms pause": transport_floor(frames, endpoint, pause / 1e3, n)
-                for pause in (0, engine["total_ms"]["p50"])
-                for name, endpoint in (("tcp", "tcp://127.0.0.1:5581"), ("ipc", f"ipc://{sockets}/floor"))
-            }
+            endpoints = {"tcp": "tcp://127.0.0.1:5581", "ipc": f"ipc://{sockets}/floor"}
+            floor = transport_floor(frames, endpoints, [0, engine["total_ms"]["p50"]], n)
     return {
         "n": n,
         "engine": engine,
@@ -216,6 +226,4 @@ def targets(svc: dict) -> list[tuple[str, str, str]]:
 
 
 if __name__ == "__main__":
-    import json
-
-    print(json.dumps(run(), indent=2))
+    main(run, SMOKE)

@@ -150,6 +150,20 @@ def ascend_tools_path(bin_dir: Path) -> str:
 
 
 @pytest.fixture
+def acl(monkeypatch: pytest.MonkeyPatch):
+    """The pyACL stand-in (tests/stubs/acl.py) as `import acl`, fresh for one test."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(STUBS))
+    sys.modules.pop("acl", None)
+    import acl as stand_in
+
+    stand_in.reset()
+    yield stand_in
+    sys.modules.pop("acl", None)
+
+
+@pytest.fixture
 def ascend_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The stand-ins for `atc` and `npu-smi` on PATH for one test."""
     monkeypatch.setenv("PATH", ascend_tools_path(tmp_path / "ascend-bin"))

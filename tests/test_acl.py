@@ -4,7 +4,6 @@ prefix cache never copied per step, everything freed in order."""
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from pathlib import Path
 
@@ -19,17 +18,6 @@ from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.bundle import load_bundle
 from runtime.engine import Engine
 from runtime.observation import Observation
-
-
-@pytest.fixture
-def acl(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(STUBS))
-    sys.modules.pop("acl", None)
-    import acl as stand_in
-
-    stand_in.reset()
-    yield stand_in
-    sys.modules.pop("acl", None)
 
 
 @pytest.fixture

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import QUIET, STUBS
+from conftest import QUIET
 
 from exporter.bundle import BundleOptions, build_bundle
 from exporter.presets import build_preset
@@ -22,17 +21,6 @@ from runtime.bundle import MANIFEST, OM, BundleError, load_bundle
 from runtime.engine import Engine, denoise
 from runtime.observation import Observation
 from runtime.pipeline import initial_noise, model_state, preprocess
-
-
-@pytest.fixture
-def acl(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(STUBS))
-    sys.modules.pop("acl", None)
-    import acl as stand_in
-
-    stand_in.reset()
-    yield stand_in
-    sys.modules.pop("acl", None)
 
 
 @pytest.fixture(scope="module")
