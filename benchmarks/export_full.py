@@ -63,8 +63,8 @@ def serve(bundle_dir: str, n: int = 3) -> dict:
     """The engine on a bundle, in this (fresh) process: load time, stages over n requests, peak RSS."""
     from exporter.source import peak_rss_mib
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
-    from runtime.bench import bench_engine
-    from runtime.bundle import load_bundle
+    from runtime.bundle.manifest import load_bundle
+    from runtime.daemon.bench import bench_engine
     from runtime.engine import Engine
 
     start = time.perf_counter()

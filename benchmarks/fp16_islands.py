@@ -36,9 +36,9 @@ from exporter.precision import tower_matmuls
 from exporter.readers.lerobot_v03 import save_lerobot
 from exporter.tokenizer_train import train_tokenizer
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
-from runtime.bundle import load_bundle
+from runtime.bundle.manifest import load_bundle
 from runtime.engine import Engine, EngineError
-from runtime.observation import Observation
+from runtime.pipeline.observation import Observation
 
 CASE = {"cameras": ["top", "wrist"], "empty_cameras": 0}
 MODELS = ("realistic", "hot")

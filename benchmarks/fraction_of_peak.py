@@ -25,8 +25,8 @@ from exporter.dims import PRESETS, GemmaDims, Pi0Dims
 from exporter.pi0 import Pi0
 from exporter.presets import preset_spec
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
-from runtime.bench import bench_engine
-from runtime.bundle import load_bundle
+from runtime.bundle.manifest import load_bundle
+from runtime.daemon.bench import bench_engine
 from runtime.engine import Engine
 
 SHALLOW = {"vision": 3, "language": 2, "expert": 2}

@@ -33,10 +33,10 @@ from exporter.presets import preset_spec
 from exporter.readers.lerobot_v03 import save_lerobot
 from exporter.tokenizer_train import train_tokenizer
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
-from runtime.bundle import load_bundle
+from runtime.bundle.manifest import load_bundle
+from runtime.daemon.stats import summarize
 from runtime.engine import Engine
-from runtime.observation import Observation
-from runtime.stats import summarize
+from runtime.pipeline.observation import Observation
 
 ROOT = Path(__file__).resolve().parents[1]
 LEROBOT_PYTHON = ROOT / "build" / "lerobot-venv" / "bin" / "python"

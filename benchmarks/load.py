@@ -20,7 +20,7 @@ from benchmarks.cli import main
 from devtools.load import bench_load
 from devtools.supervise import Daemon
 from pi0_client.client import PolicyClient
-from runtime.observation import Observation
+from runtime.pipeline.observation import Observation
 
 PROMPT = "transfer the cube"
 SMOKE = {"clients": 2, "requests": 3, "soak": 4, "validate": False}

@@ -25,11 +25,11 @@ from exporter.dims import PRESETS, Pi0Dims
 from exporter.pi0 import Pi0
 from exporter.presets import preset_spec
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
-from runtime.bench import bench_engine
-from runtime.bundle import load_bundle
-from runtime.conventions import OPENPI
+from runtime.bundle.conventions import OPENPI
+from runtime.bundle.manifest import load_bundle
+from runtime.bundle.spec import NormStats, PolicySpec
+from runtime.daemon.bench import bench_engine
 from runtime.engine import Engine
-from runtime.spec import NormStats, PolicySpec
 
 Z99 = 2.326  # the 99th percentile of a standard normal: q01/q99 made from the preset's mean/std
 

@@ -26,12 +26,12 @@ from exporter.presets import build_preset
 from pi0_client.protocol import decode, encode
 from runtime.backends import BackendOptions
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
-from runtime.bench import bench_engine, bench_server
-from runtime.bundle import Bundle, load_bundle
+from runtime.bundle.manifest import Bundle, load_bundle
+from runtime.daemon.bench import bench_engine, bench_server
+from runtime.daemon.stats import summarize
 from runtime.engine import Engine
-from runtime.observation import Observation
-from runtime.pipeline import model_state, preprocess
-from runtime.stats import summarize
+from runtime.pipeline.model_io import model_state, preprocess
+from runtime.pipeline.observation import Observation
 
 SMOKE = {"n": 2, "validate": False}
 CAMERAS = ("observation.images.cam_high", "observation.images.cam_left_wrist", "observation.images.cam_right_wrist")

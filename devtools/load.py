@@ -8,7 +8,7 @@ import time
 from collections import Counter
 
 from pi0_client.client import BusyError, PolicyClient, PolicyError, ServerUnavailableError
-from runtime.stats import summarize
+from runtime.daemon.stats import summarize
 
 
 def bench_load(endpoint: str, obs: dict, clients: int, requests: int) -> dict:

@@ -36,7 +36,7 @@ from exporter.precision import RangeRecorder, calibration_report, island_nodes, 
 from exporter.torch_backend import reference_engine
 from exporter.validate import format_report, reference, validate, yardstick_bytes, yardsticks
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
-from runtime.bundle import (
+from runtime.bundle.manifest import (
     MANIFEST,
     OM,
     CompiledTarget,
@@ -47,12 +47,12 @@ from runtime.bundle import (
     load_bundle,
     sha256_file,
 )
+from runtime.bundle.spec import PolicySpec
 from runtime.errors import ApplianceError
 from runtime.npu import detect_soc
-from runtime.observation import Observation
-from runtime.pipeline import ModelInputs
-from runtime.spec import PolicySpec
-from runtime.tokenizer import PromptTokenizer, StatePromptTable
+from runtime.pipeline.model_io import ModelInputs
+from runtime.pipeline.observation import Observation
+from runtime.pipeline.tokenizer import PromptTokenizer, StatePromptTable
 
 EXPORTER_VERSION = "0.1.0"
 

@@ -15,7 +15,7 @@ import torch
 
 from exporter.errors import ExportError
 from exporter.readers import READERS
-from runtime.spec import PolicySpec
+from runtime.bundle.spec import PolicySpec
 
 if TYPE_CHECKING:
     from exporter.lora import Adapters

@@ -74,7 +74,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from exporter.torch_backend import reference_engine
     from runtime.engine import EngineError
-    from runtime.observation import Observation
+    from runtime.pipeline.observation import Observation
 
     check_positive(args, "rows")
     check_files("--tokenizer", args.tokenizer)

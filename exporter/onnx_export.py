@@ -5,7 +5,7 @@ ATC's ONNX parser at opset 15 in every CANN release we could check (elementwise 
 in older ones), and LayerNorm is written out (LayerNormalization needs opset 17). torch's newer
 dynamo exporter emits opset 18 only and cannot convert these graphs down.
 
-The graphs' names, inputs and outputs are `runtime.graphs`' contracts (batch 1, static shapes).
+The graphs' names, inputs and outputs are `runtime.bundle.graphs`' contracts (batch 1, static shapes).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from exporter.pi0 import Pi0
-from runtime.graphs import EXPERT, EXPERT_OUTPUTS, VLM, VLM_INPUTS, VLM_OUTPUTS, expert_inputs
-from runtime.spec import PolicySpec
-from runtime.tokenizer import BOS_ID
+from runtime.bundle.graphs import EXPERT, EXPERT_OUTPUTS, VLM, VLM_INPUTS, VLM_OUTPUTS, expert_inputs
+from runtime.bundle.spec import PolicySpec
+from runtime.pipeline.tokenizer import BOS_ID
 
 OPSET = 15
 

@@ -18,8 +18,8 @@ import torch
 from exporter.checkpoint import LoadedPolicy
 from exporter.dims import PRESETS
 from exporter.pi0 import Pi0
-from runtime.conventions import LEROBOT_03
-from runtime.spec import NormStats, PolicySpec
+from runtime.bundle.conventions import LEROBOT_03
+from runtime.bundle.spec import NormStats, PolicySpec
 
 ALOHA_DIM = 14
 ALOHA_SIM_STATS = Path(__file__).parent / "assets" / "aloha_sim_stats.json"

@@ -17,7 +17,7 @@ from exporter.checkpoint import LoadedPolicy
 from exporter.pi0 import Pi0
 from runtime.backends import Capabilities
 from runtime.engine import Engine, Prompts
-from runtime.pipeline import ModelInputs
+from runtime.pipeline.model_io import ModelInputs
 
 
 @dataclass

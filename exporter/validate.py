@@ -30,10 +30,10 @@ from exporter.pi0 import Pi0
 from exporter.precision import weights_in
 from exporter.torch_backend import PrefixCache, TorchBackend
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
+from runtime.bundle.graphs import PREFIX_CACHE
+from runtime.bundle.spec import PolicySpec
 from runtime.engine import denoise, sample
-from runtime.graphs import PREFIX_CACHE
-from runtime.pipeline import ModelInputs
-from runtime.spec import PolicySpec
+from runtime.pipeline.model_io import ModelInputs
 
 FP32_MAX_ABS = 1e-4  # where the floor is tiny (the fixtures)
 FLOOR_MULTIPLE = 10.0  # onnxruntime's accumulation order against PyTorch's: a few floors apart

@@ -18,7 +18,7 @@ from exporter.checkpoint import CheckpointError
 from exporter.dims import SIGLIP_HEADS_BY_WIDTH, GemmaDims, Pi0Dims, VisionDims
 from exporter.pi0 import Pi0
 from exporter.safetensors_io import SafetensorsFile
-from runtime.spec import PolicySpec
+from runtime.bundle.spec import PolicySpec
 
 _PG = "paligemma_with_expert.paligemma."
 _EXPERT = "paligemma_with_expert.gemma_expert."

@@ -71,7 +71,7 @@ class PolicyClient:
         if server_key or client_key:
             if not (server_key and client_key):
                 raise ValueError("CURVE needs both server_key and client_key")
-            # pyzmq's reader, not runtime.auth's: the controller's wheel carries only pi0_client.
+            # pyzmq's reader, not runtime.daemon.auth's: the controller's wheel carries only pi0_client.
             server_public, _ = zmq.auth.load_certificate(server_key)
             client_public, client_secret = zmq.auth.load_certificate(client_key)
             if client_secret is None:

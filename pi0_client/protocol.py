@@ -39,7 +39,7 @@ def _buffer(frame: Any) -> memoryview:
 
 
 # An observation's fields on the wire (LeRobot's feature names): the header carries the prompt and the
-# seed, everything else is an array. runtime.observation builds its one Observation type from these.
+# seed, everything else is an array. runtime.pipeline.observation builds its one Observation type from these.
 IMAGE_PREFIX = "observation.images."
 STATE = "observation.state"
 TOKENS = "lang_tokens"

@@ -22,23 +22,23 @@ from typing import Any
 
 import numpy as np
 
-from runtime.auth import generate_keys
 from runtime.backends import BACKENDS, BackendOptions, capabilities, make_backend, resolve_backend
-from runtime.bundle import OM, load_bundle
-from runtime.config import DEFAULTS, load_config, server_config
+from runtime.bundle.manifest import OM, load_bundle
+from runtime.daemon.auth import generate_keys
+from runtime.daemon.config import DEFAULTS, load_config, server_config
+from runtime.daemon.intake import cgroup_memory_max, check_memory_for
+from runtime.daemon.store import DEFAULT_STORE, BundleStore
+from runtime.daemon.systemd import SERVICE, restart_service, setup_logging
 from runtime.engine import Engine
 from runtime.errors import ConfigError, run_command
-from runtime.intake import cgroup_memory_max, check_memory_for
 from runtime.npu import cann_environment, detect_soc, environment_file, find_set_env
-from runtime.observation import Observation
-from runtime.store import DEFAULT_STORE, BundleStore
-from runtime.systemd import SERVICE, restart_service, setup_logging
+from runtime.pipeline.observation import Observation
 
 log = logging.getLogger("pi0-runtime")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from runtime.server import Server
+    from runtime.daemon.server import Server
 
     config = load_config(args.config)
     for key in ("bundle", "endpoint", "backend", "threads", "websocket_endpoint", "num_steps"):
@@ -87,7 +87,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from runtime import bench
+    from runtime.daemon import bench
 
     bundle = load_bundle(args.bundle)
     engine = Engine.from_bundle(bundle, make_backend(bundle, args.backend))

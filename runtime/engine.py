@@ -1,6 +1,6 @@
 """The engine: one observation in, one action chunk out, with numpy around a backend.
 
-preprocess (runtime.pipeline) -> VLM once -> expert num_steps times with the Euler update ->
+preprocess (runtime.pipeline.model_io) -> VLM once -> expert num_steps times with the Euler update ->
 postprocess. The prefix cache stays inside the backend (device memory on an accelerator) for all
 steps. The observation is validated here, once, so that every refusal names what was expected.
 
@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 
 from pi0_client.metadata import Camera, Metadata, PromptInfo
-from runtime import transforms
 from runtime.backends import Backend
-from runtime.bundle import Bundle
-from runtime.conventions import PromptStyle
+from runtime.bundle.conventions import PromptStyle
+from runtime.bundle.manifest import Bundle
+from runtime.bundle.spec import PolicySpec
 from runtime.errors import ApplianceError, ConfigError
-from runtime.observation import ARRAY_FIELDS, Observation
-from runtime.pipeline import (
+from runtime.pipeline import transforms
+from runtime.pipeline.model_io import (
     ModelInputs,
     actions_to_model,
     initial_noise,
@@ -34,10 +34,10 @@ from runtime.pipeline import (
     preprocess,
     prompt_state,
 )
-from runtime.rtc import Inpainting, inpainting
-from runtime.spec import PolicySpec
-from runtime.tokenizer import PromptTokenizer, StatePromptTable, padded
-from runtime.transforms import euler_times
+from runtime.pipeline.observation import ARRAY_FIELDS, Observation
+from runtime.pipeline.rtc import Inpainting, inpainting
+from runtime.pipeline.tokenizer import PromptTokenizer, StatePromptTable, padded
+from runtime.pipeline.transforms import euler_times
 
 MAX_IMAGE_SIDE = 4096
 
@@ -62,7 +62,7 @@ def denoise(
 ) -> np.ndarray:
     """The Euler loop: x(t=1) = noise -> x(t=0), dt = -1/num_steps, the prefix cache left in the backend.
     `trace`, when given, receives every step's x_t and v_t (for alignment work). `inpaint(x, t)`, when
-    given, adjusts x after each step (real-time chunking's inpainting: runtime.rtc)."""
+    given, adjusts x after each step (real-time chunking's inpainting: runtime.pipeline.rtc)."""
     dt = np.float32(-1.0 / num_steps)
     x = np.asarray(noise, dtype=np.float32)
     for i, t in enumerate(euler_times(num_steps)):

@@ -22,8 +22,8 @@ import numpy as np
 
 from pi0_client.metadata import Camera
 from pi0_client.protocol import IMAGE_PREFIX
-from runtime.observation import Observation
-from runtime.openpi_compat import CAMERA_ALIASES
+from runtime.daemon.openpi_compat import CAMERA_ALIASES
+from runtime.pipeline.observation import Observation
 from sim.errors import SimError
 
 GL_BACKENDS = ("egl", "osmesa")

@@ -7,7 +7,7 @@ processes share that server, each running `sim.harness.run_episodes` on a contig
 (`python -m sim.evaluate ENDPOINT SETTINGS REPORT`, `worker` below: processes, so that episodes run in
 parallel); their JSON reports are merged. The ways of joining chunks (`MODES`): `sync` (the robot waits for each chunk),
 `delay` (inference taken to last D control steps: the next chunk is asked for D steps early and its first
-D actions, stale by then, are dropped) and `rtc` (the same with real-time chunking, `runtime.rtc`).
+D actions, stale by then, are dropped) and `rtc` (the same with real-time chunking, `runtime.pipeline.rtc`).
 
 Per configuration: successes out of n with a 95% Wilson interval, mean episode return (the sum of
 gym-aloha's rewards; transfer-cube gives 1 for touching the cube, 2 lifted, 3 in both grippers, 4 on
@@ -35,8 +35,8 @@ import numpy as np
 
 from devtools.supervise import Daemon
 from pi0_client.client import PolicyClient
+from runtime.daemon.stats import summarize
 from runtime.errors import run_command
-from runtime.stats import summarize
 from sim.errors import SimError, bindable, existing_directory, existing_file
 from sim.harness import combine_boundary_figures, run_episodes, setup_logging, write_json
 from sim.settings import MODES, EvalSettings, RunSettings, from_arguments
@@ -249,7 +249,7 @@ def reference_serve_command(args: argparse.Namespace) -> int:
     daemon's own server."""
     from exporter.checkpoint import load_checkpoint
     from exporter.torch_backend import reference_engine
-    from runtime.server import Server, ServerConfig
+    from runtime.daemon.server import Server, ServerConfig
 
     existing_directory(args.checkpoint, "--checkpoint", what="a checkpoint")
     if args.tokenizer is not None:

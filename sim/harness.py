@@ -4,7 +4,7 @@ With `delay` d, inference is taken to last d control steps, as on a robot that d
 next chunk is asked for d steps before the K actions run out, from the observation of that moment, and
 the robot meanwhile executes those d actions of the old chunk; the new chunk then takes over at its
 index d. With `rtc`, the request carries the old chunk's remaining actions (real-time chunking,
-`runtime.rtc`), so the new chunk's first d actions are the ones executed and the rest of the overlap is
+`runtime.pipeline.rtc`), so the new chunk's first d actions are the ones executed and the rest of the overlap is
 pulled towards the old plan; without it the new chunk's first d actions are dropped (stale). A request
 whose round trip is longer than d steps (at the env's 50 Hz) would have stalled a real controller: counted.
 Each request's noise seed follows from the episode's seed and the request's index, so an episode repeats
@@ -34,9 +34,9 @@ import numpy as np
 from devtools.supervise import Daemon
 from pi0_client.client import PolicyClient, PolicyError, ServerUnavailableError
 from pi0_client.metadata import Camera, Metadata
-from runtime.observation import Observation
-from runtime.service import ServedEngine
-from runtime.stats import summarize
+from runtime.daemon.service import ServedEngine
+from runtime.daemon.stats import summarize
+from runtime.pipeline.observation import Observation
 from sim.env import FPS, STATE_DIM, make_env, policy_request, task_named
 from sim.errors import SimError, existing_directory
 from sim.settings import RunSettings, from_arguments
@@ -53,7 +53,7 @@ class Policy(Protocol):
 
 
 class LocalPolicy:
-    """An engine (see `runtime.service.ServedEngine`) called in-process with the client's API."""
+    """An engine (see `runtime.daemon.service.ServedEngine`) called in-process with the client's API."""
 
     def __init__(self, engine: ServedEngine) -> None:
         self.engine = engine

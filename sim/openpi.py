@@ -13,7 +13,7 @@ import numpy as np
 
 from pi0_client.metadata import Metadata
 from pi0_client.protocol import IMAGE_PREFIX, PROMPT, SEED, STATE
-from runtime.openpi_compat import CAMERA_ALIASES
+from runtime.daemon.openpi_compat import CAMERA_ALIASES
 from sim.errors import SimError
 
 # gym-aloha's (and LeRobot's) camera name -> openpi's, as openpi's examples/aloha_sim sends it.

@@ -29,7 +29,7 @@ import numpy as np
 from devtools.supervise import Daemon
 from pi0_client.metadata import Camera, Metadata, PromptInfo
 from runtime.engine import EngineError
-from runtime.observation import Observation
+from runtime.pipeline.observation import Observation
 from sim.env import ensure_gl_backend, make_env, task_named
 from sim.errors import bindable
 
@@ -296,7 +296,7 @@ class TransferCubeOracle:
 
 def serve_command(args: argparse.Namespace) -> int:
     """`pi0-sim oracle-serve`: the oracle behind the daemon's own server, until SIGTERM."""
-    from runtime.server import Server, ServerConfig
+    from runtime.daemon.server import Server, ServerConfig
 
     config = ServerConfig(endpoint=bindable(args.endpoint), queue_size=args.queue_size, warm_up=False)
     make_env(task_named(args.task)).close()  # choose the GL backend and fail early if gym-aloha is missing

@@ -19,8 +19,8 @@ import numpy as np
 from exporter.validate import ABSOLUTE, compare
 from pi0_client.client import PolicyClient
 from runtime.engine import Engine, Prompts
-from runtime.observation import Observation
-from runtime.pipeline import initial_noise
+from runtime.pipeline.model_io import initial_noise
+from runtime.pipeline.observation import Observation
 from sim.errors import SimError, existing_directory
 from sim.harness import Policy, serve_bundle, write_json
 from sim.record import Episode, load_episode
@@ -83,7 +83,7 @@ def command(args: argparse.Namespace) -> int:
     `--preset`) and a daemon serving `--bundle`; exit 1 outside the bundle precision's thresholds."""
     from exporter.source import load_source
     from exporter.torch_backend import reference_engine
-    from runtime.bundle import load_bundle
+    from runtime.bundle.manifest import load_bundle
 
     existing_directory(args.bundle, "--bundle", "manifest.json", "a bundle written by pi0-export bundle")
     if args.checkpoint is not None:

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from pi0_client.client import PolicyClient
-from runtime import transforms
-from runtime.conventions import LEROBOT_03, Conventions
-from runtime.spec import NormStats
+from runtime.bundle.conventions import LEROBOT_03, Conventions
+from runtime.bundle.spec import NormStats
+from runtime.pipeline import transforms
 from sim.env import DEFAULT_TASK, FPS
 from sim.errors import SimError, existing_directory
 from sim.harness import EpisodeResult, LocalPolicy, Policy, Step, run_episodes, write_json

@@ -6,7 +6,7 @@ The data are `pi0-sim record` episodes (the scripted oracle, transfer-cube). Eac
 sample, with the transforms the daemon applies at serving time, called from `runtime/` (one place for
 each): the camera frame resized with pad (LeRobot v0.3 conventions), the state through the ALOHA
 decoding and the recordings' own MEAN_STD statistics, the next `chunk` actions through the inverse of
-the serving post-processing (`runtime.pipeline.actions_to_model`); steps beyond an episode's end repeat
+the serving post-processing (`runtime.pipeline.model_io.actions_to_model`); steps beyond an episode's end repeat
 its last action and are left out of the loss, as LeRobot's `action_is_pad` does. The prompt is the
 recordings' own, tokenized with the tokenizer the bundle will ship. Loss: pi0's flow matching, x_t =
 t noise + (1 - t) actions, target noise - actions, t ~ Beta(1.5, 1) scaled to [0.001, 1]; AdamW, linear warm-up (a tenth of the run, at most 100 steps), cosine
@@ -43,10 +43,10 @@ from exporter.pi0 import Pi0
 from exporter.presets import preset_spec
 from exporter.readers.lerobot_v03 import save_lerobot
 from exporter.safetensors_io import SafetensorsFile, write_safetensors
-from runtime import transforms
-from runtime.pipeline import actions_to_model, model_state
-from runtime.spec import NormStats, PolicySpec
-from runtime.tokenizer import PromptTokenizer
+from runtime.bundle.spec import NormStats, PolicySpec
+from runtime.pipeline import transforms
+from runtime.pipeline.model_io import actions_to_model, model_state
+from runtime.pipeline.tokenizer import PromptTokenizer
 from sim.errors import SimError, existing_file
 from sim.record import aloha_norm_stats, episode_directories, load_episode
 from sim.settings import TrainSettings, from_arguments, to_arguments

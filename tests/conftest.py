@@ -87,9 +87,9 @@ def observation_for(bundle: Path, prompt: str) -> dict:
     """A synthetic request for `bundle` (frames, state) with a text prompt instead of tokens."""
     from runtime.backends import BackendOptions
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
-    from runtime.bundle import load_bundle
+    from runtime.bundle.manifest import load_bundle
     from runtime.engine import Engine
-    from runtime.observation import Observation
+    from runtime.pipeline.observation import Observation
 
     loaded = load_bundle(bundle)
     obs = Observation.synthetic(

@@ -15,9 +15,9 @@ from exporter.bundle import BundleOptions, build_bundle
 from exporter.checkpoint import load_checkpoint
 from exporter.presets import build_preset
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
-from runtime.bundle import load_bundle
+from runtime.bundle.manifest import load_bundle
 from runtime.engine import Engine
-from runtime.observation import Observation
+from runtime.pipeline.observation import Observation
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ from conftest import altered_copy, observation_for
 
 from devtools.supervise import Daemon
 from pi0_client.client import PolicyClient
-from runtime.bundle import BundleError
+from runtime.bundle.manifest import BundleError
+from runtime.daemon.store import BundleStore
 from runtime.npu import cann_environment, environment_file
-from runtime.store import BundleStore
 
 pytestmark = pytest.mark.system
 

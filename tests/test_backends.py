@@ -17,10 +17,10 @@ from exporter.presets import build_preset
 from runtime.backends import REGISTRY, BackendOptions, capabilities, make_backend, resolve_backend
 from runtime.backends.acl import AclError
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
-from runtime.bundle import MANIFEST, OM, BundleError, load_bundle
+from runtime.bundle.manifest import MANIFEST, OM, BundleError, load_bundle
 from runtime.engine import Engine, denoise
-from runtime.observation import Observation
-from runtime.pipeline import initial_noise, model_state, preprocess
+from runtime.pipeline.model_io import initial_noise, model_state, preprocess
+from runtime.pipeline.observation import Observation
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,9 @@ from exporter.onnx_lint import lint
 from exporter.presets import build_preset
 from exporter.validate import compare
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
-from runtime.bundle import OM, BundleError, CompiledTarget, load_bundle
+from runtime.bundle.manifest import OM, BundleError, CompiledTarget, load_bundle
 from runtime.engine import sample
-from runtime.pipeline import model_state, postprocess, preprocess
+from runtime.pipeline.model_io import model_state, postprocess, preprocess
 
 
 @pytest.fixture(scope="module", params=[(name, p) for name in GOLDEN_CHECKPOINTS for p in ("fp32", "fp16")], ids=str)
@@ -190,7 +190,7 @@ def test_calibration_on_the_users_frames_finds_what_the_validation_inputs_miss(t
     only the bundle calibrated on it serves that frame with finite actions."""
     from exporter.torch_backend import reference_engine
     from runtime.engine import Engine, EngineError
-    from runtime.observation import Observation
+    from runtime.pipeline.observation import Observation
 
     def hot_for_red():
         policy = build_preset("pi0-dummy", seed=1)
@@ -371,7 +371,7 @@ def test_bundle_loads_without_torch(dummy_bundle: Path) -> None:
     """The robot side reads a bundle with numpy and json only."""
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None\n"
-        "from runtime.bundle import load_bundle\n"
+        "from runtime.bundle.manifest import load_bundle\n"
         f"b = load_bundle({str(dummy_bundle)!r}); print(b.spec.chunk_size, sorted(b.graphs))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from exporter.checkpoint import CheckpointError, load_checkpoint
 from exporter.torch_backend import reference_engine
-from runtime.observation import Observation
+from runtime.pipeline.observation import Observation
 
 TOLERANCE = 1e-4  # max abs diff on the de-normalized actions, float32 both sides
 

@@ -30,9 +30,9 @@ from hypothesis import strategies as st
 from pi0_client import protocol
 from runtime.backends import BackendOptions
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
-from runtime.bundle import load_bundle
+from runtime.bundle.manifest import load_bundle
+from runtime.daemon.service import InferJob, Service
 from runtime.engine import Engine
-from runtime.service import InferJob, Service
 
 EXAMPLES = int(os.environ.get("PI0_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(

@@ -1,6 +1,6 @@
 """Hostile and broken clients against the real daemon (pi0-dummy bundle): an oversized frame, too many
 frames, a flood of connections with malformed requests. In each: the daemon's peak RSS stays within its
-stated budget (its RSS after start + what `runtime.intake` says requests may hold), it keeps serving a
+stated budget (its RSS after start + what `runtime.daemon.intake` says requests may hold), it keeps serving a
 legitimate client throughout, RSS returns to within 20% of its level before, and the log holds at most
 one line per refusal kind per interval. `pytest -s` prints the figures docs/reliability.md quotes."""
 
@@ -22,7 +22,7 @@ from pi0_client import protocol
 from pi0_client.client import ConnectionDroppedError, PolicyClient, RequestTooLargeError
 from pi0_client.metadata import Camera, Metadata, PromptInfo
 from runtime.backends import capabilities
-from runtime.intake import (
+from runtime.daemon.intake import (
     REQUEST_FRAMES,
     Intake,
     MemoryBoundError,
@@ -30,8 +30,8 @@ from runtime.intake import (
     cgroup_memory_max,
     check_memory_for,
 )
-from runtime.refusals import RefusalLog
-from runtime.stats import summarize
+from runtime.daemon.refusals import RefusalLog
+from runtime.daemon.stats import summarize
 
 MiB = 2**20
 LOG_INTERVAL_S = 1.0

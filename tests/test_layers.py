@@ -31,6 +31,8 @@ def module_name(path: Path) -> str:
 
 
 def floor_of(module: str) -> int:
+    if module == "runtime":  # the package's own __init__: a docstring
+        return 0
     for index, prefixes in enumerate(FLOORS):
         if any(module == p or module.startswith(p + ".") for p in prefixes):
             return index

@@ -15,9 +15,9 @@ from conftest import FIXTURES, check_actions, export_cli, infer_cli, inspect_cli
 from exporter.checkpoint import CheckpointError, load_checkpoint
 from exporter.validate import compare
 from pi0_client import PolicyClient
-from runtime.pipeline import model_state, postprocess, preprocess, prompt_state
-from runtime.tokenizer import PromptTokenizer
-from runtime.transforms import discretize_state
+from runtime.pipeline.model_io import model_state, postprocess, preprocess, prompt_state
+from runtime.pipeline.tokenizer import PromptTokenizer
+from runtime.pipeline.transforms import discretize_state
 
 NAMES = ("lerobot04-pi0-tiny", "lerobot04-pi05-tiny")
 

@@ -13,7 +13,7 @@ from exporter.pi0 import Pi0, attention_mask_2d, time_embedding
 from exporter.presets import build_preset
 from exporter.torch_backend import TorchBackend
 from runtime.engine import sample as engine_sample
-from runtime.pipeline import ModelInputs, initial_noise
+from runtime.pipeline.model_io import ModelInputs, initial_noise
 
 
 def test_rms_norm_by_hand() -> None:

@@ -15,10 +15,10 @@ from exporter.checkpoint import load_checkpoint
 from exporter.torch_backend import TorchBackend
 from exporter.validate import compare
 from pi0_client import PolicyClient, PolicyError
-from runtime import transforms
 from runtime.engine import sample
-from runtime.pipeline import ModelInputs, model_state, postprocess, preprocess
-from runtime.tokenizer import PromptTokenizer
+from runtime.pipeline import transforms
+from runtime.pipeline.model_io import ModelInputs, model_state, postprocess, preprocess
+from runtime.pipeline.tokenizer import PromptTokenizer
 
 FIXTURE_NAMES = ("openpi-pi0-tiny", "openpi-pi05-tiny")
 GOLDEN_FILES = ("golden", "golden_224", "golden_1cam")  # three 480x640 cameras; three at 224x224; cam_high only

@@ -26,7 +26,7 @@ import zmq.auth as zmq_auth
 from conftest import free_port, observation_for
 
 from pi0_client.client import PolicyClient, ServerUnavailableError
-from runtime.bundle import load_bundle
+from runtime.bundle.manifest import load_bundle
 
 pytestmark = pytest.mark.system
 
@@ -60,7 +60,10 @@ def wheel(dist: Path, name: str) -> Path:
     ("name", "imports"),
     [
         ("pi0_client", "pi0_client"),
-        ("pi0_runtime", "runtime.cli, runtime.server, runtime.engine, runtime.store, runtime.backends.onnxruntime"),
+        (
+            "pi0_runtime",
+            "runtime.cli, runtime.daemon.server, runtime.engine, runtime.daemon.store, runtime.backends.onnxruntime",
+        ),
     ],
 )
 def test_wheels_work_without_torch(dist: Path, tmp_path: Path, name: str, imports: str) -> None:

@@ -22,8 +22,8 @@ from devtools.supervise import Daemon
 from exporter.bundle import BundleOptions, build_bundle
 from exporter.presets import build_preset
 from pi0_client.client import PolicyClient, PolicyError, ServerUnavailableError
-from runtime.bundle import load_bundle
-from runtime.limits import ActionLimits, LimitsConfigError
+from runtime.bundle.manifest import load_bundle
+from runtime.daemon.limits import ActionLimits, LimitsConfigError
 
 pytestmark = pytest.mark.system
 

@@ -1,4 +1,4 @@
-"""Real-time chunking without gradients (runtime/rtc.py): the new chunk's first d actions are the previous
+"""Real-time chunking without gradients (runtime/pipeline/rtc.py): the new chunk's first d actions are the previous
 chunk's (inpainted in the model's space at every Euler step, so the network itself lands on them, and
 returned exactly), the rest of the overlap is pulled towards it, and a request without the previous
 actions is computed exactly as before. pi0 (the pi0-dummy bundle) and pi0.5 (openpi's pi0.5 fixture)."""
@@ -16,11 +16,11 @@ from exporter.checkpoint import load_checkpoint
 from pi0_client import PolicyClient, PolicyError
 from runtime.backends import BackendOptions
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
-from runtime.bundle import load_bundle
+from runtime.bundle.manifest import load_bundle
 from runtime.engine import Engine, EngineError
-from runtime.observation import Observation
-from runtime.pipeline import ModelInputs, postprocess
-from runtime.rtc import rtc_weights
+from runtime.pipeline.model_io import ModelInputs, postprocess
+from runtime.pipeline.observation import Observation
+from runtime.pipeline.rtc import rtc_weights
 
 DELAY, EXECUTED = 3, 10  # control steps computed over; actions of the first chunk executed before asking
 

@@ -24,9 +24,9 @@ from exporter.torch_backend import reference_engine
 from pi0_client import ActionChunkBroker, protocol
 from pi0_client.client import BusyError, PolicyClient, PolicyError, ServerUnavailableError
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
-from runtime.bundle import load_bundle
+from runtime.bundle.manifest import load_bundle
 from runtime.engine import Engine, EngineError
-from runtime.observation import Observation
+from runtime.pipeline.observation import Observation
 
 RUNTIME = Path(sys.executable).with_name("pi0-runtime")
 

@@ -26,8 +26,8 @@ from exporter.readers.lerobot_v03 import save_lerobot
 from exporter.tokenizer_train import train_tokenizer
 from pi0_client.client import PolicyClient, PolicyError
 from pi0_client.metadata import Camera
-from runtime import transforms
-from runtime.conventions import LEROBOT_03
+from runtime.bundle.conventions import LEROBOT_03
+from runtime.pipeline import transforms
 from sim import env as sim_env
 from sim.cli import main as pi0_sim
 from sim.errors import SimError

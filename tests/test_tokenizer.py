@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from exporter.tokenizer_train import train_tokenizer
-from runtime.tokenizer import PromptTokenizer
+from runtime.pipeline.tokenizer import PromptTokenizer
 
 
 def test_training_is_deterministic(tokenizer_path: Path, tmp_path: Path) -> None:

@@ -186,8 +186,8 @@ def test_libero_and_droid_key_sets_map_onto_the_bundles_cameras() -> None:
     """openpi's LIBERO and DROID observations (policies/libero_policy.py, droid_policy.py): images to the
     base and wrist cameras in order, DROID's state as joint positions then the gripper."""
     from pi0_client.metadata import Camera, Metadata, PromptInfo
-    from runtime.observation import ObservationError
-    from runtime.openpi_compat import decode, encode, observation
+    from runtime.daemon.openpi_compat import decode, encode, observation
+    from runtime.pipeline.observation import ObservationError
 
     cams = (Camera("base_0_rgb", (3, 224, 224)), Camera("left_wrist_0_rgb", (3, 224, 224), optional=True))
     meta = Metadata(cams, 8, 7, 10, PromptInfo(48, True), "onnxruntime", "test")

@@ -15,8 +15,8 @@ import torch
 from exporter.checkpoint import CheckpointError, LoadedPolicy
 from exporter.safetensors_io import SafetensorsFile, write_safetensors
 from exporter.weights import build_model, check_spec_fits, lerobot_key, read_weights
-from runtime.conventions import LEROBOT_03
-from runtime.spec import NormStats, PolicySpec
+from runtime.bundle.conventions import LEROBOT_03
+from runtime.bundle.spec import NormStats, PolicySpec
 
 FORMAT = "lerobot-0.3"
 SOURCE = "lerobot"

@@ -24,8 +24,8 @@ import torch
 from exporter.checkpoint import CheckpointError, LoadedPolicy
 from exporter.safetensors_io import SafetensorsFile
 from exporter.weights import build_model, check_spec_fits, read_weights
-from runtime.conventions import LEROBOT_04
-from runtime.spec import NormStats, PolicySpec
+from runtime.bundle.conventions import LEROBOT_04
+from runtime.bundle.spec import NormStats, PolicySpec
 
 FORMAT = "lerobot-0.4"
 SOURCE = "lerobot"

@@ -15,8 +15,8 @@ import torch
 from exporter.checkpoint import CheckpointError, LoadedPolicy
 from exporter.pi0 import Pi0
 from exporter.weights import build_model, check_spec_fits, read_weights
-from runtime.conventions import OPENPI
-from runtime.spec import NormStats, PolicySpec
+from runtime.bundle.conventions import OPENPI
+from runtime.bundle.spec import NormStats, PolicySpec
 
 FORMAT = SOURCE = "openpi"
 # openpi's camera slots, and the ALOHA cameras its AlohaInputs maps onto them (cam_high is required,

@@ -7,7 +7,7 @@ The seam, by name:
   handles may be alive at once (up to `Capabilities.max_live_caches`), each its own cache;
   `handle.release()` (or dropping it) frees it for the next.
 - `Capabilities`: what a backend declares about itself, read instead of its name: the artefact it runs
-  (`runtime.bundle.ONNX`, or a compiled target such as `runtime.bundle.OM`), the library it needs, whether
+  (`runtime.bundle.manifest.ONNX`, or a compiled target such as `runtime.bundle.manifest.OM`), the library it needs, whether
   it holds the weights in host memory, how many prefix caches may be alive at once.
 - `REGISTRY`: every backend, in the order `auto` prefers them; an entry names the module and class, so that
   a backend's library is imported only when that backend is chosen.
@@ -25,8 +25,8 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from runtime.bundle import Bundle, BundleError
-from runtime.pipeline import ModelInputs
+from runtime.bundle.manifest import Bundle, BundleError
+from runtime.pipeline.model_io import ModelInputs
 
 AUTO = "auto"
 

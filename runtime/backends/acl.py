@@ -27,10 +27,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from runtime.backends import BackendOptions, Capabilities
-from runtime.bundle import OM, Bundle
+from runtime.bundle.graphs import EXPERT, STEP_INPUTS, VLM
+from runtime.bundle.manifest import OM, Bundle
 from runtime.errors import ApplianceError
-from runtime.graphs import EXPERT, STEP_INPUTS, VLM
-from runtime.pipeline import ModelInputs
+from runtime.pipeline.model_io import ModelInputs
 
 ACL_MEM_MALLOC_HUGE_FIRST = 0
 ACL_MEMCPY_HOST_TO_DEVICE = 1

@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from runtime.backends import BackendOptions, Capabilities
-from runtime.bundle import ONNX, Bundle, BundleError
-from runtime.graphs import EXPERT, PREFIX_CACHE, STEP_INPUTS, VLM
-from runtime.pipeline import ModelInputs
+from runtime.bundle.graphs import EXPERT, PREFIX_CACHE, STEP_INPUTS, VLM
+from runtime.bundle.manifest import ONNX, Bundle, BundleError
+from runtime.pipeline.model_io import ModelInputs
 
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.bundle.spec import PolicySpec
 from runtime.errors import ApplianceError
-from runtime.spec import PolicySpec
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -52,7 +52,7 @@ def resolve_inside(root: Path, name: str) -> Path:
 @dataclass
 class FixedPrompt:
     """A prompt tokenized at export, so that the robot serves it without a tokenizer: its tokens, or
-    for a policy whose prompt holds the state (pi0.5) the table of `runtime.tokenizer.StatePromptTable`."""
+    for a policy whose prompt holds the state (pi0.5) the table of `runtime.pipeline.tokenizer.StatePromptTable`."""
 
     text: str
     tokens: list[int] | None = None

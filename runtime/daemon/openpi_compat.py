@@ -11,7 +11,7 @@ Observation key sets (openpi's policies/*_policy.py inputs):
   `observation/joint_position` + `observation/gripper_position` (the state, in that order), `prompt`.
 LIBERO's and DROID's images go to the bundle's cameras in order (base, then wrist), as openpi's
 LiberoInputs/DroidInputs put them in the base and left-wrist slots. Beyond openpi: `seed`, `noise`, and
-real-time chunking's `prev_actions` and `delay` (runtime.rtc) may be sent too.
+real-time chunking's `prev_actions` and `delay` (runtime.pipeline.rtc) may be sent too.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 from pi0_client import wire
 from pi0_client.metadata import Metadata
 from pi0_client.protocol import IMAGE_PREFIX
-from runtime.observation import Observation, ObservationError
+from runtime.pipeline.observation import Observation, ObservationError
 
 NDARRAY, NPGENERIC = b"__ndarray__", b"__npgeneric__"
 NUMERIC_KINDS = "biuf"

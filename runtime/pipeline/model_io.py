@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime import transforms
-from runtime.spec import PolicySpec
+from runtime.bundle.spec import PolicySpec
+from runtime.pipeline import transforms
 
 
 @dataclass(frozen=True)

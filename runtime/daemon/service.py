@@ -2,7 +2,7 @@
 `stats` and `ping`, validate an `infer` and run the engine, build the reply, count and log.
 
 Transport-free and synchronous: `handle(frames)` returns the reply's frames, or for `infer` a job that
-`run(job)` turns into them (the transport decides when: `runtime.server` runs jobs one at a time on a
+`run(job)` turns into them (the transport decides when: `runtime.daemon.server` runs jobs one at a time on a
 worker thread). Every refusal goes through `refuse`, so each is counted, logged and encoded alike.
 """
 
@@ -18,12 +18,12 @@ import numpy as np
 
 from pi0_client import protocol
 from pi0_client.metadata import Metadata
+from runtime.daemon.intake import Intake
+from runtime.daemon.limits import ActionLimits
+from runtime.daemon.refusals import RefusalLog
+from runtime.daemon.stats import Stats
 from runtime.engine import EngineError
-from runtime.intake import Intake
-from runtime.limits import ActionLimits
-from runtime.observation import Observation, ObservationError
-from runtime.refusals import RefusalLog
-from runtime.stats import Stats
+from runtime.pipeline.observation import Observation, ObservationError
 
 log = logging.getLogger("pi0-runtime")
 

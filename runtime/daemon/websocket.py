@@ -22,10 +22,10 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
-from runtime import openpi_compat
-from runtime.observation import ObservationError
-from runtime.service import InferJob, Peer, Service
-from runtime.work import WorkQueue, shutting_down_header
+from runtime.daemon import openpi_compat
+from runtime.daemon.service import InferJob, Peer, Service
+from runtime.daemon.work import WorkQueue, shutting_down_header
+from runtime.pipeline.observation import ObservationError
 
 log = logging.getLogger("pi0-runtime")
 MESSAGE_SLACK = 64 * 1024  # msgpack framing around the arrays

@@ -2,7 +2,7 @@
 
 The daemon calls them on every request and the exporter's PyTorch reference pipeline calls the very
 same functions, so "the daemon preprocesses like the reference" holds by construction. Where the
-frameworks differ, the conventions set (`runtime.conventions`) says which arithmetic applies.
+frameworks differ, the conventions set (`runtime.bundle.conventions`) says which arithmetic applies.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from runtime.conventions import Conventions, PadMode
-from runtime.spec import NormStats
+from runtime.bundle.conventions import Conventions, PadMode
+from runtime.bundle.spec import NormStats
 
 # --- images -------------------------------------------------------------------------------------
 
@@ -201,7 +201,7 @@ def unnormalize_inv(x: np.ndarray, stats: NormStats) -> np.ndarray:
 # --- ALOHA conventions (LeRobot's adapt_to_pi_aloha, openpi's AlohaInputs/Outputs(adapt_to_pi=True)) ---
 # ALOHA reports grippers as linear positions and some joints with the opposite sign to the ones pi0
 # was pretrained with. Indices are for the 14-dim bimanual state: 6 joints + gripper, twice. The two
-# frameworks read the gripper's angular range differently (runtime.conventions: gripper_in/out).
+# frameworks read the gripper's angular range differently (runtime.bundle.conventions: gripper_in/out).
 
 ALOHA_FLIPPED_JOINTS = (1, 2, 8, 9)
 ALOHA_GRIPPERS = (6, 13)

@@ -32,7 +32,7 @@ from pi0_client.protocol import (
     split_observation,
 )
 from runtime.errors import ApplianceError
-from runtime.tokenizer import BOS_ID, PAD_ID
+from runtime.pipeline.tokenizer import BOS_ID, PAD_ID
 
 ARRAY_FIELDS = (STATE, TOKENS, TOKEN_MASK, NOISE, PREV_ACTIONS)
 
@@ -51,7 +51,7 @@ class Observation:
     noise: np.ndarray | None = None  # x at t = 1, for alignment work; else drawn from `seed`
     seed: int | None = None
     # Real-time chunking: the previous chunk's actions not yet executed [R, action_dim] (robot units), and
-    # the inference delay d in control steps: the new chunk's first d actions are those (runtime.rtc).
+    # the inference delay d in control steps: the new chunk's first d actions are those (runtime.pipeline.rtc).
     prev_actions: np.ndarray | None = None
     delay: int | None = None
 

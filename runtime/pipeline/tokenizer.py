@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.conventions import PromptStyle
+from runtime.bundle.conventions import PromptStyle
 
 PAD_ID, BOS_ID = 0, 2  # PaliGemma's ids: pad 0, eos 1, bos 2, unk 3
 STATE_BINS = tuple(range(-1, 256))  # what openpi's discretization yields (-1: below the first bin)

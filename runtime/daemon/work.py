@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pi0_client import protocol
-from runtime.service import InferJob
+from runtime.daemon.service import InferJob
 
 Reply = Callable[[dict[str, Any], dict[str, Any]], None]
 

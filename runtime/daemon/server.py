@@ -1,10 +1,10 @@
-"""The ZeroMQ transport: a ROUTER socket in front of the service (`runtime.service`).
+"""The ZeroMQ transport: a ROUTER socket in front of the service (`runtime.daemon.service`).
 
 The main thread owns the socket: it hands each request's frames to the service, sends what the service
 answers at once (`metadata`/`stats`/`ping`, refusals), and puts `infer` jobs in a bounded queue (full: an
 immediate `busy` reply). One worker thread runs the jobs in order and hands each reply back over an
 inproc pipe; the main thread sends it. Every request gets exactly one reply, except one with a frame
-over `max_frame_bytes`: libzmq drops that connection before allocating the frame (`runtime.intake`).
+over `max_frame_bytes`: libzmq drops that connection before allocating the frame (`runtime.daemon.intake`).
 Frames beyond what a request can have are released as they are read.
 
 systemd: READY=1 after the bundle is loaded and a warm-up inference ran; WATCHDOG=1 only while the
@@ -25,13 +25,13 @@ from typing import Any
 import zmq
 
 from pi0_client import protocol
-from runtime import systemd
-from runtime.config import ServerConfig
-from runtime.intake import RCVHWM, REQUEST_FRAMES, SNDHWM, give_back_memory
-from runtime.service import InferJob, Peer, ServedEngine, Service
-from runtime.stats import summarize
-from runtime.websocket import WebsocketEndpoint
-from runtime.work import Reply, WorkQueue, shutting_down_header
+from runtime.daemon import systemd
+from runtime.daemon.config import ServerConfig
+from runtime.daemon.intake import RCVHWM, REQUEST_FRAMES, SNDHWM, give_back_memory
+from runtime.daemon.service import InferJob, Peer, ServedEngine, Service
+from runtime.daemon.stats import summarize
+from runtime.daemon.websocket import WebsocketEndpoint
+from runtime.daemon.work import Reply, WorkQueue, shutting_down_header
 
 log = logging.getLogger("pi0-runtime")
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.auth import AuthConfigError, CurveConfig, check_exposure, is_network_endpoint
+from runtime.daemon.auth import AuthConfigError, CurveConfig, check_exposure, is_network_endpoint
+from runtime.daemon.limits import ActionLimits
 from runtime.errors import ConfigError
-from runtime.limits import ActionLimits
 
 
 @dataclass
@@ -21,7 +21,7 @@ class ServerConfig:
     warm_up: bool = True  # one synthetic inference before READY=1
     limits: ActionLimits = field(default_factory=ActionLimits)
     curve: CurveConfig | None = None  # for network endpoints: only allow-listed client keys are served
-    max_frame_bytes: int | None = None  # None: derived from the bundle's cameras (runtime.intake)
+    max_frame_bytes: int | None = None  # None: derived from the bundle's cameras (runtime.daemon.intake)
     websocket: tuple[str, int] | None = None  # openpi's websocket endpoint (host, port), off when None
     api_keys: frozenset[str] = frozenset()  # for the websocket endpoint; required off loopback
     log_interval_s: float = 10.0  # refusals: the first of a kind in full, then one summary line per interval
@@ -36,16 +36,16 @@ DEFAULTS: dict[str, Any] = {
     "num_steps": None,  # flow-matching steps per chunk; None: the bundle's (the count it was validated with)
     "queue_size": _SERVER.queue_size,
     "hang_timeout_s": _SERVER.hang_timeout_s,
-    # Intake (runtime/intake.py): the largest frame a client may send (None: from the bundle's cameras,
+    # Intake (runtime/daemon/intake.py): the largest frame a client may send (None: from the bundle's cameras,
     # each at max(2x its trained size, 1920x1080)); a larger one gets the connection dropped.
     "max_frame_bytes": _SERVER.max_frame_bytes,
     "log_interval_s": _SERVER.log_interval_s,  # refusals: first in full, then one summary per kind per interval
     "limits": {},  # the [limits] table: joint_min, joint_max, max_step (one per action dimension), clamp
-    # CURVE (see runtime/auth.py): the daemon's secret key file and a directory of allowed client keys.
+    # CURVE (see runtime/daemon/auth.py): the daemon's secret key file and a directory of allowed client keys.
     "curve_server_key": None,
     "curve_allowed_clients": None,
     "allow_insecure_network": False,
-    # openpi's websocket protocol (runtime/websocket.py): "host:port", e.g. "127.0.0.1:8000"; off when unset.
+    # openpi's websocket protocol (runtime/daemon/websocket.py): "host:port", e.g. "127.0.0.1:8000"; off when unset.
     # Off loopback it needs API keys: a file of allowed keys, one per line (`Authorization: Api-Key ...`).
     "websocket_endpoint": None,
     "websocket_api_keys": None,

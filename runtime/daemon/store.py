@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.bundle import MANIFEST, BundleError, load_bundle, sha256_file
+from runtime.bundle.manifest import MANIFEST, BundleError, load_bundle, sha256_file
 from runtime.errors import ApplianceError
 
 DEFAULT_STORE = Path("/var/lib/pi0-runtime/bundles")

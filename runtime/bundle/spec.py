@@ -1,8 +1,8 @@
 """What surrounds the network: the policy's input/output conventions, as plain data.
 
 A `PolicySpec` is read from a checkpoint by the exporter and written into the bundle manifest; the
-runtime rebuilds it from JSON with nothing but numpy. Every transform in `runtime.transforms` is
-parameterized by it and by its named conventions set (`runtime.conventions`), so the exporter's
+runtime rebuilds it from JSON with nothing but numpy. Every transform in `runtime.pipeline.transforms` is
+parameterized by it and by its named conventions set (`runtime.bundle.conventions`), so the exporter's
 reference pipeline and the daemon agree by construction.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from runtime.conventions import Conventions, conventions_named
+from runtime.bundle.conventions import Conventions, conventions_named
 
 NormMode = Literal["mean_std", "quantiles", "quantile10"]
 EpsRule = Literal["add", "lerobot"]
@@ -95,7 +95,7 @@ class PolicySpec:
     the normalized state reaches the model as discretized tokens in the prompt.
     """
 
-    conventions: str  # the name of a set in runtime.conventions
+    conventions: str  # the name of a set in runtime.bundle.conventions
     camera_keys: tuple[str, ...]
     camera_shapes: tuple[tuple[int, int, int], ...]  # source shapes, CHW
     empty_cameras: int
@@ -149,7 +149,7 @@ class PolicySpec:
 
     @property
     def prompt_state_dim(self) -> int:
-        """How many state values a pi0.5 prompt writes (see `runtime.pipeline.prompt_state`)."""
+        """How many state values a pi0.5 prompt writes (see `runtime.pipeline.model_io.prompt_state`)."""
         return self.max_state_dim if self.convention_set.prompt_state == "padded" else self.state_dim
 
     @property

@@ -11,11 +11,11 @@ import time
 from typing import Any
 
 from pi0_client.client import PolicyClient, ServerUnavailableError
-from runtime.bundle import Bundle
+from runtime.bundle.manifest import Bundle
+from runtime.daemon.stats import summarize
 from runtime.engine import Engine
 from runtime.errors import ApplianceError
-from runtime.observation import Observation
-from runtime.stats import summarize
+from runtime.pipeline.observation import Observation
 
 
 class BenchError(ApplianceError):

@@ -1,0 +1,1 @@
+"""The service around the engine: the request handling, the one work queue, the ZeroMQ and websocket transports, intake limits, refusals, action limits, stats, systemd, the bundle store, settings. The top floor below the CLI."""

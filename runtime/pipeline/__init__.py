@@ -1,0 +1,1 @@
+"""Everything between a request and the network that is not the network: observations, transforms, the tokenizer, the model's inputs and outputs, real-time chunking's inpainting. Imports the bundle format only."""
