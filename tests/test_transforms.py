@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.pipeline import transforms as T
 from runtime.bundle.conventions import LEROBOT_03, OPENPI
 from runtime.bundle.spec import NormStats
+from runtime.pipeline import transforms as T
 
 
 def test_to_chw_accepts_both_layouts() -> None:
