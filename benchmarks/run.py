@@ -5,8 +5,8 @@ Each benchmark module has `run() -> dict` (its result, kept as JSON in build/ben
 `python -m benchmarks.NAME` from the repo root prints its result as JSON (`benchmarks/cli.py`).
 Benchmarks are not tests: they assert nothing about time and may take minutes and tens of GB.
 
-`--smoke [NAME ...] [--out DIR]` runs each benchmark's `--smoke` instead (tiny sizes, seconds; in its own
-process, as above) and renders its section from that result into DIR/benchmarks.md (default: a new
+`--smoke [NAME ...] [--out DIR]` runs each benchmark's `--smoke` instead (tiny sizes, seconds; all in one
+child process, each as `python -m benchmarks.NAME --smoke` would run it) and renders its section from that result into DIR/benchmarks.md (default: a new
 temporary directory), to show that every benchmark still runs and renders against today's code. It
 writes nothing into docs/ or build/bench/; the figures mean nothing. tests/test_benchmarks.py runs it.
 """
@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import datetime
 import importlib
+import io
 import json
 import os
 import platform
+import runpy
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from types import ModuleType
 
@@ -125,10 +129,50 @@ def bench(chosen: list[str]) -> None:
     print(f"wrote {out}")
 
 
-def smoke_process(name: str) -> subprocess.CompletedProcess:
-    """`python -m benchmarks.NAME --smoke` from the repo root, its output captured."""
-    command = [sys.executable, "-m", f"benchmarks.{name}", "--smoke"]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+def smoke_processes(names: list[str]) -> dict[str, subprocess.CompletedProcess]:
+    """Each named benchmark's `--smoke`, all in one child process started from the repo root: each module
+    runs as `python -m benchmarks.NAME --smoke` runs it (as `__main__`, that argv), its exit status and
+    printed output kept apart from the others'. One process pays the imports (torch, onnx: ~3 s) once.
+    -> name: a CompletedProcess as its own process would have given (`args` says how it really ran)."""
+    with tempfile.TemporaryDirectory(prefix="bench-smoke-") as tmp:
+        results = Path(tmp) / "results.json"
+        command = [sys.executable, "-m", "benchmarks.run", "--smoke-here", str(results), *names]
+        child = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S * len(names))
+        ran = json.loads(results.read_text()) if results.exists() else {}
+    done = {}
+    for name in names:
+        if name in ran:
+            done[name] = subprocess.CompletedProcess(
+                command, ran[name]["exit"], ran[name]["stdout"], ran[name]["stderr"]
+            )
+            done[name].seconds = ran[name]["seconds"]
+        else:  # the child died before (or while) running it
+            why = f"the smoke process exited {child.returncode} before {name} finished:\n{child.stderr[-5000:]}"
+            done[name] = subprocess.CompletedProcess(command, child.returncode or 1, "", why)
+            done[name].seconds = 0.0
+    return done
+
+
+def smoke_here(names: list[str], results: Path) -> None:
+    """In this process, each named benchmark's `--smoke` in turn; after each, every result so far into
+    `results` (name: exit, stdout, stderr, seconds), so a crash keeps what ran before it."""
+    ran = {}
+    for name in names:
+        out, err = io.StringIO(), io.StringIO()
+        start = time.perf_counter()
+        sys.argv = [f"benchmarks/{name}.py", "--smoke"]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_module(f"benchmarks.{name}", run_name="__main__", alter_sys=True)
+                status = 0
+            except SystemExit as e:
+                status = e.code if isinstance(e.code, int) else int(e.code is not None)
+            except Exception:  # a broken benchmark: its traceback is its output, the others still run
+                traceback.print_exc()
+                status = 1
+        seconds = time.perf_counter() - start
+        ran[name] = {"exit": status, "stdout": out.getvalue(), "stderr": err.getvalue(), "seconds": seconds}
+        results.write_text(json.dumps(ran))
 
 
 def result_of(stdout: str) -> dict:
@@ -141,10 +185,8 @@ def smoke(chosen: list[str], out: Path) -> int:
     what was skipped said by name. -> 0 when every one ran, else 1."""
     out.mkdir(parents=True, exist_ok=True)
     saved, failed = {}, []
-    for name in chosen:
-        start = time.perf_counter()
-        done = smoke_process(name)
-        seconds = time.perf_counter() - start
+    for name, done in smoke_processes(chosen).items():
+        seconds = done.seconds
         try:
             result = result_of(done.stdout) if done.returncode == 0 else None
         except json.JSONDecodeError:  # no result printed: it has no --smoke, or printed something else last
@@ -175,7 +217,10 @@ def main() -> None:
         "--smoke", action="store_true", help="each benchmark's --smoke instead (tiny sizes, seconds; not into docs/)"
     )
     parser.add_argument("--out", type=Path, help="--smoke: where its results and doc go (default: a new temp dir)")
+    parser.add_argument("--smoke-here", type=Path, metavar="RESULTS", help=argparse.SUPPRESS)  # smoke_processes' child
     args = parser.parse_args()
+    if args.smoke_here:
+        return smoke_here(args.names, args.smoke_here)
     names = [*BENCHMARKS, *ELSEWHERE] if args.smoke else list(BENCHMARKS)
     unknown = set(args.names) - set(names)
     if unknown:

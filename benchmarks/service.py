@@ -27,7 +27,7 @@ from pi0_client.protocol import decode, encode
 from runtime.backends import BackendOptions
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.bundle.manifest import Bundle, load_bundle
-from runtime.daemon.bench import bench_engine, bench_server
+from runtime.daemon.bench import bench_engine, bench_server, free_tcp_endpoint
 from runtime.daemon.stats import summarize
 from runtime.engine import Engine
 from runtime.pipeline.model_io import model_state, preprocess
@@ -144,7 +144,7 @@ def run(n: int = 50, validate: bool = True) -> dict:
         copies = copy_ledger(bundle)
         frames = encode(*synthetic_request(bundle).to_request())
         with tempfile.TemporaryDirectory() as sockets:
-            endpoints = {"tcp": "tcp://127.0.0.1:5581", "ipc": f"ipc://{sockets}/floor"}
+            endpoints = {"tcp": free_tcp_endpoint(), "ipc": f"ipc://{sockets}/floor"}
             floor = transport_floor(frames, endpoints, [0, engine["total_ms"]["p50"]], n)
     return {
         "n": n,

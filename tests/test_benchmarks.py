@@ -1,5 +1,5 @@
 """The benchmarks cannot rot unseen: every benchmark module (one that defines `run`) runs its `--smoke` (tiny
-sizes, seconds) in its own process from the repo root, as `python benchmarks/run.py --smoke` does, and its
+sizes, seconds), all in one process from the repo root as `python benchmarks/run.py --smoke` runs them, and its
 doc section renders from that result; a benchmark module that run.py would not run fails here.
 
 Where LeRobot's venv is missing (`make lerobot-venv`; not in CI), the LeRobot side of the benchmarks that
@@ -24,12 +24,13 @@ LEROBOT_SIDE = ("fp16_islands", "lerobot_side_by_side")  # their LeRobot side ne
 
 @pytest.fixture(scope="module")
 def smoke():
-    """name -> its smoke's finished process; each smoke runs once for all the tests here."""
+    """name -> its smoke's finished run; every smoke runs once, all in one process (as run.py runs them),
+    the first time a test here asks for one."""
     runs: dict[str, subprocess.CompletedProcess] = {}
 
     def finished(name: str) -> subprocess.CompletedProcess:
-        if name not in runs:
-            runs[name] = bench.smoke_process(name)
+        if not runs:
+            runs.update(bench.smoke_processes(bench.benchmark_modules()))
         return runs[name]
 
     return finished
@@ -37,7 +38,7 @@ def smoke():
 
 def smoke_result(smoke, name: str) -> dict:
     done = smoke(name)
-    assert done.returncode == 0, f"python -m benchmarks.{name} --smoke exited {done.returncode}:\n{done.stderr[-5000:]}"
+    assert done.returncode == 0, f"benchmarks.{name} --smoke exited {done.returncode}:\n{done.stderr[-5000:]}"
     assert "{" in done.stdout, f"python -m benchmarks.{name} --smoke printed no JSON result: has it a --smoke?"
     return bench.result_of(done.stdout)
 
@@ -81,7 +82,7 @@ def test_run_py_smoke_writes_only_its_out_dir(tmp_path: Path, smoke, monkeypatch
     before = docs.read_bytes()
     saved = bench.RESULTS / "ascend_estimate.json"
     saved_before = saved.read_bytes() if saved.exists() else None
-    monkeypatch.setattr(bench, "smoke_process", smoke)  # the smoke run above, not a second one
+    monkeypatch.setattr(bench, "smoke_processes", lambda names: {name: smoke(name) for name in names})  # no rerun
     assert bench.smoke(["ascend_estimate"], tmp_path) == 0
     assert "(`benchmarks/ascend_estimate.py`" in (tmp_path / "benchmarks.md").read_text()
     assert json.loads((tmp_path / "ascend_estimate.json").read_text())["result"]

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from conftest import FIXTURES
 
+from exporter.cli import main as pi0_export
+
 EXE = shutil.which("pi0-export", path=str(Path(sys.executable).parent))
 TINY = FIXTURES / "lerobot-pi0-tiny"
 
@@ -77,12 +79,15 @@ def test_every_command_is_tried_on_a_missing_path() -> None:
 
 
 @pytest.mark.parametrize("args", MISSING_PATHS, ids=" ".join)
-def test_a_missing_path_is_one_line_naming_it(args: tuple[str, ...], tmp_path: Path) -> None:
+def test_a_missing_path_is_one_line_naming_it(args: tuple[str, ...], tmp_path: Path, capsys) -> None:
+    """In this process (`exporter.cli.main`, what the console script calls: a process per case would
+    cost seconds of imports each); `test_the_console_script_exits_2_on_a_mistake` runs the script."""
     missing, bundle = tmp_path / "missing", tmp_path / "bundle"
-    out = run(*(arg.format(missing=missing, out=bundle) for arg in args))
-    lines = out.stderr.splitlines()
-    assert out.returncode == 2 and len(lines) == 1 and "error:" in lines[0] and str(missing) in lines[0], out.stderr
-    assert not out.stdout and not bundle.exists()
+    status = pi0_export([arg.format(missing=missing, out=bundle) for arg in args])
+    out = capsys.readouterr()
+    lines = out.err.splitlines()
+    assert status == 2 and len(lines) == 1 and "error:" in lines[0] and str(missing) in lines[0], out.err
+    assert not out.out and not bundle.exists()
 
 
 @pytest.mark.parametrize(
@@ -97,8 +102,15 @@ def test_a_missing_path_is_one_line_naming_it(args: tuple[str, ...], tmp_path: P
         (("inspect", "--checkpoint", str(TINY / "checkpoint"), "--action-horizon", "-1"), "--action-horizon must be"),
     ],
 )
-def test_errors_are_one_clear_line(args: tuple[str, ...], message: str, tmp_path: Path) -> None:
-    out = run(*(arg.format(out=tmp_path / "bundle") for arg in args))
-    errors = [line for line in out.stderr.splitlines() if "error:" in line]
-    assert out.returncode == 2 and len(errors) == 1 and message in errors[0], out.stderr
-    assert "Traceback" not in out.stderr and not (tmp_path / "bundle").exists()
+def test_errors_are_one_clear_line(args: tuple[str, ...], message: str, tmp_path: Path, capsys) -> None:
+    status = pi0_export([arg.format(out=tmp_path / "bundle") for arg in args])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert status == 2 and len(errors) == 1 and message in errors[0], err
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_the_console_script_exits_2_on_a_mistake(tmp_path: Path) -> None:
+    out = run("inspect", "--checkpoint", str(tmp_path / "missing"))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and str(tmp_path / "missing") in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and not out.stdout

@@ -177,17 +177,37 @@ MISSING = {
 }
 
 
-@pytest.mark.system  # a process per case
-@pytest.mark.parametrize("case", sorted(MISSING))
-def test_a_missing_path_is_one_line_and_exit_2(case: str, tmp_path: Path) -> None:
+def missing_path_case(case: str, tmp_path: Path) -> tuple[list[str], str]:
+    """The argv of MISSING[case] on real files under tmp_path, and the path its one line must name."""
     paths = {"missing": tmp_path / "missing", "tmp": tmp_path, "bundle": tmp_path / "bundle", "file": tmp_path / "f"}
     paths["demos"] = fake_recordings(tmp_path / "demos", [100])
     paths["bundle"].mkdir()
     (paths["bundle"] / "manifest.json").write_text("{}")
     paths["file"].write_text("")
     command, named = (text.format(**paths) for text in MISSING[case])
+    return command.split(), named
+
+
+@pytest.mark.parametrize("case", sorted(MISSING))
+def test_a_missing_path_is_one_line_and_exit_2(
+    case: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
+) -> None:
+    """In this process (`sim.cli.main`, what the console script calls): a process per case costs a
+    second of imports each; the test below runs the real entry point once."""
+    argv, named = missing_path_case(case, tmp_path)
+    caplog.set_level("INFO")
+    assert pi0_sim(argv) == 2
+    said = [record.getMessage() for record in caplog.records]
+    printed = capsys.readouterr()
+    assert len(said) == 1 and caplog.records[0].levelname == "ERROR" and named in said[0], said
+    assert "\n" not in said[0] and not printed.out and not printed.err, (said, printed)
+
+
+@pytest.mark.system  # a process
+def test_the_entry_point_prints_one_line_and_exits_2(tmp_path: Path) -> None:
+    argv, named = missing_path_case("train", tmp_path)
     run = subprocess.run(
-        [sys.executable, "-m", "sim.cli", *command.split()], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "sim.cli", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     output = run.stdout + run.stderr
     assert run.returncode == 2 and "Traceback" not in output, output

@@ -35,7 +35,8 @@ def bench_engine(engine: Engine, n: int, warmup: int = 2) -> dict[str, dict[str,
     return {stage: summarize(t[stage] for t in timings) for stage in STAGES}
 
 
-def _free_tcp_endpoint() -> str:
+def free_tcp_endpoint() -> str:
+    """A loopback TCP endpoint on a port the kernel just gave out (free now; a benchmark binds it next)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
@@ -47,7 +48,7 @@ def bench_server(
     """Start `pi0-runtime serve` on loopback TCP in a child process, send n requests through PolicyClient
     once it answers a ping, and report the round trip and the service overhead (round trip minus the
     engine's own time) per request. The child is stopped with SIGTERM and must exit cleanly."""
-    endpoint = _free_tcp_endpoint()
+    endpoint = free_tcp_endpoint()
     command = [sys.executable, "-m", "runtime.cli", "serve", "--bundle", str(bundle.root), "--backend", backend]
     with tempfile.TemporaryFile("w+") as log_file:
         child = subprocess.Popen([*command, "--endpoint", endpoint], stdout=log_file, stderr=subprocess.STDOUT)
