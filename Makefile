@@ -30,7 +30,6 @@ help:
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "Python 3.10+ is required"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[export,runtime,sim,dev,jax]'
 	@# openpi's own robot-side client, unchanged, for the websocket tests; --no-deps: its numpy<2 pin is

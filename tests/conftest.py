@@ -175,25 +175,33 @@ def ascend_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 BIN = Path(__import__("sys").executable).parent
 
 
+def pi0_export(*argv: object) -> str:
+    """`pi0-export ARGV...` in this process (`exporter.cli.main`, the console script's function: a process
+    per export would pay seconds of imports each; tests/test_cli.py runs the script itself) -> what it
+    printed on stdout; fails the test, with what it logged, on a non-zero exit."""
+    import contextlib
+    import io
+
+    from exporter.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main([str(a) for a in argv])
+    assert status == 0, err.getvalue()
+    return out.getvalue()
+
+
 def export_cli(checkpoint: Path, out: Path, precision: str, *extra: str) -> Path:
     """`pi0-export bundle --checkpoint C --precision P --out O EXTRA...`; fails the test on a non-zero exit."""
-    import subprocess
-
-    command = [BIN / "pi0-export", "bundle", "--checkpoint", checkpoint, "--precision", precision, "--out", out, *extra]
-    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+    pi0_export("bundle", "--checkpoint", checkpoint, "--precision", precision, "--out", out, *extra)
     return out
 
 
 def inspect_cli(checkpoint: Path, *extra: str) -> dict:
     """`pi0-export inspect --checkpoint C EXTRA...` -> its JSON report; fails the test on a non-zero exit."""
     import json
-    import subprocess
 
-    command = [BIN / "pi0-export", "inspect", "--checkpoint", checkpoint, *extra]
-    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return json.loads(pi0_export("inspect", "--checkpoint", checkpoint, *extra))
 
 
 def infer_cli(bundle: Path, arrays: dict, noise: np.ndarray, tmp: Path) -> np.ndarray:
