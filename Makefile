@@ -4,9 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# --no-compile: Python compiles what it imports on first use; compiling all of torch and JAX up front costs
-# set-up tens of seconds for modules nothing here imports.
-PIP := $(PY) -m pip install --quiet --no-compile
 # torch comes first and pinned: 2.13.0 is the local CPU build; an open range would pull a CUDA build.
 TORCH := torch==2.13.0
 # MuJoCo's headless rendering (EGL, OSMesa); building and checking the device package and image.
@@ -33,11 +30,11 @@ help:
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "Python 3.10+ is required"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) $(TORCH)
-	$(PIP) -e '.[export,runtime,sim,dev,jax]'
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[export,runtime,sim,dev,jax]'
 	@# openpi's own robot-side client, unchanged, for the websocket tests; --no-deps: its numpy<2 pin is
 	@# stale (its code runs on numpy 2; the tests show it) and what it imports is in the dev extra.
-	$(PIP) --no-deps openpi-client==0.1.2
+	$(PY) -m pip install --quiet --no-deps openpi-client==0.1.2
 	@# MuJoCo renders headless through EGL (libegl1 + Mesa) or, as the fallback, OSMesa (libosmesa6);
 	@# the packaging tests run lintian, debootstrap and systemd-nspawn.
 	@if ldconfig -p | grep -q 'libEGL.so.1 ' && ldconfig -p | grep -q libOSMesa \
