@@ -1,4 +1,6 @@
-"""fp16 at pi0's real widths: calibrated fp32 islands, and validation judged by the model's own precision.
+"""fp16 at pi0's real widths: every matmul on the Cube in fp16, calibrated power-of-two scaling where
+magnitudes pass fp16's range (it replaced the fp32 islands this module is named after), and validation
+judged by the model's own precision.
 
 LeRobot 0.3.3 makes a pi0 checkpoint at pi0's real widths with a reduced depth (vision 3, language and
 expert 2, 2 cameras; `benchmarks/lerobot_worker.py`, as the side-by-side benchmark). Its random init is
@@ -7,9 +9,8 @@ checkpoint written back in LeRobot's format; a second copy is made deliberately 
 activations of the kind documented for Gemma/LLaMA-class models, in a projector channel and in the
 residual stream after the first MLP). Each is exported by `pi0-export bundle` in fp32 and fp16 in a fresh
 process, as a user runs it; the figures are its report.json's. Then, on this CPU, the engine's latency
-on each bundle, and on the hot model's fp16 bundle built without islands (which fails validation: it is
-timed only to price the islands). The 310P cost of the islands is estimated from the kept weights' extra
-bytes and FLOPs against the chip's published figures (never run on a 310P).
+on each bundle, and on the same model's fp16 bundle built without the scales (which for the hot model
+fails validation: it is timed only to price the scaling, a few elementwise multiplies per scaled op).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.ascend_estimate import PEAK_BYTES_PER_S, PEAK_FP16_FLOPS
 from benchmarks.cli import main
 from benchmarks.fraction_of_peak import depths, shallow_pi0
 from benchmarks.lerobot_side_by_side import LEROBOT, lerobot_missing, make_checkpoint
@@ -32,7 +32,6 @@ from benchmarks.render import grid
 from exporter.bundle import BundleOptions, build_bundle
 from exporter.checkpoint import load_checkpoint
 from exporter.dims import PRESETS, Pi0Dims
-from exporter.precision import tower_matmuls
 from exporter.readers.lerobot_v03 import save_lerobot
 from exporter.tokenizer_train import train_tokenizer
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
@@ -42,11 +41,8 @@ from runtime.pipeline.observation import Observation
 
 CASE = {"cameras": ["top", "wrist"], "empty_cameras": 0}
 MODELS = ("realistic", "hot")
-# --smoke: the tiny model, hot only (it keeps islands: every step of the run has something to do), one request.
+# --smoke: the tiny model, hot only (it has scaled ops: every step of the run has something to do), one request.
 SMOKE = {"n": 1, "models": ("hot",), "dims": PRESETS["pi0-dummy"], "require_lerobot": False}
-# An assumption, not a published figure: the 310P's cube units multiply fp16; an fp32 matmul is taken to
-# run at 1/8 of the fp16 peak.
-FP32_MATMUL_FRACTION = 1 / 8
 HOT_CHANNEL = 7
 
 
@@ -113,7 +109,7 @@ def export(checkpoint: Path, out: Path, precision: str, tokenizer: Path) -> dict
 
 def latency_ms(bundle: Path, n: int) -> float:
     """Median `Engine.infer` over n requests after one warm-up. A bundle whose actions come out
-    non-finite (the hot model without islands) is timed all the same: the engine computes the whole
+    non-finite (the hot model without scaling) is timed all the same: the engine computes the whole
     chunk before it refuses to send it."""
     loaded = load_bundle(bundle, verify=False)
     engine = Engine.from_bundle(loaded, OnnxRuntimeBackend(loaded))
@@ -132,19 +128,6 @@ def latency_ms(bundle: Path, n: int) -> float:
     finally:
         engine.close()
     return 1e3 * float(np.median(seconds))
-
-
-def islands_on_the_310p(checkpoint: Path, kept: list[str], num_steps: int, flops: dict) -> dict:
-    """Extra time per chunk of the kept matmuls on a 310P: their weights read in fp32 (2 more bytes per
-    parameter: the VLM's once, the expert's at every step) and their FLOPs at the assumed fp32 rate."""
-    model = load_checkpoint(checkpoint).model
-    modules = tower_matmuls(model)
-    extra_bytes = sum(
-        2 * modules[name].weight.numel() * (num_steps if name.startswith("expert.") else 1) for name in kept
-    )
-    kept_flops = flops["kept_flops_share"] * flops["matmul_gflops_per_inference"] * 1e9
-    compute_ms = kept_flops / (PEAK_FP16_FLOPS * FP32_MATMUL_FRACTION) * 1e3 - kept_flops / PEAK_FP16_FLOPS * 1e3
-    return {"extra_bytes": extra_bytes, "memory_ms": extra_bytes / PEAK_BYTES_PER_S * 1e3, "compute_ms": compute_ms}
 
 
 def run(
@@ -173,15 +156,11 @@ def run(
                 if exported["exit"] == 0:
                     exported["latency_ms"] = latency_ms(Path(exported["bundle"]), n)
                 case[precision] = exported
-            calibration = case["fp16"]["report"]["calibration"]
-            print(f"[fp16_islands] {label}: fp16 without islands (timing only) ...", file=sys.stderr, flush=True)
+            print(f"[fp16_islands] {label}: fp16 without scaling (timing only) ...", file=sys.stderr, flush=True)
             plain = tmp / f"{label}-fp16-plain"
-            options = BundleOptions(precision="fp16", tokenizer=tokenizer, atc_mode="never", validate=False, fp32_islands=False)  # fmt: skip
+            options = BundleOptions(precision="fp16", tokenizer=tokenizer, atc_mode="never", validate=False, fp16_scaling=False)  # fmt: skip
             build_bundle(load_checkpoint(checkpoint), plain, options, log=lambda _: None)
-            case["fp16_without_islands_latency_ms"] = latency_ms(plain, n)
-            case["islands_310p"] = islands_on_the_310p(
-                checkpoint, calibration["kept_fp32"], case["fp16"]["report"]["num_steps"], calibration
-            )
+            case["fp16_without_scaling_latency_ms"] = latency_ms(plain, n)
             for exported in (case["fp32"], case["fp16"]):
                 exported["report"]["calibration"].pop("ops")  # hundreds of rows; the bundle keeps them
             results["cases"][label] = case
@@ -191,9 +170,13 @@ def run(
 # --- docs/benchmarks.md ---------------------------------------------------------------------------
 
 
-def _kept_gflops(calibration: dict) -> str:
+def _scaled_gflops(calibration: dict) -> str:
     total = calibration["matmul_gflops_per_inference"]
-    return f"{calibration['kept_flops_share'] * total:.1f} of {total:.0f}"
+    return f"{calibration['scaled_flops_share'] * total:.1f} of {total:.0f}"
+
+
+def _scaled(calibration: dict) -> str:
+    return ", ".join(f"{op} (k {k})" for op, k in calibration["scaled"].items()) or "none"
 
 
 def _e2e(exported: dict) -> dict:
@@ -201,7 +184,7 @@ def _e2e(exported: dict) -> dict:
 
 
 HEADERS = [
-    "model", "bundle", "largest", "kept fp32 (FLOPs)", "error max abs / cosine", "floor", "bf16", "criteria",
+    "model", "bundle", "largest", "scaled 2^-k (FLOPs)", "error max abs / cosine", "floor", "bf16", "criteria",
     "verdict", "export s", "CPU ms",
 ]  # fmt: skip
 
@@ -216,7 +199,7 @@ def sections(result: dict) -> list[str]:
             calibration = report["calibration"]
             rows.append([
                 label, precision, f"{calibration['largest']:.3g}",
-                f"{len(calibration['kept_fp32'])} ({100 * calibration['kept_flops_share']:.2f}%)",
+                f"{len(calibration['scaled'])} ({100 * calibration['scaled_flops_share']:.2f}%)",
                 f"{e2e['max_abs']:.3g} / {e2e['cosine']:.7f}",
                 f"{marks['floor_fp64']['end_to_end']['max_abs']:.3g}", f"{marks['bf16']['end_to_end']['max_abs']:.3g}",
                 ", ".join(f"{k} {v:.3g}" for k, v in report["thresholds"].items()),
@@ -226,25 +209,24 @@ def sections(result: dict) -> list[str]:
     cost = [
         [
             label,
-            ", ".join(case["fp16"]["report"]["calibration"]["kept_fp32"]) or "none",
-            _kept_gflops(case["fp16"]["report"]["calibration"]),
+            _scaled(case["fp16"]["report"]["calibration"]),
+            _scaled_gflops(case["fp16"]["report"]["calibration"]),
             f"{case['fp16']['latency_ms']:.0f}",
-            f"{case['fp16_without_islands_latency_ms']:.0f}",
-            f"{case['islands_310p']['extra_bytes'] / 2**20:.1f} MiB",
-            f"{case['islands_310p']['memory_ms'] + case['islands_310p']['compute_ms']:.3f}",
+            f"{case['fp16_without_scaling_latency_ms']:.0f}",
         ]
         for label, case in result["cases"].items()
     ]
     depth = result["depth"]
     return [
-        "## fp16 at real widths: calibrated fp32 islands (`benchmarks/fp16_islands.py`)",
+        "## fp16 at real widths: every matmul on the Cube, calibrated power-of-two scaling (`benchmarks/fp16_islands.py`)",
         f"LeRobot 0.3.3 makes a pi0 checkpoint at pi0's real widths (vision depth {depth['vision']}, language and "
         f"expert depth {depth['language']}, 2 cameras, chunk 50, 10 steps); its weights are set to a trained model's "
         "scale (matrices N(0, 1/fan_in), RMSNorm weights N(0, 0.1²), token embedding N(0, 0.03²)) and written back "
         "in LeRobot's format (`realistic`); a copy is made hot (`hot`: one projector output channel and one residual "
         "channel after the first MLP reach ~1e5, massive activations of the kind documented for Gemma/LLaMA-class "
         "models). Each exported by `pi0-export bundle` in a fresh process. Largest: the largest magnitude any tower "
-        "matmul saw (input, output or weight). Kept: matmuls kept float32 and their share of the towers' matmul FLOPs. "
+        "matmul saw (input, output or weight). Scaled: matmuls computed on operands scaled by 2^-k (fp16, exact) "
+        "and their share of the matmul FLOPs. "
         "Error: end to end against the float32 reference (normalized actions). Floor: the model in float64 against "
         "float32; bf16: the model with bf16 towers against float32 (report.json's yardsticks). Criteria as "
         "docs/bundle.md states them. Latency: `Engine.infer` on onnxruntime on this CPU, median of 3.",
@@ -254,24 +236,12 @@ def sections(result: dict) -> list[str]:
             else []
         ),
         grid(HEADERS, rows),
-        "What the islands cost. CPU: the fp16 bundle with its islands against the same model's fp16 bundle built with "
-        "every matmul in fp16 (`fp32_islands=False`, which for the hot model fails validation: timed only). 310P: an "
-        "estimate, never run on one: the kept weights read in fp32 (2 more bytes per parameter, the expert's at "
-        "every step) at 204.8 GB/s, plus their FLOPs at an *assumed* fp32 matmul rate of 1/8 of the 70 TFLOPS fp16 "
-        "peak (not a published figure). Where nothing is kept (`realistic`) the two CPU bundles are the same graph: "
-        "their difference is this machine's run-to-run noise.",
-        grid(
-            [
-                "model",
-                "kept float32",
-                "their GFLOPs / chunk",
-                "fp16 CPU ms",
-                "all-fp16 CPU ms",
-                "extra bytes / chunk",
-                "310P extra ms / chunk",
-            ],
-            cost,
-        ),
+        "What the scaling costs. Every matmul is fp16 either way (none runs on the 310P's AI CPU); a scaled op adds "
+        "two elementwise multiplies (x 2^-k before, x 2^k after, in fp32) on the vector side. CPU: the fp16 bundle "
+        "with its scales against the same model's fp16 bundle built without them (`fp16_scaling=False`, which for "
+        "the hot model fails validation: timed only). Where nothing is scaled (`realistic`) the two CPU bundles are "
+        "the same graph: their difference is this machine's run-to-run noise.",
+        grid(["model", "scaled (k)", "their GFLOPs / chunk", "fp16 CPU ms", "unscaled fp16 CPU ms"], cost),
     ]
 
 

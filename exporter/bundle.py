@@ -6,9 +6,9 @@ Layout (documented in docs/bundle.md):
     expert.onnx        (+ expert.onnx.data)
     tokenizer.model    when a tokenizer was given (or the preset's own)
     report.json        validation against the float32 PyTorch model, the model's own yardsticks (float64
-                       floor, bf16), the calibrated ranges and the matmuls kept float32
-    <graph>.keep_dtype.cfg   ATC's --keep_dtype list: the ONNX nodes of those float32 matmuls
-    om/*.om, om/*.atc.log   when compiled with atc; otherwise atc.sh with the exact commands
+                       floor, bf16), the calibrated ranges and the matmuls scaled by powers of two
+    om/*.om, om/*.atc.log   when compiled with atc (om/*.json: what `atc --mode=1` reports; om/weight/: the
+                            weights of graphs with ONNX external data); otherwise atc.sh with the exact commands
 
 The bundle is assembled in `<out>.partial` and renamed into place only when everything passed, so a
 half-written or failing bundle never sits where the runtime looks. A failing one is kept as
@@ -31,8 +31,8 @@ from exporter.checkpoint import LoadedPolicy
 from exporter.errors import ExportError
 from exporter.lora import lora_forward
 from exporter.onnx_export import OPSET, example_inputs, export_graphs, graph_io
-from exporter.onnx_lint import lint
-from exporter.precision import RangeRecorder, calibration_report, island_nodes, islands, to_precision_
+from exporter.onnx_lint import float32_cube_ops, lint
+from exporter.precision import RangeRecorder, calibration_report, scales, to_precision_
 from exporter.torch_backend import reference_engine
 from exporter.validate import format_report, reference, validate, yardstick_bytes, yardsticks
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
@@ -81,9 +81,12 @@ class BundleOptions:
     # Observations (OBS.npz, the request's field names) to calibrate fp16 ranges on, beside the
     # validation's own inputs: frames from the robot or from `pi0-sim record`.
     calibration: tuple[Path, ...] = ()
-    # False: every tower matmul in fp16 whatever calibration found. Only for measuring what the islands
-    # cost; such a bundle fails validation wherever they were needed.
-    fp32_islands: bool = True
+    # False: every matmul in plain fp16 whatever calibration found (no power-of-two scales). Only for
+    # measuring what the scaling costs; such a bundle fails validation wherever it was needed.
+    fp16_scaling: bool = True
+    # An fp16 bundle whose graphs still hold a float32 MatMul/Gemm/Conv (the 310P's Cube has no float32:
+    # it would run on the AI CPU) is refused unless this is set.
+    allow_ai_cpu: bool = False
 
 
 def prompt_tokenizer(spec: PolicySpec, options: BundleOptions) -> PromptTokenizer:
@@ -148,6 +151,80 @@ def check_out(out: str | Path) -> Path:
     return out
 
 
+def atc_plan(options: BundleOptions) -> tuple[bool, str | None]:
+    """(whether atc runs here, the SoC to compile for), checked before anything is exported: OM
+    compilation needs a SoC from `--soc-version` or npu-smi (no guess), and an fp32 bundle compiled
+    to OM is refused unless `allow_ai_cpu` (the 310P's Cube has no fp32: every matmul would run on
+    the AI CPU under --precision_mode_v2=origin, docs/cann-facts.md §3, §8)."""
+    on_path = shutil.which("atc") is not None
+    use_atc = options.atc_mode == "always" or (options.atc_mode == "auto" and on_path)
+    soc = options.soc_version or detect_soc()
+    if options.soc_version is not None and not options.soc_version.startswith("Ascend"):
+        raise BundleBuildError(
+            f"--soc-version {options.soc_version}: expected Ascend + npu-smi's Name, e.g. Ascend310P3"
+        )
+    if not use_atc:
+        return False, soc
+    if not on_path:
+        raise atc.AtcError("atc is not on PATH (source CANN's set_env.sh, or use --atc auto|never)")
+    if soc is None:
+        raise BundleBuildError(
+            f"compiling OM files needs the device's SoC, and npu-smi is not here: give --soc-version ({atc.SOC_RULE}), "
+            "or use --atc never and run the bundle's atc.sh on the device"
+        )
+    if options.precision == "fp32" and not options.allow_ai_cpu:
+        raise BundleBuildError(
+            f"an fp32 bundle compiled for {soc} would run every matmul on the AI CPU (the 310P's Cube has no "
+            "float32; atc keeps fp32 under --precision_mode_v2=origin): export --precision fp16, or --atc never "
+            "for ONNX only, or --allow-ai-cpu to compile it anyway"
+        )
+    return True, soc
+
+
+def _record_placement(
+    work: Path,
+    oms: dict[str, atc.CompiledGraph],
+    options: BundleOptions,
+    out: Path,
+    manifest: Manifest,
+    log: Callable[[str], None],
+) -> None:
+    """What atc reports (`atc --mode=1`): the SoC and the AI CPU ops per graph, into report.json's "om"
+    section; an fp16 bundle with AI CPU matmuls is refused unless `allow_ai_cpu` (kept as .failed)."""
+    allow = options.allow_ai_cpu
+    section = {
+        name: {"om": c.om.relative_to(work).as_posix(), "soc_version": c.soc_version, "ai_cpu_ops": c.ai_cpu_ops}
+        for name, c in oms.items()
+    }
+    report_file = work / "report.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    report["om"] = section
+    report_file.write_text(json.dumps(report, indent=2))
+    matrix = {name: c.ai_cpu_matrix_ops for name, c in oms.items() if c.ai_cpu_matrix_ops}
+    for c in oms.values():
+        log(
+            f"      {c.om.relative_to(work)}: soc_version {c.soc_version}, {len(c.ai_cpu_ops)} op(s) on the AI CPU"
+            + (f" ({len(c.ai_cpu_matrix_ops)} matmul/conv)" if c.ai_cpu_matrix_ops else "")
+        )
+    if not matrix:
+        return
+    listing = "; ".join(
+        f"{name}: " + ", ".join(f"{op['name']} ({op['type']})" for op in ops[:5]) + (" ..." if len(ops) > 5 else "")
+        for name, ops in matrix.items()
+    )
+    if allow or options.precision == "fp32":  # fp32 got here only with allow_ai_cpu
+        log(f"      warning: matrix ops on the AI CPU (allowed by --allow-ai-cpu): {listing}")
+        return
+    failed = out.with_name(out.name + ".failed")
+    shutil.rmtree(failed, ignore_errors=True)
+    _write_manifest(work, manifest)
+    work.rename(failed)
+    raise BundleBuildError(
+        f"atc placed matrix ops of this fp16 bundle on the AI CPU ({listing}); om/<graph>.json has every op's "
+        f"engine. --allow-ai-cpu accepts that; the bundle is kept for inspection in {failed}"
+    )
+
+
 def build_bundle(
     policy: LoadedPolicy, out: str | Path, options: BundleOptions, log: Callable[[str], None] = print
 ) -> Path:
@@ -158,6 +235,7 @@ def build_bundle(
     model and the onnxruntime sessions at once (for the full pi0: 6 GB each in fp16).
     """
     out = check_out(out)
+    use_atc, soc = atc_plan(options)
     work = out.with_name(out.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -176,15 +254,17 @@ def build_bundle(
     with RangeRecorder(model) as recorder:
         ref = reference(model, inputs, x["noise"], full_spec.num_steps)
         _calibrate_on(policy, options, log)
-    kept = islands(recorder.ranges) if options.precision == "fp16" and options.fp32_islands else []
-    calibration = calibration_report(recorder.ranges, kept, 1 + len(options.calibration), full_spec.num_steps)
+    scaled = scales(recorder.ranges) if options.precision == "fp16" else {}
+    if not options.fp16_scaling:
+        scaled = {}
+    calibration = calibration_report(recorder.ranges, scaled, 1 + len(options.calibration), full_spec.num_steps)
     log(
         f"      largest matmul magnitude {calibration['largest']:.3g} (fp16 max 65504); "
         + (
-            f"{len(kept)} of {len(recorder.ranges)} matmuls kept float32 "
-            f"({100 * calibration['kept_flops_share']:.2f}% of {calibration['matmul_gflops_per_inference']:.3g} GFLOPs)"
+            f"{len(scaled)} of {len(recorder.ranges)} matmuls scaled by powers of two "
+            f"({100 * calibration['scaled_flops_share']:.2f}% of {calibration['matmul_gflops_per_inference']:.3g} GFLOPs)"
             if options.precision == "fp16"
-            else "fp32 export: nothing to keep"
+            else "fp32 export: nothing to scale"
         )
     )
     marks, skipped = None, None
@@ -213,23 +293,19 @@ def build_bundle(
         )
 
     log(f"[2/5] exporting vlm.onnx and expert.onnx ({options.precision}, opset {OPSET}) ...")
-    to_precision_(model, options.precision, kept)
+    to_precision_(model, options.precision, scaled)
     files = export_graphs(model, spec, work, options.seed)
-    keep_dtype = {}
     for name, paths in files.items():
         problems = lint(paths[0])
         if problems:
             raise BundleBuildError(f"{name}.onnx fails the ATC lint: " + "; ".join(problems))
         log(f"      {name}.onnx: {sum(p.stat().st_size for p in paths) / 2**20:.1f} MiB, lint clean")
-        nodes = island_nodes(paths[0], model, kept)
-        if nodes:
-            keep_dtype[name] = f"{name}.keep_dtype.cfg"
-            (work / keep_dtype[name]).write_text("\n".join(nodes) + "\n")
-            log(f"      {name}: {len(nodes)} nodes kept float32, listed in {keep_dtype[name]} for atc")
+    if options.precision == "fp16":
+        calibration["float32_cube_ops"] = _check_cube(files, options, log)
 
-    soc = options.soc_version or detect_soc() or atc.DEFAULT_SOC
+    # External ONNX data (a graph over protobuf's 2 GB): the OM's weights go to om/weight/ as well.
     commands = {
-        name: atc.atc_command(paths[0].name, f"om/{name}", soc, keep_dtype.get(name)) for name, paths in files.items()
+        name: atc.atc_command(paths[0].name, f"om/{name}", soc or "", len(paths) > 1) for name, paths in files.items()
     }
     dims = model.dims
     policy.model = model = None  # the graphs are written; the reference outputs are all validation needs
@@ -239,7 +315,7 @@ def build_bundle(
         model=asdict(dims),
         policy=spec,
         prompt=_prompt_section(spec, options, work),
-        compiled={OM: CompiledTarget(device=soc)},
+        compiled={OM: CompiledTarget(device=soc or "")},  # "": atc.sh reads it where it runs
         graphs={name: _graph_entry(paths) for name, paths in files.items()},
         exporter={
             "version": EXPORTER_VERSION,
@@ -273,17 +349,19 @@ def build_bundle(
         (work / "report.json").write_text(json.dumps({"passed": None, "calibration": calibration}, indent=2))
         log("[3/5] validation skipped (--no-validate)")
 
-    use_atc = options.atc_mode == "always" or (options.atc_mode == "auto" and shutil.which("atc"))
     if use_atc:
-        log(f"[4/5] compiling with atc for {soc} ...")
+        how = "--soc-version" if options.soc_version else "npu-smi"
+        log(f"[4/5] compiling with atc for {soc} (from {how}) ...")
         oms = atc.compile_graphs(work, commands, log)
-        manifest.compiled[OM].files = {name: om.relative_to(work).as_posix() for name, om in oms.items()}
+        manifest.compiled[OM].files = {name: c.om.relative_to(work).as_posix() for name, c in oms.items()}
+        _record_placement(work, oms, options, out, manifest, log)
     else:
-        script = atc.write_script(work, commands)
+        script = atc.write_script(work, commands, soc, fp32=options.precision == "fp32")
         manifest.compiled[OM].script = script.name
+        target = soc or "the SoC npu-smi names where it runs (or ./atc.sh SOC)"
         log(
             f"[4/5] atc not run ({'--atc never' if options.atc_mode == 'never' else 'not on PATH'}): "
-            f"the exact commands are in {out / script.name}"
+            f"the exact commands are in {out / script.name}, for {target}"
         )
 
     log("[5/5] writing the manifest ...")
@@ -304,6 +382,23 @@ def memory_available() -> int | None:
     except OSError:
         pass
     return None
+
+
+def _check_cube(files: dict[str, list[Path]], options: BundleOptions, log: Callable[[str], None]) -> dict:
+    """{graph: its float32 Cube ops} of an fp16 bundle (`float32_cube_ops`); refused where there are
+    any, unless `allow_ai_cpu`."""
+    found = {name: ops for name, paths in files.items() if (ops := float32_cube_ops(paths[0]))}
+    if not found:
+        log("      every MatMul/Gemm/Conv takes float16 operands (the 310P's Cube)")
+        return {}
+    listed = "; ".join(f"{name}.onnx: {', '.join(ops)}" for name, ops in found.items())
+    if not options.allow_ai_cpu:
+        raise BundleBuildError(
+            f"the fp16 graphs hold float32 matrix ops, which would run on the 310P's AI CPU, not its Cube: "
+            f"{listed} (--allow-ai-cpu builds the bundle all the same)"
+        )
+    log(f"      warning (--allow-ai-cpu): float32 matrix ops that will run on the 310P's AI CPU: {listed}")
+    return found
 
 
 def _calibrate_on(policy: LoadedPolicy, options: BundleOptions, log: Callable[[str], None]) -> None:

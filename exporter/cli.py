@@ -125,6 +125,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             drop_empty_cameras=not args.keep_empty_cameras,
             fixed_prompts_only=args.fixed_prompts_only,
             calibration=tuple(args.calibration or ()),
+            allow_ai_cpu=args.allow_ai_cpu,
         )
         start = time.perf_counter()
         build_bundle(policy, args.out, options, log=log)
@@ -173,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=["fp32", "fp16"],
         default="fp32",
-        help="weights' precision in the graphs: fp16 for the 310P (norms, softmax, RoPE, residuals and any "
-        "matmul calibrated near fp16's range stay fp32); default fp32",
+        help="weights' precision in the graphs: fp16 for the 310P (every matmul fp16, power-of-two scaled where "
+        "calibration finds it near fp16's range; norms, softmax, RoPE, residuals fp32); default fp32",
     )
     bundle.add_argument(
         "--calibration",
@@ -183,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OBS.npz",
         help="observations (the request's field names, as `pi0-runtime infer --obs` takes) to calibrate fp16 "
         "ranges on, beside the validation inputs: frames from your robot. Matmuls whose inputs or outputs "
-        "reach 2^13 stay float32 (report.json lists them)",
+        "reach 2^13 compute on operands scaled by 2^-k (report.json lists them and k)",
     )
     bundle.add_argument(
         "--num-steps", type=int, metavar="N", help="flow-matching steps (default: the checkpoint's, usually 10)"
@@ -201,7 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt(s) to pre-tokenize into the manifest, for clients that send no text",
     )
     bundle.add_argument(
-        "--soc-version", metavar="SOC", help="Ascend SoC for atc (default: from npu-smi, else Ascend310P1)"
+        "--soc-version",
+        metavar="SOC",
+        help='Ascend SoC for atc: "Ascend" + the Name `npu-smi info` prints on the device, e.g. Ascend310P3 '
+        "(default: from npu-smi here; without npu-smi, required to compile OM files; atc.sh reads it on the device)",
     )
     bundle.add_argument(
         "--atc",
@@ -218,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve exactly the --prompt texts: ship no tokenizer and size the language token budget to the "
         "longest of them (fewer prefix tokens, same actions)",
+    )
+    bundle.add_argument(
+        "--allow-ai-cpu",
+        action="store_true",
+        help="build the bundle even where matrix ops would run on the 310P's AI CPU (a float32 MatMul/Gemm/Conv: "
+        "the Cube multiplies fp16 only), in fp16 graphs or an fp32 bundle compiled to OM; by default the export "
+        "refuses and names the ops",
     )
     bundle.add_argument(
         "--keep-empty-cameras",

@@ -9,9 +9,10 @@ transformers_replace GemmaRMSNorm with `cond_dim`): a dense layer of the conditi
 and gate; the norm is `norm(x) * (1 + scale) + shift` and the sub-layer's residual `x + y * gate`.
 
 Precision (`exporter/layers.py`): the residual stream, norms, RoPE and softmax are always float32
-(`wide`); each matmul runs in its own weights' dtype (float16 where calibration allows, else float32)
-and each sub-layer's output is added back in float32. With float32 weights every cast is a no-op; with
-float16 weights these are the "fp32 islands" that keep Gemma's large residual activations (> 65 504)
+(`wide`, the vector side); each matmul, the attention's two included, runs in its weights' dtype
+(float16 in an fp16 bundle, scaled by a power of two where calibration found magnitudes near fp16's
+range), and each sub-layer's output is added back in float32. With float32 weights every cast is a
+no-op; with float16 weights the float32 vector side keeps Gemma's large residual activations (> 65 504)
 from overflowing.
 """
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exporter.dims import GemmaDims
-from exporter.layers import Linear, wide
+from exporter.layers import Linear, MatMul, wide
 
 RMS_NORM_EPS = 1e-6
 ROPE_MAX_WAVELENGTH = 10_000
@@ -88,13 +89,16 @@ def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Multi-query attention: q [B, S, H, D], k and v [B, T, D], mask bool [B, S, T] -> [B, S, H*D]."""
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, qk: MatMul, pv: MatMul
+) -> torch.Tensor:
+    """Multi-query attention: q [B, S, H, D], k and v [B, T, D], mask bool [B, S, T] -> [B, S, H*D].
+    `qk`, `pv`: the two matmuls (scores in float32 for the mask and softmax; probs in the values' dtype)."""
     b, s, h, d = q.shape
-    scores = (wide(q.transpose(1, 2)) @ wide(k[:, None]).transpose(-1, -2)) * d**-0.5  # [B, H, S, T]
+    scores = wide(qk(wide(q.transpose(1, 2)), wide(k[:, None]).transpose(-1, -2), d**-0.5))  # [B, H, S, T]
     scores = torch.where(mask[:, None], scores, BIG_NEG)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return (probs @ v[:, None]).transpose(1, 2).reshape(b, s, h * d)
+    return pv(probs, v[:, None]).transpose(1, 2).reshape(b, s, h * d)
 
 
 class GemmaAttention(nn.Module):
@@ -105,6 +109,10 @@ class GemmaAttention(nn.Module):
         self.k_proj = Linear(dims.width, dims.head_dim, bias=False)
         self.v_proj = Linear(dims.width, dims.head_dim, bias=False)
         self.o_proj = Linear(dims.num_heads * dims.head_dim, dims.width, bias=False)
+        self.qk, self.pv = MatMul(), MatMul()  # scores = q k^T / sqrt(D), probs @ v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return attention(q, k, v, mask, self.qk, self.pv)
 
     def queries(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         b, s, _ = h.shape
@@ -124,10 +132,12 @@ class GemmaMLP(nn.Module):
         self.down_proj = Linear(dims.mlp_dim, dims.width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The product runs in the widest of its factors' and down_proj's dtypes: a product that
-        calibration found near fp16's range has down_proj kept in float32, and so the product too."""
+        """The product is down_proj's input: it runs in the wider of its factors' dtypes, and in float32
+        (the vector side) where calibration scaled down_proj, which then scales and casts it."""
         gate, up = self.gate_proj(x), self.up_proj(x)
-        dtype = torch.promote_types(torch.promote_types(gate.dtype, up.dtype), self.down_proj.weight.dtype)
+        dtype = torch.promote_types(gate.dtype, up.dtype)
+        if getattr(self.down_proj, "scale_exp", 0):
+            dtype = torch.promote_types(dtype, torch.float32)
         return self.down_proj(F.gelu(gate.to(dtype), approximate="tanh") * up.to(dtype))
 
 
@@ -158,7 +168,8 @@ class GemmaBlock(nn.Module):
         h, gate = self.input_layernorm(x, cond)
         k, v = self.self_attn.keys_values(h, positions)
         keys, values = (k, v) if context is None else (torch.cat([context[0], k], 1), torch.cat([context[1], v], 1))
-        x = gated(x, self.self_attn.o_proj(attention(self.self_attn.queries(h, positions), keys, values, mask)), gate)
+        attn = self.self_attn
+        x = gated(x, attn.o_proj(attn.attend(attn.queries(h, positions), keys, values, mask)), gate)
         h, gate = self.post_attention_layernorm(x, cond)
         x = gated(x, self.mlp(h), gate)
         return x, k, v

@@ -132,3 +132,30 @@ def lint(model: onnx.ModelProto | str | Path) -> list[str]:
         if elem_type in FORBIDDEN_TYPES:
             problems.append(f"{name} is {FORBIDDEN_TYPES[elem_type]}")
     return problems
+
+
+# The ops the 310P runs on its Cube (matrix) unit, which multiplies float16 (and int8) only: with a
+# float32 operand ATC places them on the AI CPU, orders of magnitude slower.
+CUBE_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv"}
+WIDE_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE}
+
+
+def float32_cube_ops(model: onnx.ModelProto | str | Path) -> list[str]:
+    """The names of the graph's Cube ops (MatMul, Gemm, Conv, ...) with any float32 input: in an fp16
+    bundle each would run on the 310P's AI CPU. Types come from ONNX shape inference over the graph (its
+    weights stay on disk: only their declared types are read)."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    types[node.output[0]] = a.t.data_type
+    return [
+        node.name or f"{node.op_type}#{i}"
+        for i, node in enumerate(graph.node)
+        if node.op_type in CUBE_OPS and any(types.get(name) in WIDE_TYPES for name in node.input if name)
+    ]

@@ -16,6 +16,10 @@ tokens, bidirectional) never attends to the suffix, so it is computed once per o
 These two methods are what the exporter traces into the VLM and action-expert graphs: static shapes,
 no data-dependent Python, no in-place cache. The reference runs them through `exporter.torch_backend`
 under the runtime's own Euler loop. Masks and positions are pi0's: `attention_mask_2d` is big_vision's make_attn_mask.
+
+Precision (`exporter/layers.py`): in an fp16 bundle the suffix projections (action, state and time) are
+float16 matmuls like the towers' (the 310P's Cube has no float32); their outputs are widened to float32
+before the residual stream, the activations and the velocity read them.
 """
 
 from __future__ import annotations
@@ -126,12 +130,14 @@ class Pi0(nn.Module):
         action_emb = self.action_in_proj(x_t)
         time_emb = time_embedding(t, action_emb.shape[-1])
         if self.dims.pi05:
-            cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb))))
-            return action_emb, cond
+            cond = F.silu(wide(self.time_mlp_out(F.silu(wide(self.time_mlp_in(time_emb))))))
+            return wide(action_emb), cond
         state_emb = self.state_proj(state)[:, None]
-        action_time = self.action_time_mlp_in(torch.cat([action_emb, time_emb[:, None].expand_as(action_emb)], dim=-1))
-        action_time = self.action_time_mlp_out(F.silu(action_time))
-        return torch.cat([state_emb, action_time], dim=1), None
+        action_time = self.action_time_mlp_in(
+            torch.cat([wide(action_emb), time_emb[:, None].expand_as(action_emb)], dim=-1)
+        )
+        action_time = self.action_time_mlp_out(F.silu(wide(action_time)))
+        return torch.cat([wide(state_emb), wide(action_time)], dim=1), None
 
     def velocity(
         self,
@@ -155,4 +161,4 @@ class Pi0(nn.Module):
         positions = offset + torch.arange(s, dtype=torch.float32)[None]
         for i, layer in enumerate(self.expert.layers):
             x, _, _ = layer(x, positions, mask, context=(prefix_keys[i], prefix_values[i]), cond=cond)
-        return self.action_out_proj(self.expert.norm(x[:, first_action:], cond)[0])
+        return wide(self.action_out_proj(self.expert.norm(x[:, first_action:], cond)[0]))

@@ -3,7 +3,8 @@
 Patchify with a stride-14 convolution, add a learned position embedding, pre-LN transformer blocks
 (multi-head attention with biases, GELU-tanh MLP), a final LayerNorm. No pooling head: pi0 keeps
 all 256 tokens. Parameter names inside blocks follow HF so a checkpoint maps over by prefix.
-Precision as in gemma.py: float32 residual stream and LayerNorms, each matmul in its own weights' dtype.
+Precision as in gemma.py: float32 residual stream, LayerNorms and softmax; each matmul (the attention's
+two included) in its weights' dtype, power-of-two scaled where calibration asked for it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exporter.dims import VisionDims
-from exporter.layers import Conv2d, Linear, wide
+from exporter.layers import Conv2d, Linear, MatMul, wide
 
 LAYER_NORM_EPS = 1e-6
 
@@ -35,15 +36,16 @@ class SiglipAttention(nn.Module):
         self.k_proj = Linear(dims.width, dims.width)
         self.v_proj = Linear(dims.width, dims.width)
         self.out_proj = Linear(dims.width, dims.width)
+        self.qk, self.pv = MatMul(), MatMul()  # scores = q k^T / sqrt(D), probs @ v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, w = x.shape
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        scores = (wide(q) @ wide(k).transpose(-1, -2)) * self.head_dim**-0.5
+        scores = wide(self.qk(wide(q), wide(k).transpose(-1, -2), self.head_dim**-0.5))
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        return self.out_proj((probs @ v).transpose(1, 2).reshape(b, n, w))
+        return self.out_proj(self.pv(probs, v).transpose(1, 2).reshape(b, n, w))
 
 
 class SiglipMLP(nn.Module):

@@ -31,7 +31,17 @@ from runtime.daemon.store import DEFAULT_STORE, BundleStore
 from runtime.daemon.systemd import SERVICE, restart_service, setup_logging
 from runtime.engine import Engine
 from runtime.errors import ConfigError, run_command
-from runtime.npu import cann_environment, detect_soc, environment_file, find_set_env
+from runtime.npu import (
+    MIN_CANN,
+    cann_environment,
+    cann_version,
+    check_om_soc,
+    detect_soc,
+    device_soc,
+    environment_file,
+    find_set_env,
+    om_soc_check,
+)
 from runtime.pipeline.observation import Observation
 
 log = logging.getLogger("pi0-runtime")
@@ -41,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from runtime.daemon.server import Server
 
     config = load_config(args.config)
-    for key in ("bundle", "endpoint", "backend", "threads", "websocket_endpoint", "num_steps"):
+    for key in ("bundle", "endpoint", "backend", "threads", "websocket_endpoint", "num_steps", "allow_ai_cpu"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     if config["bundle"] is None:
@@ -52,10 +62,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     graphs = bundle.manifest.graphs.values()
     weights = sum((bundle.root / f).stat().st_size for g in graphs for f in (g.onnx, g.onnx_data) if f)
     backend = resolve_backend(bundle, config["backend"])
+    if capabilities(backend).artefact == OM:
+        soc = check_om_soc(bundle)  # an OM for another SoC: refused before anything is loaded
+        log.info("OM files for %s; this device: %s", soc.om, soc.device or "unknown (no pyACL SoC, no npu-smi)")
     check_memory_for(weights, backend, capabilities(backend), cgroup_memory_max())
+    # allow_ai_cpu: the ACL backend serves OM files with matmuls on the AI CPU only when told to.
+    options = BackendOptions(threads=config["threads"], **({"allow_ai_cpu": True} if config["allow_ai_cpu"] else {}))
 
     def engine_factory() -> Engine:
-        engine = Engine.from_bundle(bundle, make_backend(bundle, backend, BackendOptions(threads=config["threads"])))
+        engine = Engine.from_bundle(bundle, make_backend(bundle, backend, options))
         return engine.with_num_steps(config["num_steps"])
 
     server = Server(engine_factory, settings)
@@ -101,31 +116,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Exit 1 when this machine cannot serve: CANN older than MIN_CANN, or the bundle's OM files compiled
+    for another SoC than this device's."""
+    cann = cann_version()
+    soc, soc_source = device_soc()
     report: dict[str, Any] = {
         "onnxruntime": importlib.util.find_spec("onnxruntime") is not None,
         "pyacl": importlib.util.find_spec("acl") is not None,
         "acllite": importlib.util.find_spec("acllite_resource") is not None,
-        "cann_version": None,
-        "npu_smi_soc": None,
+        "cann_version": cann.version,
+        "cann_version_file": None if cann.file is None else str(cann.file),
+        "cann_minimum": MIN_CANN,
+        "cann_supported": cann.supported,
+        "npu_smi_soc": detect_soc(),
+        "device_soc": soc,
+        "device_soc_source": soc_source,
     }
-    home = os.environ.get("ASCEND_HOME_PATH") or os.environ.get("ASCEND_TOOLKIT_HOME")
-    if home:
-        for name in ("version.cfg", "version.info"):
-            file = Path(home) / name
-            if file.is_file():
-                report["cann_version"] = file.read_text().strip().splitlines()[0]
-                break
-    report["npu_smi_soc"] = detect_soc()
+    problems = []
+    if cann.supported is False:
+        problems.append(f"CANN {cann.version} ({cann.file}) is older than the {MIN_CANN} this runtime needs")
+    elif cann.version is not None and cann.supported is None:
+        log.warning("CANN version %r (%s) is not one I can compare with %s", cann.version, cann.file, MIN_CANN)
     if args.bundle:
         bundle = load_bundle(args.bundle)
         om = bundle.manifest.compiled.get(OM)
-        soc = None if om is None else om.device
+        check = om_soc_check(bundle)
+        if check.matches is False:
+            problems.append(check.describe())
         report["bundle"] = {
             "path": str(bundle.root),
             "verified": True,
             "om_compiled": bundle.artefact(OM) is not None,
-            "om_soc_version": soc,
-            "om_matches_device": None if report["npu_smi_soc"] is None else soc == report["npu_smi_soc"],
+            "om_soc_version": None if om is None else om.device or None,
+            "om_matches_device": check.matches,
             "source": bundle.manifest.source,
             "model_type": "pi05" if bundle.manifest.model.get("pi05") else "pi0",
             "conventions": bundle.spec.conventions,
@@ -135,7 +158,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             },
         }
     print(json.dumps(report, indent=2))
-    return 0
+    for problem in problems:
+        log.error("%s", problem)
+    return 1 if problems else 0
 
 
 def cmd_install_bundle(args: argparse.Namespace) -> int:
@@ -217,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
         dest="websocket_endpoint",
         metavar="HOST:PORT",
         help="also serve openpi's websocket protocol there, for openpi-client robot code (e.g. 127.0.0.1:8000)",
+    )
+    serve.add_argument(
+        "--allow-ai-cpu",
+        action="store_const",
+        const=True,
+        default=None,
+        help="serve OM files even where atc placed matmuls on the AI CPU (slow; refused by default)",
     )
     serve.add_argument(
         "--config", type=Path, help="TOML file with the settings above plus queue_size, hang_timeout_s; flags win"

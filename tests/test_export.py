@@ -1,8 +1,10 @@
-"""The exporter: graphs, fp16 islands, validation, the ATC lint and compile step, the bundle."""
+"""The exporter: graphs, fp16 on the Cube (power-of-two scaling), validation, the ATC lint and compile
+step, the bundle."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from onnx import TensorProto, helper
 from exporter.atc import AtcError
 from exporter.bundle import BundleBuildError, BundleOptions, build_bundle
 from exporter.checkpoint import load_checkpoint
-from exporter.onnx_lint import lint
+from exporter.onnx_lint import float32_cube_ops, lint
 from exporter.presets import build_preset
 from exporter.validate import compare
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
@@ -101,6 +103,18 @@ def test_fixed_prompts_only_sizes_the_token_budget(tmp_path: Path) -> None:
         Prompts.from_bundle(load_bundle(outs[True]))("place")
 
 
+def test_fp16_bundles_keep_every_matmul_on_the_cube(fixture_bundle) -> None:
+    """No MatMul/Gemm/Conv of an fp16 bundle takes a float32 operand (the 310P would run it on its AI
+    CPU); the check itself sees the fp32 bundle's, where every one is float32."""
+    _, precision, out = fixture_bundle
+    ops = {name: float32_cube_ops(out / f"{name}.onnx") for name in ("vlm", "expert")}
+    if precision == "fp32":
+        assert all(ops.values()), ops
+    else:
+        assert ops == {"vlm": [], "expert": []}, ops
+        assert json.loads((out / "report.json").read_text())["calibration"]["float32_cube_ops"] == {}
+
+
 def test_fp32_bundle_manifest(fixture_bundle) -> None:
     golden, precision, out = fixture_bundle
     manifest = json.loads((out / "manifest.json").read_text())
@@ -120,7 +134,8 @@ def test_fp32_bundle_manifest(fixture_bundle) -> None:
     assert vlm["outputs"][0] == {"name": "prefix_keys", "shape": [4, 1, slots * 256 + 12, 16], "dtype": kv_dtype}
     assert manifest["graphs"]["expert"]["outputs"] == [{"name": "velocity", "shape": [1, 16, 32], "dtype": "float32"}]
     assert set(manifest["files"]) == {"vlm.onnx", "expert.onnx", "report.json", "atc.sh"}
-    assert manifest["compiled"] == {"om": {"device": "Ascend310P1", "files": {}, "script": "atc.sh"}}
+    # no npu-smi here and no --soc-version: atc.sh reads the SoC where it runs (or takes it as its argument)
+    assert manifest["compiled"] == {"om": {"device": "", "files": {}, "script": "atc.sh"}}
     assert "atc" not in manifest and all("om" not in graph for graph in manifest["graphs"].values())
 
 
@@ -137,8 +152,9 @@ def test_fp16_survives_activations_beyond_fp16_range(tmp_path: Path) -> None:
     assert float(peak[0]) > float(np.finfo(np.float16).max)  # plain fp16 would hold inf here
     report = json.loads((tmp_path / "bundle" / "report.json").read_text())
     e2e = report["results"]["end_to_end"]
-    print(f"\nresidual peak {float(peak[0]):.0f}; fp16 bundle vs fp32: {e2e}")
+    print(f"\nresidual peak {float(peak[0]):.0f}; fp16 bundle vs fp32: {e2e}; scaled {report['calibration']['scaled']}")
     assert report["passed"] and np.isfinite(e2e["max_abs"]) and e2e["cosine"] >= 0.999
+    assert all(float32_cube_ops(tmp_path / "bundle" / f"{g}.onnx") == [] for g in ("vlm", "expert"))
 
 
 def _hot_matmuls(seed: int = 1):
@@ -152,36 +168,76 @@ def _hot_matmuls(seed: int = 1):
     return policy
 
 
-def test_fp16_keeps_the_matmuls_whose_outputs_pass_fp16_range(tmp_path: Path, ascend_tools: Path, monkeypatch) -> None:
-    """Calibration finds them, keeps them float32 (graph and ATC's --keep_dtype list, which the atc
-    stand-in checks names by name), and the fp16 bundle passes the criteria set by the model's own bf16
-    run; without the islands it cannot."""
-    monkeypatch.setenv("STANDIN_NPU_CHIP", "310P1")
-    build_bundle(_hot_matmuls(), tmp_path / "bundle", BundleOptions(precision="fp16", atc_mode="always"), **QUIET)
+def test_fp16_scales_the_matmuls_whose_outputs_pass_fp16_range(tmp_path: Path) -> None:
+    """Calibration finds them and gives each the smallest power-of-two scale k that brings its input and
+    output to 2^13 (the product gelu(gate) * up, down_proj's input, included); every matmul stays float16
+    (none for the AI CPU), and the fp16 bundle passes the criteria set by the model's own bf16 run.
+    Without the scales it cannot."""
+    build_bundle(_hot_matmuls(), tmp_path / "bundle", BundleOptions(precision="fp16", atc_mode="never"), **QUIET)
     report = json.loads((tmp_path / "bundle" / "report.json").read_text())
     calibration = report["calibration"]
-    ops = calibration["ops"]
-    print(f"\nhot: {calibration['kept_fp32']}, share {calibration['kept_flops_share']:.4f}, {report['results']}")
+    ops, scaled = calibration["ops"], calibration["scaled"]
+    print(f"\nhot: scaled {scaled}, share {calibration['scaled_flops_share']:.4f}, {report['results']}")
     mlp = "llm.layers.0.mlp"
     assert ops["projector"]["max_out"] > 65504 and ops[f"{mlp}.gate_proj"]["max_out"] > 65504
     assert ops[f"{mlp}.up_proj"]["max_out"] < 8192 < 65504 < ops[f"{mlp}.down_proj"]["max_in"]  # the product
-    kept = set(calibration["kept_fp32"])
-    assert {"projector", f"{mlp}.gate_proj", f"{mlp}.down_proj"} <= kept and f"{mlp}.up_proj" not in kept
-    assert "llm.layers.1.mlp.down_proj" not in kept and 0 < calibration["kept_flops_share"] < 0.5
+    assert {"projector", f"{mlp}.gate_proj", f"{mlp}.down_proj"} <= set(scaled) and f"{mlp}.up_proj" not in scaled
+    assert "llm.layers.1.mlp.down_proj" not in scaled and 0 < calibration["scaled_flops_share"] < 0.5
+    for name, k in scaled.items():  # the smallest k with headroom
+        r = ops[name]
+        if isinstance(k, list):  # an attention product: (a 2^-k_a) @ (b 2^-k_b)
+            assert r["max_in"] * 2.0 ** -k[0] <= 8192 and r["max_in_b"] * 2.0 ** -k[1] <= 8192
+            assert r["max_out"] * 2.0 ** -sum(k) <= 8192
+        else:
+            assert max(r["max_in"], r["max_out"]) * 2.0**-k <= 8192 < max(r["max_in"], r["max_out"]) * 2.0 ** -(k - 1)
+    assert calibration["float32_cube_ops"] == {}
+    assert all(float32_cube_ops(tmp_path / "bundle" / f"{g}.onnx") == [] for g in ("vlm", "expert"))
+    assert not list((tmp_path / "bundle").glob("*.keep_dtype.cfg"))
     e2e, bf16 = report["results"]["end_to_end"], report["yardsticks"]["bf16"]["end_to_end"]
     assert report["passed"] and np.isfinite(e2e["max_abs"]) and e2e["cosine"] >= 0.999
     assert e2e["max_abs"] <= bf16["max_abs"] and e2e["mean_abs"] <= bf16["mean_abs"]
-    keep = (tmp_path / "bundle" / "vlm.keep_dtype.cfg").read_text().split()
-    assert {"/projector/MatMul", "/layers.0/mlp/gate_proj/MatMul", "/layers.0/mlp/down_proj/MatMul"} <= set(keep)
-    assert len(keep) == len(kept)  # one node per kept matmul: all of them are in the VLM graph
-    atc_log = (tmp_path / "bundle" / "om" / "vlm.atc.log").read_text()
-    assert f"keep_dtype: {len(keep)} operator(s)" in atc_log and "ATC run success" in atc_log
 
-    plain = BundleOptions(precision="fp16", atc_mode="never", fp32_islands=False)  # every matmul fp16
+    plain = BundleOptions(precision="fp16", atc_mode="never", fp16_scaling=False)  # every matmul plain fp16
     with pytest.raises(BundleBuildError, match="validation failed"):
         build_bundle(_hot_matmuls(), tmp_path / "plain", plain, **QUIET)
     failed = json.loads((tmp_path / "plain.failed" / "report.json").read_text())
     assert not np.isfinite(failed["results"]["end_to_end"]["max_abs"])
+
+
+def test_scales_are_the_smallest_powers_of_two_with_headroom() -> None:
+    from exporter.precision import OpRange, PrecisionError, scales
+
+    ranges = {
+        "in_range": OpRange("Linear", 1.0, 8192.0, 1.0),
+        "just_over": OpRange("Linear", 1.0, 8193.0, 1.0),
+        "hot_input": OpRange("Conv2d", 70000.0, 3.0, 1.0),  # 70000 / 2^4 = 4375 <= 8192 < 8750
+        "gather": OpRange("Embedding", 0.0, 20000.0, 20000.0),  # no arithmetic: never scaled
+        "scores": OpRange("MatMul", 9000.0, 2e5, 0.0, max_in_b=100.0),  # a: 2^-1, then the output: 2^-4 more
+    }
+    assert scales(ranges) == {"hot_input": 4, "just_over": 1, "scores": [5, 0]}
+    with pytest.raises(PrecisionError, match="weights beyond fp16's range"):
+        scales({"w": OpRange("Linear", 1.0, 1.0, 70000.0)})
+
+
+def test_a_float32_matmul_in_an_fp16_bundle_is_refused_unless_allowed(tmp_path: Path, monkeypatch) -> None:
+    """A matmul left float32 (here action_out_proj, by hand) would run on the 310P's AI CPU: the export
+    names it and the flag; with --allow-ai-cpu it builds, and report.json lists the op."""
+    import exporter.bundle
+    from exporter.precision import to_precision_
+
+    def leave_one_float32(model, precision, scaled=None):
+        to_precision_(model, precision, scaled)
+        model.action_out_proj.float()
+        return model
+
+    monkeypatch.setattr(exporter.bundle, "to_precision_", leave_one_float32)
+    options = BundleOptions(precision="fp16", atc_mode="never", validate=False)
+    with pytest.raises(BundleBuildError, match=r"AI CPU.*expert\.onnx: .*action_out_proj.*--allow-ai-cpu"):
+        build_bundle(build_preset("pi0-dummy"), tmp_path / "refused", options, **QUIET)
+    allowed = replace(options, allow_ai_cpu=True)
+    build_bundle(build_preset("pi0-dummy"), tmp_path / "allowed", allowed, **QUIET)
+    found = json.loads((tmp_path / "allowed" / "report.json").read_text())["calibration"]["float32_cube_ops"]
+    assert list(found) == ["expert"] and any("action_out_proj" in op for op in found["expert"])
 
 
 def test_calibration_on_the_users_frames_finds_what_the_validation_inputs_miss(tmp_path: Path) -> None:
@@ -216,7 +272,7 @@ def test_calibration_on_the_users_frames_finds_what_the_validation_inputs_miss(t
     cal = json.loads((calibrated / "report.json").read_text())["calibration"]
     assert plain_cal["inputs"] == 1 and plain_cal["ops"]["vision.patch_embedding"]["max_out"] < 8192
     assert cal["inputs"] == 2 and cal["ops"]["vision.patch_embedding"]["max_out"] > 65504
-    assert "vision.patch_embedding" in cal["kept_fp32"] and "vision.patch_embedding" not in plain_cal["kept_fp32"]
+    assert cal["scaled"]["vision.patch_embedding"] >= 4 and "vision.patch_embedding" not in plain_cal["scaled"]
 
     def served(bundle_dir: Path) -> np.ndarray:
         bundle = load_bundle(bundle_dir)
@@ -273,10 +329,17 @@ def test_lint() -> None:
     assert any("registered by ATC for opsets 8-15, not 18" in p for p in lint(_graph("Add", opset=18)))
 
 
+def test_float32_cube_ops() -> None:
+    assert float32_cube_ops(_graph("MatMul")) == ["MatMul#0"]  # unnamed nodes by type and index
+    assert float32_cube_ops(_graph("MatMul", dtype=TensorProto.FLOAT16)) == []
+    assert float32_cube_ops(_graph("Add")) == []
+
+
 def test_atc_compiles_with_the_device_soc(tmp_path: Path, ascend_tools: Path, monkeypatch) -> None:
     monkeypatch.setenv("STANDIN_NPU_CHIP", "310P3")
     out = tmp_path / "bundle"
-    build_bundle(build_preset("pi0-dummy"), out, BundleOptions(atc_mode="auto", validate=False), **QUIET)
+    options = BundleOptions(precision="fp16", atc_mode="auto", validate=False)
+    build_bundle(build_preset("pi0-dummy"), out, options, **QUIET)
     bundle = load_bundle(out)
     manifest = bundle.manifest
     files = {"vlm": "om/vlm.om", "expert": "om/expert.om"}
@@ -292,7 +355,10 @@ def test_atc_failure_is_reported_with_its_log(tmp_path: Path, ascend_tools: Path
     monkeypatch.setenv("STANDIN_NPU_CHIP", "310P3")
     with pytest.raises(AtcError, match=r"atc failed on vlm .*vlm\.atc\.log"):
         build_bundle(
-            build_preset("pi0-dummy"), tmp_path / "b", BundleOptions(soc_version="Ascend310P1", validate=False), **QUIET
+            build_preset("pi0-dummy"),
+            tmp_path / "b",
+            BundleOptions(precision="fp16", soc_version="Ascend310P1", validate=False),
+            **QUIET,
         )
 
 
@@ -306,14 +372,19 @@ def test_without_atc_the_script_has_the_exact_commands(tmp_path: Path, monkeypat
     out = tmp_path / "b"
     build_bundle(build_preset("pi0-dummy"), out, BundleOptions(soc_version="Ascend310P3", validate=False), **QUIET)
     script = (out / "atc.sh").read_text()
-    assert "atc --model=vlm.onnx --framework=5 --output=om/vlm --soc_version=Ascend310P3" in script
+    assert 'SOC="${1:-Ascend310P3}"' in script  # the SoC given at export, unless the script is given one
+    assert 'atc --model=vlm.onnx --framework=5 --output=om/vlm --soc_version="$SOC"' in script
     assert "--precision_mode_v2=origin" in script and "expert.onnx" in script
+    assert "ALLOW_AI_CPU" in script  # an fp32 bundle: atc.sh refuses unless told, every matmul on the AI CPU
 
 
 def test_the_script_runs_under_atc(tmp_path: Path, ascend_tools: Path) -> None:
     out = tmp_path / "bundle"
     build_bundle(build_preset("pi0-dummy"), out, BundleOptions(atc_mode="never", validate=False), **QUIET)
-    subprocess.run(["bash", str(out / "atc.sh")], check=True, capture_output=True)
+    refused = subprocess.run(["bash", str(out / "atc.sh")], capture_output=True, text=True)
+    assert refused.returncode == 2 and "AI CPU" in refused.stderr and not (out / "om").exists()
+    allowed = {**os.environ, "ALLOW_AI_CPU": "1"}
+    subprocess.run(["bash", str(out / "atc.sh")], check=True, capture_output=True, env=allowed)
     assert (out / "om" / "vlm.om").is_file() and (out / "om" / "expert.om").is_file()
 
 
@@ -392,6 +463,7 @@ def test_cli_bundle_help_and_run(tmp_path: Path) -> None:
         "--soc-version",
         "--atc",
         "--no-validate",
+        "--allow-ai-cpu",
     ):
         assert option in help_text
     out = subprocess.run(
@@ -467,3 +539,4 @@ def test_without_memory_for_the_yardsticks_the_absolute_criteria_apply(tmp_path:
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert report["passed"] and report["yardsticks"] == {} and "float64 copy" in report["yardsticks_skipped"]
     assert report["thresholds"] == {"cosine": 0.999, "mean_abs": 1e-2}
+    assert all(float32_cube_ops(tmp_path / "b" / f"{g}.onnx") == [] for g in ("vlm", "expert"))  # pi0-dummy

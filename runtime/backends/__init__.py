@@ -44,6 +44,9 @@ class BackendOptions:
     threads: int = 0  # intra-op threads where the backend computes on the CPU; 0: one per core
     device_id: int = 0  # the accelerator, where there is one
     live_caches: int | None = None  # prefix caches to allow at once; None: the backend's default
+    # The ACL backend refuses an fp32 bundle (every matmul on the 310P's AI CPU: its Cube has no float32)
+    # unless this is set (`serve --allow-ai-cpu`).
+    allow_ai_cpu: bool = False
 
 
 class PrefixHandle(Protocol):

@@ -1,26 +1,48 @@
 """The Ascend backend: the bundle's OM graphs through pyACL (`import acl`, shipped with CANN).
 
+Refused up front: an fp32 bundle, unless `BackendOptions.allow_ai_cpu` (`serve --allow-ai-cpu`): the
+310P's Cube has no float32, so every matmul of such a bundle would run on the AI CPU
+(docs/cann-facts.md §3, §8).
+
 Set-up: acl.init once per process (ACL allows no second init, so a backend rebuilt after a device
 error reuses it; acl.finalize runs at exit), then device, context, stream; each model loaded and its
-description checked against the manifest's lists of inputs and outputs (names, sizes, order). Device
-buffers are allocated once: the VLM's inputs and the expert's per-step inputs and output are shared;
-each prefix cache has a `CacheSlot` of its own: the VLM's output buffers, which are *the expert's cache
-input buffers* (the same device pointers in a VLM output dataset and an expert input dataset), and
-the request's state. So the cache never leaves the device, and several may be alive at once (up to
-`BackendOptions.live_caches`, 2 by default): `prefix()` takes a free slot (allocating one up to the
-limit, the first at set-up) and its handle gives it back when released or dropped. Per request the
-VLM's inputs go host->device and the state once; per step only x_t and t, and the velocity comes back.
-close() frees in reverse order and resets the device.
+description checked against the manifest's lists of inputs and outputs. Inputs by name (the ONNX
+graph's input names, which ATC keeps), size and data type, in order. Outputs as ATC names them
+(cann-facts §1): `op:edge:output_name` for an ONNX model built without --out_nodes, matched to the
+manifest by the trailing output name; `op:edge` with no output name (--out_nodes, the op possibly a
+fused one), matched by index, checked by size, data type and dims (so two same-shaped outputs swapped
+by ATC could not be told apart: nothing in the description says which is which). The OM's own output
+order is what the datasets follow. Device buffers are allocated once: the VLM's inputs and the
+expert's per-step inputs and output are shared, and one pinned host buffer (acl.rt.malloc_host)
+receives the velocity; each prefix cache has a `CacheSlot` of its own: the VLM's output buffers,
+which are *the expert's cache input buffers* (the same device pointers in a VLM output dataset and an
+expert input dataset), and the request's state. So the cache never leaves the device, and several may
+be alive at once (up to `BackendOptions.live_caches`, 2 by default): `prefix()` takes a free slot
+(allocating one up to the limit, the first at set-up) and its handle gives it back when released or
+dropped. Per request the VLM's inputs go host->device and the state once; per step only x_t and t,
+and the velocity comes back. Host memory goes to ACL as `acl.util.bytes_to_ptr` of a bytes object and
+comes back through `acl.util.ptr_to_bytes` (numpy_to_ptr / ptr_to_numpy are deprecated, cann-facts §4).
+
+Everything acquired is recorded with the call that releases it; close() releases it all in reverse
+order (carrying on past a failed release, then naming every failure) and resets the device, and a
+set-up that fails at any step releases what it had acquired before raising. So the daemon's rebuild
+after a device error (close, then a new backend) starts from a device this process no longer holds.
 
 Never run on a real 310P so far: it is tested against the stand-in `tests/stubs/acl.py`, which
-enforces the API's contract and computes through onnxruntime.
+enforces the API's documented contract (names, pointers, leaks) and computes through onnxruntime.
+Not yet checked on a device: the exact output-name strings a real ATC build gives our graphs, the
+data type codes it reports for bool inputs (ACL_BOOL expected; ACL_UINT8 is accepted too), and
+that the OM keeps the ONNX graph's output order where names are missing.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
+import re
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -32,9 +54,30 @@ from runtime.bundle.manifest import OM, Bundle
 from runtime.errors import ApplianceError
 from runtime.pipeline.model_io import ModelInputs
 
+log = logging.getLogger(__name__)
+
 ACL_MEM_MALLOC_HUGE_FIRST = 0
 ACL_MEMCPY_HOST_TO_DEVICE = 1
 ACL_MEMCPY_DEVICE_TO_HOST = 2
+# aclDataType, as acl.mdl.get_{input,output}_data_type return it (CANN 6.0.1 aclpythondevg_01_0181)
+ACL_DTYPES: dict[int, np.dtype] = {
+    code: np.dtype(name)
+    for code, name in (
+        (0, "float32"),
+        (1, "float16"),
+        (2, "int8"),
+        (3, "int32"),
+        (4, "uint8"),
+        (6, "int16"),
+        (7, "uint16"),
+        (8, "uint32"),
+        (9, "int64"),
+        (10, "uint64"),
+        (11, "float64"),
+        (12, "bool"),
+    )
+}
+_SAME_BYTES = {frozenset({np.dtype("bool"), np.dtype("uint8")})}  # what we write into either: 0 or 1
 
 
 class AclError(ApplianceError):
@@ -60,6 +103,40 @@ def _check(ret: int, call: str) -> None:
         raise AclError(f"{call} failed with ACL error {ret}")
 
 
+def _handle(handle: int, call: str) -> int:
+    """A handle from a call that returns one (a null one, 0, when it failed)."""
+    if not handle:
+        raise AclError(f"{call} failed (it returned no handle)")
+    return handle
+
+
+class Held:
+    """What the backend holds, each with the call that gives it back, released in reverse order."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[str, Callable[[], int]]] = []
+
+    def push(self, call: str, release: Callable[[], int]) -> None:
+        self._items.append((call, release))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def release_all(self) -> list[str]:
+        """Release everything, the last acquired first, carrying on past failures -> the failures."""
+        failures = []
+        while self._items:
+            call, release = self._items.pop()
+            try:
+                ret = release()
+            except Exception as e:  # a release that raised: the others are still released
+                failures.append(f"{call} raised {e!r}")
+            else:
+                if ret != 0:
+                    failures.append(f"{call} failed with ACL error {ret}")
+        return failures
+
+
 @dataclass
 class DeviceBuffer:
     name: str
@@ -69,91 +146,133 @@ class DeviceBuffer:
     shape: tuple[int, ...]
 
 
-class AclModel:
-    """One OM model: its description, checked against the manifest's inputs and outputs."""
-
-    def __init__(self, acl: Any, path: str, io: dict[str, list[dict]]) -> None:
-        self.acl = acl
-        self.model_id, ret = acl.mdl.load_from_file(path)
-        _check(ret, f"acl.mdl.load_from_file({path})")
-        self.desc = acl.mdl.create_desc()
-        try:
-            _check(acl.mdl.get_desc(self.desc, self.model_id), "acl.mdl.get_desc")
-            mdl = acl.mdl
-            self.inputs = self._checked(
-                io["inputs"], mdl.get_num_inputs, mdl.get_input_size_by_index, mdl.get_input_name_by_index
-            )
-            self.outputs = self._checked(
-                io["outputs"], mdl.get_num_outputs, mdl.get_output_size_by_index, mdl.get_output_name_by_index
-            )
-        except AclError:
-            self.close()
-            raise
-
-    def _checked(self, specs: list[dict], count_of: Any, size_of: Any, name_of: Any) -> list[dict]:
-        count = count_of(self.desc)
-        if count != len(specs):
-            raise AclError(f"the OM model has {count} tensors where the manifest names {len(specs)}")
-        for index, spec in enumerate(specs):
-            if name_of(self.desc, index) != spec["name"]:
-                raise AclError(
-                    f"OM tensor {index} is {name_of(self.desc, index)!r}, the manifest says {spec['name']!r}"
-                )
-            size, expected = size_of(self.desc, index), _nbytes(spec)
-            if size != expected:
-                raise AclError(f"OM tensor {spec['name']} is {size} bytes, the manifest says {expected}")
-        return specs
-
-    def execute(self, inputs: Dataset, outputs: Dataset) -> None:
-        _check(self.acl.mdl.execute(self.model_id, inputs.handle, outputs.handle), "acl.mdl.execute")
-
-    def close(self) -> None:
-        _check(self.acl.mdl.unload(self.model_id), "acl.mdl.unload")
-        _check(self.acl.mdl.destroy_desc(self.desc), "acl.mdl.destroy_desc")
-
-
 def _nbytes(spec: dict) -> int:
     return int(np.prod(spec["shape"])) * np.dtype(spec["dtype"]).itemsize
 
 
-class Dataset:
-    """An ACL dataset over device buffers, in a model's tensor order (its own data buffers)."""
+def _same_dtype(a: np.dtype | None, b: np.dtype) -> bool:
+    return a == b or frozenset({a, b}) in _SAME_BYTES
 
-    def __init__(self, acl: Any, buffers: list[DeviceBuffer]) -> None:
+
+def _spec_text(spec: dict) -> str:
+    return f"{spec['name']!r} ({_nbytes(spec)} bytes, {np.dtype(spec['dtype'])}, shape {list(spec['shape'])})"
+
+
+@dataclass(frozen=True)
+class OmTensor:
+    """One input or output as the OM model's description gives it."""
+
+    index: int
+    name: str
+    size: int
+    dtype: np.dtype | None  # None: a data type code this runtime does not know
+    code: int
+
+    def fits(self, spec: dict) -> bool:
+        return self.size == _nbytes(spec) and _same_dtype(self.dtype, np.dtype(spec["dtype"]))
+
+    def __str__(self) -> str:
+        kind = self.dtype if self.dtype is not None else f"ACL data type {self.code}"
+        return f"{self.name!r} ({self.size} bytes, {kind})"
+
+
+def output_name(om_name: str) -> str | None:
+    """The ONNX output name in an OM output's name: `op:edge:name` -> name; `op:edge` (ATC built with
+    --out_nodes: no output name) -> None; anything else is taken whole."""
+    parts = om_name.rsplit(":", 2)
+    if len(parts) >= 2 and parts[-1].isdigit():
+        return None
+    if len(parts) == 3 and parts[1].isdigit():
+        return parts[2]
+    return om_name
+
+
+def _names(om_name: str, spec_name: str) -> bool:
+    """Whether an OM output's name is the manifest's output `spec_name`: the name itself, or
+    `<op>:<edge>:<spec_name>` (the op's name may hold ':' too)."""
+    return om_name == spec_name or re.fullmatch(rf".+:\d+:{re.escape(spec_name)}", om_name, re.DOTALL) is not None
+
+
+class AclModel:
+    """One OM model: loaded, its description read and matched to the manifest's inputs and outputs.
+    What it acquires goes on `held` (released by the backend)."""
+
+    def __init__(self, acl: Any, graph: str, path: str, io: dict[str, list[dict]], held: Held) -> None:
         self.acl = acl
-        self.handle = acl.mdl.create_dataset()
-        self.data_buffers: list[Any] = []
-        for buffer in buffers:
-            data_buffer = acl.create_data_buffer(buffer.ptr, buffer.size)
-            self.data_buffers.append(data_buffer)
-            _, ret = acl.mdl.add_dataset_buffer(self.handle, data_buffer)
-            _check(ret, "acl.mdl.add_dataset_buffer")
+        self.graph = graph
+        model_id, ret = acl.mdl.load_from_file(path)
+        _check(ret, f"acl.mdl.load_from_file({path})")
+        self.model_id = model_id
+        held.push("acl.mdl.unload", lambda: acl.mdl.unload(model_id))
+        desc = _handle(acl.mdl.create_desc(), "acl.mdl.create_desc")
+        held.push("acl.mdl.destroy_desc", lambda: acl.mdl.destroy_desc(desc))
+        self.desc = desc
+        _check(acl.mdl.get_desc(desc, model_id), "acl.mdl.get_desc")
+        self.inputs = self._inputs(io["inputs"])
+        self.outputs = self._outputs(io["outputs"])
 
-    def close(self) -> None:
-        _check(self.acl.mdl.destroy_dataset(self.handle), "acl.mdl.destroy_dataset")
-        for data_buffer in reversed(self.data_buffers):
-            _check(self.acl.destroy_data_buffer(data_buffer), "acl.destroy_data_buffer")
+    def _tensor(self, index: int, outputs: bool) -> OmTensor:
+        mdl, kind = self.acl.mdl, "output" if outputs else "input"
+        name = getattr(mdl, f"get_{kind}_name_by_index")(self.desc, index)
+        size = getattr(mdl, f"get_{kind}_size_by_index")(self.desc, index)
+        code = getattr(mdl, f"get_{kind}_data_type")(self.desc, index)
+        return OmTensor(index, name, size, ACL_DTYPES.get(code), code)
 
+    def _count(self, outputs: bool, specs: list[dict]) -> int:
+        kind = "outputs" if outputs else "inputs"
+        count = getattr(self.acl.mdl, f"get_num_{kind}")(self.desc)
+        if count != len(specs):
+            names = [s["name"] for s in specs]
+            raise AclError(
+                f"the {self.graph} OM model has {count} {kind} where the manifest names {len(specs)}: {names}"
+            )
+        return count
 
-class DeviceMemory:
-    """Device buffers allocated for the backend, freed in reverse order by `close`."""
+    def _mismatch(self, t: OmTensor, kind: str, spec: dict, why: str = "") -> AclError:
+        return AclError(
+            f"{self.graph} OM {kind} {t.index} is {t}{why}; the manifest's {kind} {t.index} is {_spec_text(spec)}"
+        )
 
-    def __init__(self, acl: Any) -> None:
-        self.acl = acl
-        self.buffers: list[DeviceBuffer] = []
+    def _inputs(self, specs: list[dict]) -> list[dict]:
+        """By index: the same name (the ONNX input's), size and data type."""
+        for index in range(self._count(False, specs)):
+            t, spec = self._tensor(index, False), specs[index]
+            if t.name != spec["name"] or not t.fits(spec):
+                raise self._mismatch(t, "input", spec)
+        return list(specs)
 
-    def allocate(self, spec: dict) -> DeviceBuffer:
-        size = _nbytes(spec)
-        ptr, ret = self.acl.rt.malloc(size, ACL_MEM_MALLOC_HUGE_FIRST)
-        _check(ret, "acl.rt.malloc")
-        buffer = DeviceBuffer(spec["name"], ptr, size, np.dtype(spec["dtype"]), tuple(spec["shape"]))
-        self.buffers.append(buffer)
-        return buffer
+    def _outputs(self, specs: list[dict]) -> list[dict]:
+        """The manifest's outputs in the OM's order: by the output name where the OM's name carries one,
+        else (no output name) by index, where size, data type and dims agree."""
+        tensors = [self._tensor(index, True) for index in range(self._count(True, specs))]
+        matched: list[dict | None] = [next((s for s in specs if _names(t.name, s["name"])), None) for t in tensors]
+        by_name = {id(s) for s in matched if s is not None}
+        for t in tensors:
+            spec, own = matched[t.index], specs[t.index]
+            if spec is None:
+                if output_name(t.name) is not None:
+                    listed = ", ".join(repr(s["name"]) for s in specs)
+                    raise self._mismatch(t, "output", own, f", which names none of the manifest's outputs ({listed})")
+                if id(own) in by_name:
+                    raise self._mismatch(t, "output", own, ", with no output name, and another OM output is named that")
+                dims, ret = self.acl.mdl.get_output_dims(self.desc, t.index)
+                _check(ret, "acl.mdl.get_output_dims")
+                if list(dims.get("dims", [])) != list(own["shape"]):
+                    raise self._mismatch(
+                        t, "output", own, f" of dims {list(dims.get('dims', []))}, with no output name"
+                    )
+                matched[t.index] = spec = own
+            if not t.fits(spec):
+                raise AclError(
+                    f"{self.graph} OM output {t.index} is {t}; the manifest's output {spec['name']!r} is {_spec_text(spec)}"
+                )
+        if len({id(s) for s in matched}) != len(specs):
+            twice = [s["name"] for s in specs if sum(m is s for m in matched) > 1]
+            raise AclError(f"the {self.graph} OM model names the manifest's output(s) {twice} more than once")
+        return [s for s in matched if s is not None]
 
-    def free(self, buffers: list[DeviceBuffer]) -> None:
-        for buffer in reversed(buffers):
-            _check(self.acl.rt.free(buffer.ptr), "acl.rt.free")
-            self.buffers.remove(buffer)
+    def execute(self, inputs: int, outputs: int) -> None:
+        _check(self.acl.mdl.execute(self.model_id, inputs, outputs), f"acl.mdl.execute({self.graph})")
 
 
 @dataclass
@@ -162,8 +281,8 @@ class CacheSlot:
     VLM output dataset that writes them and the expert input dataset that reads them."""
 
     buffers: list[DeviceBuffer]
-    vlm_outputs: Dataset
-    expert_inputs: Dataset
+    vlm_outputs: int
+    expert_inputs: int
     by_name: dict[str, DeviceBuffer] = field(default_factory=dict)
     state_sent: bool = False
 
@@ -180,6 +299,15 @@ class AclPrefixCache:
         self._finalizer()
 
 
+def refuse_fp32(bundle: Bundle, options: BackendOptions) -> None:
+    if bundle.precision == "fp32" and not options.allow_ai_cpu:
+        raise AclError(
+            "this bundle is fp32: on the 310P every matmul would run on the AI CPU (its Cube has no float32), "
+            "many times slower; export it with --precision fp16, or serve it anyway with --allow-ai-cpu "
+            "(BackendOptions.allow_ai_cpu)"
+        )
+
+
 class AclBackend:
     name = "acl"
     capabilities: ClassVar[Capabilities] = Capabilities(
@@ -187,25 +315,46 @@ class AclBackend:
     )
 
     def __init__(self, bundle: Bundle, options: BackendOptions | None = None) -> None:
-        import acl  # lazily: only robots with CANN have it
-
         options = options or BackendOptions()
-        self.acl = acl
-        self.device_id = options.device_id
-        self.max_live_caches = options.live_caches or self.capabilities.max_live_caches
-        _init_once(acl)
-        _check(acl.rt.set_device(self.device_id), "acl.rt.set_device")
-        self.context, ret = acl.rt.create_context(self.device_id)
-        _check(ret, "acl.rt.create_context")
-        self.stream, ret = acl.rt.create_stream()
-        _check(ret, "acl.rt.create_stream")
+        refuse_fp32(bundle, options)
         om = bundle.artefact(OM)
         if om is None:
             raise AclError("the acl backend needs OM files: this bundle was not compiled with atc")
+        import acl  # lazily: only robots with CANN have it
+
+        self.acl = acl
+        self.device_id = options.device_id
+        self.max_live_caches = options.live_caches or self.capabilities.max_live_caches
+        self.context: int | None = None
+        self._held = Held()
+        self._lock = threading.Lock()
+        self._slots: list[CacheSlot] = []
+        self._free: list[CacheSlot] = []
+        try:
+            self._set_up(bundle, {name: str(path) for name, path in om.items()})
+        except BaseException:
+            for failure in self._release():
+                log.warning("releasing after a failed ACL set-up: %s", failure)
+            raise
+
+    def _set_up(self, bundle: Bundle, om: dict[str, str]) -> None:
+        acl, held = self.acl, self._held
+        _init_once(acl)
+        device = self.device_id
+        _check(acl.rt.set_device(device), "acl.rt.set_device")
+        held.push("acl.rt.reset_device", lambda: acl.rt.reset_device(device))
+        context, ret = acl.rt.create_context(device)
+        _check(ret, "acl.rt.create_context")
+        self.context = context
+        held.push("acl.rt.destroy_context", lambda: acl.rt.destroy_context(context))
+        stream, ret = acl.rt.create_stream()
+        _check(ret, "acl.rt.create_stream")
+        self.stream = stream
+        held.push("acl.rt.destroy_stream", lambda: acl.rt.destroy_stream(stream))
         graphs = bundle.graphs
-        self.vlm = AclModel(acl, str(om[VLM]), {"inputs": graphs[VLM].inputs, "outputs": graphs[VLM].outputs})
-        self.expert = AclModel(
-            acl, str(om[EXPERT]), {"inputs": graphs[EXPERT].inputs, "outputs": graphs[EXPERT].outputs}
+        self.vlm, self.expert = (
+            AclModel(acl, name, om[name], {"inputs": graphs[name].inputs, "outputs": graphs[name].outputs}, held)
+            for name in (VLM, EXPERT)
         )
         provided = {f.name for f in fields(ModelInputs)}
         unknown = [s["name"] for s in self.vlm.inputs if s["name"] not in provided]
@@ -216,23 +365,43 @@ class AclBackend:
         unknown += [s["name"] for s in shared_steps if s["name"] not in STEP_INPUTS]
         if unknown:
             raise AclError(f"the bundle's graphs take inputs this runtime does not provide: {unknown}")
-        self.memory = DeviceMemory(acl)
-        self.vlm_inputs = {s["name"]: self.memory.allocate(s) for s in self.vlm.inputs}
-        self.step_inputs = {s["name"]: self.memory.allocate(s) for s in shared_steps}
-        self.velocity_out = self.memory.allocate(self.expert.outputs[0])
-        self.vlm_input_set = Dataset(acl, list(self.vlm_inputs.values()))
-        self.expert_output_set = Dataset(acl, [self.velocity_out])
-        self._lock = threading.Lock()
-        self._slots: list[CacheSlot] = []
-        self._free: list[CacheSlot] = [self._new_slot()]  # the first at set-up: no allocation per request
+        self.vlm_inputs = {s["name"]: self._malloc(s) for s in self.vlm.inputs}
+        self.step_inputs = {s["name"]: self._malloc(s) for s in shared_steps}
+        self.velocity_out = self._malloc(self.expert.outputs[0])
+        host, ret = acl.rt.malloc_host(self.velocity_out.size)  # pinned: the velocity comes back every step
+        _check(ret, "acl.rt.malloc_host")
+        held.push("acl.rt.free_host", lambda: acl.rt.free_host(host))
+        self.velocity_host = host
+        self.vlm_input_set = self._dataset(list(self.vlm_inputs.values()))
+        self.expert_output_set = self._dataset([self.velocity_out])
+        self._free.append(self._new_slot())  # the first at set-up: no allocation per request
+
+    def _malloc(self, spec: dict) -> DeviceBuffer:
+        acl, size = self.acl, _nbytes(spec)
+        ptr, ret = acl.rt.malloc(size, ACL_MEM_MALLOC_HUGE_FIRST)
+        _check(ret, "acl.rt.malloc")
+        self._held.push("acl.rt.free", lambda: acl.rt.free(ptr))
+        return DeviceBuffer(spec["name"], ptr, size, np.dtype(spec["dtype"]), tuple(spec["shape"]))
+
+    def _dataset(self, buffers: list[DeviceBuffer]) -> int:
+        """An ACL dataset over device buffers, in a model's tensor order (its own data buffers)."""
+        acl, held = self.acl, self._held
+        dataset = _handle(acl.mdl.create_dataset(), "acl.mdl.create_dataset")
+        held.push("acl.mdl.destroy_dataset", lambda: acl.mdl.destroy_dataset(dataset))
+        for buffer in buffers:
+            data_buffer = _handle(acl.create_data_buffer(buffer.ptr, buffer.size), "acl.create_data_buffer")
+            held.push("acl.destroy_data_buffer", lambda b=data_buffer: acl.destroy_data_buffer(b))
+            _, ret = acl.mdl.add_dataset_buffer(dataset, data_buffer)
+            _check(ret, "acl.mdl.add_dataset_buffer")
+        return dataset
 
     def _new_slot(self) -> CacheSlot:
-        by_name = {s["name"]: self.memory.allocate(s) for s in self.vlm.outputs}
+        by_name = {s["name"]: self._malloc(s) for s in self.vlm.outputs}
         if "state" in (s["name"] for s in self.per_slot):
-            by_name["state"] = self.memory.allocate(next(s for s in self.per_slot if s["name"] == "state"))
-        vlm_outputs = Dataset(self.acl, [by_name[s["name"]] for s in self.vlm.outputs])
+            by_name["state"] = self._malloc(next(s for s in self.per_slot if s["name"] == "state"))
+        vlm_outputs = self._dataset([by_name[s["name"]] for s in self.vlm.outputs])
         inputs = [by_name.get(s["name"]) or self.step_inputs[s["name"]] for s in self.expert.inputs]
-        slot = CacheSlot(list(by_name.values()), vlm_outputs, Dataset(self.acl, inputs), by_name)
+        slot = CacheSlot(list(by_name.values()), vlm_outputs, self._dataset(inputs), by_name)
         self._slots.append(slot)
         return slot
 
@@ -252,19 +421,18 @@ class AclBackend:
                 self._free.append(slot)
 
     def _to_device(self, buffer: DeviceBuffer, value: np.ndarray) -> None:
-        host = np.ascontiguousarray(value, dtype=buffer.dtype).reshape(buffer.shape)
-        ret = self.acl.rt.memcpy(
-            buffer.ptr, buffer.size, self.acl.util.numpy_to_ptr(host), host.nbytes, ACL_MEMCPY_HOST_TO_DEVICE
-        )
+        data = np.ascontiguousarray(value, dtype=buffer.dtype).reshape(buffer.shape).tobytes()
+        # `data` outlives the pointer: bytes_to_ptr's documented condition (the copy is synchronous)
+        ptr = self.acl.util.bytes_to_ptr(data)
+        ret = self.acl.rt.memcpy(buffer.ptr, buffer.size, ptr, len(data), ACL_MEMCPY_HOST_TO_DEVICE)
         _check(ret, f"acl.rt.memcpy(H2D {buffer.name})")
 
     def _to_host(self, buffer: DeviceBuffer) -> np.ndarray:
-        host = np.empty(buffer.shape, dtype=buffer.dtype)
-        ret = self.acl.rt.memcpy(
-            self.acl.util.numpy_to_ptr(host), host.nbytes, buffer.ptr, buffer.size, ACL_MEMCPY_DEVICE_TO_HOST
-        )
+        host = self.velocity_host  # a bytes object cannot be written into: the pinned buffer takes the copy
+        ret = self.acl.rt.memcpy(host, buffer.size, buffer.ptr, buffer.size, ACL_MEMCPY_DEVICE_TO_HOST)
         _check(ret, f"acl.rt.memcpy(D2H {buffer.name})")
-        return host
+        data = self.acl.util.ptr_to_bytes(host, buffer.size)
+        return np.frombuffer(data, dtype=buffer.dtype).reshape(buffer.shape).copy()  # writable, like any result
 
     def prefix(self, inputs: ModelInputs) -> AclPrefixCache:
         """Run the VLM into a free cache slot; the expert reads that slot's buffers directly."""
@@ -294,20 +462,22 @@ class AclBackend:
         self.expert.execute(slot.expert_inputs, self.expert_output_set)
         return self._to_host(self.velocity_out)
 
-    def close(self) -> None:
-        """Free everything, in the reverse order of creation (live handles then fail if used)."""
-        acl = self.acl
-        _check(acl.rt.set_context(self.context), "acl.rt.set_context")
+    def _release(self) -> list[str]:
+        """Release everything held, in reverse order, in this thread's context -> what failed."""
         with self._lock:
-            for slot in reversed(self._slots):
-                slot.expert_inputs.close()
-                slot.vlm_outputs.close()
             self._slots, self._free = [], []
-        self.expert_output_set.close()
-        self.vlm_input_set.close()
-        self.memory.free(list(self.memory.buffers))
-        self.expert.close()
-        self.vlm.close()
-        _check(acl.rt.destroy_stream(self.stream), "acl.rt.destroy_stream")
-        _check(acl.rt.destroy_context(self.context), "acl.rt.destroy_context")
-        _check(acl.rt.reset_device(self.device_id), "acl.rt.reset_device")
+        failures = []
+        if self.context is not None and len(self._held):
+            ret = self.acl.rt.set_context(self.context)
+            if ret != 0:
+                failures.append(f"acl.rt.set_context failed with ACL error {ret}")
+        failures += self._held.release_all()
+        self.context = None
+        return failures
+
+    def close(self) -> None:
+        """Free everything, in the reverse order of creation (live handles then fail if used); a failed
+        release does not stop the others, and is reported after them. A second close does nothing."""
+        failures = self._release()
+        if failures:
+            raise AclError("closing the ACL backend: " + "; ".join(failures))

@@ -34,6 +34,8 @@ DEFAULTS: dict[str, Any] = {
     "backend": "auto",
     "threads": 0,  # onnxruntime intra-op threads; 0: one per core
     "num_steps": None,  # flow-matching steps per chunk; None: the bundle's (the count it was validated with)
+    # Serve OM files whose matmuls atc placed on the AI CPU (the ACL backend refuses them otherwise).
+    "allow_ai_cpu": False,
     "queue_size": _SERVER.queue_size,
     "hang_timeout_s": _SERVER.hang_timeout_s,
     # Intake (runtime/daemon/intake.py): the largest frame a client may send (None: from the bundle's cameras,

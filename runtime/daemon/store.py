@@ -24,6 +24,7 @@ from pathlib import Path
 
 from runtime.bundle.manifest import MANIFEST, BundleError, load_bundle, sha256_file
 from runtime.errors import ApplianceError
+from runtime.npu import check_om_soc
 
 DEFAULT_STORE = Path("/var/lib/pi0-runtime/bundles")
 CURRENT, PREVIOUS = "current", "previous"
@@ -71,7 +72,7 @@ class BundleStore:
 
     def install(self, source: Path) -> str:
         """Verify, copy, verify the copy, switch `current` to it (the old one becomes `previous`)."""
-        load_bundle(source)  # BundleError names what is wrong; nothing is touched yet
+        check_om_soc(load_bundle(source))  # BundleError / SocMismatchError name what is wrong; nothing is touched yet
         if not self.root.is_dir():
             raise StoreError(f"bundle store {self.root} does not exist (the package creates it: systemd-tmpfiles)")
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")

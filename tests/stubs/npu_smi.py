@@ -3,7 +3,7 @@
 import os
 import sys
 
-CHIP = os.environ.get("STANDIN_NPU_CHIP", "310P1")
+CHIP = os.environ.get("STANDIN_NPU_CHIP", "310P3")  # what deployed Atlas 300I Pro/Duo cards report
 
 if sys.argv[1:] != ["info"]:
     print("usage: npu-smi info", file=sys.stderr)
