@@ -116,8 +116,12 @@ def sections(estimate: dict) -> list[str]:
         "- Empty slots left out: the VLM's FLOPs fall "
         f"{kept['flops']['vlm'] / dropped['flops']['vlm']:.1f}x and its floor from {kept['floor_ms']['vlm']:.0f} to "
         f"{dropped['floor_ms']['vlm']:.0f} ms.\n"
-        "- fp16 islands (norms, softmax, RoPE, residuals in fp32) add casts of activations only: a few MB per "
-        "chunk, next to the GB of weights. Their cost in time is unmeasured until a 310P runs the OM files.\n"
+        "- Every matmul on the Cube in fp16, as this estimate assumes: the exporter refuses an fp16 bundle with a "
+        "float32 matrix op (which the 310P would run on its AI CPU) and reads atc's own placement of each op; so "
+        "no AI CPU time belongs in these floors. The vector side (norms, softmax, RoPE, residuals in fp32) and the "
+        "power-of-two scaling calibration adds where ranges reach 2^13 (two elementwise multiplies, on a scaled "
+        "matmul's input and output) move activations only: a few MB per chunk, next to the GB of weights. Their "
+        "cost in time is unmeasured until a 310P runs the OM files.\n"
         "- What is left is bandwidth for the expert's weights; only smaller weights (int8 quantization of the "
         "expert, halving its bytes) would lower that floor. Not done.",
     ]
