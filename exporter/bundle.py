@@ -191,7 +191,6 @@ def _record_placement(
 ) -> None:
     """What atc reports (`atc --mode=1`): the SoC and the AI CPU ops per graph, into report.json's "om"
     section; an fp16 bundle with AI CPU matmuls is refused unless `allow_ai_cpu` (kept as .failed)."""
-    allow = options.allow_ai_cpu
     section = {
         name: {"om": c.om.relative_to(work).as_posix(), "soc_version": c.soc_version, "ai_cpu_ops": c.ai_cpu_ops}
         for name, c in oms.items()
@@ -212,13 +211,10 @@ def _record_placement(
         f"{name}: " + ", ".join(f"{op['name']} ({op['type']})" for op in ops[:5]) + (" ..." if len(ops) > 5 else "")
         for name, ops in matrix.items()
     )
-    if allow or options.precision == "fp32":  # fp32 got here only with allow_ai_cpu
+    if options.allow_ai_cpu:  # an fp32 bundle is compiled only with it (atc_plan)
         log(f"      warning: matrix ops on the AI CPU (allowed by --allow-ai-cpu): {listing}")
         return
-    failed = out.with_name(out.name + ".failed")
-    shutil.rmtree(failed, ignore_errors=True)
-    _write_manifest(work, manifest)
-    work.rename(failed)
+    failed = _keep_failed(work, manifest, out)
     raise BundleBuildError(
         f"atc placed matrix ops of this fp16 bundle on the AI CPU ({listing}); om/<graph>.json has every op's "
         f"engine. --allow-ai-cpu accepts that; the bundle is kept for inspection in {failed}"
@@ -340,10 +336,7 @@ def build_bundle(
         manifest.validation = "report.json"
         log(format_report(report))
         if not report["passed"]:
-            failed = out.with_name(out.name + ".failed")
-            shutil.rmtree(failed, ignore_errors=True)
-            _write_manifest(work, manifest)
-            work.rename(failed)
+            failed = _keep_failed(work, manifest, out)
             raise BundleBuildError(f"validation failed; the bundle is kept for inspection in {failed}")
     else:
         (work / "report.json").write_text(json.dumps({"passed": None, "calibration": calibration}, indent=2))
@@ -412,6 +405,15 @@ def _calibrate_on(policy: LoadedPolicy, options: BundleOptions, log: Callable[[s
         except (ApplianceError, ValueError, OSError) as e:  # not an observation, or one the engine refuses
             raise BundleBuildError(f"calibration observation {path}: {e}") from e
     log(f"      calibrated on {len(options.calibration)} observation(s) of yours as well")
+
+
+def _keep_failed(work: Path, manifest: Manifest, out: Path) -> Path:
+    """A refused bundle, manifest written, moved to `<out>.failed` for inspection (replacing an older one)."""
+    failed = out.with_name(out.name + ".failed")
+    shutil.rmtree(failed, ignore_errors=True)
+    _write_manifest(work, manifest)
+    work.rename(failed)
+    return failed
 
 
 def _write_manifest(work: Path, manifest: Manifest) -> None:

@@ -66,8 +66,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         soc = check_om_soc(bundle)  # an OM for another SoC: refused before anything is loaded
         log.info("OM files for %s; this device: %s", soc.om, soc.device or "unknown (no pyACL SoC, no npu-smi)")
     check_memory_for(weights, backend, capabilities(backend), cgroup_memory_max())
-    # allow_ai_cpu: the ACL backend serves OM files with matmuls on the AI CPU only when told to.
-    options = BackendOptions(threads=config["threads"], **({"allow_ai_cpu": True} if config["allow_ai_cpu"] else {}))
+    # allow_ai_cpu: the ACL backend serves an fp32 bundle (every matmul on the AI CPU) only when told to.
+    options = BackendOptions(threads=config["threads"], allow_ai_cpu=bool(config["allow_ai_cpu"]))
 
     def engine_factory() -> Engine:
         engine = Engine.from_bundle(bundle, make_backend(bundle, backend, options))
@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_const",
         const=True,
         default=None,
-        help="serve OM files even where atc placed matmuls on the AI CPU (slow; refused by default)",
+        help="serve an fp32 bundle on the acl backend: the 310P's Cube has no float32, so every matmul runs on its "
+        "AI CPU (slow; refused by default)",
     )
     serve.add_argument(
         "--config", type=Path, help="TOML file with the settings above plus queue_size, hang_timeout_s; flags win"
