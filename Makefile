@@ -54,6 +54,8 @@ DEMO := build/demo
 # (sim/policies/transfer-cube/README.md has the recipe and its success table).
 POLICY := sim/policies/transfer-cube
 DEMO_SEED := 0
+# The task the policy was trained on, served to clients that send no prompt (openpi's aloha_sim example).
+DEMO_PROMPT := Pick up the cube with the right arm and transfer it to the left arm.
 
 # The main job on the built-in default: the shipped trained pi0 exported to a validated fp16 bundle (the
 # 310P's precision); the daemon started on it (supervised like systemd: READY=1, then SIGTERM and a clean
@@ -62,7 +64,7 @@ DEMO_SEED := 0
 demo: setup
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(VENV)/bin/pi0-export bundle --checkpoint $(POLICY)/checkpoint --tokenizer $(POLICY)/tokenizer.model \
-		--precision fp16 --out $(DEMO)/bundle
+		--precision fp16 --default-prompt "$(DEMO_PROMPT)" --out $(DEMO)/bundle
 	$(VENV)/bin/pi0-sim run --bundle $(DEMO)/bundle --seed $(DEMO_SEED) --actions-per-chunk 25 --min-success-rate 1 \
 		--report $(DEMO)/report.json --video $(DEMO)/episode.mp4
 

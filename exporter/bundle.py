@@ -78,6 +78,7 @@ class BundleOptions:
     # Serve the `prompts` only: ship no tokenizer, and size the language token budget to the longest
     # of them (padding is masked, so the actions are the same; validation checks it).
     fixed_prompts_only: bool = False
+    default_prompt: str | None = None  # served to a request with none (else the training config's, if any)
     # Observations (OBS.npz, the request's field names) to calibrate fp16 ranges on, beside the
     # validation's own inputs: frames from the robot or from `pi0-sim record`.
     calibration: tuple[Path, ...] = ()
@@ -111,18 +112,47 @@ def _fixed_prompt(spec: PolicySpec, tokenizer: PromptTokenizer, prompt: str) -> 
     return FixedPrompt(prompt, state_table=table.to_dict())
 
 
-def _prompt_section(spec: PolicySpec, options: BundleOptions, work: Path) -> PromptSection:
+def _prompt_section(
+    spec: PolicySpec, options: BundleOptions, work: Path, default: str | None, log: Callable[[str], None]
+) -> PromptSection:
     section = PromptSection(style=spec.convention_set.prompt, max_length=spec.tokenizer_max_length, tokenizer=None)
     if options.tokenizer is None:
         if options.prompts:
             raise BundleBuildError("--prompt needs a tokenizer (--tokenizer PATH) to tokenize it at export")
-        return section
-    tokenizer = prompt_tokenizer(spec, options)
-    if not options.fixed_prompts_only:
-        shutil.copyfile(options.tokenizer, work / "tokenizer.model")
-        section.tokenizer = "tokenizer.model"
-    section.fixed = [_fixed_prompt(spec, tokenizer, prompt) for prompt in options.prompts]
+    else:
+        tokenizer = prompt_tokenizer(spec, options)
+        if not options.fixed_prompts_only:
+            shutil.copyfile(options.tokenizer, work / "tokenizer.model")
+            section.tokenizer = "tokenizer.model"
+        section.fixed = [_fixed_prompt(spec, tokenizer, prompt) for prompt in options.prompts]
+    section.default = default_prompt(section, options.default_prompt, default, log)
     return section
+
+
+def _config_prompt(policy: LoadedPolicy) -> str | None:
+    return policy.robot.default_prompt if policy.robot is not None else None
+
+
+def default_prompt(
+    section: PromptSection, given: str | None, configured: str | None, log: Callable[[str], None]
+) -> str | None:
+    """The prompt served when a request has none: the one given (`--default-prompt`, else the training
+    config's: openpi's `default_prompt`), else a fixed-prompt bundle's only prompt; only where the bundle
+    can tokenize it."""
+    fixed = [p.text for p in section.fixed]
+    if given is not None:
+        if section.tokenizer is None and given not in fixed:
+            raise BundleBuildError("--default-prompt needs a tokenizer (--tokenizer PATH) or to be one of --prompt")
+        return given
+    if configured is None:
+        return fixed[0] if section.tokenizer is None and len(fixed) == 1 else None
+    if section.tokenizer is None and configured not in fixed:
+        log(
+            f"      note: the training config's default prompt {configured!r} needs a tokenizer (--tokenizer) or "
+            "--prompt with it; requests without a prompt will be refused"
+        )
+        return None
+    return configured
 
 
 def token_budget(spec: PolicySpec, options: BundleOptions) -> int:
@@ -310,7 +340,8 @@ def build_bundle(
         precision=options.precision,
         model=asdict(dims),
         policy=spec,
-        prompt=_prompt_section(spec, options, work),
+        prompt=_prompt_section(spec, options, work, _config_prompt(policy), log),
+        robot=policy.robot,
         compiled={OM: CompiledTarget(device=soc or "")},  # "": atc.sh reads it where it runs
         graphs={name: _graph_entry(paths) for name, paths in files.items()},
         exporter={

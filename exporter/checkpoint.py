@@ -15,6 +15,7 @@ import torch
 
 from exporter.errors import ExportError
 from exporter.readers import READERS
+from runtime.bundle.robot import Robot
 from runtime.bundle.spec import PolicySpec
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ class LoadedPolicy:
     source: str  # the framework ("lerobot", "openpi") or "preset:<name>"
     details: dict[str, Any] = field(default_factory=dict)  # what else the reader found (e.g. the asset id)
     adapters: Adapters | None = None  # LoRA adapters merged into `model`, kept for the unmerged reference
+    robot: Robot | None = None  # the training config's robot, where the reader knows it (openpi)
 
 
 def checkpoint_directory(path: str | Path) -> Path:

@@ -110,6 +110,11 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     check_files("--tokenizer", args.tokenizer)
     check_files("--calibration", *(args.calibration or ()))
     check_out(args.out)
+    tokenized_on_robot = (args.tokenizer is not None or args.preset) and not args.fixed_prompts_only
+    if args.default_prompt is not None and not tokenized_on_robot and args.default_prompt not in (args.prompt or ()):
+        raise ExportError(
+            "--default-prompt needs a tokenizer shipped in the bundle (--tokenizer) or to be one of --prompt"
+        )
     policy = load_source(args)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = args.tokenizer or (preset_tokenizer(Path(tmp)) if args.preset else None)
@@ -118,6 +123,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             num_steps=args.num_steps,
             tokenizer=tokenizer,
             prompts=tuple(args.prompt or ()),
+            default_prompt=args.default_prompt,
             soc_version=args.soc_version,
             atc_mode=args.atc,
             validate=not args.no_validate,
@@ -200,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="TEXT",
         help="prompt(s) to pre-tokenize into the manifest, for clients that send no text",
+    )
+    bundle.add_argument(
+        "--default-prompt",
+        metavar="TEXT",
+        help="the prompt served to a request that sends none (default: the openpi config's default_prompt; "
+        "else a --fixed-prompts-only bundle's only prompt); needs --tokenizer or to be one of --prompt",
     )
     bundle.add_argument(
         "--soc-version",

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from exporter.dims import PRESETS
 from exporter.errors import ExportError
+from exporter.openpi_configs import ALOHA_SHORTHAND, CONFIGS
 from exporter.readers import READERS
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint",
         type=Path,
         metavar="DIR",
-        help="a LeRobot (v0.3 pi0, >= 0.4 pi0/pi05) or openpi (PyTorch pi0/pi0.5, or a JAX training step dir) checkpoint directory",
+        help="a LeRobot (v0.3 pi0; 0.4, 0.5, 0.6 pi0/pi05) or openpi (PyTorch pi0/pi0.5, or a JAX training step dir) checkpoint directory",
     )
     source.add_argument("--preset", choices=sorted(PRESETS), help="a random-weight pi0 with built-in dimensions")
     parser.add_argument(
@@ -71,11 +72,20 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
         "--asset-id",
         help="which assets/<asset id>/norm_stats.json to use when there are several (e.g. lerobot/aloha_sim_transfer_cube_human)",
     )
-    openpi.add_argument(
+    config = openpi.add_mutually_exclusive_group()
+    config.add_argument(
+        "--openpi-config",
+        metavar="NAME",
+        help="the openpi training config the checkpoint was trained with (required for openpi checkpoints: "
+        "it sets the robot's camera slots, ALOHA maps, delta actions, returned action dims, token budget and "
+        f"default prompt); one of {', '.join(sorted(CONFIGS))}",
+    )
+    config.add_argument(
         "--aloha",
-        action="store_true",
-        help="ALOHA's inputs and outputs (AlohaInputs/Outputs adapt_to_pi): cameras cam_high (required), "
-        "cam_left_wrist, cam_right_wrist (optional), joint flips and gripper maps",
+        action="store_const",
+        const=ALOHA_SHORTHAND,
+        dest="openpi_config",
+        help=f"shorthand for --openpi-config {ALOHA_SHORTHAND} (ALOHA's inputs and outputs, absolute actions)",
     )
     openpi.add_argument(
         "--action-horizon",
@@ -114,8 +124,8 @@ def load_source(args: argparse.Namespace) -> LoadedPolicy:
         options = {"source_format": args.format}
         if args.asset_id is not None:
             options["asset_id"] = args.asset_id
-        if args.aloha:
-            options["adapt_to_pi_aloha"] = True
+        if args.openpi_config is not None:
+            options["openpi_config"] = args.openpi_config
         for name in CHECKPOINT_NUMBERS:
             if getattr(args, name) is not None:
                 options[name] = getattr(args, name)

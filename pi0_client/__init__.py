@@ -11,6 +11,7 @@ from pi0_client.client import (
     PolicyError,
     RequestTooLargeError,
     ServerUnavailableError,
+    StateOutOfRangeWarning,
 )
 from pi0_client.metadata import Camera, Metadata, PromptInfo
 
@@ -25,4 +26,5 @@ __all__ = [
     "PromptInfo",
     "RequestTooLargeError",
     "ServerUnavailableError",
+    "StateOutOfRangeWarning",
 ]

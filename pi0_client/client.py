@@ -7,7 +7,8 @@
 A REQ socket with the ZeroMQ guide's lazy-pirate pattern: when a reply does not come within
 `timeout_s`, the socket is closed and reopened and the request sent again (`retries` times), so a
 restarted daemon is picked up and a late reply to an abandoned request can never be read as the
-answer to a new one. Error replies raise typed exceptions.
+answer to a new one. Error replies raise typed exceptions; a reply that says the state was outside the
+policy's training range (degrees for radians, a state normalized twice) raises a `StateOutOfRangeWarning`.
 
 A frame over the server's `max_frame_bytes` is not answered: the server drops the connection before
 reading it. Once `metadata()` has told the limits, such a request is refused here, before sending
@@ -17,6 +18,7 @@ reading it. Once `metadata()` has told the limits, such a request is refused her
 from __future__ import annotations
 
 import uuid
+import warnings
 from typing import Any
 
 import numpy as np
@@ -43,6 +45,19 @@ class BusyError(PolicyError):
 
 class RequestTooLargeError(PolicyError):
     """A frame or the request exceeds the limits the server's metadata states; nothing was sent."""
+
+
+class StateOutOfRangeWarning(UserWarning):
+    """The server served the request, but the state sent lies outside the policy's training range on the
+    dimensions `dims` names (each {"index", "value", "normalized", "bound"}): most often a state in degrees
+    instead of radians, or one normalized before sending (the server normalizes). `report` is the reply's
+    whole `state_out_of_range` field. With the server's `out_of_range = "refuse"` the request is refused
+    instead (`PolicyError`, code `out_of_range`)."""
+
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
+        self.dims = list(report.get("dims") or [])
 
 
 class ServerUnavailableError(TimeoutError):
@@ -165,11 +180,17 @@ class PolicyClient:
         """obs: arrays by LeRobot feature name (`observation.images.<camera>` uint8 HxWx3 or 3xHxW,
         `observation.state`; optionally `noise`, `lang_tokens`, `lang_masks`), plus `prompt` (str) and
         `seed` (int). Returns {"actions": [chunk, action_dim], "timing": {...}, "id": ...}, and "limits"
-        when the daemon checks action limits: {"violations": n, "first": [...], "clamped": bool}."""
+        when the daemon checks action limits: {"violations": n, "first": [...], "clamped": bool}. When the
+        state is outside the policy's training range, "state_out_of_range" (the reply's report) too, and a
+        `StateOutOfRangeWarning` naming the dimensions is raised with `warnings.warn`."""
         reply, reply_arrays = self.request("infer", *protocol.split_observation(obs))
         result = {"actions": reply_arrays["actions"], "timing": reply.get("timing", {}), "id": reply["id"]}
         if "limits" in reply:
             result["limits"] = reply["limits"]
+        report = reply.get(protocol.STATE_OUT_OF_RANGE)
+        if isinstance(report, dict):
+            result[protocol.STATE_OUT_OF_RANGE] = report
+            warnings.warn(StateOutOfRangeWarning(protocol.describe_state_out_of_range(report), report), stacklevel=2)
         return result
 
     def metadata(self) -> Metadata:

@@ -122,5 +122,27 @@ def _array(spec: Any, buffer: memoryview) -> tuple[str, np.ndarray]:
     return name, np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
+# The state guard (docs/reliability.md, "A state the policy never saw"): the infer reply's header key naming
+# the state dimensions beyond the training range (a warning: the actions are there), and the refusal's code.
+STATE_OUT_OF_RANGE = "state_out_of_range"
+OUT_OF_RANGE = "out_of_range"
+
+
+def describe_state_out_of_range(report: dict[str, Any]) -> str:
+    """A `state_out_of_range` report -> one line naming its dimensions (for a warning, a refusal, a log)."""
+    dims = report.get("dims") or []
+    listed = ", ".join(
+        f"dim {d.get('index')} = {d.get('value'):.4g} (normalized {d.get('normalized'):.4g})"
+        for d in dims
+        if isinstance(d, dict) and isinstance(d.get("value"), float) and isinstance(d.get("normalized"), float)
+    )
+    count = report.get("count", len(dims))
+    more = f" and {count - len(dims)} more" if isinstance(count, int) and count > len(dims) else ""
+    return (
+        f"state outside the policy's training range ({report.get('norm')} statistics, |normalized| <= "
+        f"{report.get('bound')}): {listed}{more}; sent in degrees instead of radians, or normalized already?"
+    )
+
+
 def error_header(request_id: Any, code: str, message: str) -> dict[str, Any]:
     return {"id": request_id, "ok": False, "error": {"code": code, "message": message}}

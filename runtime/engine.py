@@ -22,6 +22,7 @@ from pi0_client.metadata import Camera, Metadata, PromptInfo
 from runtime.backends import Backend
 from runtime.bundle.conventions import PromptStyle
 from runtime.bundle.manifest import Bundle
+from runtime.bundle.robot import Robot
 from runtime.bundle.spec import PolicySpec
 from runtime.errors import ApplianceError, ConfigError
 from runtime.pipeline import transforms
@@ -88,7 +89,8 @@ class Prompts:
     """A policy's prompt handling: its fixed prompts (tokenized at export), else its tokenizer, or
     tokens given directly. The engine's, and so the daemon's and the reference's alike. With
     `state_in_prompt` (pi0.5) the prompt's tokens depend on the state: fixed prompts then carry a
-    `StatePromptTable`, and the tokenizer formats the state's bins into the text."""
+    `StatePromptTable`, and the tokenizer formats the state's bins into the text. `default` is the prompt
+    of a request that gives neither text nor tokens (openpi's InjectDefaultPrompt)."""
 
     def __init__(
         self,
@@ -98,8 +100,10 @@ class Prompts:
         fixed: dict[str, tuple[list[int], list[bool]] | StatePromptTable] | None = None,
         tokenizer: Path | None = None,
         state_in_prompt: bool = False,
+        default: str | None = None,
     ) -> None:
         self.length = length
+        self.default = default
         self.vocab_size = vocab_size
         self.style = style
         self.state_in_prompt = state_in_prompt
@@ -124,6 +128,7 @@ class Prompts:
             fixed,
             bundle.tokenizer,
             spec.state_in_prompt,
+            section.default,
         )
 
     def __call__(
@@ -145,8 +150,9 @@ class Prompts:
             if tokens.min() < 0 or tokens.max() >= self.vocab_size:
                 raise EngineError("bad_request", "token ids outside the model's vocabulary")
             return tokens.astype(np.int64), mask.astype(bool)
+        prompt = self.default if prompt is None else prompt
         if prompt is None:
-            raise EngineError("bad_request", "give a prompt (text) or tokens")
+            raise EngineError("bad_request", "give a prompt (text) or tokens (this policy has no default prompt)")
         bins = transforms.discretize_state(state) if self.state_in_prompt and state is not None else None
         if self.state_in_prompt and bins is None:
             raise EngineError("bad_request", "this policy's prompt carries the state: the state is needed")
@@ -170,17 +176,33 @@ def _as_arrays(tokens: list[int], mask: list[bool]) -> tuple[np.ndarray, np.ndar
 
 
 class Engine:
-    def __init__(self, spec: PolicySpec, backend: Backend, prompts: Prompts, *, precision: str, source: str) -> None:
+    def __init__(
+        self,
+        spec: PolicySpec,
+        backend: Backend,
+        prompts: Prompts,
+        *,
+        precision: str,
+        source: str,
+        robot: Robot | None = None,
+    ) -> None:
         self.spec = spec
         self.backend = backend
         self.prompts = prompts
         self.precision = precision
         self.source = source
+        self.robot = robot
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, backend: Backend) -> Engine:
+        manifest = bundle.manifest
         return cls(
-            bundle.spec, backend, Prompts.from_bundle(bundle), precision=bundle.precision, source=bundle.manifest.source
+            bundle.spec,
+            backend,
+            Prompts.from_bundle(bundle),
+            precision=bundle.precision,
+            source=manifest.source,
+            robot=manifest.robot,
         )
 
     def with_num_steps(self, num_steps: int | None) -> Engine:
@@ -192,7 +214,7 @@ class Engine:
             spec = replace(self.spec, num_steps=num_steps)  # the spec refuses num_steps < 1
         except ValueError as e:
             raise ConfigError(str(e)) from e
-        return Engine(spec, self.backend, self.prompts, precision=self.precision, source=self.source)
+        return Engine(spec, self.backend, self.prompts, precision=self.precision, source=self.source, robot=self.robot)
 
     def close(self) -> None:
         self.backend.close()
@@ -219,11 +241,29 @@ class Engine:
             backend=self.backend.name,
             source=self.source,
             conventions=spec.conventions,
+            extra=self._robot_metadata(),
         )
 
+    def _robot_metadata(self) -> dict[str, Any]:
+        """Beside our fields: the training config's `policy_metadata` at the top level, as openpi's server
+        sends it (its `examples/aloha_real` reads `reset_pose` there), the robot's training config, the
+        default prompt and the delta action mask."""
+        extra: dict[str, Any] = {}
+        if self.robot is not None:
+            extra.update(self.robot.policy_metadata)
+            extra["robot"] = {"name": self.robot.name, "family": self.robot.family, "source": self.robot.source}
+        if self.prompts.default is not None:
+            extra["default_prompt"] = self.prompts.default
+        if self.spec.delta_action_mask is not None:
+            extra["delta_action_mask"] = list(self.spec.delta_action_mask)
+        return extra
+
     def _images(self, images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The cameras, checked against the policy's and stripped of a leading batch of 1."""
+        """The cameras, checked against the policy's and stripped of a leading batch of 1; those the robot's
+        inputs accept without a model slot for them (ALOHA's cam_low) are dropped."""
         keys = list(self.spec.camera_keys)
+        unused = set(self.robot.unused_cameras) if self.robot is not None else set()
+        images = {key: image for key, image in images.items() if key not in unused}  # as openpi's inputs do
         missing, extra = set(keys) - set(images) - set(self.spec.optional_cameras), set(images) - set(keys)
         if extra:
             raise EngineError(
@@ -265,7 +305,9 @@ class Engine:
             raise EngineError("bad_request", f"noise must be {list(shape)} finite floats")
         return noise.astype(np.float32).reshape(shape)
 
-    def _inpainting(self, obs: Observation, noise: np.ndarray) -> tuple[Inpainting | None, np.ndarray | None]:
+    def _inpainting(
+        self, obs: Observation, raw_state: np.ndarray, noise: np.ndarray
+    ) -> tuple[Inpainting | None, np.ndarray | None]:
         """Real-time chunking's inpainting for a request that carries the previous chunk's actions."""
         if obs.prev_actions is None:
             return None, None
@@ -286,7 +328,7 @@ class Engine:
         if obs.delay > prev.shape[0]:
             raise EngineError("bad_request", f"delay {obs.delay} exceeds the {prev.shape[0]} prev_actions given")
         prev = prev.astype(np.float32)
-        return inpainting(actions_to_model(spec, prev), obs.delay, spec.chunk_size, noise), prev
+        return inpainting(actions_to_model(spec, prev, raw_state), obs.delay, spec.chunk_size, noise), prev
 
     def infer(
         self, obs: Observation, trace: dict[str, np.ndarray] | None = None
@@ -294,10 +336,11 @@ class Engine:
         """-> actions [chunk, action_dim] in the robot's units, and a timing breakdown in ms.
         `trace`, when given, receives every stage's tensors (network inputs, noise, each step, output)."""
         start = time.perf_counter()
-        images, state = self._images(obs.images), model_state(self.spec, self._state(obs.state))
+        raw_state = self._state(obs.state)
+        images, state = self._images(obs.images), model_state(self.spec, raw_state)
         tokens, token_mask = self.prompts(obs.prompt, obs.tokens, obs.token_mask, prompt_state(self.spec, state))
         noise = self._noise(obs)
-        inpaint, prev = self._inpainting(obs, noise)
+        inpaint, prev = self._inpainting(obs, raw_state, noise)
         try:
             inputs = preprocess(self.spec, images, state, tokens, token_mask)
         except ValueError as e:  # an image the resize cannot fit (too thin)
@@ -312,7 +355,7 @@ class Engine:
             cache.release()
         t_expert = time.perf_counter()
 
-        actions = postprocess(self.spec, x)[0]
+        actions = postprocess(self.spec, x, raw_state)[0]
         if prev is not None:  # executed while this chunk was computed: exactly the previous chunk's
             actions[: obs.delay] = prev[: obs.delay]
         if trace is not None:

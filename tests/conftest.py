@@ -197,6 +197,21 @@ def export_cli(checkpoint: Path, out: Path, precision: str, *extra: str) -> Path
     return out
 
 
+def export_fixtures(factory: pytest.TempPathFactory, names: tuple[str, ...]) -> dict[tuple[str, str], Path]:
+    """Each fixture (its checkpoint with its tokenizer.model) exported by the CLI in fp32 and fp16."""
+    return {
+        (name, precision): export_cli(
+            FIXTURES / name / "checkpoint",
+            factory.mktemp(name) / precision,
+            precision,
+            "--tokenizer",
+            str(FIXTURES / name / "tokenizer.model"),
+        )
+        for name in names
+        for precision in ("fp32", "fp16")
+    }
+
+
 def inspect_cli(checkpoint: Path, *extra: str) -> dict:
     """`pi0-export inspect --checkpoint C EXTRA...` -> its JSON report; fails the test on a non-zero exit."""
     import json

@@ -331,7 +331,7 @@ def test_openpi_pi05_fixture_through_acl(acl, tmp_path: Path, ascend_tools: Path
     fixture = FIXTURES / "openpi-pi05-tiny"
     data = np.load(fixture / "golden.npz", allow_pickle=False)
     out = tmp_path / "bundle"
-    policy = load_checkpoint(fixture / "checkpoint", adapt_to_pi_aloha=True, max_token_len=80)
+    policy = load_checkpoint(fixture / "checkpoint", openpi_config="pi0_aloha_sim", max_token_len=80)
     build_bundle(policy, out, BundleOptions(atc_mode="always", allow_ai_cpu=True), **QUIET)  # fp32, vs fp32 golden
     bundle = load_bundle(out)
     images = {k.split("::", 1)[1]: data[k][0] for k in data.files if k.startswith("image::")}

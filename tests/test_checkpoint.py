@@ -70,20 +70,35 @@ def write_openpi(tmp_path: Path, preset, stats_len: int = 14) -> Path:
 
 def test_openpi_checkpoint(tmp_path: Path) -> None:
     preset = build_preset("pi0-dummy", seed=6)
-    loaded = load_checkpoint(write_openpi(tmp_path, preset), adapt_to_pi_aloha=True)
+    loaded = load_checkpoint(write_openpi(tmp_path, preset), openpi_config="pi0_aloha")
     assert loaded.source == "openpi"
     spec = loaded.spec
     assert spec.camera_keys == ("cam_high", "cam_left_wrist", "cam_right_wrist")
     assert spec.optional_cameras == ("cam_left_wrist", "cam_right_wrist")
     assert (spec.conventions, spec.tokenizer_max_length, spec.state_dim, spec.action_dim) == ("openpi", 48, 14, 14)
     assert spec.state_norm.eps == 1e-6 and spec.adapt_to_pi_aloha and spec.chunk_size == 50
-    generic = load_checkpoint(tmp_path, max_token_len=20).spec  # no robot transforms: openpi's slot names
-    assert (
-        generic.camera_keys == ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb") and not generic.optional_cameras
-    )
-    assert generic.tokenizer_max_length == 20
+    # pi0_aloha trains on delta joint actions (grippers absolute), relative to AlohaInputs' state
+    assert spec.delta_action_mask == (True,) * 6 + (False,) + (True,) * 6 + (False,)
+    assert spec.delta_reference == "adapted_state"
+    assert loaded.robot.name == "pi0_aloha" and loaded.robot.policy_metadata == {"reset_pose": [0, -1.5, 1.5, 0, 0, 0]}
+    libero = load_checkpoint(tmp_path, openpi_config="pi0_libero", max_token_len=20).spec
+    assert libero.camera_keys == ("observation/image", "observation/wrist_image") and libero.empty_cameras == 1
+    assert (libero.state_dim, libero.action_dim, libero.tokenizer_max_length) == (8, 7, 20)
+    assert libero.delta_action_mask == (True,) * 6 + (False,) and not libero.adapt_to_pi_aloha
     for name, tensor in preset.model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_an_openpi_checkpoint_needs_its_training_config(tmp_path: Path) -> None:
+    """Delta actions, camera slots and returned dims are in openpi's training config, not the checkpoint:
+    without a config named, nothing is guessed."""
+    write_openpi(tmp_path, build_preset("pi0-dummy"))
+    with pytest.raises(CheckpointError, match=r"--openpi-config NAME, one of: .*pi0_aloha, .*pi0_libero"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match=r"unknown openpi config 'pi0_alhoa'; known: "):
+        load_checkpoint(tmp_path, openpi_config="pi0_alhoa")
+    with pytest.raises(CheckpointError, match=r"pi0_fast_libero is a pi0-FAST config"):
+        load_checkpoint(tmp_path, openpi_config="pi0_fast_libero")
 
 
 def test_openpi_asset_choice(tmp_path: Path) -> None:
@@ -96,14 +111,17 @@ def test_openpi_asset_choice(tmp_path: Path) -> None:
     (tmp_path / "assets" / "lerobot" / "aloha_sim" / "norm_stats.json").write_text(
         (tmp_path / "assets" / "trossen" / "norm_stats.json").read_text()
     )
+    sim = {"openpi_config": "pi0_aloha_sim"}  # its asset id (lerobot/aloha_sim_transfer_cube_human) is not here
     with pytest.raises(CheckpointError, match=r"several assets \['lerobot/aloha_sim', 'other', 'trossen'\]"):
-        load_checkpoint(tmp_path)
+        load_checkpoint(tmp_path, **sim)
     with pytest.raises(
         CheckpointError, match=r"no assets/nope/norm_stats.json; asset ids found: \['lerobot/aloha_sim'"
     ):
-        load_checkpoint(tmp_path, asset_id="nope")
-    assert load_checkpoint(tmp_path, asset_id="other").details == {"asset_id": "other"}
-    assert load_checkpoint(tmp_path, asset_id="lerobot/aloha_sim").details == {"asset_id": "lerobot/aloha_sim"}
+        load_checkpoint(tmp_path, asset_id="nope", **sim)
+    assert load_checkpoint(tmp_path, asset_id="other", **sim).details["asset_id"] == "other"
+    assert load_checkpoint(tmp_path, asset_id="lerobot/aloha_sim", **sim).details["asset_id"] == "lerobot/aloha_sim"
+    # among several, the training config's own asset id (pi0_aloha: "trossen") is the one
+    assert load_checkpoint(tmp_path, openpi_config="pi0_aloha").details["asset_id"] == "trossen"
 
 
 def test_unrecognized_directories_are_refused(tmp_path: Path) -> None:
@@ -134,7 +152,7 @@ def test_options_a_reader_does_not_take_are_refused_by_name(tmp_path: Path) -> N
         load_checkpoint(lerobot, adapt_to_pi_aloha=True)
     openpi = write_openpi(tmp_path, build_preset("pi0-dummy"))
     with pytest.raises(CheckpointError, match=r"options \['lora_alpha'\] do not apply to openpi checkpoints"):
-        load_checkpoint(openpi, lora_alpha=16.0, asset_id="trossen")
+        load_checkpoint(openpi, lora_alpha=16.0, asset_id="trossen", openpi_config="pi0_aloha")
 
 
 def test_unknown_siglip_width_is_refused(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, check_actions, export_cli, infer_cli, inspect_cli
+from conftest import FIXTURES, check_actions, export_fixtures, infer_cli, inspect_cli
 
 from exporter.checkpoint import CheckpointError, load_checkpoint
 from exporter.validate import compare
@@ -73,17 +73,7 @@ def test_postprocessing_alone(golden: Golden04) -> None:
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
-    return {
-        (name, precision): export_cli(
-            FIXTURES / name / "checkpoint",
-            tmp_path_factory.mktemp(name) / precision,
-            precision,
-            "--tokenizer",
-            str(FIXTURES / name / "tokenizer.model"),
-        )
-        for name in NAMES
-        for precision in ("fp32", "fp16")
-    }
+    return export_fixtures(tmp_path_factory, NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -41,7 +41,7 @@ class OpenpiGolden:
         self.tokenizer = self.root / "tokenizer.model" if (self.root / "tokenizer.model").is_file() else None
 
     def load(self):
-        return load_checkpoint(self.checkpoint, adapt_to_pi_aloha=True, max_token_len=MAX_TOKEN_LEN[self.name])
+        return load_checkpoint(self.checkpoint, openpi_config="pi0_aloha_sim", max_token_len=MAX_TOKEN_LEN[self.name])
 
     def request(self, with_tokens: bool = True) -> dict:
         """The client's request: openpi's ALOHA camera names, the raw state, the golden noise."""

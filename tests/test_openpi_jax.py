@@ -94,8 +94,10 @@ def test_attention_output_adapters_sum_over_heads() -> None:
 
 
 def test_what_a_jax_checkpoint_cannot_tell_is_asked_for() -> None:
-    with pytest.raises(CheckpointError, match="does not store the training config's action_horizon"):
-        load_checkpoint(FIXTURES / FULL / "checkpoint", adapt_to_pi_aloha=True)
+    with pytest.raises(CheckpointError, match=r"name it with --openpi-config NAME, one of: .*pi0_aloha_sim"):
+        load_checkpoint(FIXTURES / FULL / "checkpoint")
+    # no weight's shape shows the action horizon: the named config's applies (pi0_aloha_sim: Pi0Config's 50)
+    assert load_checkpoint(FIXTURES / FULL / "checkpoint", openpi_config="pi0_aloha_sim").spec.chunk_size == 50
 
 
 def test_inspect_reads_a_jax_pi05() -> None:
@@ -114,7 +116,7 @@ def test_an_adapter_that_cannot_be_placed_is_an_error(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(openpi_jax, "read_params", with_a_stray_adapter)
     with pytest.raises(CheckpointError, match=r"cannot place: \['PaliGemma/llm/layers/attn/qkv_einsum/lora_a'\]"):
-        load_checkpoint(FIXTURES / LORA / "checkpoint", adapt_to_pi_aloha=True, action_horizon=16)
+        load_checkpoint(FIXTURES / LORA / "checkpoint", openpi_config="pi0_aloha_sim", action_horizon=16)
 
 
 def test_inspect_lists_the_adapters() -> None:

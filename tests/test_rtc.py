@@ -36,7 +36,7 @@ def test_the_weights_are_the_rtc_papers_soft_mask() -> None:
 @pytest.fixture(scope="module")
 def pi05_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     name = "openpi-pi05-tiny"
-    policy = load_checkpoint(FIXTURES / name / "checkpoint", adapt_to_pi_aloha=True, max_token_len=80)
+    policy = load_checkpoint(FIXTURES / name / "checkpoint", openpi_config="pi0_aloha_sim", max_token_len=80)
     out = tmp_path_factory.mktemp("pi05") / "bundle"
     build_bundle(policy, out, BundleOptions(tokenizer=FIXTURES / name / "tokenizer.model", validate=False), **QUIET)
     return out

@@ -248,7 +248,7 @@ def test_openpi_bundles_drive_the_sim_with_openpis_camera_names(name: str, tmp_p
     tokenizer: both use the pi0.5 fixture's 320-piece one, which fits their vocabulary.)"""
     out = tmp_path / "bundle"
     options = BundleOptions(tokenizer=FIXTURES / "openpi-pi05-tiny" / "tokenizer.model")
-    policy = load_checkpoint(FIXTURES / name / "checkpoint", adapt_to_pi_aloha=True, max_token_len=80)
+    policy = load_checkpoint(FIXTURES / name / "checkpoint", openpi_config="pi0_aloha_sim", max_token_len=80)
     build_bundle(policy, out, options, **QUIET)
     report_path = tmp_path / "report.json"
     argv = ["run", "--bundle", str(out), "--prompt", "Transfer cube", "--max-steps", "8", "--actions-per-chunk", "4"]

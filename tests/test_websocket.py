@@ -98,11 +98,24 @@ def test_errors_are_a_text_frame_then_close_1011_and_a_new_connection_is_served(
     with pytest.raises(websockets.exceptions.ConnectionClosedError) as closed:
         policy.infer(aloha_obs(0))
     assert closed.value.rcvd.code == 1011
-    with pytest.raises(RuntimeError, match="camera 'cam_left' is not one of"):
+    with pytest.raises(RuntimeError, match=r"camera 'cam_left' is neither one of this policy's .* nor ALOHA's"):
         WebsocketClientPolicy("127.0.0.1", port).infer(
             {"images": {"cam_left": np.zeros((3, 8, 8), np.uint8)}, "state": np.zeros(14)}
         )
     assert WebsocketClientPolicy("127.0.0.1", port).infer(aloha_obs(3))["actions"].shape == (50, 14)
+
+
+def test_alohas_whole_camera_set_and_float_frames_are_taken_as_openpi_takes_them(served) -> None:
+    """openpi's AlohaInputs accepts cam_high, cam_low, cam_left_wrist, cam_right_wrist and leaves unused what
+    no model slot takes; its `_parse_image` takes float frames in [0, 1] as 255 x frame cast to uint8."""
+    _, port = served
+    policy = WebsocketClientPolicy("127.0.0.1", port)
+    obs = {**aloha_obs(4), "seed": 3}
+    binary = (obs["images"]["cam_high"] >= 128).astype(np.uint8) * np.uint8(255)  # exact in float: 0.0 and 1.0
+    want = policy.infer({**obs, "images": {"cam_high": binary}})["actions"]
+    low = np.zeros((3, 480, 640), np.uint8)
+    as_float = {"cam_high": binary.astype(np.float32) / np.float32(255), "cam_low": low}
+    np.testing.assert_array_equal(policy.infer({**obs, "images": as_float})["actions"], want)
 
 
 def test_health_check(served) -> None:

@@ -7,6 +7,7 @@ Importing this package imports no reader (and so no torch).
 
 # Each reader's FORMAT -> its module; `detect` is asked in this order.
 READERS = {
+    "lerobot-0.6": "exporter.readers.lerobot_v06",
     "lerobot-0.4": "exporter.readers.lerobot_v04",
     "lerobot-0.3": "exporter.readers.lerobot_v03",
     "openpi": "exporter.readers.openpi_pytorch",

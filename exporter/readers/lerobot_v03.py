@@ -81,7 +81,7 @@ def load(directory: Path, dtype: torch.dtype = torch.float32) -> LoadedPolicy:
     if (directory / PREPROCESSOR).is_file():
         raise CheckpointError(
             f"{directory} is a LeRobot >= 0.4 checkpoint ({PREPROCESSOR} beside the weights): read it as "
-            "lerobot-0.4 (--format lerobot-0.4, or let the format be detected)"
+            "lerobot-0.4 or lerobot-0.6 (let the format be detected: it tells the two apart)"
         )
     config = json.loads((directory / "config.json").read_text())
     if config.get("type") != "pi0":

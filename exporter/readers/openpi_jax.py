@@ -5,8 +5,8 @@ The arrays are read with tensorstore alone (the exporter's optional `jax` extra;
 key path ending in `value` (the saved tree is `{"params": nnx.State}`). Scanned layers carry the layer on
 axis 0; `_1` names the action expert. Each array is mapped onto our module names in our layouts
 (`exporter/lora.py` for the adapters, merged at export). A JAX checkpoint does not store what its training
-config knew: `action_horizon` must be given (it is not in any shape), and the rest is openpi's default or
-a flag (`exporter.readers.openpi_pytorch.OpenpiOptions`). An array or adapter this reader cannot place is
+config knew: the config is named (`exporter.openpi_configs`), its `action_horizon` applies unless given (it
+is not in any shape), and the rest is a flag (`exporter.readers.openpi_pytorch.OpenpiOptions`). An array or adapter this reader cannot place is
 an error, never dropped.
 """
 
@@ -22,7 +22,7 @@ import torch
 from exporter.checkpoint import CheckpointError, LoadedPolicy
 from exporter.lora import Adapter, merge_
 from exporter.readers.openpi_pytorch import OPTIONS as OPENPI_OPTIONS
-from exporter.readers.openpi_pytorch import OpenpiOptions, norm_stats_files, openpi_policy
+from exporter.readers.openpi_pytorch import OpenpiOptions, chunk_size, norm_stats_files, openpi_policy
 from exporter.weights import SUFFIX_MODULES, model_from
 
 FORMAT = "openpi-jax"
@@ -209,11 +209,7 @@ def load(
     directory: Path, dtype: torch.dtype = torch.float32, lora_alpha: float | None = None, **options: Any
 ) -> LoadedPolicy:
     opts = OpenpiOptions(**options)
-    if opts.action_horizon is None:
-        raise CheckpointError(
-            f"{directory} is a JAX checkpoint, which does not store the training config's action_horizon "
-            "(no weight's shape shows it): give --action-horizon"
-        )
+    horizon = chunk_size(opts, None)  # a JAX checkpoint does not store it: given, else the config's
     m = _Mapper(read_params(directory / PARAMS))
     _vision(m)
     m.put("embed_tokens.weight", m.take("PaliGemma/llm/embedder/input_embedding"))
@@ -247,7 +243,7 @@ def load(
                 }
             ),
         }
-        policy = openpi_policy(model, directory, opts, opts.action_horizon, details)
+        policy = openpi_policy(model, directory, opts, horizon, details)
         policy.adapters = merged
         return policy
-    return openpi_policy(model, directory, opts, opts.action_horizon, details)
+    return openpi_policy(model, directory, opts, horizon, details)

@@ -1,6 +1,7 @@
 """openpi PyTorch checkpoints, pi0 and pi0.5, as `convert_jax_model_to_pytorch.py` writes them:
 `model.safetensors` (the later layout, no `model.` prefix), `config.json` (`action_dim`, `action_horizon`,
-...) and `assets/<asset id>/norm_stats.json`, the asset id being a repo id that may hold slashes.
+...) and `assets/<asset id>/norm_stats.json`, the asset id being a repo id that may hold slashes. The rest
+is the training config's, named by the user (`exporter.openpi_configs`).
 """
 
 from __future__ import annotations
@@ -13,20 +14,14 @@ from typing import Any
 import torch
 
 from exporter.checkpoint import CheckpointError, LoadedPolicy
+from exporter.openpi_configs import CONFIG_SOURCE, FAMILIES, OPENPI_COMMIT, OpenpiConfig, openpi_config
 from exporter.pi0 import Pi0
 from exporter.weights import build_model, check_spec_fits, read_weights
 from runtime.bundle.conventions import OPENPI
+from runtime.bundle.robot import Robot
 from runtime.bundle.spec import NormStats, PolicySpec
 
 FORMAT = SOURCE = "openpi"
-# openpi's camera slots, and the ALOHA cameras its AlohaInputs maps onto them (cam_high is required,
-# a missing wrist camera is a zero image with mask False; policies/aloha_policy.py).
-OPENPI_SLOTS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
-ALOHA_CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
-ALOHA_OPTIONAL = ("cam_left_wrist", "cam_right_wrist")
-ALOHA_FRAME = (3, 480, 640)
-# openpi's Pi0Config.max_token_len: 48 for pi0, 200 for pi0.5; a training config may set another.
-MAX_TOKEN_LEN = {"pi0": 48, "pi05": 200}
 NUM_STEPS = 10  # openpi's sample_actions default
 
 
@@ -40,9 +35,11 @@ def norm_stats_files(directory: Path) -> dict[str, Path]:
     return {f.parent.relative_to(assets).as_posix(): f for f in sorted(assets.rglob("norm_stats.json"))}
 
 
-def read_norm_stats(directory: Path, asset_id: str | None) -> tuple[str, dict]:
-    """The asset id chosen and its statistics; the only one when there is one, else the one named."""
+def read_norm_stats(directory: Path, asset_id: str | None, config_asset_id: str | None = None) -> tuple[str, dict]:
+    """The asset id chosen and its statistics: the one named; else the only one; else the training config's."""
     files = norm_stats_files(directory)
+    if asset_id is None and len(files) != 1 and config_asset_id in files:
+        asset_id = config_asset_id
     if asset_id is None and len(files) != 1:
         raise CheckpointError(
             f"{directory} has norm stats for several assets {sorted(files)}: name one with --asset-id"
@@ -64,57 +61,90 @@ def openpi_stats(stats: dict, quantiles: bool) -> NormStats:
 
 @dataclass(frozen=True)
 class OpenpiOptions:
-    """What openpi keeps in its training config rather than the checkpoint, as the caller tells it."""
+    """What openpi keeps in its training config rather than the checkpoint: the config by name
+    (`exporter.openpi_configs`), and the settings a user's copy of it may have changed."""
 
-    asset_id: str | None = None
-    adapt_to_pi_aloha: bool = False  # openpi's AlohaInputs/Outputs(adapt_to_pi=True)
+    openpi_config: str | None = None  # required: refused without one, with the list of choices
+    asset_id: str | None = None  # default: the only one in the checkpoint, else the config's
     num_steps: int = NUM_STEPS
-    max_token_len: int | None = None  # default: openpi's for the model type
-    action_horizon: int | None = None
+    max_token_len: int | None = None  # default: the config's
+    action_horizon: int | None = None  # default: the checkpoint's config.json, else the config's
 
 
 OPTIONS = tuple(f.name for f in fields(OpenpiOptions))  # what `load` takes
 
 
+def training_config(options: OpenpiOptions) -> OpenpiConfig:
+    try:
+        return openpi_config(options.openpi_config)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+
+
 def openpi_policy(model: Pi0, directory: Path, options: OpenpiOptions, chunk_size: int, details: dict) -> LoadedPolicy:
-    """Our model with openpi's conventions around it: pi0 or pi0.5 from the weights, the robot's state and
-    action dims from the norm stats, ALOHA's inputs and outputs when asked (else the three camera slots by
-    openpi's names, all required), the token budget and the flow steps from the options."""
-    asset_id, norm = read_norm_stats(directory, options.asset_id)
+    """Our model with openpi's conventions around it, as the named training config sets them up: its
+    robot family's camera slots, state and action dims and ALOHA maps, its delta actions, its token budget
+    and `discrete_state_input`; the flow steps from the options. pi0 or pi0.5 is told by the weights; where
+    the config's model is the other one (a user's variant, e.g. pi0.5 on `pi0_aloha_sim`'s data config),
+    the config's data transforms apply and Pi0Config's defaults follow the weights, as the details say."""
+    config = training_config(options)
+    family = FAMILIES[config.family]
     pi05 = model.dims.pi05
+    if pi05 != config.pi05:
+        trained = "pi05" if config.pi05 else "pi0"
+        note = f"{trained}; the weights are {model.dims.model_type}: its data transforms, Pi0Config's defaults for the weights"
+        details = {**details, "openpi_config_model": note}
+    asset_id, norm = read_norm_stats(directory, options.asset_id, config.asset_id)
     state_norm, action_norm = openpi_stats(norm["state"], pi05), openpi_stats(norm["actions"], pi05)
-    aloha = options.adapt_to_pi_aloha
-    cameras = ALOHA_CAMERAS if aloha else OPENPI_SLOTS
     spec = PolicySpec(
         conventions=OPENPI.name,
-        camera_keys=cameras,
-        camera_shapes=(ALOHA_FRAME if aloha else (3, 224, 224),) * len(cameras),
-        optional_cameras=ALOHA_OPTIONAL if aloha else (),
-        empty_cameras=0,
+        camera_keys=family.cameras,
+        camera_shapes=(family.camera_shape,) * len(family.cameras),
+        optional_cameras=family.optional_cameras,
+        empty_cameras=family.empty_slots,
         image_size=(224, 224),
-        state_dim=state_norm.size,
-        action_dim=action_norm.size,
+        state_dim=family.state_dim,
+        action_dim=family.action_dim,
         max_state_dim=model.dims.max_state_dim,
         max_action_dim=model.dims.max_action_dim,
         chunk_size=chunk_size,
         num_steps=options.num_steps,
-        tokenizer_max_length=options.max_token_len or MAX_TOKEN_LEN[model.dims.model_type],
-        adapt_to_pi_aloha=aloha,
+        tokenizer_max_length=options.max_token_len or config.token_budget(pi05),
+        adapt_to_pi_aloha=family.aloha_maps,
         state_norm=state_norm,
         action_norm=action_norm,
-        state_in_prompt=pi05,
+        state_in_prompt=config.state_in_prompt(pi05),
+        delta_action_mask=config.delta_action_mask,
+        delta_reference="adapted_state",
     )
     check_spec_fits(spec, model)
-    return LoadedPolicy(model=model, spec=spec, source=SOURCE, details={"asset_id": asset_id, **details})
+    robot = Robot(
+        name=config.name,
+        family=config.family,
+        source=f"{CONFIG_SOURCE} @ {OPENPI_COMMIT[:8]}; {family.source}",
+        state_keys=family.state_keys,
+        unused_cameras=family.unused_cameras,
+        default_prompt=config.default_prompt,
+        policy_metadata=dict(config.policy_metadata),
+    )
+    details = {"asset_id": asset_id, "openpi_config": config.name, **details}
+    return LoadedPolicy(model=model, spec=spec, source=SOURCE, details=details, robot=robot)
+
+
+def chunk_size(options: OpenpiOptions, checkpoint_horizon: int | None) -> int:
+    """The action horizon: the one given, else the checkpoint's own record, else the training config's."""
+    return options.action_horizon or checkpoint_horizon or training_config(options).action_horizon
 
 
 def load(directory: Path, dtype: torch.dtype = torch.float32, **options: Any) -> LoadedPolicy:
     """A converted checkpoint: the weights from model.safetensors, `action_horizon` from config.json
     (unless given); the rest as `OpenpiOptions` say."""
     opts = OpenpiOptions(**options)
+    training_config(opts)  # refused before the weights are read
     config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
     weights, names, extras = read_weights(directory / "model.safetensors")
     if extras:
         raise CheckpointError(f"{directory}: unexpected tensor {next(iter(extras))} in an openpi checkpoint")
     model = build_model(weights, names, dtype)
-    return openpi_policy(model, directory, opts, opts.action_horizon or int(config.get("action_horizon", 50)), {})
+    horizon = config.get("action_horizon")
+    return openpi_policy(model, directory, opts, chunk_size(opts, None if horizon is None else int(horizon)), {})

@@ -61,6 +61,23 @@ LEROBOT_04 = replace(
         "lerobot 0.4.4: lerobot/policies/pi05/processor_pi05.py (pi05_prepare_state_tokenizer_processor_step)",
     ),
 )
+# LeRobot >= 0.5 (0.5.x and 0.6.x) pads with 0 in [0, 1] units, as openpi does (the padded rows reach SigLIP
+# as -1), and writes pi0.5's state into the prompt with the robot's own dims, not padded to max_state_dim.
+LEROBOT_06 = replace(
+    LEROBOT_04,
+    name="lerobot-0.6",
+    pad_value=0.0,
+    prompt_state="robot",
+    sources=(
+        "lerobot 0.6.1: lerobot/policies/common/vla_utils.py (resize_with_pad_torch)",
+        "lerobot 0.6.1: lerobot/policies/pi0/modeling_pi0.py (_preprocess_images)",
+        "lerobot 0.6.1: lerobot/processor/normalize_processor.py",
+        "lerobot 0.6.1: lerobot/policies/pi0/processor_pi0.py (pi0_new_line_processor)",
+        "lerobot 0.6.1: lerobot/policies/pi05/processor_pi05.py (pi05_prepare_state_tokenizer_processor_step)",
+        "lerobot 0.6.1: lerobot/processor/relative_action_processor.py (relative_actions_processor, "
+        "absolute_actions_processor)",
+    ),
+)
 OPENPI = Conventions(
     name="openpi",
     resize="pil-bilinear",
@@ -78,7 +95,7 @@ OPENPI = Conventions(
         "openpi: src/openpi/models/tokenizer.py",
     ),
 )
-CONVENTIONS = {c.name: c for c in (LEROBOT_03, LEROBOT_04, OPENPI)}
+CONVENTIONS = {c.name: c for c in (LEROBOT_03, LEROBOT_04, LEROBOT_06, OPENPI)}
 
 
 def conventions_named(name: str) -> Conventions:

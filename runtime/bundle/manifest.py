@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.bundle.robot import Robot
 from runtime.bundle.spec import PolicySpec
 from runtime.errors import ApplianceError
 
@@ -66,6 +67,7 @@ class PromptSection:
     max_length: int
     tokenizer: str | None  # the tokenizer's file in the bundle, or None: fixed prompts (or tokens) only
     fixed: list[FixedPrompt] = field(default_factory=list)
+    default: str | None = None  # served when a request has neither prompt nor tokens
 
 
 ONNX = "onnx"  # the artefact every bundle has: the graphs themselves (`GraphEntry.onnx`)
@@ -112,6 +114,7 @@ class Manifest:
     checkpoint_token_budget: int | None = None  # the checkpoint's own, when the graphs take fewer
     validation: str | None = None  # the report's file
     files: dict[str, str] = field(default_factory=dict)  # every other file -> its sha256
+    robot: Robot | None = None  # the training config's robot, where the checkpoint's reader knows it
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -121,6 +124,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["policy"] = self.policy.to_dict()
+        d["robot"] = None if self.robot is None else self.robot.to_dict()
         return d
 
     @classmethod
@@ -132,6 +136,7 @@ class Manifest:
         d["compiled"] = {kind: CompiledTarget(**c) for kind, c in d.get("compiled", {}).items()}
         d["graphs"] = {name: GraphEntry(**g) for name, g in d["graphs"].items()}
         d["policy"] = PolicySpec.from_dict(d["policy"])
+        d["robot"] = None if d.get("robot") is None else Robot.from_dict(d["robot"])
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

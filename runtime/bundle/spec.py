@@ -16,6 +16,10 @@ import numpy as np
 from runtime.bundle.conventions import Conventions, conventions_named
 
 NormMode = Literal["mean_std", "quantiles", "quantile10"]
+# Which state delta (relative) actions are relative to: openpi's AbsoluteActions adds the state after the
+# robot's input adapter (AlohaInputs' decoded joints and grippers), before normalization; LeRobot 0.6's
+# AbsoluteActionsProcessorStep the raw state the robot sent (LeRobot has no input adapter).
+DeltaReference = Literal["adapted_state", "raw_state"]
 EpsRule = Literal["add", "lerobot"]
 STATS_OF_MODE = {"mean_std": ("mean", "std"), "quantiles": ("q01", "q99"), "quantile10": ("q10", "q90")}
 
@@ -93,6 +97,9 @@ class PolicySpec:
     ALOHA inputs do). `empty_cameras` slots follow them, always empty (LeRobot's convention).
     chunk_size is the number of action tokens the model denoises per call. `state_in_prompt` (pi0.5):
     the normalized state reaches the model as discretized tokens in the prompt.
+    `delta_action_mask` (delta / relative actions): True for each action dim the model predicts relative
+    to the state (the same dim of the state `delta_reference` names), False for an absolute one (a
+    gripper); dims past its length are absolute. None: every dim absolute.
     """
 
     conventions: str  # the name of a set in runtime.bundle.conventions
@@ -112,9 +119,13 @@ class PolicySpec:
     action_norm: NormStats | None = field(default=None)
     optional_cameras: tuple[str, ...] = ()
     state_in_prompt: bool = False
+    delta_action_mask: tuple[bool, ...] | None = None
+    delta_reference: DeltaReference = "adapted_state"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "camera_keys", tuple(self.camera_keys))
+        if self.delta_action_mask is not None:
+            object.__setattr__(self, "delta_action_mask", tuple(bool(v) for v in self.delta_action_mask))
         object.__setattr__(self, "optional_cameras", tuple(self.optional_cameras))
         object.__setattr__(self, "camera_shapes", tuple(tuple(int(v) for v in s) for s in self.camera_shapes))
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
@@ -136,12 +147,32 @@ class PolicySpec:
             raise ValueError("adapt_to_pi_aloha needs the 14-dim ALOHA state and action")
         if self.state_in_prompt and self.state_norm is None:
             raise ValueError("a state given as prompt tokens is discretized after normalization: it needs statistics")
+        self._check_delta_actions()
         for name, stats, dim in (
             ("state", self.state_norm, self.state_dim),
             ("action", self.action_norm, self.action_dim),
         ):
             if stats is not None and stats.size < dim:
                 raise ValueError(f"{name} statistics have {stats.size} entries, need {dim}")
+
+    def _check_delta_actions(self) -> None:
+        if self.delta_reference not in ("adapted_state", "raw_state"):
+            raise ValueError(f"delta_reference must be 'adapted_state' or 'raw_state', not {self.delta_reference!r}")
+        mask = self.delta_action_mask
+        if mask is None:
+            return
+        if len(mask) > min(self.action_dim, self.state_dim):
+            raise ValueError(
+                f"the delta action mask has {len(mask)} entries; the actions have {self.action_dim} dims and the "
+                f"state {self.state_dim}: each relative dim needs both"
+            )
+        if self.delta_reference == "raw_state" and self.adapt_to_pi_aloha:
+            raise ValueError("actions relative to the raw state with ALOHA's input adapter: no framework does that")
+
+    @property
+    def delta_dims(self) -> tuple[int, ...]:
+        """The action dims predicted relative to the state."""
+        return tuple(i for i, relative in enumerate(self.delta_action_mask or ()) if relative)
 
     @property
     def convention_set(self) -> Conventions:
@@ -175,6 +206,8 @@ class PolicySpec:
             "adapt_to_pi_aloha": self.adapt_to_pi_aloha,
             "state_norm": None if self.state_norm is None else self.state_norm.to_dict(),
             "action_norm": None if self.action_norm is None else self.action_norm.to_dict(),
+            "delta_action_mask": None if self.delta_action_mask is None else list(self.delta_action_mask),
+            "delta_reference": self.delta_reference,
         }
 
     @classmethod

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from runtime.daemon.auth import AuthConfigError, CurveConfig, check_exposure, is_network_endpoint
-from runtime.daemon.limits import ActionLimits
+from runtime.daemon.limits import ACTION_SETTINGS, ActionLimits, LimitsConfigError
+from runtime.daemon.state_guard import SETTINGS as STATE_SETTINGS
+from runtime.daemon.state_guard import StateRangeSettings
 from runtime.errors import ConfigError
 
 
@@ -20,6 +22,7 @@ class ServerConfig:
     status_interval_s: float = 5.0
     warm_up: bool = True  # one synthetic inference before READY=1
     limits: ActionLimits = field(default_factory=ActionLimits)
+    state_range: StateRangeSettings = field(default_factory=StateRangeSettings)  # the state guard: warn by default
     curve: CurveConfig | None = None  # for network endpoints: only allow-listed client keys are served
     max_frame_bytes: int | None = None  # None: derived from the bundle's cameras (runtime.daemon.intake)
     websocket: tuple[str, int] | None = None  # openpi's websocket endpoint (host, port), off when None
@@ -42,7 +45,10 @@ DEFAULTS: dict[str, Any] = {
     # each at max(2x its trained size, 1920x1080)); a larger one gets the connection dropped.
     "max_frame_bytes": _SERVER.max_frame_bytes,
     "log_interval_s": _SERVER.log_interval_s,  # refusals: first in full, then one summary per kind per interval
-    "limits": {},  # the [limits] table: joint_min, joint_max, max_step (one per action dimension), clamp
+    # The [limits] table: joint_min, joint_max, max_step (one per action dimension), clamp (runtime/daemon/limits.py);
+    # out_of_range ("warn", "refuse", "off"), state_max_z, state_quantile_margin, state_ignore: the state
+    # guard against a state outside the training statistics (runtime/daemon/state_guard.py).
+    "limits": {},
     # CURVE (see runtime/daemon/auth.py): the daemon's secret key file and a directory of allowed client keys.
     "curve_server_key": None,
     "curve_allowed_clients": None,
@@ -101,6 +107,20 @@ def websocket_settings(config: dict[str, Any]) -> tuple[tuple[str, int] | None, 
     return (host.strip("[]"), int(port)), keys
 
 
+def limits_settings(table: Any, action_dim: int) -> tuple[ActionLimits, StateRangeSettings]:
+    """The [limits] table -> the action limits and the state guard's settings."""
+    if not isinstance(table, dict):
+        raise LimitsConfigError("[limits] must be a table")
+    unknown = set(table) - set(ACTION_SETTINGS) - set(STATE_SETTINGS)
+    if unknown:
+        raise LimitsConfigError(
+            f"unknown [limits] settings {sorted(unknown)}; known: {sorted({*ACTION_SETTINGS, *STATE_SETTINGS})}"
+        )
+    state = {k: v for k, v in table.items() if k in STATE_SETTINGS}
+    actions = {k: v for k, v in table.items() if k not in STATE_SETTINGS}
+    return ActionLimits.from_config(actions, action_dim), StateRangeSettings.from_config(state)
+
+
 def server_config(config: dict[str, Any], action_dim: int) -> ServerConfig:
     """The settings as the server takes them; refuses a network endpoint without CURVE (unless allowed)."""
     curve = None
@@ -110,13 +130,15 @@ def server_config(config: dict[str, Any], action_dim: int) -> ServerConfig:
         curve = CurveConfig.from_files(Path(config["curve_server_key"]), Path(config["curve_allowed_clients"]))
     check_exposure(config["endpoint"], curve, config["allow_insecure_network"])
     websocket, api_keys = websocket_settings(config)
+    limits, state_range = limits_settings(config["limits"], action_dim)
     return ServerConfig(
         endpoint=config["endpoint"],
         queue_size=config["queue_size"],
         hang_timeout_s=config["hang_timeout_s"],
         max_frame_bytes=config["max_frame_bytes"],
         log_interval_s=config["log_interval_s"],
-        limits=ActionLimits.from_config(config["limits"], action_dim),
+        limits=limits,
+        state_range=state_range,
         curve=curve,
         websocket=websocket,
         api_keys=api_keys,

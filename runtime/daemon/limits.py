@@ -3,6 +3,7 @@ actions of a chunk, in the robot's units (after de-normalization).
 
 Violations are reported in the reply; the actions are changed only when `clamp` is set (an explicit
 opt-in; the reply then says so). Non-finite actions never get this far: the engine refuses them.
+The same [limits] table holds the state guard's settings (runtime.daemon.state_guard).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from runtime.errors import ApplianceError
 
 MAX_REPORTED = 16  # violations listed in a reply; the count covers them all
+ACTION_SETTINGS = ("joint_min", "joint_max", "max_step", "clamp")  # the [limits] keys for actions
 
 
 class LimitsConfigError(ApplianceError):
@@ -30,7 +32,7 @@ class ActionLimits:
 
     @classmethod
     def from_config(cls, config: dict[str, Any], action_dim: int) -> ActionLimits:
-        unknown = set(config) - {"joint_min", "joint_max", "max_step", "clamp"}
+        unknown = set(config) - set(ACTION_SETTINGS)
         if unknown:
             raise LimitsConfigError(f"unknown [limits] settings {sorted(unknown)}")
         arrays = {}

@@ -5,12 +5,15 @@ and state. Decoding uses `pi0_client.wire` (bounded, no pickle, no msgpack libra
 numeric dtypes become arrays.
 
 Observation key sets (openpi's policies/*_policy.py inputs):
-- ALOHA: `images: {cam_high, cam_left_wrist, cam_right_wrist}` (CHW or HWC uint8), `state`, `prompt`;
+- ALOHA: `images: {cam_high, cam_low, cam_left_wrist, cam_right_wrist}` (CHW or HWC), `state`, `prompt`; a
+  camera of that set that no model slot takes is accepted and left unused, as AlohaInputs does;
 - LIBERO: `observation/image`, `observation/wrist_image`, `observation/state`, `prompt`;
 - DROID: `observation/exterior_image_1_left`, `observation/wrist_image_left`,
   `observation/joint_position` + `observation/gripper_position` (the state, in that order), `prompt`.
 LIBERO's and DROID's images go to the bundle's cameras in order (base, then wrist), as openpi's
-LiberoInputs/DroidInputs put them in the base and left-wrist slots. Beyond openpi: `seed`, `noise`, and
+LiberoInputs/DroidInputs put them in the base and left-wrist slots (a bundle exported with openpi's LIBERO or
+DROID config takes these very keys). Frames may be uint8 or float in [0, 1], as openpi's `_parse_image` takes
+them. Beyond openpi: `seed`, `noise`, and
 real-time chunking's `prev_actions` and `delay` (runtime.pipeline.rtc) may be sent too.
 """
 
@@ -30,6 +33,7 @@ NUMERIC_KINDS = "biuf"
 # openpi's ALOHA camera names -> LeRobot's for the same camera (openpi's aloha_sim example feeds gym-aloha's
 # `top` as cam_high), so that a LeRobot ALOHA bundle takes openpi's robot code unchanged.
 CAMERA_ALIASES = {"cam_high": "top"}
+ALOHA_CAMERAS = ("cam_high", "cam_low", "cam_left_wrist", "cam_right_wrist")  # AlohaInputs.EXPECTED_CAMERAS
 LIBERO_IMAGES = ("observation/image", "observation/wrist_image")
 DROID_IMAGES = ("observation/exterior_image_1_left", "observation/wrist_image_left")
 EXTRAS = ("prompt", "seed", "noise", "prev_actions", "delay")
@@ -85,11 +89,23 @@ def encode(value: Any) -> bytes:
     return wire.pack(_plain(value))
 
 
-def _camera(name: str, keys: tuple[str, ...]) -> str:
+def _camera(name: str, keys: tuple[str, ...]) -> str | None:
+    """The bundle's camera an ALOHA camera name is; None for one of ALOHA's cameras that no model slot
+    takes (openpi's AlohaInputs accepts its whole set and leaves those unused)."""
     for candidate in (name, IMAGE_PREFIX + name, IMAGE_PREFIX + CAMERA_ALIASES.get(name, name)):
         if candidate in keys:
             return candidate
-    raise ObservationError(f"camera {name!r} is not one of this policy's {list(keys)}")
+    if name in ALOHA_CAMERAS:
+        return None
+    raise ObservationError(f"camera {name!r} is neither one of this policy's {list(keys)} nor ALOHA's")
+
+
+def _image(value: Any, name: str) -> np.ndarray:
+    """A frame as openpi's `_parse_image` takes it: uint8, or float in [0, 1] (scaled by 255 and cast)."""
+    image = _numeric(value, name)
+    if image.dtype.kind == "f":
+        return (255 * image).astype(np.uint8)
+    return image
 
 
 def _numeric(value: Any, name: str) -> np.ndarray:
@@ -104,7 +120,7 @@ def _numeric(value: Any, name: str) -> np.ndarray:
 
 
 def _in_order(obs: dict, names: tuple[str, ...], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-    return {keys[i]: _numeric(obs[name], name) for i, name in enumerate(names) if name in obs and i < len(keys)}
+    return {keys[i]: _image(obs[name], name) for i, name in enumerate(names) if name in obs and i < len(keys)}
 
 
 def observation(obs: Any, metadata: Metadata) -> Observation:
@@ -115,7 +131,8 @@ def observation(obs: Any, metadata: Metadata) -> Observation:
     if "images" in obs:
         if not isinstance(obs["images"], dict):
             raise ObservationError("'images' must map camera names to frames")
-        images = {_camera(str(name), keys): _numeric(frame, f"images.{name}") for name, frame in obs["images"].items()}
+        cameras = {str(name): (_camera(str(name), keys), frame) for name, frame in obs["images"].items()}
+        images = {key: _image(frame, f"images.{name}") for name, (key, frame) in cameras.items() if key is not None}
         state, used = obs.get("state"), {"images", "state"}
     elif LIBERO_IMAGES[0] in obs:
         images, state, used = (
@@ -131,7 +148,13 @@ def observation(obs: Any, metadata: Metadata) -> Observation:
             if any(p is None for p in parts)
             else np.concatenate([np.ravel(_numeric(p, n)) for p, n in zip(parts, names, strict=True)])
         )
-        used = {*DROID_IMAGES, "observation/joint_position", "observation/gripper_position"}
+        # DroidInputs reads these and ignores the rest; the second exterior camera is in no pi0 slot
+        used = {
+            *DROID_IMAGES,
+            "observation/exterior_image_2_left",
+            "observation/joint_position",
+            "observation/gripper_position",
+        }
         images = _in_order(obs, DROID_IMAGES, keys)
     else:
         raise ObservationError(
@@ -157,10 +180,14 @@ def observation(obs: Any, metadata: Metadata) -> Observation:
 
 
 def reply(header: dict[str, Any], arrays: dict[str, np.ndarray], infer_ms: float) -> dict[str, Any]:
-    """Our reply -> openpi's: `actions`, `policy_timing` (the engine's stages), `server_timing`."""
+    """Our reply -> openpi's: `actions`, `policy_timing` (the engine's stages), `server_timing`; beyond
+    openpi (its clients ignore unknown keys), `limits` and the state guard's `state_out_of_range`."""
+    from pi0_client.protocol import STATE_OUT_OF_RANGE  # here: this edit stays inside `reply`
+
+    extras = ("limits", STATE_OUT_OF_RANGE)
     return {
         "actions": arrays["actions"],
         "policy_timing": {"infer_ms": header["timing"]["total_ms"], **header["timing"]},
         "server_timing": {"infer_ms": infer_ms},
-        **({"limits": header["limits"]} if "limits" in header else {}),
+        **{key: header[key] for key in extras if key in header},
     }

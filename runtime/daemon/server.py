@@ -39,7 +39,12 @@ log = logging.getLogger("pi0-runtime")
 class Server:
     def __init__(self, engine_factory: Callable[[], ServedEngine], config: ServerConfig) -> None:
         self.service = Service(
-            engine_factory, config.limits, config.queue_size, config.max_frame_bytes, config.log_interval_s
+            engine_factory,
+            config.limits,
+            config.queue_size,
+            config.max_frame_bytes,
+            config.log_interval_s,
+            config.state_range,
         )
         self.config = config
         self.work = WorkQueue(self.service.execute, config.queue_size)
@@ -154,6 +159,8 @@ class Server:
         else:
             log.info("ready on %s", self.config.endpoint)
         log.info("intake: %s", self.service.intake.describe())
+        guard = self.service.state_guard
+        log.info("%s", guard.describe() if guard is not None else "state range: not checked")
         # Everything the loop will import lazily, imported now: once a flood of connections has taken
         # every descriptor the unit allows, an import (numpy's percentile pulls in numpy.ma) fails with
         # EMFILE and would end the loop (seen under LimitNOFILE in the nspawn test).
@@ -173,6 +180,7 @@ class Server:
                 self._handle(router)
             if self.service.refusals.flush():
                 give_back_memory()  # after a burst of refused requests and connections
+            self.service.warnings.flush()
             now = time.monotonic()
             if ping_every and now - last_ping >= ping_every and self.healthy():
                 systemd.notify("WATCHDOG=1")

@@ -4,6 +4,10 @@
 Transport-free and synchronous: `handle(frames)` returns the reply's frames, or for `infer` a job that
 `run(job)` turns into them (the transport decides when: `runtime.daemon.server` runs jobs one at a time on a
 worker thread). Every refusal goes through `refuse`, so each is counted, logged and encoded alike.
+
+Before the engine runs, the state guard (`runtime.daemon.state_guard`) holds the request's state to the
+policy's training statistics: out of range, the request is refused (`out_of_range`) or served with a
+`state_out_of_range` warning in its reply, counted and logged like refusals (`warnings`, per interval).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pi0_client.metadata import Metadata
 from runtime.daemon.intake import Intake
 from runtime.daemon.limits import ActionLimits
 from runtime.daemon.refusals import RefusalLog
+from runtime.daemon.state_guard import StateGuard, StateRangeSettings
 from runtime.daemon.stats import Stats
 from runtime.engine import EngineError
 from runtime.pipeline.observation import Observation, ObservationError
@@ -30,7 +35,8 @@ log = logging.getLogger("pi0-runtime")
 
 class ServedEngine(Protocol):
     """What the service needs from what it serves: `runtime.engine.Engine`, or a stand-in with the same
-    surface (the sim's scripted oracle), so that a client cannot tell them apart."""
+    surface (the sim's scripted oracle), so that a client cannot tell them apart. One with a `spec` (a
+    `PolicySpec` with state statistics, as `Engine` has) gets the state guard too."""
 
     def metadata(self) -> Metadata: ...
 
@@ -47,6 +53,7 @@ class InferJob:
     request_id: Any
     observation: Observation
     received: float  # time.perf_counter() when it arrived
+    peer: Peer | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,7 @@ class Service:
         queue_size: int = 4,
         max_frame_bytes: int | None = None,
         log_interval_s: float = 10.0,
+        state_range: StateRangeSettings | None = None,
     ) -> None:
         self.engine_factory = engine_factory
         self.engine = engine_factory()
@@ -72,6 +80,9 @@ class Service:
         self.intake = Intake.for_metadata(self.engine.metadata(), queue_size, max_frame_bytes)
         self.stats = Stats()
         self.refusals = RefusalLog(log_interval_s)
+        self.warnings = RefusalLog(log_interval_s, verb="warned")  # served, with a warning in the reply
+        # None: turned off, or nothing to check against (an engine without state statistics)
+        self.state_guard = StateGuard.for_engine(self.engine, state_range or StateRangeSettings())
 
     def refusal(self, request_id: Any, code: str, message: str, peer: Peer | None = None) -> dict[str, Any]:
         """Count and log (rate-limited) one refusal -> its reply header."""
@@ -123,7 +134,7 @@ class Service:
             message = f"request of {size} bytes exceeds this server's {self.intake.max_request_bytes} (metadata max_request_bytes)"
             return self.refuse(request_id, "bad_request", message, peer)
         try:
-            return InferJob(request_id, Observation.from_request(header, arrays), received)
+            return InferJob(request_id, Observation.from_request(header, arrays), received, peer)
         except ObservationError as e:
             return self.refuse(request_id, "bad_request", str(e), peer)
 
@@ -134,15 +145,26 @@ class Service:
     def execute(self, job: InferJob) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Run the engine on one job -> the reply's header and arrays (`actions`), or an error header;
         each transport encodes it its own way."""
+        state_report = self._check_state(job)
+        if state_report is not None and self.state_guard.refuses:
+            message = protocol.describe_state_out_of_range(state_report) + " (nothing was computed)"
+            header = self.refusal(job.request_id, protocol.OUT_OF_RANGE, message, job.peer)
+            return {**header, protocol.STATE_OUT_OF_RANGE: state_report}, {}
         try:
             actions, timing = self.engine.infer(job.observation)
         except EngineError as e:
-            return self.refusal(job.request_id, e.code, e.message), {}
+            return self.refusal(job.request_id, e.code, e.message, job.peer), {}
         except Exception as e:  # a backend failure: answer, then start from a fresh engine
             log.exception("request %s failed in the backend; rebuilding the engine", job.request_id)
             self._rebuild_engine()
-            return self.refusal(job.request_id, "internal", f"backend error: {e}"), {}
+            return self.refusal(job.request_id, "internal", f"backend error: {e}", job.peer), {}
         reply = {"id": job.request_id, "ok": True, "kind": "infer", "timing": timing}
+        if state_report is not None:
+            reply[protocol.STATE_OUT_OF_RANGE] = state_report
+            self.stats.counts["out_of_range_warnings"] += 1
+            peer = job.peer or Peer()
+            message = protocol.describe_state_out_of_range(state_report)
+            self.warnings.record(protocol.STATE_OUT_OF_RANGE, job.request_id, message, peer.connection, peer.address)
         if self.limits.active:
             actions, reply["limits"] = self.limits.apply(actions)
             if reply["limits"]["violations"]:
@@ -158,6 +180,17 @@ class Service:
         self.stats.counts["ok"] += 1
         self.stats.record(timing)
         return reply, {"actions": actions}
+
+    def _check_state(self, job: InferJob) -> dict[str, Any] | None:
+        """The state guard's report on the job's state (None: in range, or not checked). A failure of the
+        check itself is logged and costs nothing else: the request is served as without the guard."""
+        if self.state_guard is None:
+            return None
+        try:
+            return self.state_guard.check(job.observation.state)
+        except Exception:
+            log.exception("request %s: the state range check failed; serving it unchecked", job.request_id)
+            return None
 
     def warm_up(self) -> dict[str, float]:
         """One inference on a synthetic observation, so the first real request is not the slow one."""

@@ -26,7 +26,9 @@ STAGES = ("queue_ms", "preprocess_ms", "vlm_ms", "expert_ms", "postprocess_ms", 
 
 @dataclass
 class Stats:
-    """What a `stats` request answers: uptime, counts by outcome and kind, latency per stage (last 1000)."""
+    """What a `stats` request answers: uptime, counts by outcome and kind, latency per stage (last 1000).
+    Counts: `ok`, each refusal by its code (`out_of_range` among them), `kind:<kind>`, `limit_violations`,
+    and `out_of_range_warnings` (requests served with the state guard's warning)."""
 
     started: float = field(default_factory=time.time)
     counts: collections.Counter = field(default_factory=collections.Counter)

@@ -7,7 +7,8 @@ binary message is an observation and is answered with `actions`, `policy_timing`
 error is a text frame (the reason) followed by close code 1011; `GET /healthz` answers 200. Beyond it: an
 API key (`Authorization: Api-Key <key>`, which openpi-client sends when given `api_key`) from the
 allow-list in the config, required off loopback; the intake limits (a message over `max_request_bytes`
-+ 64 KiB is closed with 1009 before it is read); refusals counted and logged like ZeroMQ's. Requests go
++ 64 KiB is closed with 1009 before it is read); refusals counted and logged like ZeroMQ's; the state
+guard's `state_out_of_range` warning as an extra key of the reply (openpi clients ignore it). Requests go
 through the one queue: one inference at a time, whichever transport brought it.
 """
 
@@ -126,7 +127,7 @@ class WebsocketEndpoint:
                     text = f"could not decode the observation: {type(e).__name__}"
                     await self._fail(ws, self.service.refusal(None, "internal", text, peer))
                     return
-                header, arrays = await self._infer(InferJob(None, obs, time.perf_counter()), peer)
+                header, arrays = await self._infer(InferJob(None, obs, time.perf_counter(), peer), peer)
                 if not header.get("ok"):
                     await self._fail(ws, header)
                     return

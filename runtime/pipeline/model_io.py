@@ -76,22 +76,49 @@ def preprocess(
     )
 
 
-def postprocess(spec: PolicySpec, x: np.ndarray) -> np.ndarray:
-    """The sampler's final x ([1, chunk, max_action_dim], normalized) -> robot actions [1, chunk, action_dim]."""
+def delta_offset(spec: PolicySpec, raw_state: np.ndarray | None) -> np.ndarray | None:
+    """What delta actions are relative to, per action dim (0 on absolute dims), from the robot's raw state:
+    the state `spec.delta_reference` names (openpi: after the robot's input adapter, before normalization;
+    LeRobot 0.6: as sent). None for a policy with absolute actions."""
+    if spec.delta_action_mask is None:
+        return None
+    if raw_state is None:
+        raise ValueError("this policy's actions are relative to the state: postprocessing needs the state")
+    state = np.asarray(raw_state, dtype=np.float32).reshape(-1)
+    if spec.delta_reference == "adapted_state" and spec.adapt_to_pi_aloha:
+        state = transforms.aloha_decode_state(state, spec.convention_set)
+    n = len(spec.delta_action_mask)  # the spec holds it to no more than the state's and the actions' dims
+    offset = np.zeros(spec.action_dim, dtype=np.float32)
+    offset[:n] = np.where(spec.delta_action_mask, state[:n], np.float32(0.0))
+    return offset
+
+
+def postprocess(spec: PolicySpec, x: np.ndarray, raw_state: np.ndarray | None = None) -> np.ndarray:
+    """The sampler's final x ([1, chunk, max_action_dim], normalized) -> robot actions [1, chunk, action_dim].
+    A policy with delta actions needs the robot's raw state of the request: they are made absolute after
+    de-normalization and before the robot's output adapter (openpi's AbsoluteActions before AlohaOutputs;
+    LeRobot 0.6's AbsoluteActionsProcessorStep after its unnormalizer)."""
     actions = np.asarray(x, dtype=np.float32)[..., : spec.action_dim]
     if spec.action_norm is not None:
         actions = transforms.unnormalize(actions, spec.action_norm)
+    offset = delta_offset(spec, raw_state)
+    if offset is not None:
+        actions = actions + offset
     if spec.adapt_to_pi_aloha:
         actions = transforms.aloha_encode_actions(actions, spec.convention_set)
     return actions
 
 
-def actions_to_model(spec: PolicySpec, actions: np.ndarray) -> np.ndarray:
+def actions_to_model(spec: PolicySpec, actions: np.ndarray, raw_state: np.ndarray | None = None) -> np.ndarray:
     """Inverse of `postprocess`: robot actions [n, action_dim] -> the model's space [n, max_action_dim]
-    (zero-padded), e.g. the previous chunk's actions that real-time chunking holds the new one to."""
+    (zero-padded), e.g. the previous chunk's actions that real-time chunking holds the new one to (relative
+    to this request's state, as the new chunk will be)."""
     x = np.asarray(actions, dtype=np.float32)
     if spec.adapt_to_pi_aloha:
         x = transforms.aloha_encode_actions_inv(x, spec.convention_set)
+    offset = delta_offset(spec, raw_state)
+    if offset is not None:
+        x = x - offset
     if spec.action_norm is not None:
         x = transforms.unnormalize_inv(x, spec.action_norm)
     return transforms.pad_vector(x, spec.max_action_dim)
