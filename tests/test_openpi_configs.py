@@ -227,3 +227,16 @@ def test_a_request_without_a_prompt_gets_the_bundles_default(tmp_path: Path, sta
     with PolicyClient(daemon.endpoint, timeout_s=60) as client:
         assert client.metadata().extra["default_prompt"] == golden.prompt
         check_actions(client.infer(request)["actions"], golden.actions_fp32, "fp32")
+
+
+def test_a_default_prompt_the_bundle_cannot_tokenize_is_refused_before_export(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    from exporter.cli import main
+
+    checkpoint = FIXTURES / "openpi-pi0-libero" / "checkpoint"
+    argv = ["bundle", "--checkpoint", str(checkpoint), "--openpi-config", "pi0_libero", "--out", str(tmp_path / "b")]
+    assert main([*argv, "--default-prompt", "pick up the bowl"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "--default-prompt needs a tokenizer" in errors[0]
+    assert not (tmp_path / "b").exists()
