@@ -12,7 +12,7 @@ ARCH ?= $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
 DEVICE_PYTHON ?= 3.11
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test bench fuzz load lerobot-venv lint format clean wheel deb image
+.PHONY: help setup demo test bench fuzz load lerobot-venv openpi-venv lint format clean wheel deb image
 
 help:
 	@echo "make demo   - set up, then export the shipped trained pi0, serve it with the daemon and drive one sim episode"
@@ -24,6 +24,7 @@ help:
 	@echo "make wheel  - the runtime and client wheels (no torch) in dist/"
 	@echo "make deb    - the device's Debian package in dist/ (ARCH=amd64|arm64, DEVICE_PYTHON=3.11)"
 	@echo "make image  - dist/image-ARCH/: the .deb, a rootfs overlay, a debootstrap rootfs, a manifest (root)"
+	@echo "make openpi-venv OPENPI_SRC=DIR - openpi in build/ (proving robot adapters live; tests/fixtures/openpi-transforms)"
 	@echo "make setup  - create $(VENV) and install what the targets need (idempotent)"
 	@echo "make clean  - remove $(VENV) and build outputs"
 
@@ -91,6 +92,23 @@ $(LEROBOT_VENV)/.stamp: benchmarks/lerobot-requirements.txt
 	touch $@
 
 lerobot-venv: $(LEROBOT_VENV)/.stamp
+
+# openpi (its source at 15a9616a, from an openpi checkout given as OPENPI_SRC) for proving robot adapters live
+# and re-making tests/fixtures/openpi-transforms; the recipe of the fixtures' makers (openpi's own pins).
+OPENPI_VENV := build/openpi-venv
+OPENPI_PYTHON ?= python3.11
+openpi-venv:
+	@test -d "$(OPENPI_SRC)/src/openpi" || { echo "give OPENPI_SRC=path/to/an/openpi/checkout"; exit 2; }
+	[ "$$(realpath "$(OPENPI_SRC)")" = "$$(realpath -m build/openpi-src)" ] || { rm -rf build/openpi-src && mkdir -p build/openpi-src \
+		&& cp -r "$(OPENPI_SRC)"/src "$(OPENPI_SRC)"/packages "$(OPENPI_SRC)"/examples build/openpi-src/; }
+	$(OPENPI_PYTHON) -m venv $(OPENPI_VENV)
+	$(OPENPI_VENV)/bin/pip install -q pip==24.3.1 && $(OPENPI_VENV)/bin/pip install -q $(TORCH)
+	$(OPENPI_VENV)/bin/pip install -q "jax[cpu]==0.5.3" flax==0.10.2 orbax-checkpoint==0.11.13 tensorstore==0.1.74 \
+		ml-dtypes==0.4.1 numpy==1.26.4 chex==0.1.90 jaxtyping==0.2.36 beartype==0.19.0 ml_collections==1.0.0 augmax \
+		einops equinox numpydantic tyro etils fsspec filelock tqdm-loggable sentencepiece optax safetensors dm-tree \
+		transformers==4.53.2 typing-extensions treescope rich polars "pillow==13.0.*" websockets
+	cp -r build/openpi-src/src/openpi/models_pytorch/transformers_replace/* $(OPENPI_VENV)/lib/python3.11/site-packages/transformers/
+	PYTHONPATH=build/openpi-src/src $(OPENPI_VENV)/bin/python -c "import openpi.training.config"
 
 bench: setup lerobot-venv
 	$(PY) benchmarks/run.py

@@ -57,6 +57,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         **policy.details,
         "dims": asdict(policy.model.dims),
         "spec": policy.spec.to_dict(),
+        "robot": None if policy.robot is None else policy.robot.to_dict(),
         "parameters": sum(p.numel() for p in policy.model.parameters()),
         "weights_mib": round(weights_mib, 1),
         "load_seconds": round(load_seconds, 2),

@@ -14,7 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime.bundle.conventions import OPENPI
 from runtime.bundle.robot import Family
+from runtime.bundle.spec import PolicySpec
 
 OPENPI_COMMIT = "15a9616a00943ada6c20a0f158e3adb39df2ccac"
 CONFIG_SOURCE = "openpi: src/openpi/training/config.py"
@@ -31,12 +33,35 @@ class RobotFamily:
     optional_cameras: tuple[str, ...]
     empty_slots: int  # zero image (-1 after scaling), mask False; openpi's `np.zeros_like(base_image)`
     camera_shape: tuple[int, int, int]  # what the family's clients send, CHW
-    state_keys: tuple[str, ...]  # concatenated, in order, into the state
-    state_dim: int
+    state_fields: tuple[tuple[str, int], ...]  # the request's fields concatenated, in order, into the state
     action_dim: int  # `<Family>Outputs`: `actions[..., :action_dim]`
     aloha_maps: bool  # AlohaInputs/Outputs(adapt_to_pi=True): joint flips, gripper maps
     unused_cameras: tuple[str, ...]  # accepted by the family's inputs, in no model slot
     source: str
+    images_key: str | None = None  # the cameras come nested under it (ALOHA's `images`), else flat keys
+
+    @property
+    def state_dim(self) -> int:
+        return sum(size for _, size in self.state_fields)
+
+    @property
+    def state_keys(self) -> tuple[str, ...]:
+        return tuple(key for key, _ in self.state_fields)
+
+    def request_format(self, frame: tuple[int, int, int] | None = None) -> dict[str, Any]:
+        """The request's format as `exporter/openpi_recorder.py` takes it (JSON); `frame` (CHW) instead of
+        the cameras' own size keeps a recording small (which frame fills which slot shows at any size)."""
+        return {
+            "cameras": {
+                key: {"shape": list(frame or self.camera_shape), "optional": key in self.optional_cameras}
+                for key in self.cameras
+            },
+            "images_key": self.images_key,
+            # AlohaInputs (cameras nested under `images`) transposes every frame from CHW; the flat key
+            # sets' `_parse_image` takes HWC and CHW
+            "layouts": ["chw"] if self.images_key is not None else ["hwc", "chw"],
+            "state": [list(field) for field in self.state_fields],
+        }
 
 
 FAMILIES = {
@@ -46,12 +71,12 @@ FAMILIES = {
         optional_cameras=("cam_left_wrist", "cam_right_wrist"),
         empty_slots=0,
         camera_shape=(3, 480, 640),
-        state_keys=("state",),
-        state_dim=14,
+        state_fields=(("state", 14),),
         action_dim=14,
         aloha_maps=True,
         unused_cameras=("cam_low",),
         source="openpi: src/openpi/policies/aloha_policy.py (AlohaInputs, AlohaOutputs, adapt_to_pi=True)",
+        images_key="images",
     ),
     "libero": RobotFamily(
         name="libero",
@@ -59,8 +84,7 @@ FAMILIES = {
         optional_cameras=(),
         empty_slots=1,
         camera_shape=(3, 224, 224),
-        state_keys=("observation/state",),
-        state_dim=8,
+        state_fields=(("observation/state", 8),),
         action_dim=7,
         aloha_maps=False,
         unused_cameras=(),
@@ -72,8 +96,7 @@ FAMILIES = {
         optional_cameras=(),
         empty_slots=1,
         camera_shape=(3, 224, 224),
-        state_keys=("observation/joint_position", "observation/gripper_position"),
-        state_dim=8,
+        state_fields=(("observation/joint_position", 7), ("observation/gripper_position", 1)),
         action_dim=8,
         aloha_maps=False,
         unused_cameras=("observation/exterior_image_2_left",),
@@ -95,8 +118,10 @@ ALOHA_RESET_POSE = {"reset_pose": [0, -1.5, 1.5, 0, 0, 0]}
 
 @dataclass(frozen=True)
 class OpenpiConfig:
+    """One training config: its robot family (inputs and outputs) and the rest the checkpoint does not record."""
+
     name: str
-    family: Family
+    family: RobotFamily
     pi05: bool = False
     action_horizon: int = 50  # Pi0Config's default
     max_token_len: int | None = None  # None: Pi0Config's, 200 for pi0.5 and 48 for pi0
@@ -105,6 +130,25 @@ class OpenpiConfig:
     default_prompt: str | None = None
     asset_id: str | None = None
     policy_metadata: dict[str, Any] = field(default_factory=dict)
+
+    def policy_spec(self, **model: Any) -> PolicySpec:
+        """Our `PolicySpec` for this config's robot under openpi's conventions; `model` gives the rest
+        (padded dims, chunk size, flow steps, token budget, statistics, state in the prompt)."""
+        robot = self.family
+        return PolicySpec(
+            conventions=OPENPI.name,
+            camera_keys=robot.cameras,
+            camera_shapes=(robot.camera_shape,) * len(robot.cameras),
+            optional_cameras=robot.optional_cameras,
+            empty_cameras=robot.empty_slots,
+            image_size=(224, 224),
+            state_dim=robot.state_dim,
+            action_dim=robot.action_dim,
+            adapt_to_pi_aloha=robot.aloha_maps,
+            delta_action_mask=self.delta_action_mask,
+            delta_reference="adapted_state",
+            **model,
+        )
 
     def token_budget(self, pi05: bool) -> int:
         """max_token_len for a model of the type the weights show (Pi0Config's default follows pi05)."""
@@ -118,7 +162,7 @@ class OpenpiConfig:
 def _aloha(name: str, pi05: bool = False, **kw: Any) -> OpenpiConfig:
     kw.setdefault("delta_action_mask", ALOHA_DELTA)
     kw.setdefault("asset_id", "trossen")
-    return OpenpiConfig(name, "aloha", pi05=pi05, **kw)
+    return OpenpiConfig(name, FAMILIES["aloha"], pi05=pi05, **kw)
 
 
 CONFIGS = {
@@ -140,32 +184,34 @@ CONFIGS = {
             default_prompt="Transfer cube",
             asset_id="lerobot/aloha_sim_transfer_cube_human",
         ),
-        OpenpiConfig("pi0_libero", "libero", delta_action_mask=LIBERO_DELTA, asset_id="physical-intelligence/libero"),
+        OpenpiConfig(
+            "pi0_libero", FAMILIES["libero"], delta_action_mask=LIBERO_DELTA, asset_id="physical-intelligence/libero"
+        ),
         OpenpiConfig(
             "pi0_libero_low_mem_finetune",
-            "libero",
+            FAMILIES["libero"],
             delta_action_mask=LIBERO_DELTA,
             asset_id="physical-intelligence/libero",
         ),
         OpenpiConfig(
             "pi05_libero",
-            "libero",
+            FAMILIES["libero"],
             pi05=True,
             action_horizon=10,
             discrete_state_input=False,
             asset_id="physical-intelligence/libero",
         ),
-        OpenpiConfig("pi0_droid", "droid", action_horizon=10, asset_id="droid"),
-        OpenpiConfig("pi05_droid", "droid", pi05=True, action_horizon=15, asset_id="droid"),
+        OpenpiConfig("pi0_droid", FAMILIES["droid"], action_horizon=10, asset_id="droid"),
+        OpenpiConfig("pi05_droid", FAMILIES["droid"], pi05=True, action_horizon=15, asset_id="droid"),
         OpenpiConfig(
             "pi05_full_droid_finetune",
-            "droid",
+            FAMILIES["droid"],
             pi05=True,
             action_horizon=16,
             delta_action_mask=DROID_JOINT_DELTA,
             asset_id="droid",
         ),
-        OpenpiConfig("pi05_droid_finetune", "droid", pi05=True, action_horizon=16, asset_id="droid"),
+        OpenpiConfig("pi05_droid_finetune", FAMILIES["droid"], pi05=True, action_horizon=16, asset_id="droid"),
     )
 }
 # Configs of openpi's autoregressive pi0-FAST, which is not the flow-matching pi0 this exporter builds.

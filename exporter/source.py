@@ -81,11 +81,33 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
         f"default prompt); one of {', '.join(sorted(CONFIGS))}",
     )
     config.add_argument(
+        "--robot",
+        type=Path,
+        metavar="ROBOT.toml",
+        help="a robot adapter of your own, for a training config openpi does not publish: which request key "
+        "fills which camera slot, the state's fields, the returned action dims, the delta mask, ALOHA maps "
+        "(docs/conventions.md has an example)",
+    )
+    config.add_argument(
         "--aloha",
         action="store_const",
         const=ALOHA_SHORTHAND,
         dest="openpi_config",
         help=f"shorthand for --openpi-config {ALOHA_SHORTHAND} (ALOHA's inputs and outputs, absolute actions)",
+    )
+    proof = openpi.add_mutually_exclusive_group()
+    proof.add_argument(
+        "--prove-with",
+        metavar="PYTHON",
+        help="prove --robot against its training config: the Python where openpi and that config (the "
+        "adapter's name) are importable runs the config's own transforms on random observations; any "
+        "difference refuses the export",
+    )
+    proof.add_argument(
+        "--proof",
+        type=Path,
+        metavar="CASES.npz",
+        help="prove --robot against a recording of its config's transforms (exporter/openpi_recorder.py)",
     )
     openpi.add_argument(
         "--action-horizon",
@@ -124,8 +146,9 @@ def load_source(args: argparse.Namespace) -> LoadedPolicy:
         options = {"source_format": args.format}
         if args.asset_id is not None:
             options["asset_id"] = args.asset_id
-        if args.openpi_config is not None:
-            options["openpi_config"] = args.openpi_config
+        for name in ("openpi_config", "robot", "prove_with", "proof"):
+            if getattr(args, name) is not None:
+                options[name] = str(getattr(args, name))
         for name in CHECKPOINT_NUMBERS:
             if getattr(args, name) is not None:
                 options[name] = getattr(args, name)

@@ -180,13 +180,16 @@ class PolicyClient:
         """obs: arrays by LeRobot feature name (`observation.images.<camera>` uint8 HxWx3 or 3xHxW,
         `observation.state`; optionally `noise`, `lang_tokens`, `lang_masks`), plus `prompt` (str) and
         `seed` (int). Returns {"actions": [chunk, action_dim], "timing": {...}, "id": ...}, and "limits"
-        when the daemon checks action limits: {"violations": n, "first": [...], "clamped": bool}. When the
+        when the daemon checks action limits: {"violations": n, "first": [...], "clamped": bool}; "frames"
+        ({camera: note}) when a frame's aspect ratio is not its camera's (a client-side letterbox undone, or
+        flagged). When the
         state is outside the policy's training range, "state_out_of_range" (the reply's report) too, and a
         `StateOutOfRangeWarning` naming the dimensions is raised with `warnings.warn`."""
         reply, reply_arrays = self.request("infer", *protocol.split_observation(obs))
         result = {"actions": reply_arrays["actions"], "timing": reply.get("timing", {}), "id": reply["id"]}
-        if "limits" in reply:
-            result["limits"] = reply["limits"]
+        for extra in ("limits", "frames"):  # frames: camera -> what was done to a frame of another aspect ratio
+            if extra in reply:
+                result[extra] = reply[extra]
         report = reply.get(protocol.STATE_OUT_OF_RANGE)
         if isinstance(report, dict):
             result[protocol.STATE_OUT_OF_RANGE] = report

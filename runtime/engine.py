@@ -26,6 +26,7 @@ from runtime.bundle.robot import Robot
 from runtime.bundle.spec import PolicySpec
 from runtime.errors import ApplianceError, ConfigError
 from runtime.pipeline import transforms
+from runtime.pipeline.letterbox import undo_letterbox
 from runtime.pipeline.model_io import (
     ModelInputs,
     actions_to_model,
@@ -251,7 +252,14 @@ class Engine:
         extra: dict[str, Any] = {}
         if self.robot is not None:
             extra.update(self.robot.policy_metadata)
-            extra["robot"] = {"name": self.robot.name, "family": self.robot.family, "source": self.robot.source}
+            extra["robot"] = {
+                "name": self.robot.name,
+                "family": self.robot.family,
+                "source": self.robot.source,
+                "state_keys": list(self.robot.state_keys),
+                "unused_cameras": list(self.robot.unused_cameras),
+                "proof": self.robot.proof,
+            }
         if self.prompts.default is not None:
             extra["default_prompt"] = self.prompts.default
         if self.spec.delta_action_mask is not None:
@@ -285,6 +293,16 @@ class Engine:
                 )
             checked[key] = image
         return checked
+
+    def _frames(self, images: dict[str, np.ndarray], notes: dict[str, str] | None) -> dict[str, np.ndarray]:
+        """Each frame whose aspect ratio is not its camera's: a client-side letterbox undone, or flagged."""
+        shapes = dict(zip(self.spec.camera_keys, self.spec.camera_shapes, strict=True))
+        frames = {}
+        for key, image in images.items():
+            frames[key], note = undo_letterbox(image, shapes[key])
+            if note is not None and notes is not None:
+                notes[key] = note
+        return frames
 
     def _state(self, state: np.ndarray) -> np.ndarray:
         state = np.asarray(state)
@@ -331,13 +349,14 @@ class Engine:
         return inpainting(actions_to_model(spec, prev, raw_state), obs.delay, spec.chunk_size, noise), prev
 
     def infer(
-        self, obs: Observation, trace: dict[str, np.ndarray] | None = None
+        self, obs: Observation, trace: dict[str, np.ndarray] | None = None, notes: dict[str, str] | None = None
     ) -> tuple[np.ndarray, dict[str, float]]:
         """-> actions [chunk, action_dim] in the robot's units, and a timing breakdown in ms.
-        `trace`, when given, receives every stage's tensors (network inputs, noise, each step, output)."""
+        `trace`, when given, receives every stage's tensors (network inputs, noise, each step, output);
+        `notes`, per camera, what was done to a frame whose aspect ratio is not its camera's."""
         start = time.perf_counter()
         raw_state = self._state(obs.state)
-        images, state = self._images(obs.images), model_state(self.spec, raw_state)
+        images, state = self._frames(self._images(obs.images), notes), model_state(self.spec, raw_state)
         tokens, token_mask = self.prompts(obs.prompt, obs.tokens, obs.token_mask, prompt_state(self.spec, state))
         noise = self._noise(obs)
         inpaint, prev = self._inpainting(obs, raw_state, noise)

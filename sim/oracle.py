@@ -257,8 +257,11 @@ class TransferCubeOracle:
             source="oracle:transfer_cube (ACT's scripted pick-and-transfer)",
         )
 
-    def infer(self, obs: Observation) -> tuple[np.ndarray, dict[str, float]]:
-        """The next `chunk_size` joint actions for the robot in `obs.state`; prompt, tokens and noise are ignored."""
+    def infer(
+        self, obs: Observation, trace: dict | None = None, notes: dict[str, str] | None = None
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """The next `chunk_size` joint actions for the robot in `obs.state`; prompt, tokens, noise and the
+        frames are ignored (nothing to trace or note)."""
         start = time.perf_counter()
         state = np.asarray(obs.state, dtype=float).reshape(-1)
         if state.shape != (14,) or not np.isfinite(state).all():

@@ -18,6 +18,7 @@ from exporter.torch_backend import TorchBackend
 from exporter.validate import compare
 from pi0_client import PolicyClient
 from runtime.engine import sample
+from runtime.pipeline import transforms
 from runtime.pipeline.model_io import ModelInputs, actions_to_model, model_state, postprocess, preprocess
 from runtime.pipeline.tokenizer import PromptTokenizer
 
@@ -25,7 +26,15 @@ CONFIG = {  # fixture -> the openpi training config it was made under
     "openpi-pi0-aloha-delta": "pi0_aloha",
     "openpi-pi0-libero": "pi0_libero",
     "openpi-pi05-libero": "pi05_libero",
+    "openpi-pi0-droid": "pi0_droid",
+    "openpi-pi05-droid": "pi05_droid",
+    "openpi-pi05-droid-delta": "pi05_full_droid_finetune",
 }
+STATE_FIELDS = (  # the fields each family's inputs make the state of, in order
+    ("state",),
+    ("observation/state",),
+    ("observation/joint_position", "observation/gripper_position"),
+)
 SLOTS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
 NUM_STEPS = "5"  # the fixtures' (stored nowhere in an openpi checkpoint)
 
@@ -40,10 +49,10 @@ class Golden:
         self.data = dict(np.load(self.root / "golden.npz", allow_pickle=False))
         obs = {k.split("::", 1)[1]: v for k, v in self.data.items() if k.startswith("obs::")}
         self.prompt = str(obs.pop("prompt"))
-        self.state = obs.pop("state", None)
-        if self.state is None:  # LIBERO's key for it
-            self.state = obs.pop("observation/state")
-        # ALOHA's `images::<camera>`, LIBERO's `observation/<camera>`: our bundles take openpi's own keys
+        fields = next(f for f in STATE_FIELDS if f[0] in obs)
+        self.state_fields = {key: obs.pop(key) for key in fields}
+        self.state = np.concatenate([np.ravel(v) for v in self.state_fields.values()]).astype(np.float32)
+        # ALOHA's `images::<camera>`, LIBERO's and DROID's `observation/<camera>`: our bundles take openpi's keys
         self.images = {k.removeprefix("images::"): v for k, v in obs.items()}
         self.noise = self.data["noise"]
         self.actions_fp32 = self.data["actions_fp32"][0]
@@ -59,10 +68,11 @@ class Golden:
         return {**request, "prompt": self.prompt}
 
     def openpi_request(self) -> dict:
-        """As openpi's robot clients send it: ALOHA's `images`/`state`, LIBERO's flat keys."""
+        """As openpi's robot clients send it: ALOHA's `images`/`state`, LIBERO's and DROID's flat keys."""
+        extras = {"prompt": self.prompt, "noise": self.noise}
         if "cam_high" in self.images:
-            return {"images": dict(self.images), "state": self.state, "prompt": self.prompt, "noise": self.noise}
-        return {**self.images, "observation/state": self.state, "prompt": self.prompt, "noise": self.noise}
+            return {"images": dict(self.images), **self.state_fields, **extras}
+        return {**self.images, **self.state_fields, **extras}
 
 
 @pytest.fixture(params=list(CONFIG))
@@ -90,11 +100,18 @@ def test_preprocessing_alone(golden: Golden) -> None:
 
 def test_pi05_libero_prompt_leaves_the_state_out() -> None:
     """pi05_libero: `discrete_state_input=False`, so openpi tokenizes the prompt in pi0's format."""
-    golden = Golden("openpi-pi05-libero")
-    spec = golden.load().spec
+    spec = Golden("openpi-pi05-libero").load().spec
     assert not spec.state_in_prompt and spec.tokenizer_max_length == 200 and spec.chunk_size == 10
-    tokenizer = PromptTokenizer(golden.tokenizer, spec.tokenizer_max_length, "openpi", state_in_prompt=False)
-    tokens, mask = tokenizer(golden.prompt)
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIG if (FIXTURES / n / "tokenizer.model").is_file()])
+def test_the_prompt_is_tokenized_as_openpi_did(name: str) -> None:
+    """With the state's bins in it where the config says so (pi05_droid), without (pi05_libero)."""
+    golden = Golden(name)
+    spec = golden.load().spec
+    tokenizer = PromptTokenizer(golden.tokenizer, spec.tokenizer_max_length, "openpi", spec.state_in_prompt)
+    bins = transforms.discretize_state(model_state(spec, golden.state)) if spec.state_in_prompt else None
+    tokens, mask = tokenizer(golden.prompt, bins)
     np.testing.assert_array_equal(tokens, golden.data["lang_tokens"])
     np.testing.assert_array_equal(mask, golden.data["lang_masks"])
 

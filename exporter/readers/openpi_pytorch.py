@@ -14,12 +14,14 @@ from typing import Any
 import torch
 
 from exporter.checkpoint import CheckpointError, LoadedPolicy
-from exporter.openpi_configs import CONFIG_SOURCE, FAMILIES, OPENPI_COMMIT, OpenpiConfig, openpi_config
+from exporter.openpi_configs import CONFIG_SOURCE, OPENPI_COMMIT, OpenpiConfig, openpi_config
 from exporter.pi0 import Pi0
+from exporter.robot_adapter import proof_of, read_adapter
+from exporter.source import log
 from exporter.weights import build_model, check_spec_fits, read_weights
 from runtime.bundle.conventions import OPENPI
 from runtime.bundle.robot import Robot
-from runtime.bundle.spec import NormStats, PolicySpec
+from runtime.bundle.spec import NormStats
 
 FORMAT = SOURCE = "openpi"
 NUM_STEPS = 10  # openpi's sample_actions default
@@ -64,7 +66,10 @@ class OpenpiOptions:
     """What openpi keeps in its training config rather than the checkpoint: the config by name
     (`exporter.openpi_configs`), and the settings a user's copy of it may have changed."""
 
-    openpi_config: str | None = None  # required: refused without one, with the list of choices
+    openpi_config: str | None = None  # a published config by name, or
+    robot: str | None = None  # a robot adapter file of your own (`exporter.robot_adapter`); one is required
+    prove_with: str | None = None  # the Python where openpi and the adapter's config are importable
+    proof: str | None = None  # or a recording of the config's transforms made earlier (openpi_recorder.py)
     asset_id: str | None = None  # default: the only one in the checkpoint, else the config's
     num_steps: int = NUM_STEPS
     max_token_len: int | None = None  # default: the config's
@@ -75,6 +80,15 @@ OPTIONS = tuple(f.name for f in fields(OpenpiOptions))  # what `load` takes
 
 
 def training_config(options: OpenpiOptions) -> OpenpiConfig:
+    """The named config, or the one a robot adapter file describes."""
+    if options.robot is not None:
+        if options.openpi_config is not None:
+            raise CheckpointError("name a published openpi config or give a robot adapter file, not both")
+        return read_adapter(options.robot)
+    if options.prove_with is not None or options.proof is not None:
+        raise CheckpointError(
+            "--prove-with and --proof prove a robot adapter file (--robot); a named config needs none"
+        )
     try:
         return openpi_config(options.openpi_config)
     except ValueError as e:
@@ -88,7 +102,7 @@ def openpi_policy(model: Pi0, directory: Path, options: OpenpiOptions, chunk_siz
     the config's model is the other one (a user's variant, e.g. pi0.5 on `pi0_aloha_sim`'s data config),
     the config's data transforms apply and Pi0Config's defaults follow the weights, as the details say."""
     config = training_config(options)
-    family = FAMILIES[config.family]
+    family = config.family
     pi05 = model.dims.pi05
     if pi05 != config.pi05:
         trained = "pi05" if config.pi05 else "pi0"
@@ -96,32 +110,24 @@ def openpi_policy(model: Pi0, directory: Path, options: OpenpiOptions, chunk_siz
         details = {**details, "openpi_config_model": note}
     asset_id, norm = read_norm_stats(directory, options.asset_id, config.asset_id)
     state_norm, action_norm = openpi_stats(norm["state"], pi05), openpi_stats(norm["actions"], pi05)
-    spec = PolicySpec(
-        conventions=OPENPI.name,
-        camera_keys=family.cameras,
-        camera_shapes=(family.camera_shape,) * len(family.cameras),
-        optional_cameras=family.optional_cameras,
-        empty_cameras=family.empty_slots,
-        image_size=(224, 224),
-        state_dim=family.state_dim,
-        action_dim=family.action_dim,
+    spec = config.policy_spec(
         max_state_dim=model.dims.max_state_dim,
         max_action_dim=model.dims.max_action_dim,
         chunk_size=chunk_size,
         num_steps=options.num_steps,
         tokenizer_max_length=options.max_token_len or config.token_budget(pi05),
-        adapt_to_pi_aloha=family.aloha_maps,
         state_norm=state_norm,
         action_norm=action_norm,
         state_in_prompt=config.state_in_prompt(pi05),
-        delta_action_mask=config.delta_action_mask,
-        delta_reference="adapted_state",
     )
     check_spec_fits(spec, model)
+    custom = family.name == "custom"
+    proof = proof_of(config, options.prove_with, options.proof and Path(options.proof), log) if custom else None
     robot = Robot(
         name=config.name,
-        family=config.family,
-        source=f"{CONFIG_SOURCE} @ {OPENPI_COMMIT[:8]}; {family.source}",
+        family=family.name,
+        source=family.source if custom else f"{CONFIG_SOURCE} @ {OPENPI_COMMIT[:8]}; {family.source}",
+        proof=proof,
         state_keys=family.state_keys,
         unused_cameras=family.unused_cameras,
         default_prompt=config.default_prompt,

@@ -4,7 +4,8 @@ key set its clients send (`family`: openpi's ALOHA, LIBERO or DROID inputs), the
 assembled from, cameras a client may send that no model slot takes, the prompt served when a request
 has none, and what the training config tells the robot (openpi's `policy_metadata`, e.g. ALOHA's
 `reset_pose`). The numeric conventions (camera slots, ALOHA maps, delta actions, token budget) are the
-`PolicySpec`'s; this says where they came from.
+`PolicySpec`'s; this says where they came from, and for a user's own adapter file whether it was proven
+against the training config it claims to match (`exporter/robot_adapter.py`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-Family = Literal["aloha", "libero", "droid"]
-FAMILIES: tuple[str, ...] = ("aloha", "libero", "droid")
+Family = Literal["aloha", "libero", "droid", "custom"]
+FAMILIES: tuple[str, ...] = ("aloha", "libero", "droid", "custom")  # custom: a user's robot adapter file
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class Robot:
     unused_cameras: tuple[str, ...] = ()  # cameras the family's inputs accept and no model slot takes
     default_prompt: str | None = None  # openpi's `default_prompt` (InjectDefaultPrompt)
     policy_metadata: dict[str, Any] = field(default_factory=dict)  # openpi's server metadata for the robot
+    # A user's adapter (family "custom"): how it was proven against the training config's own transforms,
+    # or None: unproven (`pi0-export inspect` and the metadata say so). A named config is upstream's own.
+    proof: str | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

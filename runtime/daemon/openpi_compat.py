@@ -4,7 +4,8 @@ directions, and the observation key sets openpi's robot examples send, mapped on
 and state. Decoding uses `pi0_client.wire` (bounded, no pickle, no msgpack library on the robot); only
 numeric dtypes become arrays.
 
-Observation key sets (openpi's policies/*_policy.py inputs):
+Observation key sets: the bundle's own where its training config says it (the metadata's `robot`: its camera
+keys and `state_keys`, e.g. a user's robot adapter), else openpi's policies/*_policy.py inputs:
 - ALOHA: `images: {cam_high, cam_low, cam_left_wrist, cam_right_wrist}` (CHW or HWC), `state`, `prompt`; a
   camera of that set that no model slot takes is accepted and left unused, as AlohaInputs does;
 - LIBERO: `observation/image`, `observation/wrist_image`, `observation/state`, `prompt`;
@@ -25,7 +26,7 @@ import numpy as np
 
 from pi0_client import wire
 from pi0_client.metadata import Metadata
-from pi0_client.protocol import IMAGE_PREFIX
+from pi0_client.protocol import IMAGE_PREFIX, STATE_OUT_OF_RANGE
 from runtime.pipeline.observation import Observation, ObservationError
 
 NDARRAY, NPGENERIC = b"__ndarray__", b"__npgeneric__"
@@ -128,7 +129,13 @@ def observation(obs: Any, metadata: Metadata) -> Observation:
     if not isinstance(obs, dict):
         raise ObservationError(f"expected a map of observation fields, got {type(obs).__name__}")
     keys = metadata.camera_keys
-    if "images" in obs:
+    robot = metadata.extra.get("robot") or {}  # the bundle's own key set, where its training config says it
+    state_keys = tuple(robot.get("state_keys") or ())
+    if "images" not in obs and state_keys and all(k in obs for k in state_keys) and any(k in obs for k in keys):
+        images = {key: _image(obs[key], key) for key in keys if key in obs}
+        state = np.concatenate([np.ravel(_numeric(obs[key], key)) for key in state_keys])
+        used = {*keys, *state_keys, *robot.get("unused_cameras", ())}
+    elif "images" in obs:
         if not isinstance(obs["images"], dict):
             raise ObservationError("'images' must map camera names to frames")
         cameras = {str(name): (_camera(str(name), keys), frame) for name, frame in obs["images"].items()}
@@ -181,10 +188,9 @@ def observation(obs: Any, metadata: Metadata) -> Observation:
 
 def reply(header: dict[str, Any], arrays: dict[str, np.ndarray], infer_ms: float) -> dict[str, Any]:
     """Our reply -> openpi's: `actions`, `policy_timing` (the engine's stages), `server_timing`; beyond
-    openpi (its clients ignore unknown keys), `limits` and the state guard's `state_out_of_range`."""
-    from pi0_client.protocol import STATE_OUT_OF_RANGE  # here: this edit stays inside `reply`
-
-    extras = ("limits", STATE_OUT_OF_RANGE)
+    openpi (its clients ignore unknown keys), `limits`, the state guard's `state_out_of_range` and `frames`
+    (what was done to a frame whose aspect ratio is not its camera's: runtime.pipeline.letterbox)."""
+    extras = ("limits", STATE_OUT_OF_RANGE, "frames")
     return {
         "actions": arrays["actions"],
         "policy_timing": {"infer_ms": header["timing"]["total_ms"], **header["timing"]},

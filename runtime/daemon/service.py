@@ -40,7 +40,9 @@ class ServedEngine(Protocol):
 
     def metadata(self) -> Metadata: ...
 
-    def infer(self, obs: Observation) -> tuple[np.ndarray, dict[str, float]]: ...
+    def infer(
+        self, obs: Observation, trace: dict | None = None, notes: dict[str, str] | None = None
+    ) -> tuple[np.ndarray, dict[str, float]]: ...
 
     def close(self) -> None: ...
 
@@ -151,7 +153,8 @@ class Service:
             header = self.refusal(job.request_id, protocol.OUT_OF_RANGE, message, job.peer)
             return {**header, protocol.STATE_OUT_OF_RANGE: state_report}, {}
         try:
-            actions, timing = self.engine.infer(job.observation)
+            frames: dict[str, str] = {}
+            actions, timing = self.engine.infer(job.observation, notes=frames)
         except EngineError as e:
             return self.refusal(job.request_id, e.code, e.message, job.peer), {}
         except Exception as e:  # a backend failure: answer, then start from a fresh engine
@@ -159,6 +162,12 @@ class Service:
             self._rebuild_engine()
             return self.refusal(job.request_id, "internal", f"backend error: {e}", job.peer), {}
         reply = {"id": job.request_id, "ok": True, "kind": "infer", "timing": timing}
+        if frames:  # a frame letterboxed by the client (undone), or of another aspect ratio (flagged)
+            reply["frames"] = frames
+            self.stats.counts["frames_reshaped"] += 1
+            peer = job.peer or Peer()
+            message = "; ".join(f"camera {key}: {note}" for key, note in frames.items())
+            self.warnings.record("frames", job.request_id, message, peer.connection, peer.address)
         if state_report is not None:
             reply[protocol.STATE_OUT_OF_RANGE] = state_report
             self.stats.counts["out_of_range_warnings"] += 1

@@ -26,12 +26,19 @@ class ModelInputs:
     state: np.ndarray  # [1, max_state_dim] float32, normalized and zero-padded
 
 
-def model_state(spec: PolicySpec, state: np.ndarray) -> np.ndarray:
-    """The robot's raw state -> the state as the model reads it (robot conventions, normalized), unpadded.
-    pi0 takes it padded as the `state` input; pi0.5 as prompt tokens (`transforms.discretize_state`)."""
+def adapted_state(spec: PolicySpec, state: np.ndarray) -> np.ndarray:
+    """The robot's raw state as the robot's input adapter leaves it (ALOHA's decoded joints and grippers),
+    before normalization: what openpi's delta actions are relative to."""
     state = np.asarray(state, dtype=np.float32).reshape(-1)
     if spec.adapt_to_pi_aloha:
         state = transforms.aloha_decode_state(state, spec.convention_set)
+    return state
+
+
+def model_state(spec: PolicySpec, state: np.ndarray) -> np.ndarray:
+    """The robot's raw state -> the state as the model reads it (robot conventions, normalized), unpadded.
+    pi0 takes it padded as the `state` input; pi0.5 as prompt tokens (`transforms.discretize_state`)."""
+    state = adapted_state(spec, state)
     if spec.state_norm is not None:
         state = transforms.normalize(state, spec.state_norm)
     return state
@@ -85,8 +92,8 @@ def delta_offset(spec: PolicySpec, raw_state: np.ndarray | None) -> np.ndarray |
     if raw_state is None:
         raise ValueError("this policy's actions are relative to the state: postprocessing needs the state")
     state = np.asarray(raw_state, dtype=np.float32).reshape(-1)
-    if spec.delta_reference == "adapted_state" and spec.adapt_to_pi_aloha:
-        state = transforms.aloha_decode_state(state, spec.convention_set)
+    if spec.delta_reference == "adapted_state":
+        state = adapted_state(spec, state)
     n = len(spec.delta_action_mask)  # the spec holds it to no more than the state's and the actions' dims
     offset = np.zeros(spec.action_dim, dtype=np.float32)
     offset[:n] = np.where(spec.delta_action_mask, state[:n], np.float32(0.0))
