@@ -40,6 +40,13 @@ def test_a_frame_of_the_cameras_aspect_is_left_alone(shape: tuple[int, int]) -> 
     assert out is frame and note is None
 
 
+@pytest.mark.parametrize("shape", [(500, 1), (1, 700), (3, 5)])  # (500, 1): found by tests/test_fuzz.py
+def test_a_frame_no_letterbox_could_make_is_served_as_it_is(shape: tuple[int, int]) -> None:
+    frame = np.zeros((*shape, 3), np.uint8)
+    out, note = undo_letterbox(frame, TRAINED)
+    assert out is frame and note.endswith("served as it is")
+
+
 def test_another_aspect_without_black_bars_is_flagged_and_served_as_it_is() -> None:
     frame = scene()[:, :480]  # 480x480: cropped, not letterboxed
     out, note = undo_letterbox(frame, TRAINED)

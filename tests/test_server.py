@@ -176,6 +176,11 @@ BAD_REQUESTS = {
         "bad_request",
         r"camera observation.images.top: .*too thin",
     ),
+    "too narrow an image": (  # found by the fuzzer too, once frames were checked for letterboxes
+        lambda o: {**o, "observation.images.top": np.zeros((500, 1, 3), np.uint8)},
+        "bad_request",
+        r"camera observation.images.top: .*too thin",
+    ),
     "NaN state": (lambda o: {**o, "observation.state": np.full(14, np.nan, np.float32)}, "bad_request", "NaN"),
     "short state": (lambda o: {**o, "observation.state": np.zeros(3, np.float32)}, "bad_request", "14 floats"),
     "bad noise": (lambda o: {**o, "noise": np.zeros((2, 2), np.float32)}, "bad_request", "noise must be"),

@@ -34,7 +34,10 @@ def undo_letterbox(image: np.ndarray, trained: tuple[int, int, int]) -> tuple[np
     h0, w0 = trained[1], trained[2]
     if same_aspect(height, width, (h0, w0)):
         return image, None
-    content_h, content_w = fitted_size(h0, w0, height, width)
+    try:
+        content_h, content_w = fitted_size(h0, w0, height, width)
+    except ValueError:  # the trained shape fits this frame as nothing: no letterbox of it
+        content_h = content_w = 0
     if min(content_h, content_w) < MIN_CONTENT:
         return image, f"a {height}x{width} frame for a camera trained at {h0}x{w0}: served as it is"
     top, left = int((height - content_h) / 2), int((width - content_w) / 2)
