@@ -193,6 +193,9 @@ class Engine:
         self.precision = precision
         self.source = source
         self.robot = robot
+        # derived once: what every request's cameras are checked against
+        self._camera_shapes = dict(zip(spec.camera_keys, spec.camera_shapes, strict=True))
+        self._unused_cameras = frozenset(robot.unused_cameras) if robot is not None else frozenset()
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, backend: Backend) -> Engine:
@@ -270,8 +273,9 @@ class Engine:
         """The cameras, checked against the policy's and stripped of a leading batch of 1; those the robot's
         inputs accept without a model slot for them (ALOHA's cam_low) are dropped."""
         keys = list(self.spec.camera_keys)
-        unused = set(self.robot.unused_cameras) if self.robot is not None else set()
-        images = {key: image for key, image in images.items() if key not in unused}  # as openpi's inputs do
+        images = {
+            key: image for key, image in images.items() if key not in self._unused_cameras
+        }  # as openpi's inputs do
         missing, extra = set(keys) - set(images) - set(self.spec.optional_cameras), set(images) - set(keys)
         if extra:
             raise EngineError(
@@ -296,10 +300,9 @@ class Engine:
 
     def _frames(self, images: dict[str, np.ndarray], notes: dict[str, str] | None) -> dict[str, np.ndarray]:
         """Each frame whose aspect ratio is not its camera's: a client-side letterbox undone, or flagged."""
-        shapes = dict(zip(self.spec.camera_keys, self.spec.camera_shapes, strict=True))
         frames = {}
         for key, image in images.items():
-            frames[key], note = undo_letterbox(image, shapes[key])
+            frames[key], note = undo_letterbox(image, self._camera_shapes[key])
             if note is not None and notes is not None:
                 notes[key] = note
         return frames
