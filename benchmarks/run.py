@@ -41,6 +41,7 @@ BENCHMARKS = (
     "service",
     "fraction_of_peak",
     "pi05_engine",
+    "guidance",
     "fp16_islands",
     "load_memory",
     "export_full",

@@ -34,8 +34,17 @@ from exporter.onnx_export import OPSET, example_inputs, export_graphs, graph_io
 from exporter.onnx_lint import float32_cube_ops, lint
 from exporter.precision import RangeRecorder, calibration_report, scales, to_precision_
 from exporter.torch_backend import reference_engine
-from exporter.validate import format_report, reference, validate, yardstick_bytes, yardsticks
+from exporter.validate import (
+    VALIDATION_SCALE,
+    format_report,
+    guided_reference,
+    reference,
+    validate,
+    yardstick_bytes,
+    yardsticks,
+)
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
+from runtime.bundle.guidance import LEARNED_CONDITION, PROMPT_CONDITION, Guidance, check_scale
 from runtime.bundle.manifest import (
     MANIFEST,
     OM,
@@ -88,6 +97,43 @@ class BundleOptions:
     # An fp16 bundle whose graphs still hold a float32 MatMul/Gemm/Conv (the 310P's Cube has no float32:
     # it would run on the AI CPU) is refused unless this is set.
     allow_ai_cpu: bool = False
+    # Classifier-free guidance (docs/guidance.md): the condition in the prompt, as the text appended to the
+    # task (a model with a learned condition has guidance without it), and the default beta.
+    guidance_prompt: str | None = None
+    guidance_scale: float = 1.0
+
+
+def guidance_plan(policy: LoadedPolicy, options: BundleOptions) -> Guidance | None:
+    """The bundle's guidance: a learned condition where the checkpoint has one, else the condition text
+    given, else none (and then no scale but 1)."""
+    learned = policy.model.dims.condition is not None
+    try:
+        if learned and options.guidance_prompt is not None:
+            raise BundleBuildError(
+                "this checkpoint has a learned condition (condition_embedding): its guidance needs no --guidance-prompt"
+            )
+        if learned:
+            return Guidance(LEARNED_CONDITION, options.guidance_scale)
+        if options.guidance_prompt is not None:
+            if not options.guidance_prompt.strip():
+                raise BundleBuildError("--guidance-prompt is empty: give the text that conditions the prompt")
+            return Guidance(PROMPT_CONDITION, options.guidance_scale, options.guidance_prompt)
+        check_scale(options.guidance_scale, "--guidance-scale")
+    except ValueError as e:
+        raise BundleBuildError(str(e)) from e
+    if options.guidance_scale != 1.0:
+        raise BundleBuildError(
+            "--guidance-scale needs a condition: --guidance-prompt TEXT, or a checkpoint with a learned condition"
+        )
+    return None
+
+
+def with_conditioned_prompts(options: BundleOptions, guidance: Guidance | None) -> BundleOptions:
+    """A condition in the prompt: each fixed prompt's conditioned form is tokenized at export as well."""
+    if guidance is None or guidance.kind != PROMPT_CONDITION:
+        return options
+    conditioned = tuple(guidance.conditioned(p) for p in options.prompts)
+    return replace(options, prompts=(*options.prompts, *(p for p in conditioned if p not in options.prompts)))
 
 
 def prompt_tokenizer(spec: PolicySpec, options: BundleOptions) -> PromptTokenizer:
@@ -113,8 +159,14 @@ def _fixed_prompt(spec: PolicySpec, tokenizer: PromptTokenizer, prompt: str) -> 
 
 
 def _prompt_section(
-    spec: PolicySpec, options: BundleOptions, work: Path, default: str | None, log: Callable[[str], None]
+    spec: PolicySpec,
+    options: BundleOptions,
+    work: Path,
+    default: str | None,
+    log: Callable[[str], None],
+    tasks: tuple[str, ...],
 ) -> PromptSection:
+    """`tasks`: the prompts given (`options.prompts` may hold guidance's conditioned forms of them too)."""
     section = PromptSection(style=spec.convention_set.prompt, max_length=spec.tokenizer_max_length, tokenizer=None)
     if options.tokenizer is None:
         if options.prompts:
@@ -125,7 +177,8 @@ def _prompt_section(
             shutil.copyfile(options.tokenizer, work / "tokenizer.model")
             section.tokenizer = "tokenizer.model"
         section.fixed = [_fixed_prompt(spec, tokenizer, prompt) for prompt in options.prompts]
-    section.default = default_prompt(section, options.default_prompt, default, log)
+    given = [p for p in section.fixed if p.text in tasks]
+    section.default = default_prompt(replace(section, fixed=given), options.default_prompt, default, log)
     return section
 
 
@@ -262,6 +315,9 @@ def build_bundle(
     """
     out = check_out(out)
     use_atc, soc = atc_plan(options)
+    guidance = guidance_plan(policy, options)
+    given_prompts = options.prompts
+    options = with_conditioned_prompts(options, guidance)
     work = out.with_name(out.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -279,6 +335,8 @@ def build_bundle(
     # The reference is the model as the checkpoint defines it, empty camera slots included.
     with RangeRecorder(model) as recorder:
         ref = reference(model, inputs, x["noise"], full_spec.num_steps)
+        # guidance's unconditioned branch too (its own prompt, or the learned condition's other row)
+        guided_ref = guided_reference(model, ref, guidance.kind) if guidance is not None else None
         _calibrate_on(policy, options, log)
     scaled = scales(recorder.ranges) if options.precision == "fp16" else {}
     if not options.fp16_scaling:
@@ -311,6 +369,8 @@ def build_bundle(
         log(
             f"      LoRA: {len(policy.adapters.adapters)} adapters merged; the bundle is also checked against the unmerged forward"
         )
+    if guided_ref is not None:
+        log(f"      guidance: the two branches computed apart, as its definition reads (beta {VALIDATION_SCALE:g})")
     if full_spec.empty_cameras != spec.empty_cameras:
         log(f"      the graphs leave out the {full_spec.empty_cameras} always-empty camera slot(s)")
     if full_spec.tokenizer_max_length != spec.tokenizer_max_length:
@@ -318,9 +378,11 @@ def build_bundle(
             f"      language budget {spec.tokenizer_max_length} tokens (the checkpoint's: {full_spec.tokenizer_max_length})"
         )
 
-    log(f"[2/5] exporting vlm.onnx and expert.onnx ({options.precision}, opset {OPSET}) ...")
+    graphs = "vlm, expert" + (", vlm_guided" if guidance and guidance.kind == PROMPT_CONDITION else "")
+    graphs += f", expert_guided: guidance, default beta {guidance.default_scale:g}" if guidance else ""
+    log(f"[2/5] exporting the graphs ({graphs}; {options.precision}, opset {OPSET}) ...")
     to_precision_(model, options.precision, scaled)
-    files = export_graphs(model, spec, work, options.seed)
+    files = export_graphs(model, spec, work, options.seed, guidance.kind if guidance else None)
     for name, paths in files.items():
         problems = lint(paths[0])
         if problems:
@@ -340,8 +402,9 @@ def build_bundle(
         precision=options.precision,
         model=asdict(dims),
         policy=spec,
-        prompt=_prompt_section(spec, options, work, _config_prompt(policy), log),
+        prompt=_prompt_section(spec, options, work, _config_prompt(policy), log, given_prompts),
         robot=policy.robot,
+        guidance=guidance,
         compiled={OM: CompiledTarget(device=soc or "")},  # "": atc.sh reads it where it runs
         graphs={name: _graph_entry(paths) for name, paths in files.items()},
         exporter={
@@ -359,7 +422,8 @@ def build_bundle(
     if options.validate:
         log("[3/5] validating the graphs with onnxruntime against PyTorch ...")
         backend = OnnxRuntimeBackend(load_bundle(work, verify=False))
-        report = validate(backend, ref, options.precision, spec, marks, lora_ref)
+        report = validate(backend, ref, options.precision, spec, marks, lora_ref, guided_ref)
+        backend.close()
         report["calibration"] = calibration
         if skipped:
             report["yardsticks_skipped"] = skipped

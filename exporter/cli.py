@@ -133,6 +133,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             fixed_prompts_only=args.fixed_prompts_only,
             calibration=tuple(args.calibration or ()),
             allow_ai_cpu=args.allow_ai_cpu,
+            guidance_prompt=args.guidance_prompt,
+            guidance_scale=args.guidance_scale,
         )
         start = time.perf_counter()
         build_bundle(policy, args.out, options, log=log)
@@ -248,6 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the checkpoint's always-empty camera slots in the VLM graph (by default they are left out: "
         "their tokens are masked, so the actions are the same at a fraction of the cost)",
+    )
+    bundle.add_argument(
+        "--guidance-prompt",
+        metavar="TEXT",
+        help="classifier-free guidance with the condition in the prompt (RECAP): the conditioned prompt is the "
+        "task followed by exactly TEXT (e.g. ', Advantage: positive'), the unconditioned one the task alone; "
+        "both prefixes run in one batched VLM call. A checkpoint with a learned condition (condition_embedding) "
+        "gets guidance without it (docs/guidance.md)",
+    )
+    bundle.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=1.0,
+        metavar="BETA",
+        help="the bundle's default beta: v = v_u + beta (v_c - v_u) per step; 1 = the conditioned branch alone "
+        "(default 1; a request's guidance_scale overrides it)",
     )
     bundle.set_defaults(func=cmd_bundle)
     return parser

@@ -26,6 +26,9 @@ SIGLIP_HEADS_BY_WIDTH = {
 }
 
 
+CONDITION_MODES = (None, "bias")
+
+
 @dataclass(frozen=True)
 class VisionDims:
     width: int
@@ -63,6 +66,9 @@ class Pi0Dims:
     max_state_dim: int = 32
     max_action_dim: int = 32
     pi05: bool = False
+    # A learned two-way condition (classifier-free guidance, seed 003's "bias" mode): `condition_embedding`
+    # [2, expert width], row 0 the unconditioned branch, row 1 the positive one, added to every action token.
+    condition: str | None = None
 
     @property
     def model_type(self) -> str:
@@ -77,6 +83,8 @@ class Pi0Dims:
             exp.num_kv_heads,
         ):
             raise ValueError(f"the language model {lang} and the action expert {exp} cannot attend jointly")
+        if self.condition not in CONDITION_MODES:
+            raise ValueError(f"condition {self.condition!r}: the modes served are {CONDITION_MODES}")
         if self.vision.width % self.vision.num_heads:
             raise ValueError(f"vision width {self.vision.width} is not divisible by {self.vision.num_heads} heads")
 

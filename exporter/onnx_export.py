@@ -5,7 +5,8 @@ ATC's ONNX parser at opset 15 in every CANN release we could check (elementwise 
 in older ones), and LayerNorm is written out (LayerNormalization needs opset 17). torch's newer
 dynamo exporter emits opset 18 only and cannot convert these graphs down.
 
-The graphs' names, inputs and outputs are `runtime.bundle.graphs`' contracts (batch 1, static shapes).
+The graphs' names, inputs and outputs are `runtime.bundle.graphs`' contracts (batch 1, static shapes;
+guidance's graphs batch both branches inside).
 """
 
 from __future__ import annotations
@@ -20,8 +21,18 @@ import onnx
 import torch
 from torch import nn
 
-from exporter.pi0 import Pi0
-from runtime.bundle.graphs import EXPERT, EXPERT_OUTPUTS, VLM, VLM_INPUTS, VLM_OUTPUTS, expert_inputs
+from exporter.pi0 import POSITIVE, Pi0
+from runtime.bundle.graphs import (
+    EXPERT,
+    EXPERT_GUIDED,
+    EXPERT_OUTPUTS,
+    VLM,
+    VLM_GUIDED,
+    VLM_INPUTS,
+    VLM_OUTPUTS,
+    expert_inputs,
+)
+from runtime.bundle.guidance import GUIDANCE_KINDS, PROMPT_CONDITION
 from runtime.bundle.spec import PolicySpec
 from runtime.pipeline.tokenizer import BOS_ID
 
@@ -45,8 +56,26 @@ class ExpertGraph(nn.Module):
         self.model = model
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """[state,] x_t, t, prefix_keys, prefix_values, prefix_mask -> velocity (pi0.5 takes no state)."""
-        return self.model.velocity(None, *inputs) if self.model.dims.pi05 else self.model.velocity(*inputs)
+        """[state,] x_t, t, prefix_keys, prefix_values, prefix_mask -> velocity (pi0.5 takes no state); a
+        model with a learned condition serves its positive branch (guidance's beta = 1)."""
+        state, rest = (None, inputs) if self.model.dims.pi05 else (inputs[0], inputs[1:])
+        return self.model.velocity(state, *rest, condition=positive_condition(self.model))
+
+
+class GuidedExpertGraph(nn.Module):
+    def __init__(self, model: Pi0) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """[state,] x_t, t, guidance_scale, prefix_keys, prefix_values, prefix_mask -> the guided velocity."""
+        state, rest = (None, inputs) if self.model.dims.pi05 else (inputs[0], inputs[1:])
+        return self.model.guided_velocity(state, *rest)
+
+
+def positive_condition(model: Pi0, batch: int = 1) -> torch.Tensor | None:
+    """The positive branch's condition for a model with a learned one (None for any other)."""
+    return None if model.dims.condition is None else torch.full((batch,), POSITIVE, dtype=torch.long)
 
 
 def example_inputs(spec: PolicySpec, model: Pi0, seed: int = 0, real_tokens: int = 7) -> dict[str, np.ndarray]:
@@ -70,6 +99,15 @@ def example_inputs(spec: PolicySpec, model: Pi0, seed: int = 0, real_tokens: int
         "state": rng.standard_normal((1, dims.max_state_dim)).astype(np.float32),
         "noise": rng.standard_normal((1, spec.chunk_size, dims.max_action_dim)).astype(np.float32),
     }
+
+
+def two_prompts(tokens: np.ndarray, mask: np.ndarray, extra: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """A prompt [1, L] -> [2, L]: it, then it with `extra` more real tokens (as a conditioned prompt is longer)."""
+    tokens, mask = np.repeat(tokens, 2, axis=0), np.repeat(mask, 2, axis=0)
+    real = int(mask[0].sum())
+    longer = min(real + extra, mask.shape[1])
+    tokens[1, real:longer], mask[1, :longer] = tokens[0, 1 : 1 + longer - real], True
+    return tokens, mask
 
 
 def export_graph(
@@ -147,17 +185,41 @@ def graph_io(path: Path) -> dict[str, list[dict]]:
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
-def export_graphs(model: Pi0, spec: PolicySpec, out_dir: Path, seed: int = 0) -> dict[str, list[Path]]:
-    """Write vlm.onnx and expert.onnx for `model` (in the precision its weights are in)."""
+def export_graphs(
+    model: Pi0, spec: PolicySpec, out_dir: Path, seed: int = 0, guidance: str | None = None
+) -> dict[str, list[Path]]:
+    """Write vlm.onnx and expert.onnx for `model` (in the precision its weights are in), and with
+    `guidance` (a `GUIDANCE_KINDS` kind) expert_guided.onnx, and vlm_guided.onnx for a condition in the prompt."""
+    if guidance not in (None, *GUIDANCE_KINDS):
+        raise ValueError(f"guidance {guidance!r}: the kinds are {GUIDANCE_KINDS}")
     x = {k: torch.from_numpy(v) for k, v in example_inputs(spec, model, seed).items()}
     vlm_args = (x["images"], x["image_masks"], x["tokens"], x["token_mask"])
     with torch.no_grad():
-        keys, values, prefix_mask = model.prefix_kv(*vlm_args)
-    expert_args = (x["noise"], torch.ones(1), keys, values, prefix_mask)
-    if not model.dims.pi05:
-        expert_args = (x["state"], *expert_args)
-    names = expert_inputs(model.dims.pi05)
-    return {
+        cache = model.prefix_kv(*vlm_args)
+    pi05 = model.dims.pi05
+    step = (x["noise"], torch.ones(1)) if pi05 else (x["state"], x["noise"], torch.ones(1))
+    files = {
         VLM: export_graph(VLMGraph(model), vlm_args, VLM_INPUTS, VLM_OUTPUTS, out_dir / f"{VLM}.onnx"),
-        EXPERT: export_graph(ExpertGraph(model), expert_args, names, EXPERT_OUTPUTS, out_dir / f"{EXPERT}.onnx"),
+        EXPERT: export_graph(
+            ExpertGraph(model), (*step, *cache), expert_inputs(pi05), EXPERT_OUTPUTS, out_dir / f"{EXPERT}.onnx"
+        ),
     }
+    if guidance is None:
+        return files
+    if guidance == PROMPT_CONDITION:
+        # two prompts over the same images: the second a few tokens longer, as the conditioned one is
+        tokens, mask = (torch.from_numpy(a) for a in two_prompts(x["tokens"].numpy(), x["token_mask"].numpy()))
+        guided_vlm_args = (x["images"], x["image_masks"], tokens, mask)
+        files[VLM_GUIDED] = export_graph(
+            VLMGraph(model), guided_vlm_args, VLM_INPUTS, VLM_OUTPUTS, out_dir / f"{VLM_GUIDED}.onnx"
+        )
+        with torch.no_grad():
+            cache = model.prefix_kv(*guided_vlm_args)
+    files[EXPERT_GUIDED] = export_graph(
+        GuidedExpertGraph(model),
+        (*step, torch.full((1,), 1.5), *cache),
+        expert_inputs(pi05, guided=True),
+        EXPERT_OUTPUTS,
+        out_dir / f"{EXPERT_GUIDED}.onnx",
+    )
+    return files

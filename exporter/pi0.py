@@ -13,7 +13,13 @@ tokens, bidirectional) never attends to the suffix, so it is computed once per o
     prefix_kv(images, image_masks, tokens, token_mask) -> keys, values [depth, B, P, head_dim], prefix_mask
     velocity(state, x_t, t, keys, values, prefix_mask) -> v_t               (num_steps times)
 
-These two methods are what the exporter traces into the VLM and action-expert graphs: static shapes,
+Classifier-free guidance (docs/guidance.md) serves `v_u + beta (v_c - v_u)` per step, both branches in one
+batch of two: `guided_velocity` takes the prefix cache of batch 1 (a learned condition, `dims.condition`:
+row 0 of `condition_embedding` the unconditioned branch, row 1 the positive one, added to every action
+token, seed 003's "bias" mode) or of batch 2 (a condition in the prompt: the unconditioned prompt's cache
+first, the conditioned one's second, from `prefix_kv` over both prompts at once).
+
+These methods are what the exporter traces into the VLM and action-expert graphs: static shapes,
 no data-dependent Python, no in-place cache. The reference runs them through `exporter.torch_backend`
 under the runtime's own Euler loop. Masks and positions are pi0's: `attention_mask_2d` is big_vision's make_attn_mask.
 
@@ -38,6 +44,8 @@ from exporter.layers import Linear, wide
 from exporter.siglip import SiglipVision
 
 TIME_MIN_PERIOD, TIME_MAX_PERIOD = 4e-3, 4.0
+CONDITIONS = ("unconditioned", "positive")  # the rows of `condition_embedding`
+UNCONDITIONED, POSITIVE = range(len(CONDITIONS))
 
 
 def attention_mask_2d(pad_mask: torch.Tensor, ar_mask: torch.Tensor) -> torch.Tensor:
@@ -84,13 +92,16 @@ class Pi0(nn.Module):
             self.action_time_mlp_in = Linear(2 * exp.width, exp.width)
             self.action_time_mlp_out = Linear(exp.width, exp.width)
         self.action_out_proj = Linear(exp.width, dims.max_action_dim)
+        if dims.condition is not None:
+            self.condition_embedding = nn.Embedding(len(CONDITIONS), exp.width)
 
     # --- prefix: the VLM graph --------------------------------------------------------------------
 
     def embed_prefix(
         self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """images [B, C, 3, H, W], image_masks [B, C], tokens and token_mask [B, L] -> float32 embeddings, validity."""
+        """images [B, C, 3, H, W], image_masks [B, C], tokens and token_mask [B, L] -> float32 embeddings, validity.
+        Images of batch 1 serve prompts of any batch (guidance's two prompts: the vision tower runs once)."""
         b, cams = images.shape[:2]
         n = self.dims.image_tokens
         image_embs = self.projector(self.vision(images.flatten(0, 1))).reshape(b, cams * n, -1)
@@ -98,6 +109,8 @@ class Pi0(nn.Module):
         # get_image_features and multiplies them back by sqrt(width) in embed_prefix.
         lang_embs = wide(self.embed_tokens(tokens)) * math.sqrt(self.dims.language.width)
         image_valid = image_masks[:, :, None].expand(b, cams, n).reshape(b, cams * n)
+        prompts = tokens.shape[0]
+        image_embs, image_valid = image_embs.expand(prompts, -1, -1), image_valid.expand(prompts, -1)
         return torch.cat([wide(image_embs), lang_embs], dim=1), torch.cat([image_valid, token_mask], dim=1)
 
     def prefix_kv(
@@ -121,23 +134,34 @@ class Pi0(nn.Module):
     # --- suffix: the action-expert graph ----------------------------------------------------------
 
     def embed_suffix(
-        self, state: torch.Tensor | None, x_t: torch.Tensor, t: torch.Tensor
+        self, state: torch.Tensor | None, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> the suffix tokens and the adaptive norms' condition.
 
         pi0: state [B, S], noisy actions x_t [B, H, A], time t [B] -> [B, 1 + H, width] (state token, then
-        actions), no condition. pi0.5: [B, H, width] (actions alone) and the time condition [B, width]."""
+        actions), no condition. pi0.5: [B, H, width] (actions alone) and the time condition [B, width].
+        `condition` [B] (rows of `condition_embedding`, a model with `dims.condition` only) is added to
+        every action token: pi0's action-time embedding, pi0.5's action embedding."""
         action_emb = self.action_in_proj(x_t)
         time_emb = time_embedding(t, action_emb.shape[-1])
         if self.dims.pi05:
             cond = F.silu(wide(self.time_mlp_out(F.silu(wide(self.time_mlp_in(time_emb))))))
-            return wide(action_emb), cond
+            return self._conditioned(wide(action_emb), condition), cond
         state_emb = self.state_proj(state)[:, None]
         action_time = self.action_time_mlp_in(
             torch.cat([wide(action_emb), time_emb[:, None].expand_as(action_emb)], dim=-1)
         )
-        action_time = self.action_time_mlp_out(F.silu(wide(action_time)))
-        return torch.cat([wide(state_emb), wide(action_time)], dim=1), None
+        action_time = self._conditioned(wide(self.action_time_mlp_out(F.silu(wide(action_time)))), condition)
+        return torch.cat([wide(state_emb), action_time], dim=1), None
+
+    def _conditioned(self, action_tokens: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        if self.dims.condition is None:
+            if condition is not None:
+                raise ValueError("this model has no condition embedding")
+            return action_tokens
+        if condition is None:
+            raise ValueError("this model is conditioned: give the condition (0 unconditioned, 1 positive)")
+        return action_tokens + wide(self.condition_embedding(condition))[:, None]
 
     def velocity(
         self,
@@ -147,9 +171,11 @@ class Pi0(nn.Module):
         prefix_keys: torch.Tensor,
         prefix_values: torch.Tensor,
         prefix_mask: torch.Tensor,
+        condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The flow's velocity v_t [B, H, A] at x_t, attending to the prefix cache (pi0.5 reads no state)."""
-        x, cond = self.embed_suffix(state, x_t, t)
+        """The flow's velocity v_t [B, H, A] at x_t, attending to the prefix cache (pi0.5 reads no state).
+        A cache of batch 1 serves any B (its tokens are the same for every row)."""
+        x, cond = self.embed_suffix(state, x_t, t, condition)
         b, s = x.shape[:2]
         # A new block starts at the first action token: the prefix (and pi0's state token) do not see the
         # actions; pi0's state token is a block of its own before them.
@@ -160,5 +186,36 @@ class Pi0(nn.Module):
         offset = prefix_mask.to(torch.float32).sum(dim=1, keepdim=True)
         positions = offset + torch.arange(s, dtype=torch.float32)[None]
         for i, layer in enumerate(self.expert.layers):
-            x, _, _ = layer(x, positions, mask, context=(prefix_keys[i], prefix_values[i]), cond=cond)
+            context = (prefix_keys[i].expand(b, -1, -1), prefix_values[i].expand(b, -1, -1))
+            x, _, _ = layer(x, positions, mask, context=context, cond=cond)
         return wide(self.action_out_proj(self.expert.norm(x[:, first_action:], cond)[0]))
+
+    def guided_velocity(
+        self,
+        state: torch.Tensor | None,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        guidance_scale: torch.Tensor,
+        prefix_keys: torch.Tensor,
+        prefix_values: torch.Tensor,
+        prefix_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Classifier-free guidance at x_t [1, H, A]: `v_u + beta (v_c - v_u)` [1, H, A], the two branches
+        one batch of two. The cache is batch 1 (a learned condition: rows 0 and 1 of the embedding) or
+        batch 2 (a condition in the prompt: row 0 the unconditioned prompt's, row 1 the conditioned one's)."""
+        branches = 2
+        condition = torch.tensor([UNCONDITIONED, POSITIVE]) if self.dims.condition is not None else None
+        if condition is None and prefix_keys.shape[1] != branches:
+            raise ValueError("guidance without a learned condition needs both prompts' prefix caches (batch 2)")
+        state2 = None if state is None else state.expand(branches, -1)
+        v = self.velocity(
+            state2,
+            x_t.expand(branches, -1, -1),
+            t.expand(branches),
+            prefix_keys,
+            prefix_values,
+            prefix_mask,
+            condition,
+        )
+        v_u, v_c = v[0:1], v[1:2]
+        return v_u + wide(guidance_scale).reshape(1, 1, 1) * (v_c - v_u)

@@ -14,24 +14,30 @@ import numpy as np
 import torch
 
 from exporter.checkpoint import LoadedPolicy
-from exporter.pi0 import Pi0
+from exporter.pi0 import POSITIVE, UNCONDITIONED, Pi0
 from runtime.backends import Capabilities
+from runtime.bundle.graphs import VLM
+from runtime.bundle.guidance import Guidance
 from runtime.engine import Engine, Prompts
 from runtime.pipeline.model_io import ModelInputs
 
 
 @dataclass
 class PrefixCache:
-    """The prefix's keys, values and validity as tensors; released by dropping them."""
+    """Each prompt's prefix keys, values and validity as tensors (guidance over two prompts: two, the
+    unconditioned prompt's first); released by dropping them."""
 
-    tensors: tuple[torch.Tensor, ...]
+    prompts: list[tuple[torch.Tensor, ...]]
 
     def release(self) -> None:
-        self.tensors = ()
+        self.prompts = []
 
 
 class TorchBackend:
-    """`dtype`: what float inputs are cast to (float64 when the model runs in float64 for the floor)."""
+    """`dtype`: what float inputs are cast to (float64 when the model runs in float64 for the floor).
+
+    Guidance is computed as its definition reads, not as the graphs batch it: each branch its own prefix
+    (one per prompt) and its own expert call, batch 1, combined here as v_u + beta (v_c - v_u) in float32."""
 
     name = "pytorch"
     capabilities: ClassVar[Capabilities] = Capabilities(
@@ -46,23 +52,44 @@ class TorchBackend:
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
     @torch.no_grad()
-    def prefix(self, inputs: ModelInputs) -> PrefixCache:
-        """The prefix's keys, values and validity, kept as tensors for the steps."""
+    def prefix(self, inputs: ModelInputs, graph: str = VLM) -> PrefixCache:
+        """Each prompt's keys, values and validity, kept as tensors for the steps (`graph` is implied by the
+        number of prompts)."""
         t = self.as_tensor
+        images, masks = t(inputs.images), t(inputs.image_masks)
         return PrefixCache(
-            self.model.prefix_kv(t(inputs.images), t(inputs.image_masks), t(inputs.tokens), t(inputs.token_mask))
+            [
+                self.model.prefix_kv(images, masks, t(tokens[None]), t(mask[None]))
+                for tokens, mask in zip(inputs.tokens, inputs.token_mask, strict=True)
+            ]
         )
 
-    @torch.no_grad()
-    def velocity(self, cache: PrefixCache, state: np.ndarray, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+    def _branch(
+        self, cache: tuple[torch.Tensor, ...], state: np.ndarray, x_t: np.ndarray, t: np.ndarray, condition: int | None
+    ) -> np.ndarray:
         t_ = self.as_tensor
-        return self.model.velocity(t_(state), t_(x_t), t_(t), *cache.tensors).numpy()
+        labels = None if condition is None else torch.tensor([condition])
+        return self.model.velocity(t_(state), t_(x_t), t_(t), *cache, condition=labels).numpy()
+
+    @torch.no_grad()
+    def velocity(
+        self, cache: PrefixCache, state: np.ndarray, x_t: np.ndarray, t: np.ndarray, guidance_scale: float | None = None
+    ) -> np.ndarray:
+        learned = self.model.dims.condition is not None
+        if guidance_scale is None:
+            return self._branch(cache.prompts[-1], state, x_t, t, POSITIVE if learned else None)
+        if learned:
+            v_u = self._branch(cache.prompts[0], state, x_t, t, UNCONDITIONED)
+            v_c = self._branch(cache.prompts[0], state, x_t, t, POSITIVE)
+        else:
+            v_u, v_c = (self._branch(p, state, x_t, t, None) for p in cache.prompts)
+        return (v_u + np.float32(guidance_scale) * (v_c - v_u)).astype(np.float32)
 
     def close(self) -> None:
         pass
 
 
-def reference_engine(policy: LoadedPolicy, tokenizer: Path | None = None) -> Engine:
+def reference_engine(policy: LoadedPolicy, tokenizer: Path | None = None, guidance: Guidance | None = None) -> Engine:
     """The policy's float32 model as an engine; prompts are tokenized with `tokenizer` when given."""
     spec = policy.spec
     prompts = Prompts(
@@ -72,4 +99,4 @@ def reference_engine(policy: LoadedPolicy, tokenizer: Path | None = None) -> Eng
         tokenizer=tokenizer,
         state_in_prompt=spec.state_in_prompt,
     )
-    return Engine(spec, TorchBackend(policy.model), prompts, precision="fp32", source=policy.source)
+    return Engine(spec, TorchBackend(policy.model), prompts, precision="fp32", source=policy.source, guidance=guidance)

@@ -26,11 +26,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from exporter.onnx_export import two_prompts
 from exporter.pi0 import Pi0
 from exporter.precision import weights_in
 from exporter.torch_backend import PrefixCache, TorchBackend
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
-from runtime.bundle.graphs import PREFIX_CACHE
+from runtime.bundle.graphs import PREFIX_CACHE, VLM, VLM_GUIDED
+from runtime.bundle.guidance import PROMPT_CONDITION
 from runtime.bundle.spec import PolicySpec
 from runtime.engine import denoise, sample
 from runtime.pipeline.model_io import ModelInputs
@@ -75,16 +77,39 @@ def reference(
     backend = TorchBackend(model, dtype)
     inputs = replace(inputs, tokens=inputs.tokens.astype(np.int64))
     cache = backend.prefix(inputs)
-    keys, values, mask = cache.tensors
+    ((keys, values, mask),) = cache.prompts
     own = (
         cache
         if context is None
-        else PrefixCache((backend.as_tensor(context.prefix_keys), backend.as_tensor(context.prefix_values), mask))
+        else PrefixCache([(backend.as_tensor(context.prefix_keys), backend.as_tensor(context.prefix_values), mask)])
     )
     velocity = backend.velocity(own, inputs.state, noise, np.ones(1, np.float32))
     actions = denoise(backend, cache, inputs.state, noise, num_steps)
     as_np = lambda x: x.float().numpy() if x.dtype == torch.bfloat16 else x.numpy()  # noqa: E731
     return Reference(inputs, noise, num_steps, as_np(keys), as_np(values), velocity, actions)
+
+
+VALIDATION_SCALE = 2.0  # the beta guidance is validated at: CFGRL's and RECAP's range (1.5 - 3)
+
+
+@dataclass(frozen=True)
+class GuidedReference:
+    """Guidance as its definition reads (`TorchBackend`: each branch its own batch-1 call), at beta =
+    VALIDATION_SCALE; `inputs` carry both prompts (a condition in the prompt) or one."""
+
+    inputs: ModelInputs
+    actions: np.ndarray
+
+
+def guided_reference(model: Pi0, ref: Reference, kind: str) -> GuidedReference:
+    inputs = ref.inputs
+    if kind == PROMPT_CONDITION:
+        tokens, mask = two_prompts(inputs.tokens, inputs.token_mask)
+        inputs = replace(inputs, tokens=tokens, token_mask=mask)
+    backend = TorchBackend(model)
+    cache = backend.prefix(replace(inputs, tokens=inputs.tokens.astype(np.int64)))
+    actions = denoise(backend, cache, inputs.state, ref.noise, ref.num_steps, guidance_scale=VALIDATION_SCALE)
+    return GuidedReference(inputs, actions)
 
 
 def against(ref: Reference, other: Reference) -> dict[str, dict[str, float]]:
@@ -153,11 +178,14 @@ def validate(
     spec: PolicySpec,
     marks: dict[str, dict[str, dict[str, float]]] | None = None,
     lora_ref: Reference | None = None,
+    guided_ref: GuidedReference | None = None,
 ) -> dict:
     """Compare the backend (graphs for `spec`) with the reference; `marks`: the model's own yardsticks
     (`yardsticks`), which set the criteria. Graphs without the empty camera slots are compared on the
     prefix positions they keep. `lora_ref`: the checkpoint's unmerged LoRA forward, which the bundle
-    (merged weights) must match too, so that every export proves its merge."""
+    (merged weights) must match too, so that every export proves its merge. `guided_ref`: guidance as its
+    definition reads, which the guided graphs (both branches batched) must match; its criteria are the
+    absolute ones (the yardsticks measure the unguided chunk)."""
     inputs, kept = graph_inputs(ref, spec)
     ref_keys, ref_values = ref.prefix_keys[:, :, kept], ref.prefix_values[:, :, kept]
     cache = backend.prefix(inputs)
@@ -178,11 +206,22 @@ def validate(
     if lora_ref is not None:
         results["vs_lora_forward"] = compare(actions, lora_ref.actions)
     limits = thresholds(precision, marks)
+    checked = {"end_to_end": limits, "vs_lora_forward": limits}
+    if guided_ref is not None:
+        slots, length = spec.num_camera_slots, spec.tokenizer_max_length
+        g = guided_ref.inputs
+        g = replace(g, images=g.images[:, :slots], image_masks=g.image_masks[:, :slots], tokens=g.tokens[:, :length])
+        g = replace(g, token_mask=guided_ref.inputs.token_mask[:, :length])
+        cache = backend.prefix(g, VLM_GUIDED if len(g.tokens) == 2 else VLM)
+        guided = denoise(backend, cache, g.state, ref.noise, ref.num_steps, guidance_scale=VALIDATION_SCALE)
+        cache.release()
+        results[f"guided_beta{VALIDATION_SCALE:g}"] = compare(guided, guided_ref.actions)
+        checked[f"guided_beta{VALIDATION_SCALE:g}"] = thresholds(precision, None)
     failures = [
         f"{name} {metric} {r[metric]:.3g} {'<' if metric == 'cosine' else '>'} {limit:.3g}"
         for name, r in results.items()
-        if name in ("end_to_end", "vs_lora_forward")
-        for metric, limit in limits.items()
+        if name in checked
+        for metric, limit in checked[name].items()
         if not (r[metric] >= limit if metric == "cosine" else r[metric] <= limit)
     ]
     return {

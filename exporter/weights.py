@@ -63,6 +63,7 @@ SUFFIX_MODULES = (
     "action_time_mlp_out",
     "time_mlp_in",
     "time_mlp_out",
+    "condition_embedding",  # classifier-free guidance's learned condition (ours: docs/guidance.md)
 )
 
 
@@ -163,6 +164,7 @@ def infer_dims(shapes: dict[str, tuple[int, ...]]) -> Pi0Dims:
             max_state_dim=max_action_dim if pi05 else _shape(shapes, "state_proj.weight")[1],
             max_action_dim=max_action_dim,
             pi05=pi05,
+            condition="bias" if "condition_embedding.weight" in shapes else None,
         )
     except ValueError as e:
         raise CheckpointError(str(e)) from e

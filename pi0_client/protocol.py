@@ -51,7 +51,9 @@ SEED = "seed"
 # them the robot executes while this request is computed.
 PREV_ACTIONS = "prev_actions"
 DELAY = "delay"
-HEADER_FIELDS = (PROMPT, SEED, DELAY)
+# Classifier-free guidance's beta for this request (a bundle exported with guidance; docs/guidance.md).
+GUIDANCE_SCALE = "guidance_scale"
+HEADER_FIELDS = (PROMPT, SEED, DELAY, GUIDANCE_SCALE)
 
 
 def split_observation(obs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

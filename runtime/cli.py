@@ -42,7 +42,7 @@ from runtime.npu import (
     find_set_env,
     om_soc_check,
 )
-from runtime.pipeline.observation import Observation
+from runtime.pipeline.observation import Observation, guidance_scale
 
 log = logging.getLogger("pi0-runtime")
 
@@ -80,6 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
+    scale = None if args.guidance_scale is None else guidance_scale(args.guidance_scale)  # refused before loading
     bundle = load_bundle(args.bundle)
     engine = Engine.from_bundle(bundle, make_backend(bundle, args.backend))
     obs = Observation.from_npz(args.obs)
@@ -87,6 +88,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
         obs = replace(obs, noise=np.load(args.noise, allow_pickle=False))
     if args.seed is not None:
         obs = replace(obs, seed=args.seed)
+    if scale is not None:
+        obs = replace(obs, guidance_scale=scale)
     trace: dict[str, np.ndarray] | None = {} if args.dump else None
     actions, timing = engine.infer(obs, trace=trace)
     np.save(args.out, actions)
@@ -152,6 +155,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             "source": bundle.manifest.source,
             "model_type": "pi05" if bundle.manifest.model.get("pi05") else "pi0",
             "conventions": bundle.spec.conventions,
+            "guidance": None if bundle.manifest.guidance is None else bundle.manifest.guidance.to_dict(),
             "cameras": {
                 key: "optional" if key in bundle.spec.optional_cameras else "required"
                 for key in bundle.spec.camera_keys
@@ -270,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     noise.add_argument("--noise", type=Path, metavar="N.npy", help="initial noise [1, chunk, 32] (default: Gaussian)")
     noise.add_argument("--seed", type=int, help="seed of the Gaussian noise")
     infer.add_argument("--out", type=Path, required=True, metavar="ACTIONS.npy")
+    infer.add_argument(
+        "--guidance-scale",
+        type=float,
+        metavar="BETA",
+        help="classifier-free guidance's beta, for a bundle exported with guidance (default: the bundle's; "
+        "1 = the conditioned branch alone; docs/guidance.md)",
+    )
     infer.add_argument("--backend", choices=BACKENDS, default="auto")
     infer.add_argument(
         "--dump", type=Path, metavar="DIR", help="write every stage's tensors there as .npy (alignment work)"

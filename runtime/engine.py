@@ -1,7 +1,8 @@
 """The engine: one observation in, one action chunk out, with numpy around a backend.
 
 preprocess (runtime.pipeline.model_io) -> VLM once -> expert num_steps times with the Euler update ->
-postprocess. The prefix cache stays inside the backend (device memory on an accelerator) for all
+postprocess. With classifier-free guidance (runtime.bundle.guidance) and a scale other than 1, each step is
+both branches in one expert call, over the prompt's two prefixes (one VLM call) or one with a learned condition. The prefix cache stays inside the backend (device memory on an accelerator) for all
 steps. The observation is validated here, once, so that every refusal names what was expected.
 
 The daemon's engine runs a bundle's graphs; the exporter's reference is the same engine over the
@@ -21,6 +22,8 @@ import numpy as np
 from pi0_client.metadata import Camera, Metadata, PromptInfo
 from runtime.backends import Backend
 from runtime.bundle.conventions import PromptStyle
+from runtime.bundle.graphs import VLM, VLM_GUIDED
+from runtime.bundle.guidance import PROMPT_CONDITION, Guidance
 from runtime.bundle.manifest import Bundle
 from runtime.bundle.robot import Robot
 from runtime.bundle.spec import PolicySpec
@@ -61,14 +64,16 @@ def denoise(
     num_steps: int,
     trace: dict | None = None,
     inpaint: Callable[[np.ndarray, float], np.ndarray] | None = None,
+    guidance_scale: float | None = None,
 ) -> np.ndarray:
     """The Euler loop: x(t=1) = noise -> x(t=0), dt = -1/num_steps, the prefix cache left in the backend.
     `trace`, when given, receives every step's x_t and v_t (for alignment work). `inpaint(x, t)`, when
-    given, adjusts x after each step (real-time chunking's inpainting: runtime.pipeline.rtc)."""
+    given, adjusts x after each step (real-time chunking's inpainting: runtime.pipeline.rtc), on the guided
+    velocity where `guidance_scale` is given (each step both branches, combined)."""
     dt = np.float32(-1.0 / num_steps)
     x = np.asarray(noise, dtype=np.float32)
     for i, t in enumerate(euler_times(num_steps)):
-        v = backend.velocity(cache, state, x, np.array([t], dtype=np.float32))
+        v = backend.velocity(cache, state, x, np.array([t], dtype=np.float32), guidance_scale)
         if trace is not None:
             trace[f"step{i:02d}.t"], trace[f"step{i:02d}.x_t"], trace[f"step{i:02d}.v_t"] = np.float32(t), x, v
         x = x + dt * v
@@ -186,8 +191,10 @@ class Engine:
         precision: str,
         source: str,
         robot: Robot | None = None,
+        guidance: Guidance | None = None,
     ) -> None:
         self.spec = spec
+        self.guidance = guidance
         self.backend = backend
         self.prompts = prompts
         self.precision = precision
@@ -207,6 +214,7 @@ class Engine:
             precision=bundle.precision,
             source=manifest.source,
             robot=manifest.robot,
+            guidance=manifest.guidance,
         )
 
     def with_num_steps(self, num_steps: int | None) -> Engine:
@@ -218,7 +226,15 @@ class Engine:
             spec = replace(self.spec, num_steps=num_steps)  # the spec refuses num_steps < 1
         except ValueError as e:
             raise ConfigError(str(e)) from e
-        return Engine(spec, self.backend, self.prompts, precision=self.precision, source=self.source, robot=self.robot)
+        return Engine(
+            spec,
+            self.backend,
+            self.prompts,
+            precision=self.precision,
+            source=self.source,
+            robot=self.robot,
+            guidance=self.guidance,
+        )
 
     def close(self) -> None:
         self.backend.close()
@@ -267,7 +283,63 @@ class Engine:
             extra["default_prompt"] = self.prompts.default
         if self.spec.delta_action_mask is not None:
             extra["delta_action_mask"] = list(self.spec.delta_action_mask)
+        if self.guidance is not None:  # a request's `guidance_scale` overrides the default
+            extra["guidance"] = self.guidance.to_dict()
         return extra
+
+    def warm_up_requests(self, seed: int = 0) -> list[Observation]:
+        """Synthetic requests that between them run every graph this engine serves: the plain ones, and with
+        guidance the guided ones (a condition in the prompt needs a text prompt it can tokenize)."""
+        obs = Observation.synthetic(self.metadata(), seed)
+        if self.guidance is None:
+            return [obs]
+        requests = [replace(obs, guidance_scale=1.0)]
+        guided = 2.0 if self.guidance.default_scale == 1.0 else self.guidance.default_scale
+        if self.guidance.kind != PROMPT_CONDITION:
+            return [*requests, replace(obs, guidance_scale=guided)]
+        fixed = self.prompts.fixed
+        tasks = [t for t in fixed if self.guidance.conditioned(t) in fixed]
+        task = self.prompts.default or next(iter(tasks), None)
+        if task is None and self.prompts.tokenizer_path is not None:
+            task = "warm up"
+        if task is not None:
+            requests.append(Observation(obs.images, obs.state, prompt=task, seed=seed, guidance_scale=guided))
+        return requests
+
+    def _guidance_scale(self, obs: Observation) -> float | None:
+        """The request's beta where this chunk is guided (both branches per step); None where it is not: a
+        policy without guidance, or beta = 1 (the conditioned branch alone)."""
+        scale = obs.guidance_scale
+        if self.guidance is None:
+            if scale is not None and scale != 1.0:
+                raise EngineError(
+                    "bad_request",
+                    "this policy was exported without classifier-free guidance: guidance_scale can only be 1",
+                )
+            return None
+        scale = self.guidance.default_scale if scale is None else scale
+        return None if scale == 1.0 else scale
+
+    def _tokens(self, obs: Observation, state: np.ndarray, guided: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The prompt's tokens and mask [1, L]; with a condition in the prompt the conditioned prompt, and
+        for a guided chunk [2, L]: the task alone, then the conditioned prompt."""
+        pstate = prompt_state(self.spec, state)
+        guidance = self.guidance
+        if guidance is None or guidance.kind != PROMPT_CONDITION or obs.tokens is not None:
+            if guided and guidance is not None and guidance.kind == PROMPT_CONDITION:
+                raise EngineError(
+                    "bad_request",
+                    "guidance with a condition in the prompt needs the prompt as text (or guidance_scale 1 with tokens)",
+                )
+            return self.prompts(obs.prompt, obs.tokens, obs.token_mask, pstate)
+        task = self.prompts.default if obs.prompt is None else obs.prompt
+        if task is None:
+            raise EngineError("bad_request", "give a prompt (text) or tokens (this policy has no default prompt)")
+        tokens, mask = self.prompts(guidance.conditioned(task), None, None, pstate)
+        if not guided:
+            return tokens, mask
+        plain_tokens, plain_mask = self.prompts(task, None, None, pstate)
+        return np.concatenate([plain_tokens, tokens]), np.concatenate([plain_mask, mask])
 
     def _images(self, images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The cameras, checked against the policy's and stripped of a leading batch of 1; those the robot's
@@ -360,7 +432,8 @@ class Engine:
         start = time.perf_counter()
         raw_state = self._state(obs.state)
         images, state = self._frames(self._images(obs.images), notes), model_state(self.spec, raw_state)
-        tokens, token_mask = self.prompts(obs.prompt, obs.tokens, obs.token_mask, prompt_state(self.spec, state))
+        scale = self._guidance_scale(obs)
+        tokens, token_mask = self._tokens(obs, state, scale is not None)
         noise = self._noise(obs)
         inpaint, prev = self._inpainting(obs, raw_state, noise)
         try:
@@ -369,10 +442,10 @@ class Engine:
             raise EngineError("bad_request", str(e)) from e
         t_pre = time.perf_counter()
 
-        cache = self.backend.prefix(inputs)
+        cache = self.backend.prefix(inputs, VLM_GUIDED if len(tokens) == 2 else VLM)
         t_vlm = time.perf_counter()
         try:
-            x = denoise(self.backend, cache, inputs.state, noise, self.spec.num_steps, trace, inpaint)
+            x = denoise(self.backend, cache, inputs.state, noise, self.spec.num_steps, trace, inpaint, scale)
         finally:
             cache.release()
         t_expert = time.perf_counter()

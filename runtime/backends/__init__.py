@@ -1,11 +1,13 @@
 """Backends run a bundle's two graphs: the VLM once per observation, the action expert per step.
 
 The seam, by name:
-- `Backend`: what the engine calls. `prefix(inputs)` runs the VLM and returns a `PrefixHandle`, an opaque
-  handle on that observation's prefix cache, which stays where the expert reads it (device memory on an
-  accelerator) and never crosses to numpy; `velocity(handle, ...)` runs one expert step on it. Several
-  handles may be alive at once (up to `Capabilities.max_live_caches`), each its own cache;
-  `handle.release()` (or dropping it) frees it for the next.
+- `Backend`: what the engine calls. `prefix(inputs, graph)` runs a VLM graph (`vlm`, or guidance's
+  `vlm_guided` over two prompts) and returns a `PrefixHandle`, an opaque handle on that observation's prefix
+  cache, which stays where the expert reads it (device memory on an accelerator) and never crosses to numpy;
+  `velocity(handle, ..., guidance_scale)` runs one expert step on it (`expert`, or with a guidance scale
+  `expert_guided`: both branches in one call). Several handles may be alive at once (up to
+  `Capabilities.max_live_caches`), each its own cache; `handle.release()` (or dropping it) frees it for the
+  next. Which expert graphs read which VLM graph's cache follows from the manifest's lists (`cache_readers`).
 - `Capabilities`: what a backend declares about itself, read instead of its name: the artefact it runs
   (`runtime.bundle.manifest.ONNX`, or a compiled target such as `runtime.bundle.manifest.OM`), the library it needs, whether
   it holds the weights in host memory, how many prefix caches may be alive at once.
@@ -25,6 +27,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from runtime.bundle.graphs import EXPERT, EXPERT_GUIDED, PREFIX_CACHE, VLM, VLM_GRAPHS
 from runtime.bundle.manifest import Bundle, BundleError
 from runtime.pipeline.model_io import ModelInputs
 
@@ -59,11 +62,44 @@ class Backend(Protocol):
     name: str
     capabilities: ClassVar[Capabilities]
 
-    def prefix(self, inputs: ModelInputs) -> PrefixHandle: ...
+    def prefix(self, inputs: ModelInputs, graph: str = VLM) -> PrefixHandle: ...
 
-    def velocity(self, cache: Any, state: np.ndarray, x_t: np.ndarray, t: np.ndarray) -> np.ndarray: ...
+    def velocity(
+        self, cache: Any, state: np.ndarray, x_t: np.ndarray, t: np.ndarray, guidance_scale: float | None = None
+    ) -> np.ndarray: ...
 
     def close(self) -> None: ...
+
+
+def expert_graph(guidance_scale: float | None) -> str:
+    """The expert graph a step runs: guidance's (both branches, combined) when a scale is given."""
+    return EXPERT if guidance_scale is None else EXPERT_GUIDED
+
+
+def cache_readers(io: dict[str, tuple[list[dict], list[dict]]]) -> dict[str, tuple[str, ...]]:
+    """graph -> (its inputs, its outputs) as the manifest lists them => for each graph that writes a prefix
+    cache, the graphs that read it: those whose cache inputs are its outputs, by name and shape."""
+    readers = {}
+    for writer in (g for g in VLM_GRAPHS if g in io):
+        written = {o["name"]: list(o["shape"]) for o in io[writer][1]}
+        readers[writer] = tuple(
+            reader
+            for reader, (inputs, _) in io.items()
+            if reader not in VLM_GRAPHS
+            and all(written.get(i["name"]) == list(i["shape"]) for i in inputs if i["name"] in PREFIX_CACHE)
+        )
+    return readers
+
+
+def check_reads(readers: dict[str, tuple[str, ...]], writer: str, reader: str) -> None:
+    """A BundleError unless `reader` (an expert graph) can read the cache `writer` made."""
+    if writer not in readers:
+        raise BundleError(f"this bundle has no {writer} graph (exported without guidance, or another kind)")
+    if reader not in readers[writer]:
+        raise BundleError(
+            f"a prefix cache of the {writer} graph is read by {list(readers[writer])}, not by {reader} "
+            "(guidance over two prompts needs a guidance scale; a bundle without guidance has no guided expert)"
+        )
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,18 @@ graph's input names, which ATC keeps), size and data type, in order. Outputs as 
 manifest by the trailing output name; `op:edge` with no output name (--out_nodes, the op possibly a
 fused one), matched by index, checked by size, data type and dims (so two same-shaped outputs swapped
 by ATC could not be told apart: nothing in the description says which is which). The OM's own output
-order is what the datasets follow. Device buffers are allocated once: the VLM's inputs and the
-expert's per-step inputs and output are shared, and one pinned host buffer (acl.rt.malloc_host)
-receives the velocity; each prefix cache has a `CacheSlot` of its own: the VLM's output buffers,
-which are *the expert's cache input buffers* (the same device pointers in a VLM output dataset and an
-expert input dataset), and the request's state. So the cache never leaves the device, and several may
-be alive at once (up to `BackendOptions.live_caches`, 2 by default): `prefix()` takes a free slot
-(allocating one up to the limit, the first at set-up) and its handle gives it back when released or
-dropped. Per request the VLM's inputs go host->device and the state once; per step only x_t and t,
-and the velocity comes back. Host memory goes to ACL as `acl.util.bytes_to_ptr` of a bytes object and
+order is what the datasets follow. Every graph of the bundle is loaded (guidance adds `expert_guided`
+and, for a condition in the prompt, `vlm_guided`). Device buffers are allocated once: each VLM graph's
+inputs and the experts' per-step inputs (x_t, t) and output are shared, and one pinned host buffer
+(acl.rt.malloc_host) receives the velocity; each prefix cache has a `CacheSlot` of its own: its VLM
+graph's output buffers, which are *the cache input buffers of every expert graph that reads them*
+(the same device pointers in a VLM output dataset and an expert input dataset per reader, as the
+manifest's shapes say: `runtime.backends.cache_readers`), and the request's constants (the state, the
+guidance scale). So the cache never leaves the device, and several may be alive at once (up to
+`BackendOptions.live_caches` per VLM graph, 2 by default): `prefix()` takes a free slot (allocating
+one up to the limit, the first at set-up) and its handle gives it back when released or dropped. Per
+request the VLM's inputs go host->device and the constants once; per step only x_t and t, and the
+velocity comes back. Host memory goes to ACL as `acl.util.bytes_to_ptr` of a bytes object and
 comes back through `acl.util.ptr_to_bytes` (numpy_to_ptr / ptr_to_numpy are deprecated, cann-facts §4).
 
 Everything acquired is recorded with the call that releases it; close() releases it all in reverse
@@ -48,8 +51,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from runtime.backends import BackendOptions, Capabilities
-from runtime.bundle.graphs import EXPERT, STEP_INPUTS, VLM
+from runtime.backends import BackendOptions, Capabilities, cache_readers, check_reads, expert_graph
+from runtime.bundle.graphs import EXPERT, GUIDANCE_SCALE, PREFIX_CACHE, STEP_INPUTS, VLM, VLM_GRAPHS
 from runtime.bundle.manifest import OM, Bundle
 from runtime.errors import ApplianceError
 from runtime.pipeline.model_io import ModelInputs
@@ -78,6 +81,7 @@ ACL_DTYPES: dict[int, np.dtype] = {
     )
 }
 _SAME_BYTES = {frozenset({np.dtype("bool"), np.dtype("uint8")})}  # what we write into either: 0 or 1
+REQUEST_CONSTANTS = ("state", GUIDANCE_SCALE)  # expert inputs that stay the same for every step of a request
 
 
 class AclError(ApplianceError):
@@ -271,20 +275,26 @@ class AclModel:
             raise AclError(f"the {self.graph} OM model names the manifest's output(s) {twice} more than once")
         return [s for s in matched if s is not None]
 
+    @property
+    def input_names(self) -> set[str]:
+        return {s["name"] for s in self.inputs}
+
     def execute(self, inputs: int, outputs: int) -> None:
         _check(self.acl.mdl.execute(self.model_id, inputs, outputs), f"acl.mdl.execute({self.graph})")
 
 
 @dataclass
 class CacheSlot:
-    """One prefix cache's device memory: the VLM's outputs (the cache) and the request's state, with the
-    VLM output dataset that writes them and the expert input dataset that reads them."""
+    """One prefix cache's device memory: the outputs of the VLM graph that writes it (`writer`) and the
+    request's constants (the state; guidance's scale), with the VLM output dataset that writes them and, per
+    expert graph that reads this cache, its input dataset."""
 
+    writer: str
     buffers: list[DeviceBuffer]
     vlm_outputs: int
-    expert_inputs: int
+    expert_inputs: dict[str, int]
     by_name: dict[str, DeviceBuffer] = field(default_factory=dict)
-    state_sent: bool = False
+    sent: dict[str, float | None] = field(default_factory=dict)  # request constants on the device ("state": None)
 
 
 class AclPrefixCache:
@@ -352,29 +362,41 @@ class AclBackend:
         self.stream = stream
         held.push("acl.rt.destroy_stream", lambda: acl.rt.destroy_stream(stream))
         graphs = bundle.graphs
-        self.vlm, self.expert = (
-            AclModel(acl, name, om[name], {"inputs": graphs[name].inputs, "outputs": graphs[name].outputs}, held)
-            for name in (VLM, EXPERT)
-        )
+        self.models = {
+            name: AclModel(acl, name, om[name], {"inputs": graph.inputs, "outputs": graph.outputs}, held)
+            for name, graph in graphs.items()
+        }
+        self.vlm, self.expert = self.models[VLM], self.models[EXPERT]
+        self.readers = cache_readers({name: (m.inputs, m.outputs) for name, m in self.models.items()})
         provided = {f.name for f in fields(ModelInputs)}
-        unknown = [s["name"] for s in self.vlm.inputs if s["name"] not in provided]
-        cache_names = {s["name"] for s in self.vlm.outputs}
-        # Per slot: the cache and the state (sent once per request); shared: the VLM's inputs, x_t and t, the velocity.
-        self.per_slot = [s for s in self.expert.inputs if s["name"] in cache_names or s["name"] == "state"]
-        shared_steps = [s for s in self.expert.inputs if s not in self.per_slot]
-        unknown += [s["name"] for s in shared_steps if s["name"] not in STEP_INPUTS]
+        writers = [self.models[name] for name in VLM_GRAPHS if name in self.models]
+        experts = [m for name, m in self.models.items() if name not in VLM_GRAPHS]
+        unknown = [s["name"] for m in writers for s in m.inputs if s["name"] not in provided]
+        # Per slot: the cache and the request's constants (state, guidance scale), sent once per request;
+        # shared: each VLM graph's inputs, x_t and t, the velocity (the same shapes for every expert graph).
+        shared_specs: dict[str, dict] = {}
+        for model in experts:
+            for spec in model.inputs:
+                if spec["name"] in PREFIX_CACHE or spec["name"] in REQUEST_CONSTANTS:
+                    continue
+                if spec["name"] not in STEP_INPUTS:
+                    unknown.append(spec["name"])
+                elif shared_specs.setdefault(spec["name"], spec)["shape"] != spec["shape"]:
+                    raise AclError(f"the expert graphs take {spec['name']} in different shapes")
         if unknown:
             raise AclError(f"the bundle's graphs take inputs this runtime does not provide: {unknown}")
-        self.vlm_inputs = {s["name"]: self._malloc(s) for s in self.vlm.inputs}
-        self.step_inputs = {s["name"]: self._malloc(s) for s in shared_steps}
+        if len({_nbytes(m.outputs[0]) for m in experts}) != 1:
+            raise AclError("the expert graphs' velocities differ in size")
+        self.vlm_inputs = {m.graph: {s["name"]: self._malloc(s) for s in m.inputs} for m in writers}
+        self.step_inputs = {name: self._malloc(spec) for name, spec in shared_specs.items()}
         self.velocity_out = self._malloc(self.expert.outputs[0])
         host, ret = acl.rt.malloc_host(self.velocity_out.size)  # pinned: the velocity comes back every step
         _check(ret, "acl.rt.malloc_host")
         held.push("acl.rt.free_host", lambda: acl.rt.free_host(host))
         self.velocity_host = host
-        self.vlm_input_set = self._dataset(list(self.vlm_inputs.values()))
+        self.vlm_input_sets = {graph: self._dataset(list(b.values())) for graph, b in self.vlm_inputs.items()}
         self.expert_output_set = self._dataset([self.velocity_out])
-        self._free.append(self._new_slot())  # the first at set-up: no allocation per request
+        self._free.append(self._new_slot(VLM))  # the first at set-up: no allocation for an unguided request
 
     def _malloc(self, spec: dict) -> DeviceBuffer:
         acl, size = self.acl, _nbytes(spec)
@@ -395,25 +417,34 @@ class AclBackend:
             _check(ret, "acl.mdl.add_dataset_buffer")
         return dataset
 
-    def _new_slot(self) -> CacheSlot:
-        by_name = {s["name"]: self._malloc(s) for s in self.vlm.outputs}
-        if "state" in (s["name"] for s in self.per_slot):
-            by_name["state"] = self._malloc(next(s for s in self.per_slot if s["name"] == "state"))
-        vlm_outputs = self._dataset([by_name[s["name"]] for s in self.vlm.outputs])
-        inputs = [by_name.get(s["name"]) or self.step_inputs[s["name"]] for s in self.expert.inputs]
-        slot = CacheSlot(list(by_name.values()), vlm_outputs, self._dataset(inputs), by_name)
+    def _new_slot(self, writer: str) -> CacheSlot:
+        by_name = {s["name"]: self._malloc(s) for s in self.models[writer].outputs}
+        readers = [self.models[name] for name in self.readers[writer]]
+        for spec in (s for m in readers for s in m.inputs if s["name"] in REQUEST_CONSTANTS):
+            if spec["name"] not in by_name:
+                by_name[spec["name"]] = self._malloc(spec)
+        vlm_outputs = self._dataset([by_name[s["name"]] for s in self.models[writer].outputs])
+        inputs = {
+            m.graph: self._dataset([by_name.get(s["name"]) or self.step_inputs[s["name"]] for s in m.inputs])
+            for m in readers
+        }
+        slot = CacheSlot(writer, list(by_name.values()), vlm_outputs, inputs, by_name)
         self._slots.append(slot)
         return slot
 
-    def _take_slot(self) -> CacheSlot:
+    def _take_slot(self, writer: str) -> CacheSlot:
+        """A free slot of the `writer` VLM graph's caches, allocating one up to the limit (per VLM graph)."""
         with self._lock:
-            if self._free:
-                return self._free.pop()
-            if len(self._slots) >= self.max_live_caches:
+            free = next((slot for slot in self._free if slot.writer == writer), None)
+            if free is not None:
+                self._free.remove(free)
+                return free
+            if sum(slot.writer == writer for slot in self._slots) >= self.max_live_caches:
                 raise AclError(
-                    f"all {self.max_live_caches} prefix caches this backend allows are in use; release one first"
+                    f"all {self.max_live_caches} prefix caches of the {writer} graph this backend allows are in use; "
+                    "release one first"
                 )
-            return self._new_slot()
+            return self._new_slot(writer)
 
     def _give_back(self, slot: CacheSlot) -> None:
         with self._lock:
@@ -434,32 +465,46 @@ class AclBackend:
         data = self.acl.util.ptr_to_bytes(host, buffer.size)
         return np.frombuffer(data, dtype=buffer.dtype).reshape(buffer.shape).copy()  # writable, like any result
 
-    def prefix(self, inputs: ModelInputs) -> AclPrefixCache:
-        """Run the VLM into a free cache slot; the expert reads that slot's buffers directly."""
+    def prefix(self, inputs: ModelInputs, graph: str = VLM) -> AclPrefixCache:
+        """Run a VLM graph into a free cache slot; the expert graphs read that slot's buffers directly."""
+        if graph not in self.vlm_inputs:
+            raise AclError(f"this bundle has no {graph} graph")
         # ACL contexts are per thread: the engine may run in another thread than the one that set up.
         _check(self.acl.rt.set_context(self.context), "acl.rt.set_context")
-        slot = self._take_slot()
+        slot = self._take_slot(graph)
         try:
-            for name, buffer in self.vlm_inputs.items():
+            for name, buffer in self.vlm_inputs[graph].items():
                 self._to_device(buffer, getattr(inputs, name))
-            self.vlm.execute(self.vlm_input_set, slot.vlm_outputs)
+            self.models[graph].execute(self.vlm_input_sets[graph], slot.vlm_outputs)
         except AclError:
             self._give_back(slot)
             raise
-        slot.state_sent = False
+        slot.sent = {}
         return AclPrefixCache(self, slot)
 
-    def velocity(self, cache: AclPrefixCache, state: np.ndarray, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+    def velocity(
+        self,
+        cache: AclPrefixCache,
+        state: np.ndarray,
+        x_t: np.ndarray,
+        t: np.ndarray,
+        guidance_scale: float | None = None,
+    ) -> np.ndarray:
         slot = cache.slot
         if slot is None:
             raise AclError("this prefix cache was released")
-        if not slot.state_sent and "state" in slot.by_name:  # the same for every step; pi0.5's expert takes none
-            self._to_device(slot.by_name["state"], state)
-            slot.state_sent = True
+        graph = expert_graph(guidance_scale)
+        check_reads(self.readers, slot.writer, graph)
+        # The request's constants go once (pi0.5's expert takes no state); the scale again if it changes.
+        constants = {"state": (None, state), GUIDANCE_SCALE: (guidance_scale, np.array([guidance_scale or 0.0]))}
+        for name, (key, value) in constants.items():
+            if name in slot.by_name and name in self.models[graph].input_names and slot.sent.get(name, ...) != key:
+                self._to_device(slot.by_name[name], value)
+                slot.sent[name] = key
         values = {"x_t": x_t, "t": t}
         for name, buffer in self.step_inputs.items():
             self._to_device(buffer, values[name])
-        self.expert.execute(slot.expert_inputs, self.expert_output_set)
+        self.models[graph].execute(slot.expert_inputs[graph], self.expert_output_set)
         return self._to_host(self.velocity_out)
 
     def _release(self) -> list[str]:

@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from runtime.backends import BackendOptions, Capabilities
-from runtime.bundle.graphs import EXPERT, PREFIX_CACHE, STEP_INPUTS, VLM
+from runtime.backends import BackendOptions, Capabilities, cache_readers, check_reads, expert_graph
+from runtime.bundle.graphs import EXPERT, GUIDANCE_SCALE, PREFIX_CACHE, STEP_INPUTS, VLM, VLM_GRAPHS
 from runtime.bundle.manifest import ONNX, Bundle, BundleError
 from runtime.pipeline.model_io import ModelInputs
 
@@ -24,14 +24,16 @@ PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 @dataclass
 class PrefixCache:
-    """One request's prefix cache (device-resident OrtValues, by name) and the expert binding that reads it."""
+    """One request's prefix cache (device-resident OrtValues, by name), the VLM graph that wrote it, and per
+    expert graph that reads it, the binding that reads it (made on that graph's first step)."""
 
     values: dict[str, Any]
-    binding: Any
+    writer: str
+    bindings: dict[str, Any] = field(default_factory=dict)
     live: bool = field(default=True)
 
     def release(self) -> None:
-        self.values, self.binding, self.live = {}, None, False
+        self.values, self.bindings, self.live = {}, {}, False
 
 
 def _ort() -> Any:
@@ -62,51 +64,66 @@ class OnnxRuntimeBackend:
         self.providers = providers
         self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
         graphs = bundle.graphs
-        self.vlm = ort.InferenceSession(str(graphs[VLM].onnx), session_options, providers=providers)
-        self.expert = ort.InferenceSession(str(graphs[EXPERT].onnx), session_options, providers=providers)
+        self.sessions = {
+            name: ort.InferenceSession(str(graph.onnx), session_options, providers=providers)
+            for name, graph in graphs.items()
+        }
         self.io = {name: (graph.inputs, graph.outputs) for name, graph in graphs.items()}
+        self.readers = cache_readers(self.io)
         self.input_dtypes = {
             name: {i["name"]: np.dtype(i["dtype"]) for i in graph.inputs} for name, graph in graphs.items()
         }
-        vlm_outputs = [o["name"] for o in graphs[VLM].outputs]
-        self.cache_inputs = [i["name"] for i in graphs[EXPERT].inputs if i["name"] in vlm_outputs]
-        self.step_inputs = [i["name"] for i in graphs[EXPERT].inputs if i["name"] not in vlm_outputs]
+        self.step_inputs = {
+            name: [i["name"] for i in graph.inputs if i["name"] not in PREFIX_CACHE]
+            for name, graph in graphs.items()
+            if name not in VLM_GRAPHS
+        }
         provided = {f.name for f in fields(ModelInputs)}
-        unknown = set(self.step_inputs) - set(STEP_INPUTS)
-        if unknown or any(i["name"] not in provided for i in graphs[VLM].inputs):
-            raise BundleError(f"the bundle's graphs take inputs this runtime does not provide: {self.io}")
+        unknown = {n for names in self.step_inputs.values() for n in names} - {*STEP_INPUTS, GUIDANCE_SCALE}
+        unknown |= {i["name"] for g in VLM_GRAPHS if g in graphs for i in graphs[g].inputs} - provided
+        if unknown:
+            raise BundleError(f"the bundle's graphs take inputs this runtime does not provide: {sorted(unknown)}")
 
     def _cast(self, graph: str, name: str, value: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(value, dtype=self.input_dtypes[graph][name])
 
-    def prefix(self, inputs: ModelInputs) -> PrefixCache:
-        """Run the VLM; its outputs (the prefix cache) stay where onnxruntime put them."""
-        binding = self.vlm.io_binding()
-        for spec in self.io[VLM][0]:
-            binding.bind_cpu_input(spec["name"], self._cast(VLM, spec["name"], getattr(inputs, spec["name"])))
-        names = [spec["name"] for spec in self.io[VLM][1]]
+    def prefix(self, inputs: ModelInputs, graph: str = VLM) -> PrefixCache:
+        """Run a VLM graph; its outputs (the prefix cache) stay where onnxruntime put them."""
+        if graph not in self.readers:
+            raise BundleError(f"this bundle has no {graph} graph")
+        binding = self.sessions[graph].io_binding()
+        for spec in self.io[graph][0]:
+            binding.bind_cpu_input(spec["name"], self._cast(graph, spec["name"], getattr(inputs, spec["name"])))
+        names = [spec["name"] for spec in self.io[graph][1]]
         for name in names:
             binding.bind_output(name, self.device)
-        self.vlm.run_with_iobinding(binding)
-        return self._expert_binding(dict(zip(names, binding.get_outputs(), strict=True)))
+        self.sessions[graph].run_with_iobinding(binding)
+        return PrefixCache(dict(zip(names, binding.get_outputs(), strict=True)), graph)
 
-    def _expert_binding(self, cache: dict[str, Any]) -> PrefixCache:
-        """Bind the cache to the expert once per request; each step then binds only its step inputs."""
-        binding = self.expert.io_binding()
-        for name in self.cache_inputs:
-            binding.bind_ortvalue_input(name, cache[name])
-        for spec in self.io[EXPERT][1]:
-            binding.bind_output(spec["name"], "cpu")
-        return PrefixCache(cache, binding)
+    def _binding(self, cache: PrefixCache, graph: str) -> Any:
+        """The cache bound to an expert graph once per request; each step then binds only its step inputs."""
+        if graph not in cache.bindings:
+            check_reads(self.readers, cache.writer, graph)
+            binding = self.sessions[graph].io_binding()
+            for spec in self.io[graph][0]:
+                if spec["name"] in PREFIX_CACHE:
+                    binding.bind_ortvalue_input(spec["name"], cache.values[spec["name"]])
+            for spec in self.io[graph][1]:
+                binding.bind_output(spec["name"], "cpu")
+            cache.bindings[graph] = binding
+        return cache.bindings[graph]
 
-    def velocity(self, cache: PrefixCache, state: np.ndarray, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+    def velocity(
+        self, cache: PrefixCache, state: np.ndarray, x_t: np.ndarray, t: np.ndarray, guidance_scale: float | None = None
+    ) -> np.ndarray:
         if not cache.live:
             raise BundleError("this prefix cache was released")
-        binding = cache.binding
-        values = {"state": state, "x_t": x_t, "t": t}
-        for name in self.step_inputs:  # pi0.5's expert takes no state
-            binding.bind_cpu_input(name, self._cast(EXPERT, name, values[name]))
-        self.expert.run_with_iobinding(binding)
+        graph = expert_graph(guidance_scale)
+        binding = self._binding(cache, graph)
+        values = {"state": state, "x_t": x_t, "t": t, GUIDANCE_SCALE: np.array([guidance_scale], np.float32)}
+        for name in self.step_inputs[graph]:  # pi0.5's expert takes no state
+            binding.bind_cpu_input(name, self._cast(graph, name, values[name]))
+        self.sessions[graph].run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
     def cache_to_numpy(self, cache: PrefixCache) -> dict[str, np.ndarray]:
@@ -120,7 +137,7 @@ class OnnxRuntimeBackend:
             name: self.ort.OrtValue.ortvalue_from_numpy(self._cast(EXPERT, name, array), self.device)
             for name, array in arrays.items()
         }
-        return self._expert_binding(cache)
+        return PrefixCache(cache, VLM)
 
     def close(self) -> None:
-        self.vlm = self.expert = None
+        self.sessions = {}

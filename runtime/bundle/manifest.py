@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.bundle.guidance import Guidance
 from runtime.bundle.robot import Robot
 from runtime.bundle.spec import PolicySpec
 from runtime.errors import ApplianceError
@@ -115,6 +116,7 @@ class Manifest:
     validation: str | None = None  # the report's file
     files: dict[str, str] = field(default_factory=dict)  # every other file -> its sha256
     robot: Robot | None = None  # the training config's robot, where the checkpoint's reader knows it
+    guidance: Guidance | None = None  # classifier-free guidance, where the bundle serves it (its graphs)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -125,6 +127,7 @@ class Manifest:
         d = asdict(self)
         d["policy"] = self.policy.to_dict()
         d["robot"] = None if self.robot is None else self.robot.to_dict()
+        d["guidance"] = None if self.guidance is None else self.guidance.to_dict()
         return d
 
     @classmethod
@@ -137,6 +140,7 @@ class Manifest:
         d["graphs"] = {name: GraphEntry(**g) for name, g in d["graphs"].items()}
         d["policy"] = PolicySpec.from_dict(d["policy"])
         d["robot"] = None if d.get("robot") is None else Robot.from_dict(d["robot"])
+        d["guidance"] = None if d.get("guidance") is None else Guidance.from_dict(d["guidance"])
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -27,7 +27,7 @@ import numpy as np
 from pi0_client import wire
 from pi0_client.metadata import Metadata
 from pi0_client.protocol import IMAGE_PREFIX, STATE_OUT_OF_RANGE
-from runtime.pipeline.observation import Observation, ObservationError
+from runtime.pipeline.observation import Observation, ObservationError, guidance_scale
 
 NDARRAY, NPGENERIC = b"__ndarray__", b"__npgeneric__"
 NUMERIC_KINDS = "biuf"
@@ -37,7 +37,7 @@ CAMERA_ALIASES = {"cam_high": "top"}
 ALOHA_CAMERAS = ("cam_high", "cam_low", "cam_left_wrist", "cam_right_wrist")  # AlohaInputs.EXPECTED_CAMERAS
 LIBERO_IMAGES = ("observation/image", "observation/wrist_image")
 DROID_IMAGES = ("observation/exterior_image_1_left", "observation/wrist_image_left")
-EXTRAS = ("prompt", "seed", "noise", "prev_actions", "delay")
+EXTRAS = ("prompt", "seed", "noise", "prev_actions", "delay", "guidance_scale")
 
 
 def _array(d: dict) -> np.ndarray:
@@ -183,7 +183,10 @@ def observation(obs: Any, metadata: Metadata) -> Observation:
     if prompt is not None and not isinstance(prompt, str):
         raise ObservationError("'prompt' must be a string")
     optional = {k: _numeric(obs[k], k) for k in ("noise", "prev_actions") if obs.get(k) is not None}
-    return Observation(images, _numeric(state, "state"), prompt=prompt, seed=seed, delay=delay, **optional)
+    scale = guidance_scale(obs.get("guidance_scale"))
+    return Observation(
+        images, _numeric(state, "state"), prompt=prompt, seed=seed, delay=delay, guidance_scale=scale, **optional
+    )
 
 
 def reply(header: dict[str, Any], arrays: dict[str, np.ndarray], infer_ms: float) -> dict[str, Any]:

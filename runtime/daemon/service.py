@@ -202,8 +202,10 @@ class Service:
             return None
 
     def warm_up(self) -> dict[str, float]:
-        """One inference on a synthetic observation, so the first real request is not the slow one."""
-        return self.engine.infer(Observation.synthetic(self.engine.metadata()))[1]
+        """An inference on a synthetic observation through each graph the engine serves (guidance's too),
+        so the first real request is not the slow one -> the first one's timing."""
+        timings = [self.engine.infer(obs)[1] for obs in self.engine.warm_up_requests()]
+        return timings[0]
 
     def _rebuild_engine(self) -> None:
         try:

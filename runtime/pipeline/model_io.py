@@ -17,12 +17,12 @@ from runtime.pipeline import transforms
 
 @dataclass(frozen=True)
 class ModelInputs:
-    """A batch of one, shaped and typed as the network takes it."""
+    """A batch of one, shaped and typed as the network takes it (guidance's two prompts: tokens of two rows)."""
 
     images: np.ndarray  # [1, slots, 3, H, W] float32 in [-1, 1]
     image_masks: np.ndarray  # [1, slots] bool; false for empty camera slots
-    tokens: np.ndarray  # [1, L] int64
-    token_mask: np.ndarray  # [1, L] bool
+    tokens: np.ndarray  # [1, L] int64 ([2, L]: the unconditioned prompt, then the conditioned one)
+    token_mask: np.ndarray  # [1, L] bool (or [2, L])
     state: np.ndarray  # [1, max_state_dim] float32, normalized and zero-padded
 
 
@@ -77,8 +77,8 @@ def preprocess(
     return ModelInputs(
         images=np.stack(frames)[None],
         image_masks=np.array([masks]),
-        tokens=np.asarray(tokens, dtype=np.int64).reshape(1, -1),
-        token_mask=np.asarray(token_mask, dtype=bool).reshape(1, -1),
+        tokens=np.atleast_2d(np.asarray(tokens, dtype=np.int64)),
+        token_mask=np.atleast_2d(np.asarray(token_mask, dtype=bool)),
         state=transforms.pad_vector(np.asarray(state, dtype=np.float32), spec.max_state_dim)[None],
     )
 

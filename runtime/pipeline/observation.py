@@ -22,6 +22,7 @@ import numpy as np
 from pi0_client.metadata import Metadata
 from pi0_client.protocol import (
     DELAY,
+    GUIDANCE_SCALE,
     NOISE,
     PREV_ACTIONS,
     PROMPT,
@@ -31,6 +32,7 @@ from pi0_client.protocol import (
     TOKENS,
     split_observation,
 )
+from runtime.bundle.guidance import check_scale
 from runtime.errors import ApplianceError
 from runtime.pipeline.tokenizer import BOS_ID, PAD_ID
 
@@ -39,6 +41,16 @@ ARRAY_FIELDS = (STATE, TOKENS, TOKEN_MASK, NOISE, PREV_ACTIONS)
 
 class ObservationError(ApplianceError):
     """A request that is not an observation; the message says what was expected."""
+
+
+def guidance_scale(value: object) -> float | None:
+    """A request's `guidance_scale` (None: not given) checked as a number in range, or ObservationError."""
+    if value is None:
+        return None
+    try:
+        return check_scale(value)
+    except ValueError as e:
+        raise ObservationError(str(e)) from e
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,7 @@ class Observation:
     # the inference delay d in control steps: the new chunk's first d actions are those (runtime.pipeline.rtc).
     prev_actions: np.ndarray | None = None
     delay: int | None = None
+    guidance_scale: float | None = None  # classifier-free guidance's beta; None: the bundle's default
 
     @classmethod
     def from_request(cls, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Observation:
@@ -80,6 +93,7 @@ class Observation:
             seed=seed,
             prev_actions=arrays.get(PREV_ACTIONS),
             delay=delay,
+            guidance_scale=guidance_scale(header.get(GUIDANCE_SCALE)),
         )
 
     @classmethod
@@ -89,7 +103,8 @@ class Observation:
 
     def to_request(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """-> (header fields, arrays by field name), as `pi0_client.protocol.encode` takes them."""
-        header = {k: v for k, v in ((PROMPT, self.prompt), (SEED, self.seed), (DELAY, self.delay)) if v is not None}
+        fields = ((PROMPT, self.prompt), (SEED, self.seed), (DELAY, self.delay), (GUIDANCE_SCALE, self.guidance_scale))
+        header = {k: v for k, v in fields if v is not None}
         arrays = {**self.images, STATE: self.state}
         optional = (
             (TOKENS, self.tokens),

@@ -102,6 +102,7 @@ class _State:
         self.datasets: dict[int, list[int]] = {}
         self.models: dict[int, ort.InferenceSession] = {}
         self.output_names: dict[int, list[str]] = {}  # per model: what get_output_name_by_index returns
+        self.graph_names: dict[int, str] = {}  # per model: the graph it was compiled from (for the ledger)
         self.descs: dict[int, int | None] = {}
         self.local = threading.local()
         self.handles = itertools.count(0x1000)
@@ -434,6 +435,7 @@ def _load_from_file(path: str) -> tuple[int, int]:
     model_id = next(_S.handles)
     _S.models[model_id] = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     _S.output_names[model_id] = _om_output_names(onnx_path)
+    _S.graph_names[model_id] = onnx_path.stem  # the ledger counts executions per graph too
     return model_id, SUCCESS
 
 
@@ -586,6 +588,7 @@ def _execute(model_id: int, inputs: int, outputs: int) -> int:
             return ERROR_MODEL_INPUT
         _S.memory[ptr][: len(data)] = data
     COUNTS["execute"] += 1
+    COUNTS[f"execute:{_S.graph_names[model_id]}"] += 1
     return SUCCESS
 
 
