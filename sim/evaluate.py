@@ -88,18 +88,23 @@ def blocks(seeds: tuple[int, ...], workers: int) -> list[tuple[int, ...]]:
     return [tuple(map(int, b)) for b in np.array_split(np.asarray(seeds), min(workers, len(seeds))) if len(b)]
 
 
-def worker_settings(settings: EvalSettings, mode: str, block: tuple[int, ...]) -> RunSettings:
-    """What one worker runs: the seeds of `block` (contiguous), chunks joined as `mode` says."""
+def worker_settings(
+    settings: EvalSettings, mode: str, block: tuple[int, ...], guidance_scale: float | None = None
+) -> RunSettings:
+    """What one worker runs: the seeds of `block` (contiguous), chunks joined as `mode` says, guided by
+    `guidance_scale` (None: the bundle's default)."""
     if list(block) != list(range(block[0], block[0] + len(block))):
         raise SimError(f"seeds must form contiguous blocks per worker: {block}")
     return RunSettings(
         seed=block[0], episodes=len(block), actions_per_chunk=settings.actions_per_chunk,
         max_steps=settings.max_steps, prompt=settings.prompt, delay=0 if mode == "sync" else settings.delay,
-        rtc=mode == "rtc", end_on_success=settings.end_on_success,
+        rtc=mode == "rtc", end_on_success=settings.end_on_success, guidance_scale=guidance_scale,
     )  # fmt: skip
 
 
-def run_configuration(policy: PolicyUnderTest, num_steps: int, mode: str, settings: EvalSettings) -> dict[str, Any]:
+def run_configuration(
+    policy: PolicyUnderTest, num_steps: int, mode: str, settings: EvalSettings, guidance_scale: float | None = None
+) -> dict[str, Any]:
     """Serve one configuration, drive its episodes from `workers` processes, merge their reports."""
     if mode not in MODES:
         raise SimError(f"unknown mode {mode!r}; choose from {MODES}")
@@ -108,7 +113,7 @@ def run_configuration(policy: PolicyUnderTest, num_steps: int, mode: str, settin
     with tempfile.TemporaryDirectory(prefix="pi0-eval-") as tmp, daemon_for_config as daemon:
         workers = []
         for i, block in enumerate(blocks(settings.seeds, settings.workers)):
-            run = json.dumps(asdict(worker_settings(settings, mode, block)))
+            run = json.dumps(asdict(worker_settings(settings, mode, block, guidance_scale)))
             argv = [sys.executable, "-m", "sim.evaluate", daemon.endpoint, run, f"{tmp}/worker{i}.json"]
             output = open(f"{tmp}/worker{i}.log", "w")  # noqa: SIM115 (closed below, after the worker exits)
             workers.append((subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT), output, i))
@@ -121,7 +126,12 @@ def run_configuration(policy: PolicyUnderTest, num_steps: int, mode: str, settin
                 raise SimError(f"worker {i} exited with {code}:\n{Path(output.name).read_text()[-3000:]}")
             report = json.loads(report_path.read_text())
             episodes, metadata = episodes + report["episodes"], report["policy"]
-    return summary_row(policy, num_steps, mode, settings, episodes, metadata, time.perf_counter() - start)
+    row = summary_row(policy, num_steps, mode, settings, episodes, metadata, time.perf_counter() - start)
+    guidance = metadata.get("guidance")
+    row["guidance_scale"] = (
+        guidance_scale if guidance_scale is not None or guidance is None else guidance["default_scale"]
+    )
+    return row
 
 
 def worker(argv: list[str]) -> int:
@@ -192,22 +202,24 @@ def evaluate(
     seeds = settings.seeds
     log.info(
         "%d configurations x %d episodes (seeds %d-%d), %d workers",
-        len(policies) * len(settings.steps) * len(settings.modes), len(seeds), seeds[0], seeds[-1], settings.workers,
+        len(policies) * len(settings.steps) * len(settings.modes) * max(1, len(settings.guidance)), len(seeds),
+        seeds[0], seeds[-1], settings.workers,
     )  # fmt: skip
     rows = []
     for policy in policies:
         for num_steps in settings.steps:
             for mode in settings.modes:
-                rows.append(run_configuration(policy, num_steps, mode, settings))
-                progress(rows[-1])
+                for scale in settings.guidance or (None,):
+                    rows.append(run_configuration(policy, num_steps, mode, settings, scale))
+                    progress(rows[-1])
     return rows
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The rows as the table docs/sim.md carries."""
     lines = [
-        "| policy | served by | steps | chunks | success | 95% interval | mean return | latency p50 | plan jump |",
-        "|---|---|---:|---|---:|---|---:|---:|---:|",
+        "| policy | served by | steps | chunks | guidance | success | 95% interval | mean return | latency p50 | plan jump |",
+        "|---|---|---:|---|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
         joining = "sync" if r["mode"] == "sync" else f"{r['mode']}, D={r['delay']}"
@@ -215,6 +227,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         jump = "-" if r["mean_plan_jump"] is None else f"{r['mean_plan_jump']:.3f}"
         lines.append(
             f"| {r['policy']} | {r['served_by']} ({r['precision']}) | {r['num_steps']} | {joining} "
+            f"| {'-' if r.get('guidance_scale') is None else format(r['guidance_scale'], 'g')} "
             f"| {r['successes']}/{r['episodes']} ({100 * r['success_rate']:.0f}%) "
             f"| {100 * r['ci95'][0]:.0f}-{100 * r['ci95'][1]:.0f}% | {r['mean_return']:.1f} "
             f"| {latency} | {jump} |"

@@ -148,6 +148,7 @@ def run_episode(
     delay: int = 0,
     rtc: bool = False,
     end_on_success: bool = True,
+    guidance_scale: float | None = None,
 ) -> EpisodeResult:
     """One episode from `env.reset(seed)` until success (unless `end_on_success` is off: then `success`
     says it succeeded at some step), the env's time limit or `max_steps`, or until the policy answers
@@ -169,6 +170,8 @@ def run_episode(
             seen = camera.with_frame(seen)  # `seen` is always the latest observation: the physics is at it
         request = policy_request(seen, cameras, prompt)
         request["seed"] = seed * 1_000_003 + result.requests  # the same seed, the same noise: runs repeat exactly
+        if guidance_scale is not None:
+            request["guidance_scale"] = guidance_scale
         if prev is not None:
             request.update(prev_actions=prev, delay=delay)
         start = time.perf_counter()
@@ -298,6 +301,8 @@ def episode_options(settings: RunSettings, metadata: Metadata) -> dict[str, Any]
         raise SimError(f"--actions-per-chunk {per_chunk}: the policy's chunks hold {metadata.chunk_size}")
     if settings.rtc and not settings.delay:
         raise SimError("--rtc needs --delay D (the control steps an inference is taken to last)")
+    if settings.guidance_scale not in (None, 1.0) and "guidance" not in metadata.extra:
+        raise SimError(f"--guidance-scale {settings.guidance_scale:g}: this policy was exported without guidance")
     return {
         "prompt": settings.task_prompt,
         "cameras": list(metadata.cameras),
@@ -306,6 +311,7 @@ def episode_options(settings: RunSettings, metadata: Metadata) -> dict[str, Any]
         "delay": settings.delay,
         "rtc": settings.rtc,
         "end_on_success": settings.end_on_success,
+        "guidance_scale": settings.guidance_scale,
     }
 
 

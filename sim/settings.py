@@ -88,6 +88,8 @@ def to_arguments(settings: Any) -> list[str]:
         if isinstance(value, bool):
             argv += [_flag(f)] if value != f.default else []
         elif isinstance(value, tuple):
+            if not value:  # no flag gives an empty tuple: it is the default
+                continue
             repeated = f.metadata["argument"].get("action") == "append"
             argv += [x for item in value for x in (_flag(f), str(item))] if repeated else [_flag(f), *map(str, value)]
         elif value is not None:
@@ -126,6 +128,12 @@ class RunSettings:
     )
     render_fix: bool = setting(True, "let gym-aloha render its three cameras per step (to measure)")
     timeout: float = setting(60.0, "seconds to wait for a reply before retrying")
+    guidance_scale: float | None = setting(
+        None,
+        "classifier-free guidance's beta, sent with every request (a bundle exported with guidance: "
+        "docs/guidance.md; default: the bundle's)",
+        metavar="BETA",
+    )
 
     @property
     def task_prompt(self) -> str:
@@ -163,6 +171,12 @@ class EvalSettings:
     prompt: str | None = setting(None, "the instruction sent with every request (default: the task's)")
     end_on_success: bool = setting(
         True, "run every episode to --max-steps (or the time limit) even after success (see pi0-sim run)"
+    )
+    guidance: tuple[float, ...] = setting(
+        (),
+        "classifier-free guidance scales, each a configuration (bundles exported with guidance; default: each "
+        "bundle's own)",
+        metavar="BETA",
     )
 
     @property

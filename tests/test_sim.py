@@ -22,6 +22,7 @@ from conftest import FIXTURES, QUIET
 
 from exporter.bundle import BundleOptions, build_bundle
 from exporter.checkpoint import load_checkpoint
+from exporter.presets import build_preset
 from exporter.readers.lerobot_v03 import save_lerobot
 from exporter.tokenizer_train import train_tokenizer
 from pi0_client.client import PolicyClient, PolicyError
@@ -518,10 +519,62 @@ def test_eval_serves_each_configuration_and_merges_its_workers(
         assert (row["mean_plan_jump"] is None) == (row["mode"] == "sync") and row["mean_boundary_step"] > 0
     ref_rtc = rows[-1]
     assert table.read_text().count("\n") == 2 + len(rows)
-    assert f"| ref | pytorch (fp32) | 2 | rtc, D=3 | {ref_rtc['successes']}/3 (" in table.read_text()
+    assert f"| ref | pytorch (fp32) | 2 | rtc, D=3 | - | {ref_rtc['successes']}/3 (" in table.read_text()
     # seeds the demonstrations used are refused: they would not measure generalization
     assert pi0_sim([*argv[:3], "--seed", "0", "--episodes", "3", "--demonstrations", str(recorded.parent)]) == 2
     assert "were used for the demonstrations" in caplog.text
+
+
+class RecordingPolicy:
+    """A policy that keeps every request it is sent."""
+
+    def __init__(self, inner: LocalPolicy) -> None:
+        self.inner, self.requests = inner, []
+
+    def infer(self, obs: dict) -> dict:
+        self.requests.append(obs)
+        return self.inner.infer(obs)
+
+    def metadata(self):
+        return self.inner.metadata()
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+
+def test_guidance_is_sent_with_every_request_and_is_an_eval_axis(
+    tmp_path: Path, tokenizer_path: Path, dummy_bundle: Path
+) -> None:
+    """`pi0-sim run --guidance-scale`, `pi0-sim eval --guidance 1 2.5` (docs/guidance.md): each request carries
+    the scale; each scale is a configuration of its own; a policy without guidance is refused up front."""
+    from runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from runtime.bundle.manifest import load_bundle
+    from runtime.engine import Engine
+    from sim.evaluate import evaluate
+    from sim.harness import run_episodes
+    from sim.settings import EvalSettings, RunSettings
+
+    guided = tmp_path / "guided"
+    options = BundleOptions(tokenizer=tokenizer_path, guidance_prompt=", Advantage: positive", validate=False)
+    build_bundle(build_preset("pi0-dummy"), guided, options, **QUIET)
+
+    def local(bundle: Path) -> RecordingPolicy:
+        loaded = load_bundle(bundle)
+        return RecordingPolicy(LocalPolicy(Engine.from_bundle(loaded, OnnxRuntimeBackend(loaded))))
+
+    settings = RunSettings(max_steps=12, actions_per_chunk=5, end_on_success=False, guidance_scale=2.5)
+    policy = local(guided)
+    report = run_episodes(policy, settings)
+    assert report["aborted"] is None and report["episodes"][0]["error"] is None
+    assert len(policy.requests) == 3 and all(r["guidance_scale"] == 2.5 for r in policy.requests)
+    with pytest.raises(SimError, match="exported without guidance"):
+        run_episodes(local(dummy_bundle), settings)
+
+    rows = evaluate(
+        EvalSettings(policies=(f"g={guided}",), guidance=(1.0, 2.5), episodes=1, workers=1, max_steps=6,
+                     actions_per_chunk=5, end_on_success=False)
+    )  # fmt: skip
+    assert [(r["guidance_scale"], r["episodes"], r["errors"]) for r in rows] == [(1.0, 1, 0), (2.5, 1, 0)]
 
 
 SHIPPED = Path(sim_env.__file__).parent / "policies" / "transfer-cube"

@@ -52,6 +52,7 @@ EVAL = {
     "max_steps": (["--max-steps", "60"], 60),
     "prompt": (["--prompt", "pick up"], "pick up"),
     "end_on_success": (["--no-end-on-success"], False),
+    "guidance": (["--guidance", "1", "2.5"], (1.0, 2.5)),
 }
 RUN = {
     "task": (["--task", "AlohaInsertion-v0"], "AlohaInsertion-v0"),
@@ -65,6 +66,7 @@ RUN = {
     "end_on_success": (["--no-end-on-success"], False),
     "render_fix": (["--no-render-fix"], False),
     "timeout": (["--timeout", "7.5"], 7.5),
+    "guidance_scale": (["--guidance-scale", "2.5"], 2.5),
 }
 
 
