@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         "`pi0-sim record` episodes, and write OUT/checkpoint/ (LeRobot v0.3: config, weights, statistics) and "
         "OUT/tokenizer.model, ready for `pi0-export bundle`. Seeded, resumable (--resume), progress every 50 steps.",
     )
-    training.add_argument("episodes", type=Path, help="a directory written by `pi0-sim record`")
+    training.add_argument(
+        "episodes", type=Path, nargs="+", help="directories written by `pi0-sim record` (demonstrations, rollouts)"
+    )
     training.add_argument("--out", type=Path, required=True, help="output directory (checkpoint, state, losses)")
     training.add_argument(
         "--tokenizer", type=Path, help="SentencePiece model (default: train the project's own into OUT)"

@@ -205,3 +205,18 @@ class TrainSettings:
         "the final checkpoint's weights; float16 halves it (the exporter loads float32)",
         choices=["float32", "float16"],
     )
+    init: Path | None = setting(  # noqa: RUF009 (a field)
+        None,
+        "start from this LeRobot checkpoint (its dimensions, weights and statistics; --preset is then unused), "
+        "e.g. sim/policies/transfer-cube/checkpoint: a fine-tune",
+        metavar="CHECKPOINT",
+    )
+    condition: bool = setting(
+        False,
+        "learn classifier-free guidance's condition (docs/guidance.md): each sample is labelled by its episode's "
+        "outcome (meta.json `success`), successes positive and failures unconditioned; the checkpoint carries "
+        "`condition_embedding` and exports with guidance",
+    )
+    condition_dropout: float = setting(
+        0.1, "with --condition: the share of positive samples trained as unconditioned, so that branch sees them too"
+    )

@@ -29,7 +29,7 @@ import json
 import logging
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from exporter.checkpoint import LoadedPolicy
+from exporter.checkpoint import LoadedPolicy, load_checkpoint
 from exporter.dims import PRESETS
 from exporter.pi0 import Pi0
 from exporter.presets import preset_spec
@@ -47,7 +47,7 @@ from runtime.bundle.spec import NormStats, PolicySpec
 from runtime.pipeline import transforms
 from runtime.pipeline.model_io import actions_to_model, model_state
 from runtime.pipeline.tokenizer import PromptTokenizer
-from sim.errors import SimError, existing_file
+from sim.errors import SimError, existing_directory, existing_file
 from sim.record import aloha_norm_stats, episode_directories, load_episode
 from sim.settings import TrainSettings, from_arguments, to_arguments
 
@@ -68,31 +68,35 @@ class Demonstrations:
     token_mask: np.ndarray
     spec: PolicySpec
     seeds: list[int]  # the recordings' env seeds: an evaluation holds them out
+    successes: np.ndarray  # [N] bool: whether each sample's episode succeeded (its label for guidance)
 
     @classmethod
     def load(
-        cls, directory: Path, tokenizer: Path, stride: int = 1, image_size: int = 224,
-        log: Callable[[str], None] = lambda line: None,
+        cls, directories: Sequence[Path], tokenizer: Path, stride: int = 1, image_size: int = 224,
+        log: Callable[[str], None] = lambda line: None, spec: PolicySpec | None = None,
     ) -> Demonstrations:  # fmt: skip
-        paths = episode_directories(Path(directory))
+        """`spec`: the normalization to train in (a fine-tune keeps its checkpoint's); by default the
+        episodes' own statistics."""
+        paths = [p for directory in directories for p in episode_directories(Path(directory))]
         episodes = [load_episode(p, frames=False) for p in paths]  # the frames: one episode at a time, below
-        stats = aloha_norm_stats(episodes)
-        spec = replace(
-            preset_spec(image_size=image_size),
-            empty_cameras=0,
-            state_norm=NormStats.from_dict(stats["observation.state"]),
-            action_norm=NormStats.from_dict(stats["action"]),
-        )
+        if spec is None:
+            stats = aloha_norm_stats(episodes)
+            spec = replace(
+                preset_spec(image_size=image_size),
+                empty_cameras=0,
+                state_norm=NormStats.from_dict(stats["observation.state"]),
+                action_norm=NormStats.from_dict(stats["action"]),
+            )
         prompts = {e.prompt for e in episodes}
         if len(prompts) != 1:
             raise SimError(f"the episodes have {len(prompts)} different prompts; train on one task: {sorted(prompts)}")
         tokens, token_mask = PromptTokenizer(tokenizer, spec.tokenizer_max_length, spec.convention_set.prompt)(
             prompts.pop()
         )
-        images, states, actions, real = [], [], [], []
+        images, states, actions, real, successes = [], [], [], [], []
         for i, path in enumerate(paths):
             if i % 10 == 0:
-                log(f"reading {directory}: episode {i + 1}/{len(paths)}")
+                log(f"reading {path.parent}: episode {i + 1}/{len(paths)}")
             episode = load_episode(path)
             (frames,) = episode.images.values()
             robot = actions_to_model(spec, episode.actions)  # [T, max_action_dim]
@@ -103,9 +107,10 @@ class Demonstrations:
                 states.append(transforms.pad_vector(model_state(spec, episode.states[t]), spec.max_state_dim))
                 actions.append(robot[np.minimum(ahead, len(episode) - 1)])
                 real.append(ahead < len(episode))
+                successes.append(bool(episode.meta.get("success", False)))
         return cls(
             np.stack(images), np.stack(states), np.stack(actions), np.stack(real),
-            tokens, token_mask, spec, [e.meta.get("seed") for e in episodes],
+            tokens, token_mask, spec, [e.meta.get("seed") for e in episodes], np.array(successes),
         )  # fmt: skip
 
     def __len__(self) -> int:
@@ -128,13 +133,14 @@ def flow_matching_loss(
     model: Pi0, batch: dict[str, torch.Tensor], noise: torch.Tensor, t: torch.Tensor, action_dim: int
 ) -> torch.Tensor:
     """pi0's objective: the velocity at x_t = t noise + (1 - t) actions should be noise - actions (over
-    the robot's action dims and the chunk steps that are real)."""
+    the robot's action dims and the chunk steps that are real); a conditioned model's samples carry their
+    condition (`batch["condition"]`: 1 positive, 0 unconditioned)."""
     actions = batch["actions"]
     x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
     keys, values, prefix_mask = model.prefix_kv(
         batch["images"], batch["image_masks"], batch["tokens"], batch["token_mask"]
     )
-    velocity = model.velocity(batch["state"], x_t, t, keys, values, prefix_mask)
+    velocity = model.velocity(batch["state"], x_t, t, keys, values, prefix_mask, batch.get("condition"))
     error = (velocity - (noise - actions))[..., :action_dim] ** 2
     real = batch["real"][..., None].to(error.dtype)
     return (error * real).sum() / (real.sum() * action_dim)
@@ -187,8 +193,36 @@ def load_state(
     return meta["step"], meta["losses"]
 
 
+def initial_model(settings: TrainSettings, log: Callable[[str], None]) -> tuple[Pi0, PolicySpec | None]:
+    """The model to train (seeded) and the spec to train in: the preset's, fresh (the spec then comes from
+    the episodes), or `settings.init`'s checkpoint, weights and statistics; with `settings.condition` a
+    condition embedding too, zero where the checkpoint has none (both branches start as the checkpoint)."""
+    start = None
+    if settings.init is not None:
+        start = load_checkpoint(settings.init)
+        log(f"starting from {settings.init} ({start.source})")
+    dims = PRESETS[settings.preset] if start is None else start.model.dims
+    if settings.condition:
+        dims = replace(dims, condition="bias")
+    torch.manual_seed(settings.seed)
+    model = Pi0(dims).train()
+    if start is not None:
+        weights = dict(start.model.state_dict())
+        if settings.condition and "condition_embedding.weight" not in weights:
+            weights["condition_embedding.weight"] = torch.zeros_like(model.condition_embedding.weight)
+        model.load_state_dict(weights)
+    return model, None if start is None else start.spec
+
+
+def condition_labels(data: Demonstrations, index: np.ndarray, dropout: float, rng: np.random.Generator) -> torch.Tensor:
+    """Each sample's condition: positive (1) where its episode succeeded, except a `dropout` share of those,
+    and unconditioned (0) otherwise."""
+    positive = data.successes[index] & (rng.random(len(index)) >= dropout)
+    return torch.from_numpy(positive.astype(np.int64))
+
+
 def train(
-    episodes: Path,
+    episodes: Path | Sequence[Path],
     out: Path,
     tokenizer: Path,
     settings: TrainSettings | None = None,
@@ -196,15 +230,23 @@ def train(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Train and write `out/checkpoint/` (LeRobot v0.3: config, weights, statistics) and `out/tokenizer.model`
-    beside `out/train_state.*` and `out/losses.csv` (`settings`: the defaults when None). -> the checkpoint
-    directory."""
+    beside `out/train_state.*` and `out/losses.csv` (`settings`: the defaults when None), from the episodes
+    of one directory or several. -> the checkpoint directory."""
     settings = settings or TrainSettings()
+    directories = [Path(episodes)] if isinstance(episodes, str | Path) else [Path(d) for d in episodes]
+    if not 0.0 <= settings.condition_dropout < 1.0:
+        raise SimError(f"--condition-dropout {settings.condition_dropout}: a share, from 0 up to (not) 1")
     out.mkdir(parents=True, exist_ok=True)
-    dims = PRESETS[settings.preset]
-    data = Demonstrations.load(episodes, tokenizer, settings.frame_stride, dims.vision.image_size, log)
-    log(f"{len(data)} samples from {episodes} (every {settings.frame_stride} frame(s)), preset {settings.preset}")
-    torch.manual_seed(settings.seed)
-    model = Pi0(dims).train()
+    model, spec = initial_model(settings, log)
+    dims = model.dims
+    data = Demonstrations.load(directories, tokenizer, settings.frame_stride, dims.vision.image_size, log, spec)
+    if settings.condition and not data.successes.any():
+        raise SimError("--condition: no episode succeeded, so there is nothing to condition on")
+    log(
+        f"{len(data)} samples from {', '.join(map(str, directories))} (every {settings.frame_stride} frame(s)), "
+        + (f"from {settings.init}" if settings.init else f"preset {settings.preset}")
+        + (f", conditioned: {data.successes.mean():.0%} of the samples from successes" if settings.condition else "")
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     rng = np.random.default_rng(settings.seed)
     warmup = max(1, min(100, settings.steps // 10))
@@ -222,6 +264,8 @@ def train(
         batch = data.batch(index)
         noise = torch.from_numpy(rng.standard_normal(batch["actions"].shape, dtype=np.float32))
         t = torch.from_numpy((rng.beta(1.5, 1.0, settings.batch_size) * 0.999 + 0.001).astype(np.float32))
+        if settings.condition:  # drawn only then: an unconditioned run's generator is what it always was
+            batch["condition"] = condition_labels(data, index, settings.condition_dropout, rng)
         loss = flow_matching_loss(model, batch, noise, t, data.spec.action_dim)
         optimizer.zero_grad()
         loss.backward()
@@ -247,12 +291,12 @@ def train(
         "command": f"pi0-sim record --seed {min(data.seeds)} --episodes {len(data.seeds)} --out DEMOS && "
         f"pi0-sim train DEMOS --out OUT {shlex.join(to_arguments(settings))}",
         "settings": asdict(settings),
-        "demonstrations": {"directory": str(episodes), "episodes": len(data.seeds), "seeds": data.seeds,
+        "demonstrations": {"directories": [str(d) for d in directories], "episodes": len(data.seeds), "seeds": data.seeds,
                            "samples": len(data)},
         "final_loss": float(np.mean(losses[-settings.log_every :])),
         "torch": torch.__version__,
     }  # fmt: skip
-    (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
     (out / "losses.csv").write_text("step,loss\n" + "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses)))
     (out / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
     final = model.eval().requires_grad_(False).to(getattr(torch, settings.weights_dtype))
@@ -266,7 +310,8 @@ def train(
 
 def command(args: argparse.Namespace) -> int:
     """`pi0-sim train`: `train` with the command line's settings, its paths checked before anything runs."""
-    episode_directories(args.episodes)
+    for directory in args.episodes:
+        episode_directories(directory)
     if args.tokenizer is not None:
         existing_file(args.tokenizer, "--tokenizer", "a SentencePiece model")
     if args.resume:
@@ -279,5 +324,7 @@ def command(args: argparse.Namespace) -> int:
 
         tokenizer = train_tokenizer(args.out / "tokenizer.model")
     settings = from_arguments(TrainSettings, args)
+    if settings.init is not None:
+        existing_directory(settings.init, "--init")
     train(args.episodes, args.out, tokenizer, settings, resume=args.resume, log=logging.getLogger("pi0-sim").info)
     return 0

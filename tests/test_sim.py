@@ -525,6 +525,65 @@ def test_eval_serves_each_configuration_and_merges_its_workers(
     assert "were used for the demonstrations" in caplog.text
 
 
+def labelled_copy(episode: Path, out: Path, success: bool) -> Path:
+    """The recorded episode copied into `out/`, its outcome set to `success` (the label under test)."""
+    import shutil
+
+    copy = out / episode.name
+    shutil.copytree(episode, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    (copy / "meta.json").write_text(json.dumps({**meta, "success": success}))
+    return out
+
+
+def test_train_learns_a_condition_from_outcomes(recorded: Path, tmp_path: Path, tokenizer_path: Path) -> None:
+    """`pi0-sim train --init CKPT --condition` (docs/guidance.md): a fine-tune from a checkpoint that learns a
+    condition embedding from the episodes' outcomes, successes positive (less the dropout share), failures
+    unconditioned; its checkpoint exports with guidance. Without a success it refuses."""
+    import torch
+
+    from exporter.checkpoint import LoadedPolicy
+    from runtime.bundle.manifest import load_bundle
+    from sim.train import Demonstrations, TrainSettings, condition_labels, train
+
+    wins = labelled_copy(recorded, tmp_path / "wins", success=True)
+    losses = labelled_copy(recorded, tmp_path / "losses", success=False)
+    data = Demonstrations.load([wins, losses], tokenizer_path)
+    assert data.successes.tolist() == [True] * 12 + [False] * 12
+    index = np.arange(24)
+    assert condition_labels(data, index, 0.0, np.random.default_rng(0)).tolist() == [1] * 12 + [0] * 12
+    dropped = condition_labels(data, index, 0.5, np.random.default_rng(0))
+    assert 0 < int(dropped[:12].sum()) < 12 and int(dropped[12:].sum()) == 0
+
+    start = save_lerobot(build_preset("pi0-dummy"), tmp_path / "start")
+    settings = TrainSettings(steps=6, batch_size=4, lr=1e-3, log_every=3, checkpoint_every=6, init=start,
+                             condition=True, condition_dropout=0.25)  # fmt: skip
+    checkpoint = train([wins, losses], tmp_path / "out", tokenizer_path, settings, log=lambda _: None)
+    trained = load_checkpoint(checkpoint)
+    rows = trained.model.condition_embedding.weight
+    assert trained.model.dims.condition == "bias" and rows.abs().sum() > 0 and not torch.equal(rows[0], rows[1])
+    begun = load_checkpoint(start).model.state_dict()
+    assert trained.spec.state_norm == load_checkpoint(start).spec.state_norm  # the checkpoint's statistics kept
+    moved = [
+        name
+        for name, value in trained.model.state_dict().items()
+        if name in begun and not torch.equal(value, begun[name])
+    ]
+    assert moved  # a fine-tune of the checkpoint's weights
+    bundle = tmp_path / "bundle"
+    build_bundle(
+        LoadedPolicy(trained.model, trained.spec, trained.source),
+        bundle,
+        BundleOptions(tokenizer=tokenizer_path),
+        **QUIET,
+    )
+    guidance = load_bundle(bundle).manifest.guidance
+    assert guidance is not None and guidance.kind == "embedding"
+
+    with pytest.raises(SimError, match="nothing to condition on"):
+        train([losses], tmp_path / "none", tokenizer_path, settings, log=lambda _: None)
+
+
 class RecordingPolicy:
     """A policy that keeps every request it is sent."""
 

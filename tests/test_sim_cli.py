@@ -37,6 +37,9 @@ TRAIN = {
     "checkpoint_every": (["--checkpoint-every", "6"], 6),
     "snapshot_every": (["--snapshot-every", "2"], 2),
     "weights_dtype": (["--weights-dtype", "float16"], "float16"),
+    "init": (["--init", "start"], Path("start")),
+    "condition": (["--condition"], True),
+    "condition_dropout": (["--condition-dropout", "0.3"], 0.3),
 }
 EVAL = {
     "policies": (["--policy", "a=one", "--policy", "two"], ("a=one", "two")),
@@ -106,12 +109,14 @@ def test_every_train_setting_reaches_train(tmp_path: Path, monkeypatch: pytest.M
     episodes, out, tokenizer = fake_recordings(tmp_path / "demos", [100]), tmp_path / "out", tmp_path / "tok.model"
     tokenizer.write_bytes(b"")
     out.mkdir()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "start").mkdir()  # --init's checkpoint directory: checked before training
     for name in ("train_state.safetensors", "train_state.json"):  # what --resume continues from
         (out / name).write_bytes(b"")
     argv = ["train", str(episodes), "--out", str(out), "--tokenizer", str(tokenizer), "--resume", *flags(TRAIN)]
     assert pi0_sim(argv) == 0
     assert received == {
-        "episodes": episodes, "out": out, "tokenizer": tokenizer, "settings": expected(TrainSettings, TRAIN),
+        "episodes": [episodes], "out": out, "tokenizer": tokenizer, "settings": expected(TrainSettings, TRAIN),
         "resume": True,
     }  # fmt: skip
 
