@@ -288,8 +288,12 @@ def train(
             )
             start = time.perf_counter()
     recipe = {
-        "command": f"pi0-sim record --seed {min(data.seeds)} --episodes {len(data.seeds)} --out DEMOS && "
-        f"pi0-sim train DEMOS --out OUT {shlex.join(to_arguments(settings))}",
+        "command": (
+            f"pi0-sim record --seed {min(data.seeds)} --episodes {len(data.seeds)} --out DEMOS && "
+            f"pi0-sim train DEMOS --out OUT {shlex.join(to_arguments(settings))}"
+            if len(directories) == 1  # several: each directory's meta.json names its source and seeds
+            else f"pi0-sim train {shlex.join(map(str, directories))} --out OUT {shlex.join(to_arguments(settings))}"
+        ),
         "settings": asdict(settings),
         "demonstrations": {"directories": [str(d) for d in directories], "episodes": len(data.seeds), "seeds": data.seeds,
                            "samples": len(data)},
