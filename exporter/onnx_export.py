@@ -73,9 +73,9 @@ class GuidedExpertGraph(nn.Module):
         return self.model.guided_velocity(state, *rest)
 
 
-def positive_condition(model: Pi0, batch: int = 1) -> torch.Tensor | None:
-    """The positive branch's condition for a model with a learned one (None for any other)."""
-    return None if model.dims.condition is None else torch.full((batch,), POSITIVE, dtype=torch.long)
+def positive_condition(model: Pi0) -> torch.Tensor | None:
+    """The positive branch's condition [1] for a model with a learned one (None for any other)."""
+    return None if model.dims.condition is None else torch.tensor([POSITIVE])
 
 
 def example_inputs(spec: PolicySpec, model: Pi0, seed: int = 0, real_tokens: int = 7) -> dict[str, np.ndarray]:

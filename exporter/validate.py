@@ -150,21 +150,28 @@ def thresholds(precision: str, marks: dict[str, dict[str, dict[str, float]]] | N
     return {"cosine": FP16_COSINE, "max_abs": bf16["max_abs"], "mean_abs": bf16["mean_abs"]}
 
 
-def graph_inputs(ref: Reference, spec: PolicySpec) -> tuple[ModelInputs, np.ndarray]:
-    """The reference's inputs as the graphs take them (camera slots beyond `spec.num_camera_slots` and
-    token positions beyond `spec.tokenizer_max_length` left out: all masked), and the prefix positions
-    those graphs keep, as indices into the reference's prefix."""
+def as_graphs_take(full: ModelInputs, spec: PolicySpec) -> ModelInputs:
+    """Inputs made at the checkpoint's sizes, cut to the graphs': camera slots beyond `spec.num_camera_slots`
+    and token positions beyond `spec.tokenizer_max_length` left out (all masked)."""
     slots, length = spec.num_camera_slots, spec.tokenizer_max_length
-    full = ref.inputs
     if full.token_mask[:, length:].any():
         raise ValueError("the reference has real tokens beyond the graphs' token budget")
-    inputs = replace(
+    return replace(
         full,
         images=full.images[:, :slots],
         image_masks=full.image_masks[:, :slots],
         tokens=full.tokens[:, :length],
         token_mask=full.token_mask[:, :length],
     )
+
+
+def graph_inputs(ref: Reference, spec: PolicySpec) -> tuple[ModelInputs, np.ndarray]:
+    """The reference's inputs as the graphs take them (camera slots beyond `spec.num_camera_slots` and
+    token positions beyond `spec.tokenizer_max_length` left out: all masked), and the prefix positions
+    those graphs keep, as indices into the reference's prefix."""
+    slots, length = spec.num_camera_slots, spec.tokenizer_max_length
+    full = ref.inputs
+    inputs = as_graphs_take(full, spec)
     full_slots, full_length = full.images.shape[1], full.tokens.shape[1]
     per_image = (ref.prefix_keys.shape[2] - full_length) // full_slots
     language = full_slots * per_image + np.arange(length)
@@ -208,10 +215,7 @@ def validate(
     limits = thresholds(precision, marks)
     checked = {"end_to_end": limits, "vs_lora_forward": limits}
     if guided_ref is not None:
-        slots, length = spec.num_camera_slots, spec.tokenizer_max_length
-        g = guided_ref.inputs
-        g = replace(g, images=g.images[:, :slots], image_masks=g.image_masks[:, :slots], tokens=g.tokens[:, :length])
-        g = replace(g, token_mask=guided_ref.inputs.token_mask[:, :length])
+        g = as_graphs_take(guided_ref.inputs, spec)
         cache = backend.prefix(g, VLM_GUIDED if len(g.tokens) == 2 else VLM)
         guided = denoise(backend, cache, g.state, ref.noise, ref.num_steps, guidance_scale=VALIDATION_SCALE)
         cache.release()

@@ -214,6 +214,7 @@ class AclModel:
         _check(acl.mdl.get_desc(desc, model_id), "acl.mdl.get_desc")
         self.inputs = self._inputs(io["inputs"])
         self.outputs = self._outputs(io["outputs"])
+        self.constants = tuple(s["name"] for s in self.inputs if s["name"] in REQUEST_CONSTANTS)
 
     def _tensor(self, index: int, outputs: bool) -> OmTensor:
         mdl, kind = self.acl.mdl, "output" if outputs else "input"
@@ -274,10 +275,6 @@ class AclModel:
             twice = [s["name"] for s in specs if sum(m is s for m in matched) > 1]
             raise AclError(f"the {self.graph} OM model names the manifest's output(s) {twice} more than once")
         return [s for s in matched if s is not None]
-
-    @property
-    def input_names(self) -> set[str]:
-        return {s["name"] for s in self.inputs}
 
     def execute(self, inputs: int, outputs: int) -> None:
         _check(self.acl.mdl.execute(self.model_id, inputs, outputs), f"acl.mdl.execute({self.graph})")
@@ -496,10 +493,10 @@ class AclBackend:
         graph = expert_graph(guidance_scale)
         check_reads(self.readers, slot.writer, graph)
         # The request's constants go once (pi0.5's expert takes no state); the scale again if it changes.
-        constants = {"state": (None, state), GUIDANCE_SCALE: (guidance_scale, np.array([guidance_scale or 0.0]))}
-        for name, (key, value) in constants.items():
-            if name in slot.by_name and name in self.models[graph].input_names and slot.sent.get(name, ...) != key:
-                self._to_device(slot.by_name[name], value)
+        for name in self.models[graph].constants:
+            key = None if name == "state" else guidance_scale
+            if slot.sent.get(name, ...) != key:
+                self._to_device(slot.by_name[name], state if name == "state" else np.array([guidance_scale]))
                 slot.sent[name] = key
         values = {"x_t": x_t, "t": t}
         for name, buffer in self.step_inputs.items():
