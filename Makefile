@@ -6,13 +6,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # torch comes first and pinned: 2.13.0 is the local CPU build; an open range would pull a CUDA build.
 TORCH := torch==2.13.0
-# MuJoCo's headless rendering (EGL, OSMesa); building and checking the device package and image.
-SYSTEM_PACKAGES := libegl1 libgl1-mesa-dri libosmesa6 lintian debootstrap systemd-container
+# MuJoCo's headless rendering (EGL, OSMesa); building and checking the device package and image; a real
+# Prometheus scraping the daemon in the tests; the signed apt repository (apt-ftparchive from apt-utils, gpg).
+SYSTEM_PACKAGES := libegl1 libgl1-mesa-dri libosmesa6 lintian debootstrap systemd-container prometheus apt-utils gnupg
 ARCH ?= $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
 DEVICE_PYTHON ?= 3.11
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test bench fuzz load lerobot-venv openpi-venv lint format clean wheel deb image
+.PHONY: help setup demo test bench fuzz load lerobot-venv openpi-venv lint format clean wheel deb image repo
 
 help:
 	@echo "make demo   - set up, then export the shipped trained pi0, serve it with the daemon and drive one sim episode"
@@ -24,6 +25,9 @@ help:
 	@echo "make wheel  - the runtime and client wheels (no torch) in dist/"
 	@echo "make deb    - the device's Debian package in dist/ (ARCH=amd64|arm64, DEVICE_PYTHON=3.11)"
 	@echo "make image  - dist/image-ARCH/: the .deb, a rootfs overlay, a debootstrap rootfs, a manifest (root)"
+	@echo "make repo   - dist/repo/: a signed apt repository of pi0-runtime and bundle packages for a fleet"
+	@echo "              (BUNDLES=\"NAME=DIR:VERSION ...\", default the demo policy; REPO_KEY=gpg key id, default"
+	@echo "              a throwaway test key; RUNTIME_VERSION=...; docs/deploy.md, \"Fleet rollout over apt\")"
 	@echo "make openpi-venv OPENPI_SRC=DIR - openpi in build/ (proving robot adapters live; tests/fixtures/openpi-transforms)"
 	@echo "make setup  - create $(VENV) and install what the targets need (idempotent)"
 	@echo "make clean  - remove $(VENV) and build outputs"
@@ -32,14 +36,15 @@ $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "Python 3.10+ is required"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[export,runtime,sim,dev,jax]'
+	$(PY) -m pip install --quiet -e '.[export,runtime,sim,dev,jax,ray]'
 	@# openpi's own robot-side client, unchanged, for the websocket tests; --no-deps: its numpy<2 pin is
 	@# stale (its code runs on numpy 2; the tests show it) and what it imports is in the dev extra.
 	$(PY) -m pip install --quiet --no-deps openpi-client==0.1.2
 	@# MuJoCo renders headless through EGL (libegl1 + Mesa) or, as the fallback, OSMesa (libosmesa6);
-	@# the packaging tests run lintian, debootstrap and systemd-nspawn.
+	@# the packaging tests run lintian, debootstrap and systemd-nspawn; the metrics test a real Prometheus.
 	@if ldconfig -p | grep -q 'libEGL.so.1 ' && ldconfig -p | grep -q libOSMesa \
-		&& command -v lintian >/dev/null && command -v debootstrap >/dev/null && command -v systemd-nspawn >/dev/null; then :; \
+		&& command -v lintian >/dev/null && command -v debootstrap >/dev/null && command -v systemd-nspawn >/dev/null \
+		&& command -v prometheus >/dev/null && command -v apt-ftparchive >/dev/null && command -v gpg >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null \
 		|| { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; } \
@@ -121,6 +126,25 @@ deb: setup
 
 image: setup
 	$(PY) packaging/image.py --arch $(ARCH) --python $(DEVICE_PYTHON) --out dist/image-$(ARCH)
+
+# The fleet's apt repository (docs/deploy.md, "Fleet rollout over apt"): pi0-runtime for ARCH and the bundles
+# BUNDLES names as pi0-bundle-NAME packages, added to dist/repo (what is there stays; a version published is
+# never rebuilt), indexed and signed with REPO_KEY, a gpg key id in your keyring; without one, with a
+# throwaway key, for tests only. RUNTIME_VERSION: pi0-runtime's Debian version (default the project's).
+# Default BUNDLES: the shipped demo policy exported in fp16 (as `make demo` serves it), as transfer-cube.
+PROJECT_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
+FLEET_DEMO := build/fleet/transfer-cube
+BUNDLES ?= transfer-cube=$(FLEET_DEMO):$(PROJECT_VERSION)
+
+$(FLEET_DEMO)/manifest.json: | $(STAMP)
+	rm -rf $(FLEET_DEMO)
+	$(VENV)/bin/pi0-export bundle --checkpoint $(POLICY)/checkpoint --tokenizer $(POLICY)/tokenizer.model \
+		--precision fp16 --default-prompt "$(DEMO_PROMPT)" --out $(FLEET_DEMO)
+
+repo: setup $(if $(findstring $(FLEET_DEMO),$(BUNDLES)),$(FLEET_DEMO)/manifest.json)
+	$(PY) packaging/repo.py --out dist/repo --runtime --arch $(ARCH) --python $(DEVICE_PYTHON) \
+		$(if $(RUNTIME_VERSION),--runtime-version $(RUNTIME_VERSION)) $(if $(REPO_KEY),--key $(REPO_KEY)) \
+		$(foreach bundle,$(BUNDLES),--bundle $(bundle))
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -8,12 +8,15 @@ back to back). No server design that moves the frames over a socket can beat tha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
 import tempfile
+import threading
 import time
 import tracemalloc
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +131,28 @@ def thread_sweep(bundle: Bundle, n: int) -> dict[int, dict[str, float]]:
     }
 
 
+def server_with_metrics(bundle: Bundle, n: int, tmp: Path) -> dict[str, dict[str, float]]:
+    """`bench_server` with the metrics endpoint on and scraped every second while the requests run (what a
+    fleet's Prometheus does, at four times its usual rate)."""
+    port = int(free_tcp_endpoint().rsplit(":", 1)[1])
+    config = tmp / "metrics.toml"
+    config.write_text(f'metrics_endpoint = "127.0.0.1:{port}"\nrobot = "bench"\n')
+    scraping = threading.Event()
+
+    def scrape() -> None:
+        while not scraping.wait(1.0):
+            with contextlib.suppress(OSError):  # not up yet, or gone
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    try:
+        return bench_server(bundle, n, backend="onnxruntime", config=config)
+    finally:
+        scraping.set()
+        scraper.join()
+
+
 def run(n: int = 50, validate: bool = True) -> dict:
     """`validate`: the bundle's own check against PyTorch (the smoke leaves it out: it is not what is timed)."""
     policy = build_preset("pi0-dummy")
@@ -140,6 +165,7 @@ def run(n: int = 50, validate: bool = True) -> dict:
         bundle = load_bundle(out)
         engine = bench_engine(Engine.from_bundle(bundle, OnnxRuntimeBackend(bundle)), n)
         server = bench_server(bundle, n, backend="onnxruntime")
+        with_metrics = server_with_metrics(bundle, n, Path(tmp))
         threads = thread_sweep(bundle, n // 2)
         copies = copy_ledger(bundle)
         frames = encode(*synthetic_request(bundle).to_request())
@@ -150,6 +176,7 @@ def run(n: int = 50, validate: bool = True) -> dict:
         "n": n,
         "engine": engine,
         "server": server,
+        "server_with_metrics": with_metrics,
         "threads": threads,
         "copies": copies,
         "transport_floor": floor,
@@ -170,7 +197,11 @@ def sections(svc: dict) -> list[str]:
         "| ms | p50 | p90 | p99 |\n|---|---|---|---|\n"
         + "\n".join(
             f"| {name} | {v['p50']:.2f} | {v['p90']:.2f} | {v['p99']:.2f} |"
-            for name, v in [*svc["engine"].items(), *svc["server"].items()]
+            for name, v in [
+                *svc["engine"].items(),
+                *svc["server"].items(),
+                *{f"{k}, metrics on and scraped": v for k, v in svc.get("server_with_metrics", {}).items()}.items(),
+            ]
         ),
         "The transport's floor: a bare ZeroMQ REQ -> ROUTER round trip of the same frames to an echo process "
         "that answers at once (no decoding, no engine), back to back and with a pause as long as the engine's "
@@ -222,6 +253,21 @@ def targets(svc: dict) -> list[tuple[str, str, str]]:
             f"{floor:.2f} ms here (transport floor below)",
         ),
         ("KV cache copies per step", "0", str(svc["copies"]["kv_cache_copies_per_step"])),
+        *metrics_target(svc),
+    ]
+
+
+def metrics_target(svc: dict) -> list[tuple[str, str, str]]:
+    if "server_with_metrics" not in svc:  # a result from before the metrics existed
+        return []
+    without = svc["server"]["service_overhead_ms"]["p50"]
+    with_metrics = svc["server_with_metrics"]["service_overhead_ms"]["p50"]
+    return [
+        (
+            "the metrics' cost: service overhead p50 with them on (scraped every second) minus off",
+            "not measurable",
+            f"{with_metrics - without:+.2f} ms ({with_metrics:.2f} vs {without:.2f} ms, same run)",
+        )
     ]
 
 

@@ -26,6 +26,7 @@ RUNTIME_DEPENDENCIES = [
     "sentencepiece>=0.2",
     "pillow>=10",  # openpi's image resize is Pillow's
     "websockets>=13",  # openpi's websocket protocol, beside ZeroMQ
+    "prometheus_client>=0.20",  # the metrics endpoint (pure Python)
     "tomli>=2; python_version < '3.11'",
 ]
 

@@ -3,7 +3,9 @@
 pi0-runtime serve  --bundle B [--endpoint E] [--backend auto|acl|onnxruntime] [--config FILE]
 pi0-runtime infer  --bundle B --obs OBS.npz [--noise N.npy | --seed S] --out ACTIONS.npy
 pi0-runtime check  [--bundle B]     what this machine has (backends, CANN, SoC) and whether the bundle fits
+pi0-runtime check  --store [S]      the same for the bundle `serve` serves of the store (`previous` if `current` fails)
 pi0-runtime install-bundle B        verify B, add it to the bundle store, switch `current`, restart the service
+                   [--reuse]        ... or, when B is the store's `current` already, nothing; its `previous`, rollback
 pi0-runtime rollback                serve the previous bundle again
 pi0-runtime bundles                 what the store holds
 """
@@ -23,14 +25,14 @@ from typing import Any
 import numpy as np
 
 from runtime.backends import BACKENDS, BackendOptions, capabilities, make_backend, resolve_backend
-from runtime.bundle.manifest import OM, load_bundle
+from runtime.bundle.manifest import OM, BundleError, load_bundle
 from runtime.daemon.auth import generate_keys
 from runtime.daemon.config import DEFAULTS, load_config, server_config
 from runtime.daemon.intake import cgroup_memory_max, check_memory_for
-from runtime.daemon.store import DEFAULT_STORE, BundleStore
+from runtime.daemon.store import CURRENT, DEFAULT_STORE, BundleStore, StoreError, load_served_bundle
 from runtime.daemon.systemd import SERVICE, restart_service, setup_logging
 from runtime.engine import Engine
-from runtime.errors import ConfigError, run_command
+from runtime.errors import ConfigError, describe, run_command
 from runtime.npu import (
     MIN_CANN,
     cann_environment,
@@ -57,8 +59,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config["bundle"] is None:
         raise ConfigError("no bundle: give --bundle or set `bundle` in the config file")
     log.info("loading bundle %s ...", config["bundle"])
-    bundle = load_bundle(config["bundle"])
-    settings = server_config(config, bundle.spec.action_dim)
+    # The store's `current` that does not verify: `previous` is served, said in one warning line (store.py).
+    bundle, served = load_served_bundle(config["bundle"])
+    config["bundle"] = served.path  # what is served, from here on (the link's target, or `previous`'s)
+    settings = replace(server_config(config, bundle.spec.action_dim), fell_back_from=served.fell_back_from or "")
     graphs = bundle.manifest.graphs.values()
     weights = sum((bundle.root / f).stat().st_size for g in graphs for f in (g.onnx, g.onnx_data) if f)
     backend = resolve_backend(bundle, config["backend"])
@@ -140,8 +144,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         problems.append(f"CANN {cann.version} ({cann.file}) is older than the {MIN_CANN} this runtime needs")
     elif cann.version is not None and cann.supported is None:
         log.warning("CANN version %r (%s) is not one I can compare with %s", cann.version, cann.file, MIN_CANN)
+    if args.store is not None:
+        args.bundle = args.store / CURRENT
     if args.bundle:
-        bundle = load_bundle(args.bundle)
+        # What `serve` would serve for this path: for a store's `current` that does not verify, `previous`.
+        bundle, served = load_served_bundle(args.bundle)
+        report["served"] = served.to_dict()
         om = bundle.manifest.compiled.get(OM)
         check = om_soc_check(bundle)
         if check.matches is False:
@@ -171,6 +179,18 @@ def cmd_install_bundle(args: argparse.Namespace) -> int:
     store = BundleStore(args.store)
     before = store.current, store.previous
     log.info("verifying %s ...", args.bundle)
+    held = store.holding(args.bundle) if args.reuse else None
+    if held is not None:
+        check_om_soc(load_bundle(args.bundle))  # what install verifies first, whichever way it goes on
+        try:
+            if held == CURRENT:
+                store.verified(CURRENT)  # the store's copy too: a damaged one is replaced by a new copy
+                log.info("%s is the store's `current` bundle %s already: nothing to do", args.bundle, before[0])
+                return 0
+            log.info("%s is the store's `previous` bundle %s: rolling back to it", args.bundle, before[1])
+            return cmd_rollback(args)  # served again, with no second copy
+        except (BundleError, StoreError, OSError) as e:
+            log.warning("the store's %s copy: %s; copying %s into the store again", held, describe(e), args.bundle)
     name = store.install(args.bundle)
     log.info("installed %s as %s; `current` -> %s, `previous` -> %s", args.bundle, name, name, store.previous)
     if args.no_restart or restart_service(args.service):
@@ -298,8 +318,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(func=cmd_bench)
 
-    check = commands.add_parser("check", help="report backends, CANN, the NPU's SoC and whether a bundle fits")
-    check.add_argument("--bundle", type=Path)
+    check = commands.add_parser(
+        "check",
+        help="report backends, CANN, the NPU's SoC and whether a bundle fits",
+        description="With --store (or --bundle STORE/current), the bundle `serve` would serve: `current`, or "
+        "`previous` when `current` does not verify (JSON `served`: name, path, fell_back_from, reason).",
+    )
+    target = check.add_mutually_exclusive_group()
+    target.add_argument("--bundle", type=Path)
+    target.add_argument(
+        "--store",
+        type=Path,
+        nargs="?",
+        const=DEFAULT_STORE,
+        help=f"check the bundle `serve` would serve of this store (default {DEFAULT_STORE})",
+    )
     check.set_defaults(func=cmd_check)
 
     def store_arguments(command: argparse.ArgumentParser, restarts: bool = True) -> None:
@@ -317,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the new bundle, it is taken out again and the links are as before. The previous bundle stays for `rollback`.",
     )
     install.add_argument("bundle", type=Path, help="an exported bundle directory")
+    install.add_argument(
+        "--reuse",
+        action="store_true",
+        help="when the bundle (verified) is the store's `current` already, change nothing; when it is `previous`, "
+        "roll back to it instead of copying it again (the bundle packages' postinst: a downgrade)",
+    )
     store_arguments(install)
     install.set_defaults(func=cmd_install_bundle)
 

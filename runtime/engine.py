@@ -239,6 +239,10 @@ class Engine:
     def close(self) -> None:
         self.backend.close()
 
+    def device_memory(self) -> tuple[int, int] | None:
+        """(used, total) bytes of the accelerator's memory, where the backend reports it."""
+        return self.backend.device_memory()
+
     def metadata(self) -> Metadata:
         """What a client needs to know to build requests."""
         spec = self.spec

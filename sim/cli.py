@@ -8,6 +8,7 @@ pi0-sim stats episodes/                                       (normalization sta
 pi0-sim train episodes/ --out trained/ --steps 3000           (a pi0 by flow matching; a LeRobot checkpoint)
 pi0-sim parity --bundle B --checkpoint C --episode episodes/episode_000000
 pi0-sim eval --policy fp32=B32 --policy fp16=B16 --steps 10 5 3 --modes sync rtc --episodes 50
+pi0-sim eval --policy B --episodes 2000 --ray auto --workers 64     (episodes as Ray tasks on a cluster)
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="success rates over held-out seeds: policies x denoising steps x chunk joining, episodes in parallel",
         description="Each configuration is served once (a bundle by pi0-runtime serve --num-steps N, a checkpoint "
         "by its PyTorch reference behind the same server) and --workers processes share it, each running a block "
-        "of the seeds. Per configuration: success rate with a 95% Wilson interval, mean episode return, latency p50.",
+        "of the seeds; with --ray, --workers Ray tasks on a cluster run the blocks, each serving the policy itself. "
+        "Per configuration: success rate with a 95% Wilson interval, mean episode return, latency p50.",
     )
     add_arguments(evaluation, EvalSettings)
     evaluation.add_argument("--report", type=Path, metavar="EVAL.json", help="every configuration's figures")

@@ -5,7 +5,10 @@ by the daemon for a bundle (`pi0-runtime serve --num-steps N`) or, for a checkpo
 PyTorch reference engine behind the daemon's own server (`pi0-sim reference-serve`), and `workers`
 processes share that server, each running `sim.harness.run_episodes` on a contiguous block of the seeds
 (`python -m sim.evaluate ENDPOINT SETTINGS REPORT`, `worker` below: processes, so that episodes run in
-parallel); their JSON reports are merged. The ways of joining chunks (`MODES`): `sync` (the robot waits for each chunk),
+parallel); their JSON reports are merged. With `--ray auto|ADDRESS` the blocks are Ray tasks on a cluster
+instead, each serving the policy itself (`sim.cluster`, which says why); their reports are merged the same
+way (`run_configuration`), and since every episode's outcome follows from its seed, the same seeds give the
+same episodes either way. The ways of joining chunks (`MODES`): `sync` (the robot waits for each chunk),
 `delay` (inference taken to last D control steps: the next chunk is asked for D steps early and its first
 D actions, stale by then, are dropped) and `rtc` (the same with real-time chunking, `runtime.pipeline.rtc`).
 
@@ -19,6 +22,7 @@ old chunk had planned for that step| (max over joints, radians or gripper units)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -102,45 +106,71 @@ def worker_settings(
     )  # fmt: skip
 
 
-def run_configuration(
-    policy: PolicyUnderTest, num_steps: int, mode: str, settings: EvalSettings, guidance_scale: float | None = None
-) -> dict[str, Any]:
-    """Serve one configuration, drive its episodes from `workers` processes, merge their reports."""
-    if mode not in MODES:
-        raise SimError(f"unknown mode {mode!r}; choose from {MODES}")
-    start = time.perf_counter()
-    daemon_for_config = serve(policy, num_steps, settings.tokenizer)
+# How a configuration's blocks of seeds are run: (policy, num_steps, tokenizer, one RunSettings per block) ->
+# one `run_episodes` report per block, in the blocks' order. `local_blocks` here; `sim.cluster.RayBlocks`.
+RunBlocks = Callable[[PolicyUnderTest, int, Path | None, list[RunSettings]], list[dict[str, Any]]]
+
+
+def local_blocks(
+    policy: PolicyUnderTest, num_steps: int, tokenizer: Path | None, runs: list[RunSettings]
+) -> list[dict[str, Any]]:
+    """Serve the configuration once on this machine and run each of `runs` in a process of its own
+    (`worker`) against that server -> their reports."""
+    daemon_for_config = serve(policy, num_steps, tokenizer)
     with tempfile.TemporaryDirectory(prefix="pi0-eval-") as tmp, daemon_for_config as daemon:
         workers = []
-        for i, block in enumerate(blocks(settings.seeds, settings.workers)):
-            run = json.dumps(asdict(worker_settings(settings, mode, block, guidance_scale)))
-            argv = [sys.executable, "-m", "sim.evaluate", daemon.endpoint, run, f"{tmp}/worker{i}.json"]
+        for i, run in enumerate(runs):
+            out = f"{tmp}/worker{i}.json"
+            argv = [sys.executable, "-m", "sim.evaluate", daemon.endpoint, json.dumps(asdict(run)), out]
             output = open(f"{tmp}/worker{i}.log", "w")  # noqa: SIM115 (closed below, after the worker exits)
             workers.append((subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT), output, i))
-        episodes, metadata = [], {}
+        reports = []
         for process, output, i in workers:
             code = process.wait()
             output.close()
             report_path = Path(f"{tmp}/worker{i}.json")
             if code != 0 or not report_path.is_file():
                 raise SimError(f"worker {i} exited with {code}:\n{Path(output.name).read_text()[-3000:]}")
-            report = json.loads(report_path.read_text())
-            episodes, metadata = episodes + report["episodes"], report["policy"]
+            reports.append(json.loads(report_path.read_text()))
+    return reports
+
+
+def run_configuration(
+    policy: PolicyUnderTest, num_steps: int, mode: str, settings: EvalSettings, guidance_scale: float | None = None,
+    run_blocks: RunBlocks = local_blocks,
+) -> dict[str, Any]:  # fmt: skip
+    """One configuration: its seeds in `workers` blocks, run by `run_blocks` (local processes sharing one
+    server, or Ray tasks each serving the policy: `sim.cluster`), their reports merged into its row."""
+    if mode not in MODES:
+        raise SimError(f"unknown mode {mode!r}; choose from {MODES}")
+    start = time.perf_counter()
+    seed_blocks = blocks(settings.seeds, settings.workers)
+    runs = [worker_settings(settings, mode, block, guidance_scale) for block in seed_blocks]
+    reports = run_blocks(policy, num_steps, settings.tokenizer, runs)
+    episodes = [episode for report in reports for episode in report["episodes"]]
+    metadata = reports[-1]["policy"]
     row = summary_row(policy, num_steps, mode, settings, episodes, metadata, time.perf_counter() - start)
     guidance = metadata.get("guidance")
     row["guidance_scale"] = (
         guidance_scale if guidance_scale is not None or guidance is None else guidance["default_scale"]
     )
+    # where the episodes ran: the Ray nodes' addresses (a Ray task's report names its node), None locally
+    row["ray_nodes"] = sorted({r["node"] for r in reports}) if all("node" in r for r in reports) else None
     return row
+
+
+def episodes_through(endpoint: str, run: RunSettings) -> dict[str, Any]:
+    """`run_episodes` with `run` through the server at `endpoint` -> its report: what a worker does, a local
+    process (`worker`) or a Ray task (`sim.cluster.run_block`)."""
+    with PolicyClient(endpoint, timeout_s=run.timeout) as client:
+        return run_episodes(client, run, endpoint=endpoint)
 
 
 def worker(argv: list[str]) -> int:
     """`python -m sim.evaluate ENDPOINT SETTINGS REPORT`: `run_episodes` with `RunSettings(**SETTINGS)`
     (JSON) through the server at ENDPOINT, the report written to REPORT; 2 when the server stopped answering."""
     endpoint, settings, out = argv
-    run = RunSettings(**json.loads(settings))
-    with PolicyClient(endpoint, timeout_s=run.timeout) as client:
-        report = run_episodes(client, run, endpoint=endpoint)
+    report = episodes_through(endpoint, RunSettings(**json.loads(settings)))
     write_json(Path(out), report)
     return 2 if report["aborted"] else 0
 
@@ -186,8 +216,9 @@ def summary_row(
 def evaluate(
     settings: EvalSettings, progress: Callable[[dict[str, Any]], None] = lambda row: None
 ) -> list[dict[str, Any]]:
-    """Every policy x steps x mode, one after the other (each fans out over `settings.workers`); the
-    paths and the held-out seeds checked before anything is served."""
+    """Every policy x steps x mode, one after the other (each fans out over `settings.workers` processes, or
+    Ray tasks with `settings.ray`); the paths, the held-out seeds and the Ray cluster checked before anything
+    is served."""
     if settings.episodes < 1 or settings.workers < 1:
         raise SimError(f"--episodes {settings.episodes}, --workers {settings.workers}: each must be at least 1")
     policies = [PolicyUnderTest.parse(p) for p in settings.policies]
@@ -200,18 +231,24 @@ def evaluate(
         if overlap := sorted(used.intersection(settings.seeds)):
             raise SimError(f"seeds {overlap[:10]}... were used for the demonstrations in {settings.demonstrations}")
     seeds = settings.seeds
-    log.info(
-        "%d configurations x %d episodes (seeds %d-%d), %d workers",
-        len(policies) * len(settings.steps) * len(settings.modes) * max(1, len(settings.guidance)), len(seeds),
-        seeds[0], seeds[-1], settings.workers,
-    )  # fmt: skip
-    rows = []
-    for policy in policies:
-        for num_steps in settings.steps:
-            for mode in settings.modes:
-                for scale in settings.guidance or (None,):
-                    rows.append(run_configuration(policy, num_steps, mode, settings, scale))
-                    progress(rows[-1])
+    with contextlib.ExitStack() as stack:
+        run_blocks: RunBlocks = local_blocks
+        if settings.ray is not None:
+            from sim.cluster import connected
+
+            run_blocks = stack.enter_context(connected(settings.ray))
+        log.info(
+            "%d configurations x %d episodes (seeds %d-%d), %d %s",
+            len(policies) * len(settings.steps) * len(settings.modes) * max(1, len(settings.guidance)), len(seeds),
+            seeds[0], seeds[-1], settings.workers, "workers" if settings.ray is None else "Ray tasks",
+        )  # fmt: skip
+        rows = []
+        for policy in policies:
+            for num_steps in settings.steps:
+                for mode in settings.modes:
+                    for scale in settings.guidance or (None,):
+                        rows.append(run_configuration(policy, num_steps, mode, settings, scale, run_blocks))
+                        progress(rows[-1])
     return rows
 
 

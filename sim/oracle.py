@@ -245,6 +245,9 @@ class TransferCubeOracle:
 
     # --- the engine's surface ----------------------------------------------------------------------
 
+    def device_memory(self) -> None:
+        return None  # no accelerator
+
     def metadata(self) -> Metadata:
         return Metadata(
             cameras=(Camera(self.camera_key, (3, 480, 640)),),

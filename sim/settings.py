@@ -165,7 +165,14 @@ class EvalSettings:
     demonstrations: Path | None = setting(  # noqa: RUF009 (a field)
         None, "the training recordings: refuse seeds they used (held out for real)"
     )
-    workers: int = setting(2, "episode processes per configuration")
+    workers: int = setting(2, "episode processes per configuration (with --ray: Ray tasks)")
+    ray: str | None = setting(
+        None,
+        "run the episodes as Ray tasks on a cluster instead of local processes: `auto` (RAY_ADDRESS, else the "
+        "cluster `ray start` began on this machine) or the head's HOST:PORT; --workers tasks per configuration, "
+        "each serving the policy itself (the `ray` extra; docs/sim.md)",
+        metavar="auto|ADDRESS",
+    )
     actions_per_chunk: int = setting(25, "actions executed per chunk")
     max_steps: int | None = setting(None, "cut episodes at this many steps (default: the env's 300)")
     prompt: str | None = setting(None, "the instruction sent with every request (default: the task's)")

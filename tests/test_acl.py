@@ -264,6 +264,21 @@ def test_the_prefix_cache_stays_on_the_device(acl, om_bundle: Path) -> None:
     assert size["prefix_keys"] + size["prefix_values"] > expected - vlm_in
 
 
+def test_device_memory_is_what_the_stand_in_holds(acl, om_bundle: Path) -> None:
+    """`device_memory` reads `acl.rt.get_mem_info(ACL_DDR_MEM)` in the engine's context (cann-facts §9): used
+    is what the backend allocated on the device, total what the device offers."""
+    from runtime.backends.acl import AclBackend
+
+    bundle = load_bundle(om_bundle)
+    engine = Engine.from_bundle(bundle, AclBackend(bundle))
+    engine.infer(observation(bundle.spec, seed=1))
+    used, total = engine.device_memory()
+    assert total == acl.DEVICE_MEMORY_TOTAL
+    assert used == sum(len(block) for block in acl._S.memory.values()) > 0
+    assert acl.CALLED["acl.rt.get_mem_info"] == 1
+    engine.close()
+
+
 def test_close_frees_everything_in_order(acl, om_bundle: Path) -> None:
     from runtime.backends.acl import AclBackend
 
@@ -320,6 +335,7 @@ def test_daemon_serves_on_the_acl_backend(om_bundle: Path, monkeypatch: pytest.M
         obs = observation(load_bundle(om_bundle).spec, seed=0)
         result = client.infer(Observation(obs.images, obs.state, tokens=obs.tokens).to_dict())
         assert result["actions"].shape == (50, 14)
+        assert client.stats()["device_memory_bytes"]["total"] > 0  # aclrtGetMemInfo, through the stand-in
     assert d.stop() == 0
     assert "acl" in d.log()
 

@@ -3,9 +3,11 @@ its atomic switch and rollback (with a real daemon serving `current`), CANN's en
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +104,39 @@ def test_store_command_line(dummy_bundle: Path, aloha_sim_bundle: Path, tmp_path
     assert run("rollback", "--no-restart").returncode == 0
     listing = {line.split()[0]: line for line in run("bundles").stdout.splitlines()}
     assert "preset:pi0-dummy" in listing["current"] and "lerobot" in listing["previous"]
+
+
+def test_install_bundle_reuse_goes_by_content(
+    dummy_bundle: Path, aloha_sim_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`install-bundle --reuse` (what a bundle package's postinst runs): the bundle is verified first,
+    always; the store's `current` already: nothing; its `previous`: rolled back to, no second copy; a
+    `previous` whose store copy no longer verifies: copied in afresh."""
+    from runtime import cli
+
+    caplog.set_level(logging.INFO, logger="pi0-runtime")
+    root = tmp_path / "bundles"
+    root.mkdir()
+    store = BundleStore(root)
+
+    def install(bundle: Path) -> int:
+        return cli.main(["install-bundle", str(bundle), "--reuse", "--store", str(root), "--no-restart"])
+
+    assert install(dummy_bundle) == 0
+    first = store.current
+    assert install(dummy_bundle) == 0 and "already: nothing to do" in caplog.text
+    assert (store.current, store.previous) == (first, None)
+    assert install(aloha_sim_bundle) == 0
+    second = store.current
+    assert install(dummy_bundle) == 0 and "rolling back to it" in caplog.text  # a downgrade
+    assert (store.current, store.previous) == (first, second) and len(store.installed()) == 2
+    corrupt = altered_copy(dummy_bundle, tmp_path / "corrupt")  # the same manifest, one file altered
+    assert install(corrupt) == 2 and "vlm.onnx does not match its sha256" in caplog.text
+    assert (store.current, store.previous) == (first, second)
+    (root / second / "vlm.onnx").write_bytes(b"damaged")
+    time.sleep(1.1)  # store names carry the second of the install
+    assert install(aloha_sim_bundle) == 0 and "copying" in caplog.text
+    assert store.current not in (first, second) and store.previous == first
 
 
 # --- CANN's environment --------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The runtime's floors, read from its imports (every `import`, lazy ones in functions too): each module
 imports only its own floor or those below, the module graph has no cycle, and nothing of the workstation
-(exporter, sim, devtools, torch) is imported by what ships to the robot."""
+(exporter, sim, devtools, torch, ray) is imported by what ships to the robot."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ FLOORS = [
     ("runtime.daemon",),
     ("runtime.cli",),
 ]
-WORKSTATION = ("exporter", "sim", "devtools", "benchmarks", "torch", "transformers", "jax", "tests")
+WORKSTATION = ("exporter", "sim", "devtools", "benchmarks", "torch", "transformers", "jax", "ray", "tests")
 
 
 def module_name(path: Path) -> str:

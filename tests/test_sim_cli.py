@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import subprocess
 import sys
 from dataclasses import fields
@@ -51,6 +52,7 @@ EVAL = {
     "seed": (["--seed", "40"], 40),
     "demonstrations": (["--demonstrations", "demos"], Path("demos")),
     "workers": (["--workers", "3"], 3),
+    "ray": (["--ray", "10.0.0.7:6379"], "10.0.0.7:6379"),
     "actions_per_chunk": (["--actions-per-chunk", "10"], 10),
     "max_steps": (["--max-steps", "60"], 60),
     "prompt": (["--prompt", "pick up"], "pick up"),
@@ -219,3 +221,41 @@ def test_the_entry_point_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     output = run.stdout + run.stderr
     assert run.returncode == 2 and "Traceback" not in output, output
     assert len(output.strip().splitlines()) == 1 and named in output, output
+
+
+# --- pi0-sim eval --ray, refused before anything is served ------------------------------------------------
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then let go)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "case", ["ray not installed", "nothing at the address", "nothing at RAY_ADDRESS", "not an address"]
+)
+def test_eval_ray_refusals_are_one_line_and_exit_2(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ray missing (it is the `ray` extra, never the robot's), no cluster where --ray points, or no HOST:PORT
+    there: one line naming --ray, exit 2, before any policy is served (tests/test_sim_ray.py runs a cluster)."""
+    nowhere = f"127.0.0.1:{closed_port()}"
+    address, said = {
+        "ray not installed": ("auto", "Ray is not installed"),
+        "nothing at the address": (nowhere, "no Ray cluster answers there"),
+        "nothing at RAY_ADDRESS": ("auto", f"(RAY_ADDRESS {nowhere}): no Ray cluster answers there"),
+        "not an address": ("head-node", "expected auto or the head's HOST:PORT"),
+    }[case]
+    if case == "ray not installed":
+        monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if case == "nothing at RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", nowhere)
+    monkeypatch.setattr(sim.evaluate, "run_configuration", lambda *a, **k: pytest.fail("served with no cluster"))
+    caplog.set_level("INFO")
+    assert pi0_sim(["eval", "--policy", f"p={tmp_path}", "--episodes", "2", "--ray", address]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith(f"--ray {address}") and said in errors[0], errors
+    assert "\n" not in errors[0]

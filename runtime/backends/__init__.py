@@ -15,7 +15,7 @@ The seam, by name:
   a backend's library is imported only when that backend is chosen.
 
 Adding one (say onnxruntime's CANN execution provider): a module here with a class that has `name`,
-`capabilities` and the three methods, constructed as `Cls(bundle, options)`; one line in `REGISTRY`.
+`capabilities` and the four methods, constructed as `Cls(bundle, options)`; one line in `REGISTRY`.
 """
 
 from __future__ import annotations
@@ -69,6 +69,11 @@ class Backend(Protocol):
     ) -> np.ndarray: ...
 
     def close(self) -> None: ...
+
+    def device_memory(self) -> tuple[int, int] | None:
+        """(used, total) bytes of the accelerator's memory; None where the backend has none to report
+        (called from the thread that runs `prefix` and `velocity`)."""
+        ...
 
 
 def expert_graph(guidance_scale: float | None) -> str:

@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 ACL_MEM_MALLOC_HUGE_FIRST = 0
 ACL_MEMCPY_HOST_TO_DEVICE = 1
 ACL_MEMCPY_DEVICE_TO_HOST = 2
+# aclrtMemAttr: ACL_DDR_MEM, the DDR's huge and normal pages (a 310P has no HBM: CANN answers an HBM query
+# with the DDR's, docs/cann-facts.md)
+ACL_DDR_MEM = 0
 # aclDataType, as acl.mdl.get_{input,output}_data_type return it (CANN 6.0.1 aclpythondevg_01_0181)
 ACL_DTYPES: dict[int, np.dtype] = {
     code: np.dtype(name)
@@ -503,6 +506,14 @@ class AclBackend:
             self._to_device(buffer, values[name])
         self.models[graph].execute(slot.expert_inputs[graph], self.expert_output_set)
         return self._to_host(self.velocity_out)
+
+    def device_memory(self) -> tuple[int, int]:
+        """(used, total) bytes of the device's DDR as `acl.rt.get_mem_info` reports them (total excludes
+        what the system reserves)."""
+        _check(self.acl.rt.set_context(self.context), "acl.rt.set_context")
+        free, total, ret = self.acl.rt.get_mem_info(ACL_DDR_MEM)
+        _check(ret, "acl.rt.get_mem_info")
+        return total - free, total
 
     def _release(self) -> list[str]:
         """Release everything held, in reverse order, in this thread's context -> what failed."""

@@ -141,3 +141,6 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self.sessions = {}
+
+    def device_memory(self) -> None:
+        return None  # the CPU's memory is the process's: RSS in the metrics

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from pi0_client.client import PolicyClient, ServerUnavailableError
@@ -43,13 +44,21 @@ def free_tcp_endpoint() -> str:
 
 
 def bench_server(
-    bundle: Bundle, n: int, backend: str = "auto", warmup: int = 2, ready_timeout_s: float = 300.0
+    bundle: Bundle,
+    n: int,
+    backend: str = "auto",
+    warmup: int = 2,
+    ready_timeout_s: float = 300.0,
+    config: Path | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Start `pi0-runtime serve` on loopback TCP in a child process, send n requests through PolicyClient
-    once it answers a ping, and report the round trip and the service overhead (round trip minus the
-    engine's own time) per request. The child is stopped with SIGTERM and must exit cleanly."""
+    """Start `pi0-runtime serve` on loopback TCP in a child process (with `config`, that config file),
+    send n requests through PolicyClient once it answers a ping, and report the round trip and the service
+    overhead (round trip minus the engine's own time) per request. The child is stopped with SIGTERM and
+    must exit cleanly."""
     endpoint = free_tcp_endpoint()
     command = [sys.executable, "-m", "runtime.cli", "serve", "--bundle", str(bundle.root), "--backend", backend]
+    if config is not None:
+        command += ["--config", str(config)]
     with tempfile.TemporaryFile("w+") as log_file:
         child = subprocess.Popen([*command, "--endpoint", endpoint], stdout=log_file, stderr=subprocess.STDOUT)
         try:

@@ -28,6 +28,11 @@ class ServerConfig:
     websocket: tuple[str, int] | None = None  # openpi's websocket endpoint (host, port), off when None
     api_keys: frozenset[str] = frozenset()  # for the websocket endpoint; required off loopback
     log_interval_s: float = 10.0  # refusals: the first of a kind in full, then one summary line per interval
+    robot: str = ""  # the `robot` label of every metric (which robot this daemon serves)
+    metrics: tuple[str, int] | None = None  # /metrics and the health endpoints (host, port), off when None
+    metrics_api_keys: frozenset[str] = frozenset()  # bearer keys for /metrics; required off loopback
+    bundle_name: str = ""  # the `bundle` label: the served bundle's directory name (the store's version)
+    fell_back_from: str = ""  # the store's `current` that failed verification at start, when `previous` is served
 
 
 _SERVER = ServerConfig()
@@ -57,6 +62,11 @@ DEFAULTS: dict[str, Any] = {
     # Off loopback it needs API keys: a file of allowed keys, one per line (`Authorization: Api-Key ...`).
     "websocket_endpoint": None,
     "websocket_api_keys": None,
+    # Prometheus metrics and health endpoints (runtime/daemon/metrics.py): "host:port", e.g. "127.0.0.1:9464"
+    # (the packaged config's); off when unset. Off loopback it needs keys: a file of bearer keys, one per line.
+    "metrics_endpoint": None,
+    "metrics_api_keys": None,
+    "robot": _SERVER.robot,  # the metrics' `robot` label
 }
 
 
@@ -84,15 +94,16 @@ def load_config(path: Path | None) -> dict[str, Any]:
     return config
 
 
-def websocket_settings(config: dict[str, Any]) -> tuple[tuple[str, int] | None, frozenset[str]]:
-    """The websocket endpoint (host, port) and its API keys; refuses one reachable from the network
-    without keys (unless allow_insecure_network)."""
-    endpoint, keys_file = config["websocket_endpoint"], config["websocket_api_keys"]
+def http_settings(config: dict[str, Any], what: str) -> tuple[tuple[str, int] | None, frozenset[str]]:
+    """An HTTP endpoint's (host, port) and its keys from `{what}_endpoint` and `{what}_api_keys` (the
+    websocket's, the metrics'); refuses one reachable from the network without keys (unless
+    allow_insecure_network)."""
+    endpoint, keys_file = config[f"{what}_endpoint"], config[f"{what}_api_keys"]
     if endpoint is None:
         return None, frozenset()
     host, _, port = str(endpoint).rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError(f"websocket_endpoint {endpoint!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
+        raise ConfigError(f"{what}_endpoint {endpoint!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
     keys = frozenset()
     if keys_file is not None:
         lines = Path(keys_file).read_text().splitlines()
@@ -101,8 +112,8 @@ def websocket_settings(config: dict[str, Any]) -> tuple[tuple[str, int] | None, 
             raise AuthConfigError(f"{keys_file} lists no API keys")
     if not keys and is_network_endpoint(f"tcp://{host}:{port}") and not config["allow_insecure_network"]:
         raise AuthConfigError(
-            f"websocket endpoint {endpoint} is reachable from the network and no API keys are configured: set "
-            "websocket_api_keys (a file of keys, one per line), bind loopback, or set allow_insecure_network = true"
+            f"{what} endpoint {endpoint} is reachable from the network and no API keys are configured: set "
+            f"{what}_api_keys (a file of keys, one per line), bind loopback, or set allow_insecure_network = true"
         )
     return (host.strip("[]"), int(port)), keys
 
@@ -129,7 +140,8 @@ def server_config(config: dict[str, Any], action_dim: int) -> ServerConfig:
             raise AuthConfigError("CURVE needs both curve_server_key and curve_allowed_clients")
         curve = CurveConfig.from_files(Path(config["curve_server_key"]), Path(config["curve_allowed_clients"]))
     check_exposure(config["endpoint"], curve, config["allow_insecure_network"])
-    websocket, api_keys = websocket_settings(config)
+    websocket, api_keys = http_settings(config, "websocket")
+    metrics, metrics_api_keys = http_settings(config, "metrics")
     limits, state_range = limits_settings(config["limits"], action_dim)
     return ServerConfig(
         endpoint=config["endpoint"],
@@ -142,4 +154,8 @@ def server_config(config: dict[str, Any], action_dim: int) -> ServerConfig:
         curve=curve,
         websocket=websocket,
         api_keys=api_keys,
+        robot=str(config["robot"]),
+        metrics=metrics,
+        metrics_api_keys=metrics_api_keys,
+        bundle_name=Path(config["bundle"]).resolve().name if config["bundle"] else "",
     )

@@ -10,7 +10,9 @@ Frames beyond what a request can have are released as they are read.
 systemd: READY=1 after the bundle is loaded and a warm-up inference ran; WATCHDOG=1 only while the
 worker is not stuck on a request (a hung backend stops the pings, and systemd restarts us); STATUS=
 with live latency; on SIGTERM, STOPPING=1, queued requests answered `shutting_down`, the one in flight
-finished and delivered, then exit 0.
+finished and delivered, then exit 0. With `metrics_endpoint`, Prometheus metrics and the health endpoints
+(`runtime.daemon.metrics`): /healthz follows the watchdog's rule, /readyz turns 200 with READY=1 and 503
+again on SIGTERM, while the daemon drains.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pi0_client import protocol
 from runtime.daemon import systemd
 from runtime.daemon.config import ServerConfig
 from runtime.daemon.intake import RCVHWM, REQUEST_FRAMES, SNDHWM, give_back_memory
+from runtime.daemon.metrics import BundleLabels, HttpEndpoint, Metrics
 from runtime.daemon.service import InferJob, Peer, ServedEngine, Service
 from runtime.daemon.stats import summarize
 from runtime.daemon.websocket import WebsocketEndpoint
@@ -50,6 +53,22 @@ class Server:
         self.work = WorkQueue(self.service.execute, config.queue_size)
         self.context = zmq.Context.instance()
         self._pipe: zmq.Socket | None = None  # the worker thread's end of inproc://replies
+        self.warmed_up = False
+        self.http: HttpEndpoint | None = None
+        if config.metrics is not None:
+            metadata = self.service.engine.metadata()
+            labels = BundleLabels(
+                config.bundle_name, metadata.source, metadata.precision, metadata.backend, config.fell_back_from
+            )
+            self.service.stats.metrics = Metrics(config.robot, labels)
+            self.service.stats.metrics.watch(
+                queue_depth=self.work.jobs.qsize,
+                inflight=lambda: float(self.work.busy_since is not None),
+                ready=self.ready,
+            )
+            self.http = HttpEndpoint(
+                *config.metrics, self.service.stats.metrics, self.healthy, self.ready, config.metrics_api_keys
+            )
 
     @property
     def engine(self) -> ServedEngine:
@@ -122,7 +141,12 @@ class Server:
         self.work.stopping = True
 
     def healthy(self) -> bool:
+        """Live: the engine is not stuck on a request past hang_timeout_s (the watchdog's rule)."""
         return self.work.stuck_for() < self.config.hang_timeout_s
+
+    def ready(self) -> bool:
+        """Ready: warmed up and not draining (a load balancer or a fleet dashboard reads this)."""
+        return self.warmed_up and not self.work.stopping
 
     def status_line(self) -> str:
         stats = self.service.stats
@@ -151,6 +175,8 @@ class Server:
             websocket.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._request_stop)
+        if self.http is not None:
+            self.http.start()  # live at once; ready (200 on /readyz) only after the warm-up
 
         if self.config.warm_up:
             log.info("warming up ...")
@@ -165,6 +191,7 @@ class Server:
         # every descriptor the unit allows, an import (numpy's percentile pulls in numpy.ma) fails with
         # EMFILE and would end the loop (seen under LimitNOFILE in the nspawn test).
         summarize([0.0, 1.0])
+        self.warmed_up = True
         systemd.notify("READY=1")
         systemd.notify(self.status_line())
         ping_every = systemd.watchdog_interval()
@@ -193,6 +220,8 @@ class Server:
         code = self._stop(router, replies, worker)
         if websocket is not None:
             websocket.stop()
+        if self.http is not None:
+            self.http.stop()
         if authenticator is not None:
             authenticator.stop()
         return code

@@ -31,6 +31,7 @@ from runtime.engine import EngineError
 from runtime.pipeline.observation import Observation, ObservationError
 
 log = logging.getLogger("pi0-runtime")
+DEVICE_MEMORY_EVERY_S = 1.0
 
 
 class ServedEngine(Protocol):
@@ -45,6 +46,10 @@ class ServedEngine(Protocol):
     ) -> tuple[np.ndarray, dict[str, float]]: ...
 
     def close(self) -> None: ...
+
+    def device_memory(self) -> tuple[int, int] | None:
+        """(used, total) bytes of the accelerator's memory; None where there is none to report."""
+        ...
 
 
 @dataclass
@@ -85,10 +90,11 @@ class Service:
         self.warnings = RefusalLog(log_interval_s, verb="warned")  # served, with a warning in the reply
         # None: turned off, or nothing to check against (an engine without state statistics)
         self.state_guard = StateGuard.for_engine(self.engine, state_range or StateRangeSettings())
+        self._memory_sampled = -DEVICE_MEMORY_EVERY_S
 
     def refusal(self, request_id: Any, code: str, message: str, peer: Peer | None = None) -> dict[str, Any]:
         """Count and log (rate-limited) one refusal -> its reply header."""
-        self.stats.counts[code] += 1
+        self.stats.refusal(code)
         peer = peer or Peer()
         self.refusals.record(code, request_id, message, peer.connection, peer.address)
         return protocol.error_header(request_id, code, message)
@@ -116,7 +122,10 @@ class Service:
             log.exception("could not decode a request")
             return self.refuse(None, "internal", f"could not decode the request: {type(e).__name__}", peer)
         request_id, kind = header.get("id"), header.get("kind")
-        self.stats.counts[f"kind:{kind}"] += 1
+        if kind == "infer":
+            self.stats.request(kind, (peer or Peer()).connection, received)
+        else:
+            self.stats.request(kind)
         if kind == "ping":
             return protocol.encode({"id": request_id, "ok": True, "kind": "ping"})
         if kind == "metadata":
@@ -164,20 +173,20 @@ class Service:
         reply = {"id": job.request_id, "ok": True, "kind": "infer", "timing": timing}
         if frames:  # a frame letterboxed by the client (undone), or of another aspect ratio (flagged)
             reply["frames"] = frames
-            self.stats.counts["frames_reshaped"] += 1
+            self.stats.warning("frames_reshaped")
             peer = job.peer or Peer()
             message = "; ".join(f"camera {key}: {note}" for key, note in frames.items())
             self.warnings.record("frames", job.request_id, message, peer.connection, peer.address)
         if state_report is not None:
             reply[protocol.STATE_OUT_OF_RANGE] = state_report
-            self.stats.counts["out_of_range_warnings"] += 1
+            self.stats.warning("out_of_range_warnings")
             peer = job.peer or Peer()
             message = protocol.describe_state_out_of_range(state_report)
             self.warnings.record(protocol.STATE_OUT_OF_RANGE, job.request_id, message, peer.connection, peer.address)
         if self.limits.active:
             actions, reply["limits"] = self.limits.apply(actions)
             if reply["limits"]["violations"]:
-                self.stats.counts["limit_violations"] += 1
+                self.stats.warning("limit_violations")
                 log.warning(
                     "request %s: %d action limit violation(s)%s, first %s",
                     job.request_id,
@@ -186,8 +195,8 @@ class Service:
                     reply["limits"]["first"][0],
                 )
         timing["queue_ms"] = (time.perf_counter() - job.received) * 1e3 - timing["total_ms"]
-        self.stats.counts["ok"] += 1
-        self.stats.record(timing)
+        self.stats.served(timing)
+        self._sample_device_memory()
         return reply, {"actions": actions}
 
     def _check_state(self, job: InferJob) -> dict[str, Any] | None:
@@ -213,6 +222,22 @@ class Service:
         except Exception:
             log.exception("closing the failed engine")
         self.engine = self.engine_factory()
+        self.stats.restart()
+
+    def _sample_device_memory(self) -> None:
+        """The accelerator's memory, where the backend reports it, at most once a second (on the worker
+        thread: ACL answers only where the device's context is current)."""
+        now = time.monotonic()
+        if now - self._memory_sampled < DEVICE_MEMORY_EVERY_S:
+            return
+        self._memory_sampled = now
+        try:
+            memory = self.engine.device_memory()
+        except Exception:  # a figure for dashboards must never cost a request
+            log.exception("reading the device's memory failed")
+            return
+        if memory is not None:
+            self.stats.device_memory(*memory)
 
     def close(self) -> None:
         self.engine.close()

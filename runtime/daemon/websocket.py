@@ -116,7 +116,7 @@ class WebsocketEndpoint:
                         ws, self.service.refusal(None, "bad_request", "expected a binary msgpack message", peer)
                     )
                     return
-                self.service.stats.counts["kind:infer"] += 1
+                self.service.stats.request("infer", peer.connection, time.perf_counter())
                 try:
                     obs = openpi_compat.observation(openpi_compat.decode(message), metadata)
                 except ObservationError as e:

@@ -381,7 +381,26 @@ def _memcpy(dst: int, dst_max: int, src: int, count: int, kind: int) -> int:
     return SUCCESS
 
 
+# What the device offers the application (`acl.rt.get_mem_info`'s total: all of it but the system's reserve).
+DEVICE_MEMORY_TOTAL = 21 * 2**30
+
+
+@_api("acl.rt.get_mem_info", (0, 0, ERROR_BAD_ALLOC))
+def _get_mem_info(attr: int) -> tuple[int, int, int]:
+    """free, total, ret (cann-facts §9): a device must be set first (this thread's context); a 310P has no
+    HBM, so an HBM attribute is answered with the DDR's; the P2P attributes (6-9) are reserved: 0 and 0."""
+    if _current_context() is None:
+        return 0, 0, ERROR_CONTEXT_NOT_SET
+    if attr not in range(10):
+        return 0, 0, ERROR_INVALID_PARAM
+    if attr >= 6:
+        return 0, 0, SUCCESS
+    used = sum(len(block) for block in _S.memory.values())
+    return DEVICE_MEMORY_TOTAL - used, DEVICE_MEMORY_TOTAL, SUCCESS
+
+
 rt = SimpleNamespace(
+    get_mem_info=_get_mem_info,
     set_device=_set_device,
     reset_device=_reset_device,
     create_context=_create_context,
