@@ -74,8 +74,9 @@ demo: setup
 	$(VENV)/bin/pi0-sim run --bundle $(DEMO)/bundle --seed $(DEMO_SEED) --actions-per-chunk 25 --min-success-rate 1 \
 		--report $(DEMO)/report.json --video $(DEMO)/episode.mp4
 
+# The 25 slowest tests close the log: what to look at when the suite nears its time budget (15 min in CI).
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # The long fuzz run: 25,000 generated messages per strategy, four strategies (100,000 in all) plus deep
 # nesting, through the server's request handling with the real engine (`make test` runs 300 each).
