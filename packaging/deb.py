@@ -83,8 +83,9 @@ def changelog(
     return f"{package} ({version}) unstable; urgency=medium\n\n  * {note}\n\n -- {MAINTAINER}  {date}\n"
 
 
-def md5_file(path: Path) -> str:
-    digest = hashlib.md5()
+def file_digest(path: Path, algorithm: str = "md5") -> str:
+    """The hex digest of a file read in 1 MiB blocks (md5 for md5sums, sha256 for the image's manifest)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             digest.update(block)
@@ -120,7 +121,7 @@ def build_package(
     installed_kib = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) // 1024 + 1
     files = {"control": control(installed_kib), **(metadata or {})}
     files["md5sums"] = "".join(
-        f"{md5_file(f)}  {f.relative_to(root)}\n"
+        f"{file_digest(f)}  {f.relative_to(root)}\n"
         for f in sorted(root.rglob("*"))
         if f.is_file() and not f.is_relative_to(debian)
     )

@@ -20,7 +20,6 @@ The image carries no driver, firmware or CANN: those come from Huawei for the ex
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from deb import APPLIANCE, PACKAGE, build_deb, host_arch, source_date_epoch, stage
+from deb import APPLIANCE, PACKAGE, build_deb, file_digest, host_arch, source_date_epoch, stage
 from wheels import ROOT, project_version
 
 SUITE = "bookworm"
@@ -58,14 +57,6 @@ RemainAfterExit=yes
 [Install]
 WantedBy=multi-user.target
 """
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tar_tree(tree: Path, out: Path) -> Path:
@@ -153,7 +144,10 @@ def build_image(arch: str, python: str, out: Path, suite: str, mirror: str) -> d
         "python": python,
         "rootfs_complete": complete,
         "wheels": wheel_names,
-        "files": {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in (deb, overlay_tar, rootfs_tar)},
+        "files": {
+            p.name: {"sha256": file_digest(p, "sha256"), "bytes": p.stat().st_size}
+            for p in (deb, overlay_tar, rootfs_tar)
+        },
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -269,7 +269,7 @@ def query(api: str, promql: str, timeout_s: float = 60.0, want: float | None = N
     while time.monotonic() < deadline:
         try:
             status, body = get(f"{api}/api/v1/query?query={urllib.parse.quote(promql)}")
-        except (urllib.error.URLError, ConnectionError):  # not listening yet
+        except OSError:  # not listening yet, or a connection reset or timed out while it starts
             status, body = 0, ""
         if status == 200:
             result = json.loads(body)["data"]["result"]
