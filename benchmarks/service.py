@@ -78,6 +78,24 @@ def transport_floor(frames: list, endpoints: dict[str, str], pauses_ms: list[flo
         echo.kill()
 
 
+def decode_after_idle(frames: list, pause_ms: float, n: int) -> dict[str, float]:
+    """Microseconds to decode one request's frames (the server's first step), p50 over n: back to back, and
+    each after sleeping `pause_ms` (the engine's time: what the server's main thread and the controller do
+    while the engine runs). What runs after a wait pays for the CPU's idle states, on the bare transport
+    and on the server alike; this measures that price on one piece of the server's own work."""
+
+    def timed(pause_s: float) -> float:
+        times = []
+        for _ in range(n + 2):
+            time.sleep(pause_s)
+            start = time.perf_counter()
+            decode(frames)
+            times.append((time.perf_counter() - start) * 1e6)
+        return summarize(times[2:])["p50"]
+
+    return {"back_to_back_us": timed(0.0), "after_pause_us": timed(pause_ms / 1e3)}
+
+
 def copy_ledger(bundle: Bundle) -> dict[str, int]:
     """Bytes moved per inference, counted on what the code does with one synthetic 3-camera request:
     the frames on the wire; what decoding copies (0 when every array is a view of its frame); the peak
@@ -172,6 +190,7 @@ def run(n: int = 50, validate: bool = True) -> dict:
         with tempfile.TemporaryDirectory() as sockets:
             endpoints = {"tcp": free_tcp_endpoint(), "ipc": f"ipc://{sockets}/floor"}
             floor = transport_floor(frames, endpoints, [0, engine["total_ms"]["p50"]], n)
+        idle = decode_after_idle(frames, engine["total_ms"]["p50"], n)
     return {
         "n": n,
         "engine": engine,
@@ -180,6 +199,7 @@ def run(n: int = 50, validate: bool = True) -> dict:
         "threads": threads,
         "copies": copies,
         "transport_floor": floor,
+        "decode_after_idle": idle,
     }
 
 
@@ -192,8 +212,12 @@ def sections(svc: dict) -> list[str]:
         "## The service: engine breakdown and overhead (`benchmarks/service.py`)",
         f"`pi0-dummy` (fp32, onnxruntime CPU) with three 480x640 cameras, {svc['n']} requests after 2 warm-up "
         "ones. Engine: `Engine.infer` in process. Server: `pi0-runtime serve` on loopback TCP, driven by "
-        "`PolicyClient`; the overhead is each round trip minus the engine time the server reports for it. "
-        "Target for the overhead: under 1 ms at p50.",
+        "`PolicyClient`, sending random frames and a state inside the policy's training range (as a robot in "
+        "normal operation does; `typical_state`); the overhead is each round trip minus the engine time the "
+        "server reports for it, and `server_queue_ms` the part of it the server times itself before encoding "
+        "the reply (decoding, validation, the hand-off to the engine's thread, the state guard). "
+        "Targets: the overhead under 1 ms at p50 (Step 6); the server's share above the transport floor "
+        "(below) at most 0.5 ms (Step 18).",
         "| ms | p50 | p90 | p99 |\n|---|---|---|---|\n"
         + "\n".join(
             f"| {name} | {v['p50']:.2f} | {v['p90']:.2f} | {v['p99']:.2f} |"
@@ -212,6 +236,7 @@ def sections(svc: dict) -> list[str]:
             f"| {name} | {v['p50']:.2f} | {v['p90']:.2f} | {v['p99']:.2f} |"
             for name, v in svc["transport_floor"].items()
         ),
+        *idle_section(svc),
         "Threads: onnxruntime's intra-op pool has one thread per core (the calling thread is one of them), "
         "inter-op 1, no spinning between runs; ZeroMQ one I/O thread; the server's main thread sleeps in "
         "`poll` while the engine runs. Engine total p50 by intra-op threads:",
@@ -242,19 +267,51 @@ def sections(svc: dict) -> list[str]:
     ]
 
 
+def idle_section(svc: dict) -> list[str]:
+    if "decode_after_idle" not in svc:  # a result from before it was measured
+        return []
+    idle = svc["decode_after_idle"]
+    return [
+        "Why the share resists: the server's Python work per request is small when warm, but every request "
+        "arrives after a wait as long as the engine's time, and code that runs after a wait runs on a cold CPU "
+        "(idle states, caches). Decoding one request's frames (`pi0_client.protocol.decode`, the server's "
+        f"first step) takes {idle['back_to_back_us']:.0f} us back to back and {idle['after_pause_us']:.0f} us "
+        "each after a sleep of the engine's time, on this machine. The floor pays the same price on its own "
+        "(its rows with and without the pause)."
+    ]
+
+
+def share_above_floor(svc: dict) -> tuple[float, float]:
+    """(the server's share above the floor, the floor): p50 overhead minus the p50 TCP round trip of the
+    same frames with the engine's pause, from one run."""
+    floor = svc["transport_floor"]
+    tcp = next(v["p50"] for k, v in floor.items() if k.startswith("tcp,") and not k.endswith(" 0 ms pause"))
+    return svc["server"]["service_overhead_ms"]["p50"] - tcp, tcp
+
+
 def targets(svc: dict) -> list[tuple[str, str, str]]:
     overhead = svc["server"]["service_overhead_ms"]["p50"]
+    share, tcp = share_above_floor(svc)
     floor = min(v["p50"] for k, v in svc["transport_floor"].items() if not k.endswith(" 0 ms pause"))
     return [
         (
             "service overhead p50, 3 x 480x640 cameras",
             "< 1 ms",
-            f"**{overhead:.2f} ms: missed**; the bare ZeroMQ round trip of the same frames alone is "
-            f"{floor:.2f} ms here (transport floor below)",
+            f"**{overhead:.2f} ms: {verdict(overhead < 1.0)}**; the bare ZeroMQ round trip of the same frames "
+            f"alone is {floor:.2f} ms here (transport floor below)",
+        ),
+        (
+            "the server's share above the transport floor, p50 (overhead minus the bare TCP round trip)",
+            "<= 0.5 ms",
+            f"**{share:.2f} ms: {verdict(share <= 0.5)}** (floor {tcp:.2f} ms, same run)",
         ),
         ("KV cache copies per step", "0", str(svc["copies"]["kv_cache_copies_per_step"])),
         *metrics_target(svc),
     ]
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "missed"
 
 
 def metrics_target(svc: dict) -> list[tuple[str, str, str]]:

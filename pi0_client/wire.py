@@ -25,7 +25,24 @@ def pack(value: Any) -> bytes:
 def _pack(value: Any, out: bytearray, depth: int) -> None:
     if depth > MAX_DEPTH:
         raise WireError("nesting too deep")
-    if value is None:
+    # Every request's header passes through here: the common cases first, by exact type (a subclass,
+    # bool among them, takes the general path below).
+    kind = type(value)
+    if kind is str and len(value) < 32 and value.isascii():
+        out.append(0xA0 | len(value))
+        out += value.encode()
+    elif kind is int and 0 <= value < 0x80:
+        out.append(value)
+    elif kind is dict:
+        _pack_len(out, len(value), 0x80, 16, None, b"\xde", b"\xdf")
+        for key, item in value.items():
+            _pack(key, out, depth + 1)
+            _pack(item, out, depth + 1)
+    elif kind is list:
+        _pack_len(out, len(value), 0x90, 16, None, b"\xdc", b"\xdd")
+        for item in value:
+            _pack(item, out, depth + 1)
+    elif value is None:
         out.append(0xC0)
     elif value is True:
         out.append(0xC3)
@@ -80,24 +97,37 @@ def _pack_len(
 
 def unpack(data: bytes) -> Any:
     """Decode one value that must span all of `data`."""
-    reader = _Reader(memoryview(data))
+    reader = _Reader(bytes(data))
     value = reader.value(0)
-    if reader.pos != len(data):
-        raise WireError(f"{len(data) - reader.pos} trailing bytes after the header")
+    if reader.pos != len(reader.data):
+        raise WireError(f"{len(reader.data) - reader.pos} trailing bytes after the header")
     return value
 
 
+# Type bytes beyond the fixed-size ranges: constants, and the width of what follows them.
+_CONSTANTS = {0xC0: None, 0xC2: False, 0xC3: True}
+_BIN = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+_UINT = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_INT = {0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}
+_STR = {0xD9: 1, 0xDA: 2, 0xDB: 4}
+_ARRAY = {0xDC: 2, 0xDD: 4}
+_MAP = {0xDE: 2, 0xDF: 4}
+
+
 class _Reader:
-    def __init__(self, data: memoryview) -> None:
+    """A cursor over the header's bytes. Every request's header passes through it on the serving path,
+    so the common types (fixint, fixmap, fixarray, fixstr) are read inline by indexing the bytes."""
+
+    def __init__(self, data: bytes) -> None:
         self.data = data
         self.pos = 0
 
-    def take(self, n: int) -> memoryview:
-        if n > len(self.data) - self.pos:
+    def take(self, n: int) -> bytes:
+        pos = self.pos
+        if n > len(self.data) - pos:
             raise WireError("truncated header")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
+        self.pos = pos + n
+        return self.data[pos : pos + n]
 
     def uint(self, n: int) -> int:
         return int.from_bytes(self.take(n), "big")
@@ -105,44 +135,47 @@ class _Reader:
     def value(self, depth: int) -> Any:
         if depth > MAX_DEPTH:
             raise WireError("nesting too deep")
-        b = self.uint(1)
+        pos = self.pos
+        if pos >= len(self.data):
+            raise WireError("truncated header")
+        b = self.data[pos]
+        self.pos = pos + 1
         if b < 0x80:
             return b
         if b >= 0xE0:
             return b - 0x100
-        if 0x80 <= b <= 0x8F:
+        if b < 0x90:
             return self.map(b & 0x0F, depth)
-        if 0x90 <= b <= 0x9F:
+        if b < 0xA0:
             return self.array(b & 0x0F, depth)
-        if 0xA0 <= b <= 0xBF:
-            return self.str(b & 0x1F)
-        simple = {0xC0: None, 0xC2: False, 0xC3: True}
-        if b in simple:
-            return simple[b]
-        if b in (0xC4, 0xC5, 0xC6):
-            return bytes(self.take(self.uint({0xC4: 1, 0xC5: 2, 0xC6: 4}[b])))
+        if b < 0xC0:  # fixstr, read here: most of a header's values are short strings
+            end = pos + 1 + (b & 0x1F)
+            if end > len(self.data):
+                raise WireError("truncated header")
+            self.pos = end
+            return _utf8(self.data[pos + 1 : end])
+        if b in _CONSTANTS:
+            return _CONSTANTS[b]
+        if b in _BIN:
+            return self.take(self.uint(_BIN[b]))
         if b == 0xCA:
             return struct.unpack(">f", self.take(4))[0]
         if b == 0xCB:
             return struct.unpack(">d", self.take(8))[0]
-        if b in (0xCC, 0xCD, 0xCE, 0xCF):
-            return self.uint({0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}[b])
-        if b in (0xD0, 0xD1, 0xD2, 0xD3):
-            n = {0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}[b]
-            return int.from_bytes(self.take(n), "big", signed=True)
-        if b in (0xD9, 0xDA, 0xDB):
-            return self.str(self.uint({0xD9: 1, 0xDA: 2, 0xDB: 4}[b]))
-        if b in (0xDC, 0xDD):
-            return self.array(self.uint(2 if b == 0xDC else 4), depth)
-        if b in (0xDE, 0xDF):
-            return self.map(self.uint(2 if b == 0xDE else 4), depth)
+        if b in _UINT:
+            return self.uint(_UINT[b])
+        if b in _INT:
+            return int.from_bytes(self.take(_INT[b]), "big", signed=True)
+        if b in _STR:
+            return self.str(self.uint(_STR[b]))
+        if b in _ARRAY:
+            return self.array(self.uint(_ARRAY[b]), depth)
+        if b in _MAP:
+            return self.map(self.uint(_MAP[b]), depth)
         raise WireError(f"unsupported msgpack type byte 0x{b:02x}")
 
     def str(self, n: int) -> str:
-        try:
-            return str(self.take(n), "utf-8")
-        except UnicodeDecodeError as e:
-            raise WireError("string is not UTF-8") from e
+        return _utf8(self.take(n))
 
     def array(self, n: int, depth: int) -> list:
         if n > len(self.data) - self.pos:  # every element takes at least one byte
@@ -159,3 +192,10 @@ class _Reader:
                 raise WireError("map keys must be strings, integers or bytes")
             out[key] = self.value(depth + 1)
         return out
+
+
+def _utf8(data: bytes) -> str:
+    try:
+        return data.decode()
+    except UnicodeDecodeError as e:
+        raise WireError("string is not UTF-8") from e

@@ -402,3 +402,28 @@ def test_bench_cli(dummy_bundle: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     for row in ("vlm_ms", "expert_step_ms", "total_ms", "round_trip_ms", "service_overhead_ms"):
         assert row in out.stdout
+
+
+def test_bench_sends_a_state_inside_the_training_range(dummy_bundle: Path) -> None:
+    """What `bench --through-server` times is the served path, not the state guard's warning: it sends a state
+    the daemon's default guard accepts (the random synthetic one is out of the dummy's range), and none
+    where the policy's statistics leave neither the zero pose nor their centre in range."""
+    import dataclasses
+
+    from runtime.bundle.spec import NormStats
+    from runtime.daemon.bench import typical_state
+    from runtime.daemon.state_guard import StateGuard, StateRangeSettings
+
+    bundle = load_bundle(dummy_bundle)
+    spec = bundle.spec
+    guard = StateGuard(spec, StateRangeSettings())
+    synthetic = Observation.synthetic(Engine.from_bundle(bundle, OnnxRuntimeBackend(bundle)).metadata())
+    assert guard.check(synthetic.state) is not None  # why the benchmark does not send it
+    state = typical_state(spec)
+    assert state is not None and state.shape == (spec.state_dim,) and guard.check(state) is None
+
+    # ALOHA's adapter flips joints 1, 2, 8, 9: with a mean 100 standard deviations from zero, neither the zero
+    # pose nor the un-adapted mean lands in range.
+    std = np.full(spec.state_norm.size, 0.01, np.float32)
+    far = dataclasses.replace(spec, state_norm=NormStats(mean=std * 100, std=std), adapt_to_pi_aloha=True)
+    assert typical_state(far) is None

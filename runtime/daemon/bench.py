@@ -11,8 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pi0_client.client import PolicyClient, ServerUnavailableError
 from runtime.bundle.manifest import Bundle
+from runtime.bundle.spec import PolicySpec
+from runtime.daemon.state_guard import StateGuard, StateRangeSettings
 from runtime.daemon.stats import summarize
 from runtime.engine import Engine
 from runtime.errors import ApplianceError
@@ -52,9 +56,11 @@ def bench_server(
     config: Path | None = None,
 ) -> dict[str, dict[str, float]]:
     """Start `pi0-runtime serve` on loopback TCP in a child process (with `config`, that config file),
-    send n requests through PolicyClient once it answers a ping, and report the round trip and the service
-    overhead (round trip minus the engine's own time) per request. The child is stopped with SIGTERM and
-    must exit cleanly."""
+    send n requests through PolicyClient once it answers a ping (random frames, a `typical_state`), and
+    report per request the round trip, the service overhead (round trip minus the engine's own time) and
+    the part of it the server measures itself before the reply is encoded (its `queue_ms`: decoding,
+    validation, the hand-off to the engine's thread, the state guard). The child is stopped with SIGTERM
+    and must exit cleanly."""
     endpoint = free_tcp_endpoint()
     command = [sys.executable, "-m", "runtime.cli", "serve", "--bundle", str(bundle.root), "--backend", backend]
     if config is not None:
@@ -65,7 +71,10 @@ def bench_server(
             with PolicyClient(endpoint, timeout_s=60) as client:
                 _wait_until_serving(client, child, log_file, ready_timeout_s)
                 obs = Observation.synthetic(client.metadata()).to_dict()
-                round_trips, overheads = [], []
+                state = typical_state(bundle.spec)
+                if state is not None:
+                    obs["observation.state"] = state
+                round_trips, overheads, queued = [], [], []
                 for i in range(warmup + n):
                     start = time.perf_counter()
                     result = client.infer(obs)
@@ -73,13 +82,35 @@ def bench_server(
                     if i >= warmup:
                         round_trips.append(elapsed)
                         overheads.append(elapsed - result["timing"]["total_ms"])
+                        queued.append(result["timing"]["queue_ms"])
         finally:
             child.send_signal(signal.SIGTERM)
             code = child.wait(timeout=60)
         if code != 0:
             log_file.seek(0)
             raise BenchError(f"`pi0-runtime serve` exited with {code} on SIGTERM:\n{log_file.read()}")
-    return {"round_trip_ms": summarize(round_trips), "service_overhead_ms": summarize(overheads)}
+    return {
+        "round_trip_ms": summarize(round_trips),
+        "service_overhead_ms": summarize(overheads),
+        "server_queue_ms": summarize(queued),
+    }
+
+
+def typical_state(spec: PolicySpec) -> np.ndarray | None:
+    """A state inside the policy's training range, as a robot in normal operation sends it, so that what
+    is timed is the served path and not the state guard's warning: the zero pose or the statistics' centre
+    (mean, or the quantiles' midpoint; before the robot's adapter), whichever the daemon's default guard accepts first; None when neither
+    is (or the policy has no state statistics), and the synthetic random state is sent."""
+    if spec.state_norm is None:
+        return None
+    guard = StateGuard(spec, StateRangeSettings())
+    first, second = spec.state_norm.arrays
+    centre = first if spec.state_norm.mode == "mean_std" else (first + second) / 2
+    for state in (np.zeros(spec.state_dim), centre[: spec.state_dim]):
+        state = np.asarray(state, np.float32)
+        if guard.check(state) is None:
+            return state
+    return None
 
 
 def _wait_until_serving(client: PolicyClient, child: subprocess.Popen, log_file: Any, timeout_s: float) -> None:
