@@ -2,9 +2,10 @@
 
 LeRobot runs in its own venv (`make lerobot-venv`) through `benchmarks/lerobot_worker.py`, which also
 makes the checkpoint with LeRobot itself (pi0's real widths, vision depth 3, language and expert depth
-2, random weights). We export our bundle from that checkpoint with `pi0-export bundle` (fp32, validated),
-then time requests alternately: LeRobot fp32, ours, LeRobot bf16 (and, for the empty-slot case, ours
-with the slots kept), one at a time on all cores. LeRobot is timed over `select_action` (normalize,
+2, random weights). We export our bundles from that checkpoint with `pi0-export bundle` (fp32, validated;
+int8, validated against the model's bf16 run or refused), then time requests alternately: LeRobot fp32,
+LeRobot bf16, ours fp32 and int8 (and, for the empty-slot case, ours with the slots kept), one at a time on
+all cores. LeRobot is timed over `select_action` (normalize,
 tokenize, resize, sample, unnormalize) on float images; ours over `Engine.infer` (the same, from uint8
 images). Both get the token ids LeRobot's tokenizer made, so the comparison is of the models alone.
 """
@@ -123,13 +124,24 @@ def make_checkpoint(out: Path, dims: Pi0Dims, case: dict, tokenizer: Path, lerob
     return sum(p.numel() for p in model.parameters())
 
 
-def export(checkpoint: Path, out: Path, tokenizer: Path, keep_empty: bool, validate: bool, log) -> None:
+def export(
+    checkpoint: Path, out: Path, tokenizer: Path, keep_empty: bool, validate: bool, log, precision: str = "fp32"
+) -> str | None:
+    """`pi0-export bundle` of the checkpoint -> None, or for an int8 bundle the exporter's one-line reason
+    when it refuses one (its matmuls are chosen by validation, so int8 always validates)."""
     command = [
         str(Path(sys.executable).with_name("pi0-export")), "bundle", "--checkpoint", str(checkpoint),
-        "--out", str(out), "--tokenizer", str(tokenizer), "--precision", "fp32", "--atc", "never",
+        "--out", str(out), "--tokenizer", str(tokenizer), "--precision", precision, "--atc", "never",
     ]  # fmt: skip
+    validate = validate or precision == "int8"
     command += (["--keep-empty-cameras"] if keep_empty else []) + ([] if validate else ["--no-validate"])
-    subprocess.run(command, check=True, stdout=log, stderr=log)
+    done = subprocess.run(command, capture_output=True, text=True)
+    log.write(done.stdout + done.stderr)
+    if done.returncode == 0:
+        return None
+    if precision == "int8" and done.returncode == 2:  # a refusal, said in one line
+        return done.stderr.strip().splitlines()[-1]
+    raise subprocess.CalledProcessError(done.returncode, command, done.stdout, done.stderr)
 
 
 def inputs(cameras: list[str], seed: int) -> dict[str, np.ndarray]:
@@ -147,12 +159,18 @@ def run_case(
     print(f"[side-by-side] {name}: making the checkpoint ...", file=sys.stderr, flush=True)
     checkpoint = tmp / "checkpoint"
     parameters = make_checkpoint(checkpoint, dims, case, tokenizer, lerobot, log)
-    bundles = {"ours": tmp / "bundle"}
+    bundles = {"ours": tmp / "bundle", "ours int8": tmp / "bundle-int8"}
     if case["empty_cameras"]:
         bundles["ours, empty slots kept"] = tmp / "bundle-kept"
-    for label, out in bundles.items():
+    refused = {}
+    for label, out in list(bundles.items()):
         print(f"[side-by-side] {name}: exporting {label} ...", file=sys.stderr, flush=True)
-        export(checkpoint, out, tokenizer, keep_empty=label != "ours", validate=validate, log=log)
+        precision = "int8" if label == "ours int8" else "fp32"
+        keep_empty = label == "ours, empty slots kept"
+        reason = export(checkpoint, out, tokenizer, keep_empty, validate, log, precision)
+        if reason is not None:
+            refused[label] = reason
+            del bundles[label]
 
     workers, loaded = {}, {}
     for precision in ("fp32", "bf16") if lerobot else ():
@@ -215,6 +233,7 @@ def run_case(
             for label, s in seconds.items()
         },
         "n": n,
+        "refused": refused,
     }
     if lerobot:
         reference = actions["LeRobot fp32"]
@@ -224,6 +243,7 @@ def run_case(
             "threads": loaded["fp32"]["threads"],
             "speedup_vs_lerobot_fp32": {label: medians["LeRobot fp32"] / m for label, m in medians.items()},
             "max_abs_vs_lerobot_fp32": {label: float(np.abs(a - reference).max()) for label, a in actions.items()},
+            "speedup_vs_lerobot_bf16": {label: medians["LeRobot bf16"] / m for label, m in medians.items()},
         }
     return result
 
@@ -262,13 +282,15 @@ def sections(sbs: dict) -> list[str]:
         "LeRobot 0.3.3's `PI0Policy` makes a checkpoint at pi0's real widths with vision depth "
         f"{depth['vision']}, language and expert depth {depth['language']} (random weights; chunk 50, 10 steps, "
         "14-dim state, 480x640 cameras); `pi0-export bundle` exports our fp32 bundle from that very checkpoint. "
-        "Then, one request at a time on all cores, alternating: LeRobot fp32 (`select_action`), ours "
-        "(`Engine.infer`, onnxruntime CPU), LeRobot bf16 (as shipped), same images, state, prompt tokens and "
-        "noise. LeRobot runs in its own venv (`make lerobot-venv`: lerobot 0.3.3 with --no-deps, transformers "
+        "So is our int8 bundle (`--precision int8`: validated against the model's own bf16 run, or refused with "
+        "its reason). Then, one request at a time on all cores, alternating: LeRobot fp32 (`select_action`), "
+        "LeRobot bf16 (as shipped), ours fp32 and int8 (`Engine.infer`, onnxruntime CPU), same images, state, "
+        "prompt tokens and noise. LeRobot runs in its own venv (`make lerobot-venv`: lerobot 0.3.3 with --no-deps, transformers "
         "4.55.4; torchvision forces torch 2.14.1 there), its tokenizer read from a local file (no network), and "
         "for fp32 its hard-coded bfloat16 casts mapped to float32 (`benchmarks/lerobot_worker.py` says how). "
         "Max abs is over the whole de-normalized chunk against LeRobot fp32. Targets: ours >= 1.3x LeRobot fp32 "
-        "with 2 cameras; >= 2.5x with 1 camera + 2 empty slots, actions within 1e-4.",
+        "with 2 cameras; >= 2.5x with 1 camera + 2 empty slots, actions within 1e-4; ours int8 >= 1.3x LeRobot "
+        "bf16 as shipped with 2 cameras.",
     ]
     if "skipped" in sbs:
         sections.append(f"**{LEROBOT} skipped**: {sbs['skipped'][LEROBOT]}; ours alone, on a checkpoint we wrote.")
@@ -279,17 +301,23 @@ def sections(sbs: dict) -> list[str]:
             else ""
         )
         speedup, max_abs = case.get("speedup_vs_lerobot_fp32", {}), case.get("max_abs_vs_lerobot_fp32", {})
+        versus_bf16 = case.get("speedup_vs_lerobot_bf16", {})
+        refused = "".join(
+            f"\n\n{label} **refused** by the exporter: {why}" for label, why in case.get("refused", {}).items()
+        )
         sections.append(
             f"**{name}** ({case['parameters'] / 1e6:,.0f} M parameters{lerobot}, "
             f"{case['n']} timed rounds after one warm-up; prefix tokens: "
             + ", ".join(f"{label} {tokens}" for label, tokens in case["prefix_tokens"].items())
-            + ")\n\n| implementation | p50 ms | min ms | max ms | speed-up vs LeRobot fp32 | max abs vs LeRobot fp32 |"
-            "\n|---|---|---|---|---|---|\n"
+            + ")\n\n| implementation | p50 ms | min ms | max ms | speed-up vs LeRobot fp32 | vs LeRobot bf16 "
+            "| max abs vs LeRobot fp32 |\n|---|---|---|---|---|---|---|\n"
             + "\n".join(
                 f"| {label} | {ms['p50']:.0f} | {ms['min']:.0f} | {ms['max']:.0f} "
-                f"| {_figure(speedup, label, '.2f', 'x')} | {_figure(max_abs, label, '.2g')} |"
+                f"| {_figure(speedup, label, '.2f', 'x')} | {_figure(versus_bf16, label, '.2f', 'x')} "
+                f"| {_figure(max_abs, label, '.2g')} |"
                 for label, ms in case["ms"].items()
             )
+            + refused
         )
     return sections
 
@@ -303,6 +331,7 @@ def targets(sbs: dict) -> list[tuple[str, str, str]]:
     wanted = {
         "ours / LeRobot fp32, same weights, 2 cameras": ">= 1.3x",
         "ours / LeRobot fp32, 1 camera + 2 empty slots; max abs diff": ">= 2.5x; <= 1e-4",
+        "ours int8 / LeRobot bf16 as shipped, same weights, 2 cameras; max abs of each vs LeRobot fp32": ">= 1.3x",
     }
     if "skipped" in sbs:
         return [(target, want, f"not measured: {sbs['skipped'][LEROBOT]}") for target, want in wanted.items()]
@@ -310,8 +339,24 @@ def targets(sbs: dict) -> list[tuple[str, str, str]]:
     measured = [
         f"{two['speedup_vs_lerobot_fp32']['ours']:.2f}x",
         f"{empty['speedup_vs_lerobot_fp32']['ours']:.2f}x; {empty['max_abs_vs_lerobot_fp32']['ours']:.1g}",
+        int8_figure(two),
     ]
     return [(target, want, m) for (target, want), m in zip(wanted.items(), measured, strict=True)]
+
+
+def int8_figure(case: dict) -> str:
+    """Ours int8 against LeRobot bf16 with each one's error, or the exporter's refusal."""
+    if "ours int8" in case.get("refused", {}):
+        return f"**not measured: the int8 bundle was refused** ({case['refused']['ours int8']})"
+    if "speedup_vs_lerobot_bf16" not in case:  # a result from before the int8 row
+        return "not measured"
+    ratio = case["speedup_vs_lerobot_bf16"]["ours int8"]
+    errors = case["max_abs_vs_lerobot_fp32"]
+    verdict = "" if ratio >= 1.3 else ": **missed**"
+    return (
+        f"{ratio:.2f}x{verdict} (max abs: ours int8 {errors['ours int8']:.2g}, "
+        f"LeRobot bf16 {errors['LeRobot bf16']:.2g})"
+    )
 
 
 if __name__ == "__main__":

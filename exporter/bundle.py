@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from exporter import atc
+from exporter import atc, int8
 from exporter.checkpoint import LoadedPolicy
 from exporter.errors import ExportError
 from exporter.lora import lora_forward
@@ -39,6 +39,7 @@ from exporter.validate import (
     format_report,
     guided_reference,
     reference,
+    thresholds,
     validate,
     yardstick_bytes,
     yardsticks,
@@ -248,6 +249,11 @@ def atc_plan(options: BundleOptions) -> tuple[bool, str | None]:
         )
     if not use_atc:
         return False, soc
+    if options.precision == int8.INT8:
+        raise int8.Int8Error(
+            "an int8 bundle is for the CPU (onnxruntime) backend only: ATC does not compile onnxruntime's int8 "
+            "operators (the 310P's int8 path is CANN's AMCT); use --atc never, or --precision fp16 for the 310P"
+        )
     if not on_path:
         raise atc.AtcError("atc is not on PATH (source CANN's set_env.sh, or use --atc auto|never)")
     if soc is None:
@@ -315,6 +321,9 @@ def build_bundle(
     """
     out = check_out(out)
     use_atc, soc = atc_plan(options)
+    in_int8 = options.precision == int8.INT8
+    if in_int8 and not options.validate:
+        raise int8.Int8Error("an int8 bundle's matmuls are chosen by validation: --no-validate cannot make one")
     guidance = guidance_plan(policy, options)
     given_prompts = options.prompts
     options = with_conditioned_prompts(options, guidance)
@@ -329,11 +338,11 @@ def build_bundle(
     )
     model = policy.model
 
-    log("[1/5] the float32 reference, calibrating fp16 ranges ...")
+    log(f"[1/5] the float32 reference, calibrating {'int8' if in_int8 else 'fp16'} ranges ...")
     x = example_inputs(full_spec, model, options.seed, real_tokens=min(spec.tokenizer_max_length, 7))
     inputs = ModelInputs(x["images"], x["image_masks"], x["tokens"], x["token_mask"], x["state"])
     # The reference is the model as the checkpoint defines it, empty camera slots included.
-    with RangeRecorder(model) as recorder:
+    with (int8.Int8Recorder if in_int8 else RangeRecorder)(model) as recorder:
         ref = reference(model, inputs, x["noise"], full_spec.num_steps)
         # guidance's unconditioned branch too (its own prompt, or the learned condition's other row)
         guided_ref = guided_reference(model, ref, guidance.kind) if guidance is not None else None
@@ -342,12 +351,15 @@ def build_bundle(
     if not options.fp16_scaling:
         scaled = {}
     calibration = calibration_report(recorder.ranges, scaled, 1 + len(options.calibration), full_spec.num_steps)
+    int8_plan = int8.plan(model, recorder) if in_int8 else None
     log(
         f"      largest matmul magnitude {calibration['largest']:.3g} (fp16 max 65504); "
         + (
             f"{len(scaled)} of {len(recorder.ranges)} matmuls scaled by powers of two "
             f"({100 * calibration['scaled_flops_share']:.2f}% of {calibration['matmul_gflops_per_inference']:.3g} GFLOPs)"
             if options.precision == "fp16"
+            else f"int8: {len(int8_plan.candidates)} candidate matmuls, {len(int8_plan.fp32)} kept fp32 by rule or range"
+            if int8_plan is not None
             else "fp32 export: nothing to scale"
         )
     )
@@ -381,7 +393,7 @@ def build_bundle(
     graphs = "vlm, expert" + (", vlm_guided" if guidance and guidance.kind == PROMPT_CONDITION else "")
     graphs += f", expert_guided: guidance, default beta {guidance.default_scale:g}" if guidance else ""
     log(f"[2/5] exporting the graphs ({graphs}; {options.precision}, opset {OPSET}) ...")
-    to_precision_(model, options.precision, scaled)
+    to_precision_(model, "fp32" if in_int8 else options.precision, scaled)  # int8: quantized once exported
     files = export_graphs(model, spec, work, options.seed, guidance.kind if guidance else None)
     for name, paths in files.items():
         problems = lint(paths[0])
@@ -396,6 +408,7 @@ def build_bundle(
         name: atc.atc_command(paths[0].name, f"om/{name}", soc or "", len(paths) > 1) for name, paths in files.items()
     }
     dims = model.dims
+    digests = int8.weight_digests(model) if in_int8 else {}
     policy.model = model = None  # the graphs are written; the reference outputs are all validation needs
     manifest = Manifest(
         source=policy.source,
@@ -405,7 +418,7 @@ def build_bundle(
         prompt=_prompt_section(spec, options, work, _config_prompt(policy), log, given_prompts),
         robot=policy.robot,
         guidance=guidance,
-        compiled={OM: CompiledTarget(device=soc or "")},  # "": atc.sh reads it where it runs
+        compiled={} if in_int8 else {OM: CompiledTarget(device=soc or "")},  # "": atc.sh reads it where it runs
         graphs={name: _graph_entry(paths) for name, paths in files.items()},
         exporter={
             "version": EXPORTER_VERSION,
@@ -418,6 +431,11 @@ def build_bundle(
         checkpoint_token_budget=full_spec.tokenizer_max_length,
     )
     _write_manifest(work, manifest)
+    if int8_plan is not None:
+        limits = {graph: thresholds(int8.INT8, marks, graph) for graph in (*int8.SEARCHED, "end_to_end")}
+        int8_section = int8.quantize_bundle(work, files, int8_plan, digests, ref, spec, limits, log)
+        int8_section["int8_flops_share"] = int8.flops_share(int8_section, calibration, full_spec.num_steps)
+        log(f"      int8: {100 * int8_section['int8_flops_share']:.1f}% of the matmul FLOPs, ops {int8_section['ops']}")
 
     if options.validate:
         log("[3/5] validating the graphs with onnxruntime against PyTorch ...")
@@ -427,12 +445,18 @@ def build_bundle(
         report["calibration"] = calibration
         if skipped:
             report["yardsticks_skipped"] = skipped
+        if int8_plan is not None:
+            report["int8"] = int8_section
+            if report["passed"]:
+                int8_section["served"] = int8.served_chunk(work, options.seed)
         (work / "report.json").write_text(json.dumps(report, indent=2))
         manifest.validation = "report.json"
         log(format_report(report))
         if not report["passed"]:
             failed = _keep_failed(work, manifest, out)
-            raise BundleBuildError(f"validation failed; the bundle is kept for inspection in {failed}")
+            raise BundleBuildError(
+                f"validation failed ({'; '.join(report['failures'])}); the bundle is kept for inspection in {failed}"
+            )
     else:
         (work / "report.json").write_text(json.dumps({"passed": None, "calibration": calibration}, indent=2))
         log("[3/5] validation skipped (--no-validate)")
@@ -443,6 +467,8 @@ def build_bundle(
         oms = atc.compile_graphs(work, commands, log)
         manifest.compiled[OM].files = {name: c.om.relative_to(work).as_posix() for name, c in oms.items()}
         _record_placement(work, oms, options, out, manifest, log)
+    elif in_int8:
+        log("[4/5] no atc: an int8 bundle is for the CPU (onnxruntime) backend only")
     else:
         script = atc.write_script(work, commands, soc, fp32=options.precision == "fp32")
         manifest.compiled[OM].script = script.name

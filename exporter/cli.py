@@ -181,10 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bundle.add_argument(
         "--precision",
-        choices=["fp32", "fp16"],
+        choices=["fp32", "fp16", "int8"],
         default="fp32",
         help="weights' precision in the graphs: fp16 for the 310P (every matmul fp16, power-of-two scaled where "
-        "calibration finds it near fp16's range; norms, softmax, RoPE, residuals fp32); default fp32",
+        "calibration finds it near fp16's range; norms, softmax, RoPE, residuals fp32); int8 for CPUs only "
+        "(onnxruntime; no atc, refused by the ACL backend): weight matmuls int8 (weights per output channel, "
+        "activations scaled per call), except what stays fp32: attention products, the first and last "
+        "projections, matmuls whose calibrated input or weight ranges hold outliers, and those beyond the bf16 "
+        "run's error, measured per graph (report.json lists each and why); default fp32",
     )
     bundle.add_argument(
         "--calibration",
@@ -192,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="OBS.npz",
         help="observations (the request's field names, as `pi0-runtime infer --obs` takes) to calibrate fp16 "
-        "ranges on, beside the validation inputs: frames from your robot. Matmuls whose inputs or outputs "
-        "reach 2^13 compute on operands scaled by 2^-k (report.json lists them and k)",
+        "and int8 ranges on, beside the validation inputs: frames from your robot. fp16: matmuls whose inputs "
+        "or outputs reach 2^13 compute on operands scaled by 2^-k (report.json lists them and k); int8: matmuls "
+        "whose ranges would make int8 rounding too coarse stay fp32",
     )
     bundle.add_argument(
         "--num-steps", type=int, metavar="N", help="flow-matching steps (default: the checkpoint's, usually 10)"

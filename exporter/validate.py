@@ -11,10 +11,12 @@ PyTorch model in float64 against float32) and its error in bfloat16, the precisi
 is served in upstream. Absolute thresholds that a tiny fixture passes say nothing at real widths, so
 the criteria are relative (end to end, and against the unmerged LoRA forward where there is one):
 - fp32: max abs <= max(1e-4, FLOOR_MULTIPLE x the floor's max abs);
-- fp16: cosine >= 0.999, and max abs and mean abs no worse than the model's own bf16 run.
+- fp16: cosine >= 0.999, and max abs and mean abs no worse than the model's own bf16 run;
+- int8: fp16's, per graph as well (the VLM's keys and values, the expert's velocity: each no worse than
+  bf16's own), since int8 is chosen matmul by matmul per graph (`exporter/int8.py`).
 The float64 run needs a float64 copy of the weights for a moment (twice the float32 model: 26 GB for
 the full pi0); where the memory is not there the yardsticks are skipped, the report says so, and the
-absolute criteria apply (fp32 max abs <= 1e-4; fp16 cosine >= 0.999 and mean abs <= 1e-2).
+absolute criteria apply (fp32 max abs <= 1e-4; fp16 and int8 cosine >= 0.999 and mean abs <= 1e-2).
 The reference always runs the model as the checkpoint defines it; graphs that leave out the
 always-empty camera slots are fed the same inputs without them.
 """
@@ -41,7 +43,12 @@ FP32_MAX_ABS = 1e-4  # where the floor is tiny (the fixtures)
 FLOOR_MULTIPLE = 10.0  # onnxruntime's accumulation order against PyTorch's: a few floors apart
 FP16_COSINE = 0.999
 # Against another implementation's output where no yardstick of the model ran (open-loop parity):
-ABSOLUTE = {"fp32": {"max_abs": FP32_MAX_ABS}, "fp16": {"cosine": FP16_COSINE, "mean_abs": 1e-2}}
+ABSOLUTE = {
+    "fp32": {"max_abs": FP32_MAX_ABS},
+    "fp16": {"cosine": FP16_COSINE, "mean_abs": 1e-2},
+    "int8": {"cosine": FP16_COSINE, "mean_abs": 1e-2},
+}
+PER_GRAPH = {"int8": ("vlm", "expert")}  # precisions judged per graph too, and which graphs
 
 
 def compare(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
@@ -139,14 +146,16 @@ def yardstick_bytes(model: Pi0) -> int:
     return sum(p.numel() for p in model.parameters()) * 8
 
 
-def thresholds(precision: str, marks: dict[str, dict[str, dict[str, float]]] | None) -> dict[str, float]:
-    """The end-to-end criteria for `precision`, from the model's own yardsticks (see the module doc);
-    without them (not measured: no memory for a float64 copy of the model), the absolute ones."""
+def thresholds(
+    precision: str, marks: dict[str, dict[str, dict[str, float]]] | None, graph: str = "end_to_end"
+) -> dict[str, float]:
+    """The criteria for `precision` on `graph` (end to end by default), from the model's own yardsticks (see
+    the module doc); without them (not measured: no memory for a float64 copy of the model), the absolute ones."""
     if not marks:
         return dict(ABSOLUTE[precision])
     if precision == "fp32":
-        return {"max_abs": max(FP32_MAX_ABS, FLOOR_MULTIPLE * marks["floor_fp64"]["end_to_end"]["max_abs"])}
-    bf16 = marks["bf16"]["end_to_end"]
+        return {"max_abs": max(FP32_MAX_ABS, FLOOR_MULTIPLE * marks["floor_fp64"][graph]["max_abs"])}
+    bf16 = marks["bf16"][graph]
     return {"cosine": FP16_COSINE, "max_abs": bf16["max_abs"], "mean_abs": bf16["mean_abs"]}
 
 
@@ -178,6 +187,40 @@ def graph_inputs(ref: Reference, spec: PolicySpec) -> tuple[ModelInputs, np.ndar
     return inputs, np.concatenate([np.arange(slots * per_image), language])
 
 
+def failures(name: str, result: dict[str, float], limits: dict[str, float]) -> list[str]:
+    """Each of `limits` that `result` misses, in words ("vlm max_abs 0.02 > 0.01"); cosine is a floor."""
+    return [
+        f"{name} {metric} {result[metric]:.3g} {'<' if metric == 'cosine' else '>'} {limit:.3g}".strip()
+        for metric, limit in limits.items()
+        if not (result[metric] >= limit if metric == "cosine" else result[metric] <= limit)
+    ]
+
+
+def graph_results(backend: OnnxRuntimeBackend, ref: Reference, spec: PolicySpec) -> dict[str, dict[str, float]]:
+    """Each graph's own error: the VLM's keys and values (at the valid positions of the prefix positions the
+    graphs keep: what a masked token holds is never read), one expert velocity fed the reference cache."""
+    inputs, kept = graph_inputs(ref, spec)
+    ref_keys, ref_values = ref.prefix_keys[:, :, kept], ref.prefix_values[:, :, kept]
+    cache = backend.prefix(inputs)
+    got = backend.cache_to_numpy(cache)
+    got_keys, got_values, got_mask = (got[name] for name in PREFIX_CACHE)
+    valid = np.asarray(got_mask, dtype=bool).reshape(-1)
+    ref_cache = backend.prefix_from_numpy(ref_keys, ref_values, got_mask)
+    velocity = backend.velocity(ref_cache, inputs.state, ref.noise, np.ones(1, np.float32))
+    return {
+        "vlm": compare(
+            np.concatenate([got_keys, got_values])[:, :, valid],
+            np.concatenate([ref_keys, ref_values])[:, :, valid],
+        ),
+        "expert": compare(velocity, ref.velocity),
+    }
+
+
+def end_to_end(backend: OnnxRuntimeBackend, ref: Reference, spec: PolicySpec) -> np.ndarray:
+    """The whole sampler on the reference's inputs and noise: the VLM graph once, the expert num_steps times."""
+    return sample(backend, graph_inputs(ref, spec)[0], ref.noise, ref.num_steps)
+
+
 def validate(
     backend: OnnxRuntimeBackend,
     ref: Reference,
@@ -193,27 +236,14 @@ def validate(
     (merged weights) must match too, so that every export proves its merge. `guided_ref`: guidance as its
     definition reads, which the guided graphs (both branches batched) must match; its criteria are the
     absolute ones (the yardsticks measure the unguided chunk)."""
-    inputs, kept = graph_inputs(ref, spec)
-    ref_keys, ref_values = ref.prefix_keys[:, :, kept], ref.prefix_values[:, :, kept]
-    cache = backend.prefix(inputs)
-    got = backend.cache_to_numpy(cache)
-    got_keys, got_values, got_mask = (got[name] for name in PREFIX_CACHE)
-    valid = np.asarray(got_mask, dtype=bool).reshape(-1)
-    ref_cache = backend.prefix_from_numpy(ref_keys, ref_values, got_mask)
-    velocity = backend.velocity(ref_cache, inputs.state, ref.noise, np.ones(1, np.float32))
-    actions = sample(backend, inputs, ref.noise, ref.num_steps)
-    results = {
-        "vlm": compare(  # at the valid positions: what a masked token holds is never read
-            np.concatenate([got_keys, got_values])[:, :, valid],
-            np.concatenate([ref_keys, ref_values])[:, :, valid],
-        ),
-        "expert": compare(velocity, ref.velocity),
-        "end_to_end": compare(actions, ref.actions),
-    }
+    results = graph_results(backend, ref, spec)
+    actions = end_to_end(backend, ref, spec)
+    results["end_to_end"] = compare(actions, ref.actions)
     if lora_ref is not None:
         results["vs_lora_forward"] = compare(actions, lora_ref.actions)
     limits = thresholds(precision, marks)
     checked = {"end_to_end": limits, "vs_lora_forward": limits}
+    checked |= {graph: thresholds(precision, marks, graph) for graph in PER_GRAPH.get(precision, ())}
     if guided_ref is not None:
         g = as_graphs_take(guided_ref.inputs, spec)
         cache = backend.prefix(g, VLM_GUIDED if len(g.tokens) == 2 else VLM)
@@ -221,23 +251,20 @@ def validate(
         cache.release()
         results[f"guided_beta{VALIDATION_SCALE:g}"] = compare(guided, guided_ref.actions)
         checked[f"guided_beta{VALIDATION_SCALE:g}"] = thresholds(precision, None)
-    failures = [
-        f"{name} {metric} {r[metric]:.3g} {'<' if metric == 'cosine' else '>'} {limit:.3g}"
-        for name, r in results.items()
-        if name in checked
-        for metric, limit in checked[name].items()
-        if not (r[metric] >= limit if metric == "cosine" else r[metric] <= limit)
-    ]
+    missed = [f for name, r in results.items() if name in checked for f in failures(name, r, checked[name])]
+    per_graph = {graph: checked[graph] for graph in PER_GRAPH.get(precision, ())}
     return {
         "precision": precision,
         "num_steps": ref.num_steps,
         "space": "normalized actions (before de-normalization)",
         "thresholds": limits,
-        "criteria": "fp32: max abs <= max(1e-4, 10 x floor); fp16: cosine >= 0.999, max and mean abs <= bf16's",
+        **({"graph_thresholds": per_graph} if per_graph else {}),
+        "criteria": "fp32: max abs <= max(1e-4, 10 x floor); fp16: cosine >= 0.999, max and mean abs <= bf16's; "
+        "int8: fp16's, end to end and per graph (vlm, expert: each against bf16's own)",
         "results": results,
         "yardsticks": marks or {},
-        "passed": not failures,
-        "failures": failures,
+        "passed": not missed,
+        "failures": missed,
     }
 
 

@@ -309,7 +309,14 @@ class AclPrefixCache:
         self._finalizer()
 
 
-def refuse_fp32(bundle: Bundle, options: BackendOptions) -> None:
+def refuse_precision(bundle: Bundle, options: BackendOptions) -> None:
+    """int8 bundles always (onnxruntime's int8 operators; the 310P's int8 path is CANN's AMCT, not these
+    graphs), fp32 ones unless `allow_ai_cpu`."""
+    if bundle.precision == "int8":
+        raise AclError(
+            "this bundle is int8, for the CPU (onnxruntime) backend only: its int8 operators are onnxruntime's, "
+            "not the 310P's; serve it with --backend onnxruntime, or export --precision fp16 for the 310P"
+        )
     if bundle.precision == "fp32" and not options.allow_ai_cpu:
         raise AclError(
             "this bundle is fp32: on the 310P every matmul would run on the AI CPU (its Cube has no float32), "
@@ -326,7 +333,7 @@ class AclBackend:
 
     def __init__(self, bundle: Bundle, options: BackendOptions | None = None) -> None:
         options = options or BackendOptions()
-        refuse_fp32(bundle, options)
+        refuse_precision(bundle, options)
         om = bundle.artefact(OM)
         if om is None:
             raise AclError("the acl backend needs OM files: this bundle was not compiled with atc")

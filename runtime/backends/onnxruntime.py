@@ -9,7 +9,9 @@ are bound by the names and order the manifest lists for each graph.
 from __future__ import annotations
 
 import importlib
+import platform
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -36,6 +38,35 @@ class PrefixCache:
         self.values, self.bindings, self.live = {}, {}, False
 
 
+# x86 CPU flags with which onnxruntime's int8 GEMMs add u8 x s8 products in 32 bits (VNNI, AMX). Without
+# them (SSE4.1, AVX2, AVX-512 without VNNI) it pairs the products in 16 bits, which saturate: onnxruntime's own
+# "x86/64 U8S8 Gemm Precision Fix" (#12088) says so. An int8 bundle is validated on the exporting machine.
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def x86_without_int8_dot(cpuinfo: str | None = None) -> bool:
+    """Whether this is an x86 CPU whose flags (/proc/cpuinfo) have none of `INT8_DOT_FLAGS`; False elsewhere
+    (other architectures, or no /proc/cpuinfo to read)."""
+    if cpuinfo is None:
+        if platform.machine().lower() not in ("x86_64", "amd64", "i686"):
+            return False
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    return flags is not None and not any(flag in flags for flag in INT8_DOT_FLAGS)
+
+
+def refuse_int8_without_int8_dot(bundle: Bundle) -> None:
+    if bundle.precision == "int8" and x86_without_int8_dot():
+        raise BundleError(
+            "this bundle is int8, validated where the CPU adds int8 products in 32 bits (VNNI or AMX); this CPU "
+            f"has none of {', '.join(INT8_DOT_FLAGS)}, where onnxruntime's int8 GEMMs can saturate and the actions "
+            "would differ from the validated ones: serve the policy's fp32 bundle on this machine"
+        )
+
+
 def _ort() -> Any:
     return importlib.import_module("onnxruntime")  # here, not at import: reading `capabilities` needs no onnxruntime
 
@@ -49,6 +80,7 @@ class OnnxRuntimeBackend:
     def __init__(
         self, bundle: Bundle, options: BackendOptions | None = None, providers: list[str] | None = None
     ) -> None:
+        refuse_int8_without_int8_dot(bundle)
         ort = self.ort = _ort()
         options = options or BackendOptions()
         session_options = ort.SessionOptions()

@@ -103,7 +103,7 @@ class Manifest:
     """`manifest.json`, typed: written by the exporter, read by the runtime."""
 
     source: str  # "lerobot", "openpi" or "preset:<name>"
-    precision: str  # "fp32" or "fp16"
+    precision: str  # "fp32", "fp16" or "int8" (onnxruntime only: no OM, refused by the ACL backend)
     model: dict[str, Any]  # the network's dimensions (exporter.dims.Pi0Dims as a dict)
     policy: PolicySpec  # what the graphs take
     prompt: PromptSection
