@@ -7,10 +7,11 @@ expert 2, 2 cameras; `benchmarks/lerobot_worker.py`, as the side-by-side benchma
 not what a trained pi0 looks like, so the weights are set to a realistic scale (`realistic_`) and the
 checkpoint written back in LeRobot's format; a second copy is made deliberately hot (`hot_`: massive
 activations of the kind documented for Gemma/LLaMA-class models, in a projector channel and in the
-residual stream after the first MLP). Each is exported by `pi0-export bundle` in fp32 and fp16 in a fresh
-process, as a user runs it; the figures are its report.json's. Then, on this CPU, the engine's latency
-on each bundle, and on the same model's fp16 bundle built without the scales (which for the hot model
-fails validation: it is timed only to price the scaling, a few elementwise multiplies per scaled op).
+residual stream after the first MLP). Each is exported by `pi0-export bundle` in fp32, fp16 and int8 (the
+CPU's, validated against the model's bf16 run or refused) in a fresh process, as a user runs it; the
+figures are its report.json's. Then, on this CPU, the engine's latency on each bundle, and on the same
+model's fp16 bundle built without the scales (which for the hot model fails validation: it is timed only to
+price the scaling, a few elementwise multiplies per scaled op).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from runtime.engine import Engine, EngineError
 from runtime.pipeline.observation import Observation
 
 CASE = {"cameras": ["top", "wrist"], "empty_cameras": 0}
+PRECISIONS = ("fp32", "fp16", "int8")  # int8: the CPU backend's (exporter/int8.py)
 MODELS = ("realistic", "hot")
 # --smoke: the tiny model, hot only (it has scaled ops: every step of the run has something to do), one request.
 SMOKE = {"n": 1, "models": ("hot",), "dims": PRESETS["pi0-dummy"], "require_lerobot": False}
@@ -83,7 +85,13 @@ def make_checkpoints(
     tmp: Path, tokenizer: Path, models: tuple[str, ...], dims: Pi0Dims, lerobot: bool
 ) -> dict[str, Path]:
     made = tmp / "lerobot"
-    make_checkpoint(made, dims, CASE, tokenizer, lerobot, sys.stderr)
+    with tempfile.TemporaryFile("w+") as log:  # the LeRobot worker's stderr (a real file: it is a child's)
+        try:
+            make_checkpoint(made, dims, CASE, tokenizer, lerobot, log)
+        except Exception:
+            log.seek(0)
+            print(log.read()[-5000:], file=sys.stderr)
+            raise
     out = {}
     for label in models:
         policy = load_checkpoint(made)
@@ -103,8 +111,14 @@ def export(checkpoint: Path, out: Path, precision: str, tokenizer: Path) -> dict
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     bundle = out if result.returncode == 0 else out.with_name(out.name + ".failed")
+    exported = {"exit": result.returncode, "seconds": seconds, "bundle": str(bundle)}
+    if not (bundle / "report.json").exists():  # refused before validation (int8: no matmul holds)
+        return exported | {"refused": result.stderr.strip().splitlines()[-1]}
     report = json.loads((bundle / "report.json").read_text())
-    return {"exit": result.returncode, "seconds": seconds, "report": report, "bundle": str(bundle)}
+    report["calibration"].pop("ops")  # hundreds of rows; the bundle keeps them
+    if "int8" in report:  # what the search tried and every fp32 matmul: in the bundle's report
+        report["int8"] = {k: report["int8"][k] for k in ("int8", "int8_flops_share", "ops")}
+    return exported | {"report": report}
 
 
 def latency_ms(bundle: Path, n: int) -> float:
@@ -150,7 +164,7 @@ def run(
         checkpoints = make_checkpoints(tmp, tokenizer, models, dims, lerobot=missing is None)
         for label, checkpoint in checkpoints.items():
             case: dict = {}
-            for precision in ("fp32", "fp16"):
+            for precision in PRECISIONS:
                 print(f"[fp16_islands] {label} {precision}: export ...", file=sys.stderr, flush=True)
                 exported = export(checkpoint, tmp / f"{label}-{precision}", precision, tokenizer)
                 if exported["exit"] == 0:
@@ -161,8 +175,6 @@ def run(
             options = BundleOptions(precision="fp16", tokenizer=tokenizer, atc_mode="never", validate=False, fp16_scaling=False)  # fmt: skip
             build_bundle(load_checkpoint(checkpoint), plain, options, log=lambda _: None)
             case["fp16_without_scaling_latency_ms"] = latency_ms(plain, n)
-            for exported in (case["fp32"], case["fp16"]):
-                exported["report"]["calibration"].pop("ops")  # hundreds of rows; the bundle keeps them
             results["cases"][label] = case
     return results
 
@@ -179,12 +191,21 @@ def _scaled(calibration: dict) -> str:
     return ", ".join(f"{op} (k {k})" for op, k in calibration["scaled"].items()) or "none"
 
 
+def _scaled_or_int8(report: dict) -> str:
+    """fp16: the matmuls scaled (their FLOPs share); int8: the int8 matmuls per graph (their FLOPs share)."""
+    if "int8" in report:
+        counts = ", ".join(f"{graph} {len(modules)}" for graph, modules in report["int8"]["int8"].items())
+        return f"int8: {counts} ({100 * report['int8']['int8_flops_share']:.1f}%)"
+    calibration = report["calibration"]
+    return f"{len(calibration['scaled'])} ({100 * calibration['scaled_flops_share']:.2f}%)"
+
+
 def _e2e(exported: dict) -> dict:
     return exported["report"]["results"]["end_to_end"]
 
 
 HEADERS = [
-    "model", "bundle", "largest", "scaled 2^-k (FLOPs)", "error max abs / cosine", "floor", "bf16", "criteria",
+    "model", "bundle", "largest", "scaled 2^-k or int8 (FLOPs)", "error max abs / cosine", "floor", "bf16", "criteria",
     "verdict", "export s", "CPU ms",
 ]  # fmt: skip
 
@@ -192,14 +213,21 @@ HEADERS = [
 def sections(result: dict) -> list[str]:
     rows = []
     for label, case in result["cases"].items():
-        for precision in ("fp32", "fp16"):
-            exported = case[precision]
+        for precision in PRECISIONS:
+            exported = case.get(precision)
+            if exported is None:  # a result from before int8
+                continue
+            if "refused" in exported:
+                rows.append(
+                    [label, precision, *["-"] * 6, f"refused: {exported['refused']}", f"{exported['seconds']:.0f}", "-"]
+                )
+                continue
             report, e2e = exported["report"], _e2e(exported)
             marks = report["yardsticks"]
             calibration = report["calibration"]
             rows.append([
                 label, precision, f"{calibration['largest']:.3g}",
-                f"{len(calibration['scaled'])} ({100 * calibration['scaled_flops_share']:.2f}%)",
+                _scaled_or_int8(report),
                 f"{e2e['max_abs']:.3g} / {e2e['cosine']:.7f}",
                 f"{marks['floor_fp64']['end_to_end']['max_abs']:.3g}", f"{marks['bf16']['end_to_end']['max_abs']:.3g}",
                 ", ".join(f"{k} {v:.3g}" for k, v in report["thresholds"].items()),
@@ -226,7 +254,7 @@ def sections(result: dict) -> list[str]:
         "channel after the first MLP reach ~1e5, massive activations of the kind documented for Gemma/LLaMA-class "
         "models). Each exported by `pi0-export bundle` in a fresh process. Largest: the largest magnitude any tower "
         "matmul saw (input, output or weight). Scaled: matmuls computed on operands scaled by 2^-k (fp16, exact) "
-        "and their share of the matmul FLOPs. "
+        "and their share of the matmul FLOPs; for int8, the int8 matmuls per graph and their share. "
         "Error: end to end against the float32 reference (normalized actions). Floor: the model in float64 against "
         "float32; bf16: the model with bf16 towers against float32 (report.json's yardsticks). Criteria as "
         "docs/bundle.md states them. Latency: `Engine.infer` on onnxruntime on this CPU, median of 3.",
@@ -251,7 +279,26 @@ def targets(result: dict) -> list[tuple[str, str, str]]:
         for label, case in result["cases"].items()
         for p in ("fp32", "fp16")
     ]
-    return [("real-width LeRobot pi0, realistic and hot, fp32 and fp16 bundles", "all pass", "; ".join(verdicts))]
+    rows = [("real-width LeRobot pi0, realistic and hot, fp32 and fp16 bundles", "all pass", "; ".join(verdicts))]
+    int8 = [(label, case["int8"]) for label, case in result["cases"].items() if "int8" in case]
+    if int8:
+        rows.append((
+            "the same in int8 (CPU): validated against bf16's error, or refused with the reason",
+            "validated or refused",
+            "; ".join(f"{label}: {_int8_verdict(exported)}" for label, exported in int8),
+        ))  # fmt: skip
+    return rows
+
+
+def _int8_verdict(exported: dict) -> str:
+    if "refused" in exported:
+        return f"refused ({exported['refused']})"
+    report = exported["report"]
+    if not report["passed"]:
+        return f"refused by validation ({'; '.join(report['failures'])})"
+    return (
+        f"validated, {100 * report['int8']['int8_flops_share']:.1f}% of the FLOPs int8, {exported['latency_ms']:.0f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -217,6 +217,10 @@ def quantize_graph(source: list[Path], out: Path, nodes: list[str]) -> None:
         return
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    # onnx appends external tensors to a data file that is already there: the search writes the same graph
+    # again and again, so what an earlier try wrote goes first (else the weights pile up, one copy a try).
+    for path in source:
+        out.with_name(path.name).unlink(missing_ok=True)
     with _quiet():
         quantize_dynamic(
             source[0],

@@ -200,3 +200,37 @@ def test_the_help_explains_int8(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     assert "int8 for CPUs only" in text and "ACL backend" in text and "attention products" in text
     assert "calibrated input or weight ranges" in text and "int8 ranges" in text
+
+
+def test_requantizing_a_graph_with_external_data_replaces_its_weights(tmp_path: Path) -> None:
+    """Graphs over 2 GB keep their weights in `<graph>.data`, and the search quantizes the same graph many
+    times into the same place: each time the data file holds one copy of the weights, not one per try (onnx
+    appends to a data file that is there), and the graph runs."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((256, 256)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 256])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=8)
+    source = tmp_path / "source" / "g.onnx"
+    source.parent.mkdir()
+    onnx.save(model, str(source), save_as_external_data=True, location="g.onnx.data", size_threshold=0)
+    out = tmp_path / "bundle" / "g.onnx"
+    out.parent.mkdir()
+    files = [source, source.with_name("g.onnx.data")]
+    sizes = []
+    for _ in range(3):
+        int8.quantize_graph(files, out, ["mm"])
+        sizes.append(out.with_name("g.onnx.data").stat().st_size)
+    assert sizes[0] == sizes[1] == sizes[2] > 0
+    x = rng.standard_normal((4, 256)).astype(np.float32)
+    got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
+    assert np.abs(got - x @ numpy_helper.to_array(weight)).max() < 0.1 * np.abs(got).max()
+    assert Counter(n.op_type for n in onnx.load(str(out)).graph.node)["MatMulInteger"] == 1
