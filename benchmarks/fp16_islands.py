@@ -239,7 +239,7 @@ def sections(result: dict) -> list[str]:
             label,
             _scaled(case["fp16"]["report"]["calibration"]),
             _scaled_gflops(case["fp16"]["report"]["calibration"]),
-            f"{case['fp16']['latency_ms']:.0f}",
+            f"{case['fp16']['latency_ms']:.0f}" if "latency_ms" in case["fp16"] else "- (refused)",
             f"{case['fp16_without_scaling_latency_ms']:.0f}",
         ]
         for label, case in result["cases"].items()
