@@ -168,7 +168,7 @@ def sections(peak: dict) -> list[str]:
         "VLM graph computes only the keys and values of the last language layer). The fp32 GEMM peak is "
         "measured in the same run just before and after the timed requests (best of 20 each), 2048^3 on all cores: "
         f"torch {gemm['torch']:.0f} GFLOP/s, onnxruntime {gemm['onnxruntime']:.0f} GFLOP/s; the larger is the "
-        "peak. Target: VLM graph >= 85% of it.",
+        "peak. Targets: the VLM graph and the expert step each >= 85% of it.",
         "| graph | GFLOP | ms (p50) | GFLOP/s | fraction of peak |\n|---|---|---|---|---|\n"
         + "\n".join(
             f"| {name} | {peak['gflop'][name]:.2f} | {peak['ms'][name]:.1f} | {peak['achieved_gflops'][name]:.0f} "
@@ -179,7 +179,15 @@ def sections(peak: dict) -> list[str]:
 
 
 def targets(peak: dict) -> list[tuple[str, str, str]]:
-    return [("VLM graph, fraction of the fp32 GEMM peak", ">= 85%", f"{peak['fraction_of_peak']['vlm']:.0%}")]
+    fraction = peak["fraction_of_peak"]
+    return [
+        ("VLM graph, fraction of the fp32 GEMM peak", ">= 85%", f"{fraction['vlm']:.0%}"),
+        (
+            "expert step, fraction of the fp32 GEMM peak (Step 19)",
+            ">= 85%",
+            f"{fraction['expert_step']:.0%}" + ("" if fraction["expert_step"] >= 0.85 else ": **missed**"),
+        ),
+    ]
 
 
 if __name__ == "__main__":
