@@ -44,8 +44,8 @@ def shallow_pi0() -> Pi0Dims:
 
 
 def gemm_peak_gflops(n: int = 2048, repeats: int = 20) -> dict[str, float]:
-    """fp32 GEMM n^3, best of `repeats`, through torch and through onnxruntime (the engine's own GEMM:
-    on this CPU it is the faster of the two, so it is the peak the graphs are held to)."""
+    """fp32 GEMM n^3, best of `repeats`, through torch and through onnxruntime (the engine's own GEMM).
+    The graphs are held to the larger of the two: the machine's peak, not only the one our library reaches."""
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper

@@ -1,5 +1,10 @@
 """`make bench`: run every benchmark and rewrite docs/benchmarks.md with their tables.
 
+`python benchmarks/run.py NAME ...` runs only those: their sections and target rows are replaced, and
+every other benchmark's stay as the doc shows them (its section found by the `benchmarks/NAME.py` in its
+heading, its target rows by the table's last column). `--render` rewrites the whole doc from the
+results saved in build/bench/ instead.
+
 Each benchmark module has `run() -> dict` (its result, kept as JSON in build/bench/), `sections(result)`
 (its part of the doc) and, where it measures a target, `targets(result)` (rows of the doc's first table);
 `python -m benchmarks.NAME` from the repo root prints its result as JSON (`benchmarks/cli.py`).
@@ -22,6 +27,7 @@ import io
 import json
 import os
 import platform
+import re
 import runpy
 import subprocess
 import sys
@@ -52,6 +58,7 @@ BENCHMARKS = (
 # Benchmarks reported elsewhere (`make load`: docs/reliability.md): smoke-run only.
 ELSEWHERE = ("load",)
 RESULTS = ROOT / "build" / "bench"
+DOC = ROOT / "docs" / "benchmarks.md"
 SMOKE_TIMEOUT_S = 600
 
 
@@ -85,49 +92,73 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM, {platform.system()} {platform.machine()}"
 
 
-def targets_section(results: dict[str, dict]) -> list[str]:
-    """Every benchmark's targets against its latest result (rows only for the benchmarks that have run)."""
-    rows = [
-        row
-        for name in BENCHMARKS
-        if name in results and hasattr(module(name), "targets")
-        for row in module(name).targets(results[name])
-    ]
-    return [
-        "## Targets",
-        "| target | wanted | measured |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows),
-    ]
+def targets_section(results: dict[str, dict], kept_rows: dict[str, list[str]] | None = None) -> list[str]:
+    """Every benchmark's targets against its result, or its rows as `kept_rows` has them (the doc's own,
+    for a benchmark not run now); the last column names the benchmark that measures each."""
+    kept_rows = kept_rows or {}
+    rows = []
+    for name in BENCHMARKS:
+        if name in results:
+            measured = module(name).targets(results[name]) if hasattr(module(name), "targets") else []
+            rows += [f"| {a} | {b} | {c} | {name} |" for a, b, c in measured]
+        else:
+            rows += kept_rows.get(name, [])
+    return ["## Targets", "| target | wanted | measured | benchmark |\n|---|---|---|---|\n" + "\n".join(rows)]
 
 
-def render(saved: dict[str, dict]) -> str:
-    """The doc from saved runs ({"when", "result"} by benchmark name)."""
+def doc_parts(doc: str) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """What a rendered doc shows per benchmark: its section (from its heading, which names
+    `benchmarks/NAME.py`, to the next heading) and its target rows (by their last column)."""
+    headings = [(m.start(), m.group(1)) for m in re.finditer(r"^## (?:.*`benchmarks/(\w+)\.py`)?", doc, re.M)]
+    sections = {
+        name: doc[start:end].strip()
+        for (start, name), (end, _) in zip(headings, [*headings[1:], (len(doc), None)], strict=True)
+        if name in BENCHMARKS
+    }
+    rows: dict[str, list[str]] = {}
+    for line in doc.splitlines():
+        cells = line.strip().strip("|").split("|")
+        if line.startswith("| ") and len(cells) == 4 and cells[3].strip() in BENCHMARKS:
+            rows.setdefault(cells[3].strip(), []).append(line.strip())
+    return sections, rows
+
+
+def render(saved: dict[str, dict], kept: str = "") -> str:
+    """The doc from saved runs ({"when", "result"} by benchmark name); a benchmark without one keeps its
+    section and target rows from `kept` (the doc as it was), else says it has not run."""
+    kept_sections, kept_rows = doc_parts(kept)
     sections = [
         "# Benchmarks",
         f"Written by `make bench` (`python benchmarks/run.py [NAME ...]`).\n\nMachine: {machine()}.",
-        *targets_section({name: run["result"] for name, run in saved.items()}),
+        *targets_section({name: run["result"] for name, run in saved.items()}, kept_rows),
     ]
     for name in BENCHMARKS:
-        if name not in saved:
-            sections.append(f"## {name}\n\nNot run yet: `python benchmarks/run.py {name}`.")
-            continue
-        rendered = module(name).sections(saved[name]["result"])
-        sections += [rendered[0], f"_Run {saved[name]['when']}._", *rendered[1:]]
+        if name in saved:
+            rendered = module(name).sections(saved[name]["result"])
+            sections += [rendered[0], f"_Run {saved[name]['when']}._", *rendered[1:]]
+        else:
+            sections.append(kept_sections.get(name, f"## {name}\n\nNot run yet: `python benchmarks/run.py {name}`."))
     return "\n\n".join(sections) + "\n"
 
 
-def bench(chosen: list[str]) -> None:
+def bench(chosen: list[str], render_saved: bool = False) -> None:
     """Run the chosen benchmarks, keep each one's result as JSON in build/bench/, and rewrite
-    docs/benchmarks.md from all the results (dated)."""
+    docs/benchmarks.md (dated): the chosen ones from their new results, the others as the doc showed them.
+    `render_saved`: run none, and render every benchmark from its result saved in build/bench/."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    fresh = {}
     for name in chosen:
         print(f"[bench] {name} ...", flush=True)
         result = module(name).run()
         when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        (RESULTS / f"{name}.json").write_text(json.dumps({"when": when, "result": result}, indent=1, default=plain))
-    saved = {name: json.loads(path.read_text()) for name in BENCHMARKS if (path := RESULTS / f"{name}.json").exists()}
-    out = ROOT / "docs" / "benchmarks.md"
-    out.write_text(render(saved))
-    print(f"wrote {out}")
+        fresh[name] = {"when": when, "result": result}
+        (RESULTS / f"{name}.json").write_text(json.dumps(fresh[name], indent=1, default=plain))
+    if render_saved:
+        fresh = {
+            name: json.loads(path.read_text()) for name in BENCHMARKS if (path := RESULTS / f"{name}.json").exists()
+        }
+    DOC.write_text(render(fresh, "" if render_saved or not DOC.exists() else DOC.read_text()))
+    print(f"wrote {DOC}")
 
 
 def smoke_processes(names: list[str]) -> dict[str, subprocess.CompletedProcess]:
@@ -230,7 +261,7 @@ def main() -> None:
         raise SystemExit(f"benchmarks/{missing[0]}.py defines run() but is in neither BENCHMARKS nor ELSEWHERE here")
     if args.smoke:
         sys.exit(smoke(args.names or names, args.out or Path(tempfile.mkdtemp(prefix="bench-smoke-"))))
-    bench([] if args.render else args.names or names)
+    bench([] if args.render else args.names or names, render_saved=args.render)
 
 
 if __name__ == "__main__":

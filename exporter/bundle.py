@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from exporter import atc, int8
@@ -32,6 +33,7 @@ from exporter.errors import ExportError
 from exporter.lora import lora_forward
 from exporter.onnx_export import OPSET, example_inputs, export_graphs, graph_io
 from exporter.onnx_lint import float32_cube_ops, lint
+from exporter.pi0 import Pi0
 from exporter.precision import RangeRecorder, calibration_report, scales, to_precision_
 from exporter.torch_backend import reference_engine
 from exporter.validate import (
@@ -310,6 +312,23 @@ def _record_placement(
     )
 
 
+def validation_request(
+    full_spec: PolicySpec, spec: PolicySpec, model: Pi0, seed: int
+) -> tuple[ModelInputs, np.ndarray]:
+    """The synthetic request validation runs at `seed` (the checkpoint's camera slots, a few real tokens of
+    the bundle's budget): its model inputs and its noise."""
+    x = example_inputs(full_spec, model, seed, real_tokens=min(spec.tokenizer_max_length, 7))
+    return ModelInputs(x["images"], x["image_masks"], x["tokens"], x["token_mask"], x["state"]), x["noise"]
+
+
+def _held_out_line(section: dict) -> str:
+    mean = section["mean"]
+    figures = "; ".join(
+        f"{f} {mean['int8'][f]['max_abs']:.3g} vs {mean['bf16'][f]['max_abs']:.3g}" for f in int8.FIGURES
+    )
+    return f"      int8 on {len(section['requests'])} held-out requests (measured, not judged), mean max abs int8 vs bf16: {figures}"
+
+
 def build_bundle(
     policy: LoadedPolicy, out: str | Path, options: BundleOptions, log: Callable[[str], None] = print
 ) -> Path:
@@ -339,11 +358,10 @@ def build_bundle(
     model = policy.model
 
     log(f"[1/5] the float32 reference, calibrating {'int8' if in_int8 else 'fp16'} ranges ...")
-    x = example_inputs(full_spec, model, options.seed, real_tokens=min(spec.tokenizer_max_length, 7))
-    inputs = ModelInputs(x["images"], x["image_masks"], x["tokens"], x["token_mask"], x["state"])
+    inputs, noise = validation_request(full_spec, spec, model, options.seed)
     # The reference is the model as the checkpoint defines it, empty camera slots included.
     with (int8.Int8Recorder if in_int8 else RangeRecorder)(model) as recorder:
-        ref = reference(model, inputs, x["noise"], full_spec.num_steps)
+        ref = reference(model, inputs, noise, full_spec.num_steps)
         # guidance's unconditioned branch too (its own prompt, or the learned condition's other row)
         guided_ref = guided_reference(model, ref, guidance.kind) if guidance is not None else None
         _calibrate_on(policy, options, log)
@@ -374,10 +392,18 @@ def build_bundle(
         else:
             log("      the model's own yardsticks: float64 (its float32 floor) and bf16 ...")
             marks = yardsticks(model, ref)
+    held: list[int8.HeldOut] = []
+    if in_int8 and marks is not None:
+        log(
+            f"      int8: {int8.HELD_OUT} held-out requests (the search never sees them), their references and yardsticks ..."
+        )
+        held = int8.held_out_references(
+            model, lambda seed: validation_request(full_spec, spec, model, seed), full_spec.num_steps, options.seed
+        )
     lora_ref = None
     if options.validate and policy.adapters is not None:  # the unmerged LoRA forward, to prove the merge
         with lora_forward(model, policy.adapters):
-            lora_ref = reference(model, inputs, x["noise"], full_spec.num_steps)
+            lora_ref = reference(model, inputs, noise, full_spec.num_steps)
         log(
             f"      LoRA: {len(policy.adapters.adapters)} adapters merged; the bundle is also checked against the unmerged forward"
         )
@@ -441,6 +467,9 @@ def build_bundle(
         log("[3/5] validating the graphs with onnxruntime against PyTorch ...")
         backend = OnnxRuntimeBackend(load_bundle(work, verify=False))
         report = validate(backend, ref, options.precision, spec, marks, lora_ref, guided_ref)
+        if held and report["passed"]:
+            int8_section["held_out"] = int8.held_out(backend, held, spec)
+            log(_held_out_line(int8_section["held_out"]))
         backend.close()
         report["calibration"] = calibration
         if skipped:

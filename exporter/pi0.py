@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exporter.dims import Pi0Dims
-from exporter.gemma import GemmaStack
+from exporter.gemma import GemmaStack, mask_bias
 from exporter.layers import Linear, wide
 from exporter.siglip import SiglipVision
 
@@ -118,13 +118,13 @@ class Pi0(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The prefix's post-RoPE keys and values of every layer [depth, B, P, head_dim], and its validity [B, P]."""
         x, prefix_mask = self.embed_prefix(images, image_masks, tokens, token_mask)
-        mask = attention_mask_2d(prefix_mask, torch.zeros_like(prefix_mask))
+        bias = mask_bias(attention_mask_2d(prefix_mask, torch.zeros_like(prefix_mask)))
         positions = torch.cumsum(prefix_mask.to(torch.float32), dim=1) - 1
         keys, values = [], []
         last = len(self.llm.layers) - 1
         for i, layer in enumerate(self.llm.layers):
             if i < last:
-                x, k, v = layer(x, positions, mask)
+                x, k, v = layer(x, positions, bias)
             else:  # the prefix's own output is never read: its last block only needs keys and values
                 k, v = layer.keys_values(x, positions)
             keys.append(k)
@@ -182,12 +182,12 @@ class Pi0(nn.Module):
         first_action = s - x_t.shape[1]
         ar_mask = (torch.arange(s) <= first_action)[None].expand(b, s)
         suffix_mask = attention_mask_2d(torch.ones(b, s, dtype=torch.bool), ar_mask)
-        mask = torch.cat([prefix_mask[:, None, :].expand(b, s, prefix_mask.shape[1]), suffix_mask], dim=2)
+        bias = mask_bias(torch.cat([prefix_mask[:, None, :].expand(b, s, prefix_mask.shape[1]), suffix_mask], dim=2))
         offset = prefix_mask.to(torch.float32).sum(dim=1, keepdim=True)
         positions = offset + torch.arange(s, dtype=torch.float32)[None]
         for i, layer in enumerate(self.expert.layers):
             context = (prefix_keys[i].expand(b, -1, -1), prefix_values[i].expand(b, -1, -1))
-            x, _, _ = layer(x, positions, mask, context=context, cond=cond)
+            x, _, _ = layer(x, positions, bias, context=context, cond=cond)
         return wide(self.action_out_proj(self.expert.norm(x[:, first_action:], cond)[0]))
 
     def guided_velocity(

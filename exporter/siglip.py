@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exporter.dims import VisionDims
-from exporter.layers import Conv2d, Linear, MatMul, wide
+from exporter.layers import Conv2d, Linear, MatMul, gelu_tanh, wide
 
 LAYER_NORM_EPS = 1e-6
 
@@ -55,7 +55,7 @@ class SiglipMLP(nn.Module):
         self.fc2 = Linear(dims.mlp_dim, dims.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class SiglipBlock(nn.Module):

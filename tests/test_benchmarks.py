@@ -48,14 +48,32 @@ def test_run_py_runs_every_benchmark_module() -> None:
     assert set(bench.BENCHMARKS) | set(bench.ELSEWHERE) <= set(bench.benchmark_modules())
 
 
+def test_running_some_benchmarks_keeps_the_others_as_the_doc_shows_them() -> None:
+    """`run.py NAME`: the benchmarks not run keep their sections (notes written by hand included) and their
+    target rows from the doc as it was; one the doc never showed says it has not run."""
+    kept = (
+        "# Benchmarks\n\n## Targets\n\n| target | wanted | measured | benchmark |\n|---|---|---|---|\n"
+        "| guided / one branch | <= 1.4x | 1.30x | guidance |\n\n"
+        "## Classifier-free guidance (`benchmarks/guidance.py`)\n\n_Run then; a note by hand._\n\n| a | b |\n\n"
+        "## sim_harness\n\nNot run yet: `python benchmarks/run.py sim_harness`.\n"
+    )
+    doc = bench.render({}, kept)
+    assert "| guided / one branch | <= 1.4x | 1.30x | guidance |" in doc
+    assert "## Classifier-free guidance (`benchmarks/guidance.py`)\n\n_Run then; a note by hand._\n\n| a | b |\n" in doc
+    assert "## service\n\nNot run yet" in doc and "## sim_harness\n\nNot run yet" in doc
+    assert bench.render({}, doc) == doc  # rendering what it wrote changes nothing
+
+
 @pytest.mark.system
 @pytest.mark.parametrize("name", bench.benchmark_modules())
 def test_smoke_runs_and_renders(name: str, smoke) -> None:
     result = smoke_result(smoke, name)
     assert isinstance(result, dict) and result
     if name in bench.BENCHMARKS:
-        doc = bench.render({name: {"when": "smoke", "result": result}})
+        stale = f"## Old (`benchmarks/{name}.py`)\n\nstale figures\n\n| t | w | m | {name} |"
+        doc = bench.render({name: {"when": "smoke", "result": result}}, kept=stale)
         assert f"(`benchmarks/{name}.py`" in doc  # its section's heading, rendered from the result
+        assert "stale figures" not in doc and f"| t | w | m | {name} |" not in doc  # a new result replaces them
     if name == "load":
         assert result["load"]["lost"] == 0 and result["soak"]["lost"] == 0 and result["daemon_exit"] == 0
 

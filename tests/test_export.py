@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -113,6 +114,27 @@ def test_fp16_bundles_keep_every_matmul_on_the_cube(fixture_bundle) -> None:
     else:
         assert ops == {"vlm": [], "expert": []}, ops
         assert json.loads((out / "report.json").read_text())["calibration"]["float32_cube_ops"] == {}
+
+
+def optimized_op_counts(graph: Path, tmp_path: Path) -> Counter:
+    """The operators of `graph` once onnxruntime's CPU session has optimized it (what the backend runs)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / f"optimized-{graph.name}")
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.data")
+    ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    return Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_the_graphs_keep_the_forms_onnxruntime_fuses(dummy_bundle: Path, tmp_path: Path) -> None:
+    """The exported forms the CPU's speed rests on (`exporter.layers.gelu_tanh`, `exporter.gemma.mask_bias`,
+    multi-query attention as one GEMM): every tanh GELU becomes one FastGelu kernel; the expert's mask is
+    selected once, not per layer, and no heads axis is transposed."""
+    vlm, expert = (optimized_op_counts(dummy_bundle / f"{name}.onnx", tmp_path) for name in ("vlm", "expert"))
+    for ops in (vlm, expert):
+        assert ops["FastGelu"] > 0 and ops["Tanh"] == 0, ops
+    assert expert["Where"] == 1 and expert["Transpose"] == 0, expert
 
 
 def test_fp32_bundle_manifest(fixture_bundle) -> None:

@@ -16,10 +16,10 @@ from conftest import QUIET
 from torch import nn
 
 from exporter import int8
-from exporter.bundle import BundleBuildError, BundleOptions, build_bundle
+from exporter.bundle import BundleBuildError, BundleOptions, build_bundle, validation_request
 from exporter.onnx_export import example_inputs
 from exporter.presets import build_preset
-from exporter.validate import reference
+from exporter.validate import compare, end_to_end, reference, yardsticks
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.bundle.manifest import load_bundle
 from runtime.engine import Engine
@@ -101,6 +101,28 @@ def test_the_served_chunk_is_the_one_recorded_in_the_report(int8_bundle: Path) -
     actions = engine.infer(replace(Observation.synthetic(engine.metadata(), seed=0), guidance_scale=1.0))[0]
     assert served["observation"] == "Observation.synthetic(metadata, seed=0), guidance_scale 1"
     np.testing.assert_allclose(actions, np.array(served["actions"], np.float32), rtol=0, atol=1e-6)
+
+
+def test_held_out_requests_are_measured_against_their_own_bf16_run(int8_bundle: Path) -> None:
+    """The int8 set is chosen on the validation request (seed 0); report.json measures HELD_OUT more
+    (seeds 1-3), each beside its own bf16 run, and their means, without judging them. The first one is
+    recomputed here from the model and the bundle."""
+    held = report_of(int8_bundle)["int8"]["held_out"]
+    assert [r["seed"] for r in held["requests"]] == [1, 2, 3]
+    policy, bundle = build_preset("pi0-dummy", seed=0), load_bundle(int8_bundle)
+    inputs, noise = validation_request(policy.spec, bundle.spec, policy.model, 1)
+    ref = reference(policy.model, inputs, noise, policy.spec.num_steps)
+    first = held["requests"][0]
+    bf16 = yardsticks(policy.model, ref)["bf16"]
+    for figure in int8.FIGURES:
+        assert first["bf16"][figure] == pytest.approx(bf16[figure], rel=1e-5)
+    backend = OnnxRuntimeBackend(bundle)
+    chunk = compare(end_to_end(backend, ref, bundle.spec), ref.actions)
+    assert first["int8"]["end_to_end"] == pytest.approx(chunk, rel=1e-5)
+    assert first["int8"]["end_to_end"] != first["bf16"]["end_to_end"]  # the bundle's own figures, not bf16's
+    mean = np.mean([r["int8"]["expert"]["max_abs"] for r in held["requests"]])
+    assert held["mean"]["int8"]["expert"]["max_abs"] == pytest.approx(mean)
+    assert set(held["within_bf16_on_average"]) == set(int8.FIGURES)
 
 
 def _calibrated_plan(policy) -> int8.Plan:
