@@ -110,10 +110,9 @@ def doc_parts(doc: str) -> tuple[dict[str, str], dict[str, list[str]]]:
     """What a rendered doc shows per benchmark: its section (from its heading, which names
     `benchmarks/NAME.py`, to the next heading) and its target rows (by their last column)."""
     headings = [(m.start(), m.group(1)) for m in re.finditer(r"^## (?:.*`benchmarks/(\w+)\.py`)?", doc, re.M)]
+    bounds = [start for start, _ in headings] + [len(doc)]
     sections = {
-        name: doc[start:end].strip()
-        for (start, name), (end, _) in zip(headings, [*headings[1:], (len(doc), None)], strict=True)
-        if name in BENCHMARKS
+        name: doc[bounds[i] : bounds[i + 1]].strip() for i, (_, name) in enumerate(headings) if name in BENCHMARKS
     }
     rows: dict[str, list[str]] = {}
     for line in doc.splitlines():

@@ -62,6 +62,7 @@ def test_running_some_benchmarks_keeps_the_others_as_the_doc_shows_them() -> Non
     assert "## Classifier-free guidance (`benchmarks/guidance.py`)\n\n_Run then; a note by hand._\n\n| a | b |\n" in doc
     assert "## service\n\nNot run yet" in doc and "## sim_harness\n\nNot run yet" in doc
     assert bench.render({}, doc) == doc  # rendering what it wrote changes nothing
+    assert "## guidance\n\nNot run yet" in bench.render({}, "")  # no doc yet: every section says so
 
 
 @pytest.mark.system
