@@ -24,16 +24,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from exporter import atc, int8
 from exporter.checkpoint import LoadedPolicy
 from exporter.errors import ExportError
 from exporter.lora import lora_forward
-from exporter.onnx_export import OPSET, example_inputs, export_graphs, graph_io
+from exporter.onnx_export import OPSET, export_graphs, graph_io
 from exporter.onnx_lint import float32_cube_ops, lint
-from exporter.pi0 import Pi0
 from exporter.precision import RangeRecorder, calibration_report, scales, to_precision_
 from exporter.torch_backend import reference_engine
 from exporter.validate import (
@@ -43,6 +41,7 @@ from exporter.validate import (
     reference,
     thresholds,
     validate,
+    validation_request,
     yardstick_bytes,
     yardsticks,
 )
@@ -62,7 +61,6 @@ from runtime.bundle.manifest import (
 from runtime.bundle.spec import PolicySpec
 from runtime.errors import ApplianceError
 from runtime.npu import detect_soc
-from runtime.pipeline.model_io import ModelInputs
 from runtime.pipeline.observation import Observation
 from runtime.pipeline.tokenizer import PromptTokenizer, StatePromptTable
 
@@ -312,15 +310,6 @@ def _record_placement(
     )
 
 
-def validation_request(
-    full_spec: PolicySpec, spec: PolicySpec, model: Pi0, seed: int
-) -> tuple[ModelInputs, np.ndarray]:
-    """The synthetic request validation runs at `seed` (the checkpoint's camera slots, a few real tokens of
-    the bundle's budget): its model inputs and its noise."""
-    x = example_inputs(full_spec, model, seed, real_tokens=min(spec.tokenizer_max_length, 7))
-    return ModelInputs(x["images"], x["image_masks"], x["tokens"], x["token_mask"], x["state"]), x["noise"]
-
-
 def _held_out_line(section: dict) -> str:
     mean = section["mean"]
     figures = "; ".join(
@@ -397,9 +386,7 @@ def build_bundle(
         log(
             f"      int8: {int8.HELD_OUT} held-out requests (the search never sees them), their references and yardsticks ..."
         )
-        held = int8.held_out_references(
-            model, lambda seed: validation_request(full_spec, spec, model, seed), full_spec.num_steps, options.seed
-        )
+        held = int8.held_out_references(model, full_spec, spec, options.seed)
     lora_ref = None
     if options.validate and policy.adapters is not None:  # the unmerged LoRA forward, to prove the merge
         with lora_forward(model, policy.adapters):

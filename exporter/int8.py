@@ -60,7 +60,14 @@ from torch import nn
 from exporter.errors import ExportError
 from exporter.pi0 import Pi0
 from exporter.precision import PREFIX, TOWERS, RangeRecorder
-from exporter.validate import Reference, compare, end_to_end, failures, graph_results, reference, yardsticks
+from exporter.validate import (
+    Reference,
+    failures,
+    graph_and_chunk_results,
+    reference,
+    validation_request,
+    yardsticks,
+)
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.bundle.graphs import EXPERT, EXPERT_GUIDED, VLM, VLM_GUIDED
 from runtime.bundle.manifest import load_bundle
@@ -274,9 +281,7 @@ def quantize_bundle(
         def holds(count: int, graph: str = graph, candidates: list[str] = candidates) -> bool:
             quantize_graph(source[graph], files[graph][0], candidates[:count])
             backend = OnnxRuntimeBackend(load_bundle(work, verify=False))
-            results = graph_results(backend, ref, spec)
-            if "end_to_end" in SEARCHED[graph]:
-                results["end_to_end"] = compare(end_to_end(backend, ref, spec), ref.actions)
+            results, _ = graph_and_chunk_results(backend, ref, spec)
             backend.close()
             missed = [f for name in SEARCHED[graph] for f in failures(name, results[name], limits[name])]
             result = results[graph]
@@ -386,12 +391,12 @@ class HeldOut:
     marks: dict[str, dict[str, dict[str, float]]]
 
 
-def held_out_references(model: Pi0, make_inputs: Callable[[int], tuple], num_steps: int, seed: int) -> list[HeldOut]:
-    """HELD_OUT references at seeds seed+1.. (`make_inputs(seed)` -> (ModelInputs, noise)), with their yardsticks."""
+def held_out_references(model: Pi0, full_spec: PolicySpec, spec: PolicySpec, seed: int) -> list[HeldOut]:
+    """HELD_OUT validation requests at seeds seed+1.. (`validation_request`), their references and yardsticks."""
     held = []
     for s in range(seed + 1, seed + 1 + HELD_OUT):
-        inputs, noise = make_inputs(s)
-        ref = reference(model, inputs, noise, num_steps)
+        inputs, noise = validation_request(full_spec, spec, model, s)
+        ref = reference(model, inputs, noise, full_spec.num_steps)
         held.append(HeldOut(s, ref, yardsticks(model, ref)))
     return held
 
@@ -401,8 +406,7 @@ def held_out(backend: OnnxRuntimeBackend, requests: list[HeldOut], spec: PolicyS
     that request's bf16 error, and the means over them (measured, not judged)."""
     rows = []
     for request in requests:
-        results = graph_results(backend, request.ref, spec)
-        results["end_to_end"] = compare(end_to_end(backend, request.ref, spec), request.ref.actions)
+        results, _ = graph_and_chunk_results(backend, request.ref, spec)
         rows.append({"seed": request.seed, "int8": results, "bf16": {f: request.marks["bf16"][f] for f in FIGURES}})
     mean = {
         side: {f: {m: float(np.mean([r[side][f][m] for r in rows])) for m in ("max_abs", "mean_abs")} for f in FIGURES}

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from exporter.onnx_export import two_prompts
+from exporter.onnx_export import example_inputs, two_prompts
 from exporter.pi0 import Pi0
 from exporter.precision import weights_in
 from exporter.torch_backend import PrefixCache, TorchBackend
@@ -73,6 +73,15 @@ class Reference:
     prefix_values: np.ndarray
     velocity: np.ndarray
     actions: np.ndarray  # normalized, padded: the sampler's x(t=0)
+
+
+def validation_request(
+    full_spec: PolicySpec, spec: PolicySpec, model: Pi0, seed: int
+) -> tuple[ModelInputs, np.ndarray]:
+    """The synthetic request validation runs at `seed` (the checkpoint's camera slots, a few real tokens of
+    the bundle's budget `spec`): its model inputs and its noise."""
+    x = example_inputs(full_spec, model, seed, real_tokens=min(spec.tokenizer_max_length, 7))
+    return ModelInputs(x["images"], x["image_masks"], x["tokens"], x["token_mask"], x["state"]), x["noise"]
 
 
 def reference(
@@ -221,6 +230,16 @@ def end_to_end(backend: OnnxRuntimeBackend, ref: Reference, spec: PolicySpec) ->
     return sample(backend, graph_inputs(ref, spec)[0], ref.noise, ref.num_steps)
 
 
+def graph_and_chunk_results(
+    backend: OnnxRuntimeBackend, ref: Reference, spec: PolicySpec
+) -> tuple[dict[str, dict[str, float]], np.ndarray]:
+    """Each graph's own error (`graph_results`) and the whole sampler's (`end_to_end`), and its chunk."""
+    results = graph_results(backend, ref, spec)
+    actions = end_to_end(backend, ref, spec)
+    results["end_to_end"] = compare(actions, ref.actions)
+    return results, actions
+
+
 def validate(
     backend: OnnxRuntimeBackend,
     ref: Reference,
@@ -236,9 +255,7 @@ def validate(
     (merged weights) must match too, so that every export proves its merge. `guided_ref`: guidance as its
     definition reads, which the guided graphs (both branches batched) must match; its criteria are the
     absolute ones (the yardsticks measure the unguided chunk)."""
-    results = graph_results(backend, ref, spec)
-    actions = end_to_end(backend, ref, spec)
-    results["end_to_end"] = compare(actions, ref.actions)
+    results, actions = graph_and_chunk_results(backend, ref, spec)
     if lora_ref is not None:
         results["vs_lora_forward"] = compare(actions, lora_ref.actions)
     limits = thresholds(precision, marks)

@@ -16,10 +16,10 @@ from conftest import QUIET
 from torch import nn
 
 from exporter import int8
-from exporter.bundle import BundleBuildError, BundleOptions, build_bundle, validation_request
+from exporter.bundle import BundleBuildError, BundleOptions, build_bundle
 from exporter.onnx_export import example_inputs
 from exporter.presets import build_preset
-from exporter.validate import compare, end_to_end, reference, yardsticks
+from exporter.validate import compare, end_to_end, reference, validation_request, yardsticks
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.bundle.manifest import load_bundle
 from runtime.engine import Engine
